@@ -1,3 +1,35 @@
-fn main() {
-    println!("Hello, world!");
+//! `sandbox`: run untrusted Python 3 and Node.js snippets in a jail, as a Dify-compatible
+//! HTTP service (`serve`), from the command line (`run`), and check a host (`doctor`).
+#![deny(unsafe_code)]
+
+mod api;
+mod cli;
+mod config;
+mod deps;
+mod doctor;
+mod engine;
+mod isolation;
+mod pool;
+mod runner;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    // Internal entry points, reached only through /proc/self/exe: they must run before
+    // anything starts a thread (the helper forks).
+    let args: Vec<String> = std::env::args().collect();
+    match (args.get(1).map(String::as_str), args.get(2)) {
+        (Some("__exec"), Some(spec)) => return exit(isolation::helper::main(spec)),
+        (Some("__probe"), Some(dir)) => return exit(isolation::detect::probe_main(dir)),
+        (Some("__probe-chroot"), _) => return exit(isolation::detect::probe_chroot_main()),
+        _ => {}
+    }
+    let cli = cli::Cli::parse();
+    cli::execute(cli)
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

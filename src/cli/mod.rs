@@ -1,0 +1,111 @@
+//! Command-line interface: one file per subcommand.
+
+pub mod doctor;
+pub mod run;
+pub mod serve;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, ConfigError};
+use crate::engine::{Engine, discover_runtimes};
+use crate::isolation::detect;
+use crate::runner::DiscoveryError;
+
+/// Exit code for bad configuration or input (clap uses it too for bad arguments).
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(name = "sandbox", version, about = "Run untrusted Python 3 and Node.js code in a jail; a drop-in Dify sandbox")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the Dify sandbox HTTP API.
+    Serve(serve::ServeArgs),
+    /// Run one snippet locally in the sandbox.
+    Run(run::RunArgs),
+    /// Check what this host allows and how `serve` would isolate runs.
+    Doctor(doctor::DoctorArgs),
+}
+
+pub fn execute(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve(args) => report(serve::execute(args)),
+        Command::Run(args) => run::execute(args),
+        Command::Doctor(args) => doctor::execute(args),
+    }
+}
+
+/// Print an error chain and pick the exit code: 2 for configuration problems.
+pub fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sandbox: {e:#}");
+            ExitCode::from(exit_code_for(&e))
+        }
+    }
+}
+
+pub fn exit_code_for(e: &anyhow::Error) -> u8 {
+    let usage = e
+        .chain()
+        .any(|c| c.is::<ConfigError>() || c.is::<DiscoveryError>() || c.is::<run::UsageError>());
+    if usage { EXIT_USAGE } else { 1 }
+}
+
+/// Load the configuration: `--config`, else `conf/config.yaml` when present, else the
+/// embedded defaults; the process environment overrides either.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    let env: HashMap<String, String> = Config::process_env();
+    let default = PathBuf::from("conf/config.yaml");
+    let chosen = match path {
+        Some(p) => Some(p.to_path_buf()),
+        None if default.is_file() => Some(default),
+        None => None,
+    };
+    let config = Config::load(chosen.as_deref(), &env)?;
+    for key in &config.unknown_keys {
+        tracing::warn!(key = %key, "unknown configuration key ignored; check its spelling");
+        eprintln!("sandbox: warning: unknown configuration key `{key}` ignored; check its spelling");
+    }
+    Ok(config)
+}
+
+/// Prepare the state directory, detect the host, discover interpreters.
+pub fn build_engine(config: Config) -> anyhow::Result<Engine> {
+    let state = &config.state_dir;
+    let mount_dir = state.join("rootfs");
+    std::fs::create_dir_all(&mount_dir).with_context(|| {
+        format!(
+            "cannot create the state directory {}: set state_dir / SANDBOX_STATE_DIR to a writable place",
+            mount_dir.display()
+        )
+    })?;
+    let host = detect::detect(&mount_dir, None)?;
+    let runtimes = discover_runtimes(&config)?;
+    if host.level == crate::isolation::spec::IsolationLevel::Chroot {
+        for rt in runtimes.values().flatten() {
+            let dir = crate::engine::chroot_dir(state, rt.language);
+            crate::isolation::chroot_root::prepare(&dir, &rt.root)
+                .with_context(|| format!("cannot prepare the chroot root {}", dir.display()))?;
+        }
+    }
+    Ok(Engine::new(Arc::new(config), host, runtimes, mount_dir)?)
+}
+
+pub fn init_tracing(debug: bool) {
+    let default = if debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SANDBOX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

@@ -1,0 +1,75 @@
+//! `sandbox serve`: the HTTP API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::api;
+use crate::runner::Language;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration file (default: conf/config.yaml if present, else built-in defaults).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+}
+
+pub fn execute(args: ServeArgs) -> anyhow::Result<()> {
+    let config = super::load_config(args.config.as_deref())?;
+    super::init_tracing(config.debug);
+    let engine = Arc::new(super::build_engine(config)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(engine))
+}
+
+async fn serve(engine: Arc<crate::engine::Engine>) -> anyhow::Result<()> {
+    let config = engine.config.clone();
+    tracing::info!(level = engine.host.level.describe(), "isolation");
+    match &engine.host.cgroup {
+        Some(cg) => tracing::info!(cgroup = %cg.describe(), "memory and process limits by cgroup"),
+        None => tracing::warn!("no writable cgroup: memory and process limits fall back to rlimits"),
+    }
+    for lang in Language::ALL {
+        match engine.runtime(lang) {
+            Ok(rt) => tracing::info!(language = %lang, program = %rt.program.display(), version = %rt.version, binds = rt.root.binds.len(), "language ready"),
+            Err(e) => tracing::warn!(language = %lang, error = %e, "language disabled"),
+        }
+    }
+    let addr = SocketAddr::from(([0, 0, 0, 0], config.port));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}: is another service using port {}? Set SANDBOX_PORT", config.port))?;
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    let state = api::AppState::new(engine.clone());
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("the HTTP server failed")?;
+    engine.close();
+    tracing::info!("stopped: in-flight runs finished");
+    Ok(())
+}
+
+/// SIGTERM or SIGINT: stop accepting, let in-flight runs finish (each is bounded by
+/// worker_timeout), then exit.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    tracing::info!("shutting down: draining in-flight runs");
+}

@@ -1,0 +1,79 @@
+//! The degraded level's root: where mounts are not permitted (an unprivileged
+//! container), the language root is copied (hard-linked where possible) into a directory
+//! once at start, and runs chroot into it.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
+use std::path::Path;
+
+use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+
+use super::rootfs::inside;
+use super::spec::RootPlan;
+
+const MARKER: &str = ".sandbox-root";
+
+/// (Re)build `dir` from `plan` unless it already holds this exact plan.
+pub fn prepare(dir: &Path, plan: &RootPlan) -> io::Result<()> {
+    let stamp = serde_json::to_string(plan).map_err(io::Error::other)?;
+    if fs::read_to_string(dir.join(MARKER)).ok().as_deref() == Some(stamp.as_str()) {
+        return Ok(());
+    }
+    if dir.exists() {
+        fs::remove_dir_all(dir)?;
+    }
+    fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+    for (link, target) in &plan.symlinks {
+        let at = inside(dir, link);
+        if let Some(parent) = at.parent() {
+            fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
+        }
+        if fs::symlink_metadata(&at).is_err() {
+            symlink(target, &at)?;
+        }
+    }
+    for src in &plan.binds {
+        copy_tree(src, &inside(dir, src))?;
+    }
+    let tmp = dir.join("tmp");
+    fs::create_dir_all(&tmp)?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777))?;
+    let dev = dir.join("dev");
+    fs::create_dir_all(&dev)?;
+    // (name, major, minor) of the character devices a runtime needs.
+    for (name, major, minor) in [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9)] {
+        let node = dev.join(name);
+        if mknod(&node, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(major, minor)).is_err() {
+            tracing::warn!(node = %node.display(), "cannot create a device node (no CAP_MKNOD); runtimes that need it may fail");
+        }
+    }
+    fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/:/nonexistent\n").or_else(|_| {
+        fs::create_dir_all(dir.join("etc"))?;
+        fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/:/nonexistent\n")
+    })?;
+    fs::write(dir.join(MARKER), stamp)
+}
+
+fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(src)?;
+    if let Some(parent) = dst.parent() {
+        fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
+    }
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        let target = fs::read_link(src)?;
+        if fs::symlink_metadata(dst).is_err() {
+            symlink(target, dst)?;
+        }
+    } else if ft.is_dir() {
+        fs::DirBuilder::new().recursive(true).mode(meta.permissions().mode() & 0o7755).create(dst)?;
+        for entry in fs::read_dir(src)? {
+            let entry = entry?;
+            copy_tree(&entry.path(), &dst.join(entry.file_name()))?;
+        }
+    } else if ft.is_file() && fs::hard_link(src, dst).is_err() {
+        fs::copy(src, dst)?;
+    }
+    Ok(())
+}

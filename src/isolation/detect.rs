@@ -1,0 +1,144 @@
+//! What this host lets the sandbox do, found once at start by trying it: namespaces and
+//! mounts (in a throw-away child process), chroot, seccomp, cgroups.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::mount::{MsFlags, mount};
+use nix::sched::{CloneFlags, unshare};
+use serde::Serialize;
+
+use super::cgroup::CgroupDriver;
+use super::spec::IsolationLevel;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostReport {
+    pub root: bool,
+    pub namespaces: Result<(), String>,
+    pub chroot: Result<(), String>,
+    pub seccomp: Result<(), String>,
+    pub cgroup: Result<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub level: IsolationLevel,
+    pub cgroup: Option<CgroupDriver>,
+    pub report: HostReport,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    #[error("the sandbox must run as root (it switches each run to its own unprivileged uid): run it with sudo or as root")]
+    NotRoot,
+    #[error("seccomp filters are not available: {0}. Use a kernel built with CONFIG_SECCOMP_FILTER")]
+    NoSeccomp(String),
+    #[error("neither namespaces nor chroot are permitted here ({0}). In Docker, keep the default capabilities (CAP_SYS_CHROOT) or run with --privileged")]
+    NoIsolation(String),
+}
+
+/// The probe's own entry (`sandbox __probe <dir>`): try what a run will do, in this
+/// throw-away process.
+pub fn probe_main(mount_dir: &str) -> i32 {
+    let flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWNET;
+    if let Err(e) = unshare(flags) {
+        eprintln!("unshare: {}", e.desc());
+        return 1;
+    }
+    if let Err(e) = mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>) {
+        eprintln!("making mounts private: {}", e.desc());
+        return 1;
+    }
+    if let Err(e) = mount(Some("tmpfs"), mount_dir, Some("tmpfs"), MsFlags::empty(), Some("size=64k")) {
+        eprintln!("mounting a tmpfs on {mount_dir}: {}", e.desc());
+        return 1;
+    }
+    0
+}
+
+fn probe_namespaces(exe: &Path, mount_dir: &Path) -> Result<(), String> {
+    let out = Command::new(exe)
+        .arg("__probe")
+        .arg(mount_dir)
+        .output()
+        .map_err(|e| format!("could not start the probe {}: {e}", exe.display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+fn probe_chroot() -> Result<(), String> {
+    // chroot needs CAP_SYS_CHROOT; test it in a child so our own root stays.
+    let out = Command::new("/proc/self/exe").arg("__probe-chroot").output().map_err(|e| e.to_string())?;
+    if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).trim().to_string()) }
+}
+
+pub fn probe_chroot_main() -> i32 {
+    match nix::unistd::chroot("/") {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("chroot: {}", e.desc());
+            1
+        }
+    }
+}
+
+fn probe_seccomp() -> Result<(), String> {
+    let actions = Path::new("/proc/sys/kernel/seccomp/actions_avail");
+    match std::fs::read_to_string(actions) {
+        Ok(text) if text.contains("errno") => Ok(()),
+        Ok(text) => Err(format!("the kernel lacks the errno action (has: {})", text.trim())),
+        Err(_) => {
+            // Older kernels lack the file; the Seccomp line of /proc/self/status still
+            // tells whether filters exist.
+            let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            if status.lines().any(|l| l.starts_with("Seccomp:")) {
+                Ok(())
+            } else {
+                Err("the kernel has no seccomp support".into())
+            }
+        }
+    }
+}
+
+/// Detect once at start. `mount_dir` is the (empty) directory private roots are
+/// mounted on; `force` picks a level for testing or for operators who want chroot.
+pub fn detect(mount_dir: &Path, force: Option<IsolationLevel>) -> Result<Host, DetectError> {
+    let root = nix::unistd::geteuid().is_root();
+    let exe = PathBuf::from("/proc/self/exe");
+    let namespaces = if root { probe_namespaces(&exe, mount_dir) } else { Err("not root".into()) };
+    let chroot = if root { probe_chroot() } else { Err("not root".into()) };
+    let seccomp = probe_seccomp();
+    let self_cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let cgroup = if root {
+        CgroupDriver::detect(Path::new("/sys/fs/cgroup"), &self_cgroup).map_err(|e| e.to_string())
+    } else {
+        Err("not root".into())
+    };
+    let report = HostReport {
+        root,
+        namespaces: namespaces.clone(),
+        chroot: chroot.clone(),
+        seccomp: seccomp.clone(),
+        cgroup: cgroup.as_ref().map(|d| d.describe()).map_err(Clone::clone),
+    };
+    if !root {
+        return Err(DetectError::NotRoot);
+    }
+    if let Err(e) = seccomp {
+        return Err(DetectError::NoSeccomp(e));
+    }
+    let level = match (force, &namespaces, &chroot) {
+        (Some(IsolationLevel::Chroot), _, Ok(())) => IsolationLevel::Chroot,
+        (_, Ok(()), _) => IsolationLevel::Namespaces,
+        (_, Err(_), Ok(())) => IsolationLevel::Chroot,
+        (_, Err(n), Err(c)) => return Err(DetectError::NoIsolation(format!("namespaces: {n}; chroot: {c}"))),
+    };
+    Ok(Host { level, cgroup: cgroup.ok(), report })
+}

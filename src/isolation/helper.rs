@@ -1,0 +1,252 @@
+//! The `__exec` helper: a short-lived, single-threaded copy of the `sandbox` binary that
+//! the server starts for each run. It reads the snippet, forks the process that becomes
+//! the interpreter, jails it step by step and reports how it ended.
+//!
+//! Why a separate process: after fork in a multi-threaded program (the tokio server)
+//! only async-signal-safe calls are allowed, and the setup here allocates, formats and
+//! calls libseccomp. Running it in a fresh single-threaded process makes that sound.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use nix::fcntl::{OFlag, open};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::prctl;
+use nix::sys::resource::{Resource, setrlimit};
+use nix::sys::signal::Signal;
+use nix::sys::stat::Mode;
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Gid, Uid, chdir, chroot, pipe2, setgroups, setresgid, setresuid, sethostname};
+use serde::{Deserialize, Serialize};
+
+use super::rootfs;
+use super::seccomp::{self, FilterOptions};
+use super::spec::{IsolationLevel, SandboxSpec};
+use super::step::{Step, StepError, io_step, step};
+use super::sys;
+
+/// The descriptor the snippet is readable on inside the sandbox.
+pub const CODE_FD: i32 = 3;
+/// Where the child keeps the setup-error pipe until exec closes it.
+const ERROR_FD: i32 = 1022;
+
+/// How a run ended, as the helper tells the server (one JSON line on its stdin socket).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HelperReport {
+    Exited { code: i32 },
+    Signaled { signal: i32 },
+    SetupFailed { message: String },
+}
+
+/// Entry point of `sandbox __exec <spec-json>`. Returns the helper's exit code.
+pub fn main(spec_json: &str) -> i32 {
+    let mut channel = match std::io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => UnixStream::from(fd),
+        Err(e) => {
+            eprintln!("sandbox helper: stdin is not usable: {e}");
+            return 125;
+        }
+    };
+    let report = match serde_json::from_str::<SandboxSpec>(spec_json) {
+        Ok(spec) => run(&spec, &mut channel),
+        Err(e) => HelperReport::SetupFailed { message: format!("invalid helper spec: {e}") },
+    };
+    let mut line = serde_json::to_string(&report).unwrap_or_else(|_| "{}".to_string());
+    line.push('\n');
+    // The server may be gone (it killed us on timeout); nothing else to tell then.
+    let _ = channel.write_all(line.as_bytes());
+    0
+}
+
+fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
+    let code = match read_code(channel) {
+        Ok(fd) => fd,
+        Err(e) => return HelperReport::SetupFailed { message: e.to_string() },
+    };
+    if let Err(e) = join_cgroups(spec) {
+        return HelperReport::SetupFailed { message: e.to_string() };
+    }
+    if spec.level == IsolationLevel::Namespaces {
+        // A new pid namespace applies to children only: the forked process is its pid 1,
+        // and when it exits the kernel kills everything left in the namespace.
+        if let Err(e) = unshare(CloneFlags::CLONE_NEWPID) {
+            return HelperReport::SetupFailed {
+                message: StepError::new(Step::Unshare, "CLONE_NEWPID", e.desc()).to_string(),
+            };
+        }
+    }
+    let (err_read, err_write) = match pipe2(OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => {
+            return HelperReport::SetupFailed {
+                message: StepError::new(Step::Fork, "pipe2", e.desc()).to_string(),
+            };
+        }
+    };
+    match sys::fork() {
+        Err(e) => HelperReport::SetupFailed {
+            message: StepError::new(Step::Fork, "fork", e.desc()).to_string(),
+        },
+        Ok(ForkResult::Child) => {
+            drop(err_read);
+            let err = child(spec, code, err_write.as_raw_fd());
+            let mut pipe = File::from(err_write);
+            let _ = pipe.write_all(err.to_string().as_bytes());
+            sys::exit_now(126)
+        }
+        Ok(ForkResult::Parent { child }) => {
+            drop(err_write);
+            drop(code);
+            let mut message = String::new();
+            // Returns at EOF: the exec succeeded (O_CLOEXEC closed the pipe) or the
+            // child wrote why it failed and exited.
+            let _ = File::from(err_read).read_to_string(&mut message);
+            let status = loop {
+                match waitpid(child, None) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    other => break other,
+                }
+            };
+            if !message.is_empty() {
+                return HelperReport::SetupFailed { message };
+            }
+            match status {
+                Ok(WaitStatus::Exited(_, code)) => HelperReport::Exited { code },
+                Ok(WaitStatus::Signaled(_, sig, _)) => HelperReport::Signaled { signal: sig as i32 },
+                Ok(other) => HelperReport::SetupFailed { message: format!("unexpected wait status {other:?}") },
+                Err(e) => HelperReport::SetupFailed { message: format!("waitpid failed: {}", e.desc()) },
+            }
+        }
+    }
+}
+
+/// Read the snippet until the server closes its side, into a memfd the interpreter
+/// reads on fd 3 (a memfd never blocks the way a full pipe would).
+fn read_code(channel: &mut UnixStream) -> Result<OwnedFd, StepError> {
+    let mut buf = Vec::new();
+    channel
+        .read_to_end(&mut buf)
+        .map_err(|e| StepError::new(Step::ReadCode, "stdin", e))?;
+    let fd = nix::sys::memfd::memfd_create(c"snippet", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map_err(|e| StepError::new(Step::ReadCode, "memfd_create", e.desc()))?;
+    let mut file = File::from(fd);
+    file.write_all(&buf)
+        .and_then(|_| file.rewind())
+        .map_err(|e| StepError::new(Step::ReadCode, "memfd", e))?;
+    Ok(OwnedFd::from(file))
+}
+
+fn join_cgroups(spec: &SandboxSpec) -> Result<(), StepError> {
+    let pid = std::process::id().to_string();
+    for procs in &spec.cgroup_procs {
+        std::fs::write(procs, &pid).map_err(io_step(Step::JoinCgroup, procs))?;
+    }
+    Ok(())
+}
+
+fn cstrings(items: &[String], what: &str) -> Result<Vec<CString>, StepError> {
+    items
+        .iter()
+        .map(|s| CString::new(s.as_bytes()).map_err(|e| StepError::new(Step::Exec, what, e)))
+        .collect()
+}
+
+fn limit(resource: Resource, value: u64, name: &str) -> Result<(), StepError> {
+    setrlimit(resource, value, value).map_err(|e| StepError::new(Step::Rlimits, name, e.desc()))
+}
+
+/// Everything between fork and exec, in order. Returns only on failure.
+fn child(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> StepError {
+    match child_setup(spec, code, err_fd) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+enum Never {}
+
+fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, StepError> {
+    prctl::set_pdeathsig(Signal::SIGKILL).map_err(step(Step::Descriptors, Path::new("pdeathsig")))?;
+    let argv = cstrings(&spec.argv, "argv")?;
+    let env = cstrings(&spec.env, "environment")?;
+    let passwd = format!(
+        "root:x:0:0:root:/:/nonexistent\nsandbox:x:{}:{}:sandbox:/tmp:/nonexistent\n",
+        spec.uid, spec.gid
+    );
+
+    match spec.level {
+        IsolationLevel::Namespaces => {
+            let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+            if !spec.network {
+                flags |= CloneFlags::CLONE_NEWNET;
+            }
+            unshare(flags).map_err(|e| StepError::new(Step::Unshare, format!("{flags:?}"), e.desc()))?;
+            sethostname("sandbox").map_err(step(Step::Hostname, Path::new("sandbox")))?;
+            rootfs::enter_private_root(&spec.root_dir, &spec.root, spec.limits.tmp_bytes, &passwd)?;
+        }
+        IsolationLevel::Chroot => {
+            chroot(&spec.root_dir).map_err(step(Step::Chroot, &spec.root_dir))?;
+            chdir("/").map_err(step(Step::Chroot, Path::new("/")))?;
+            // No private tmpfs without mounts: a directory only this run's uid can enter.
+            let dir = &spec.workdir;
+            let _ = std::fs::remove_dir_all(dir);
+            std::fs::create_dir(dir).map_err(io_step(Step::MountTmp, dir))?;
+            nix::unistd::chown(dir, Some(Uid::from_raw(spec.uid)), Some(Gid::from_raw(spec.gid)))
+                .map_err(step(Step::MountTmp, dir))?;
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .map_err(io_step(Step::MountTmp, dir))?;
+        }
+    }
+
+    // fd 0: /dev/null, fd 3: the snippet, fd 1/2 stay the server's pipes, 1022 the
+    // error pipe, 1023 the interpreter. The originals are left to close_range, so no
+    // descriptor is closed twice whatever numbers they happened to get.
+    sys::dup_onto(err_fd, ERROR_FD, true).map_err(step(Step::Descriptors, Path::new("error pipe")))?;
+    let devnull = open("/dev/null", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(step(Step::Descriptors, Path::new("/dev/null")))?
+        .into_raw_fd();
+    sys::dup_onto(devnull, 0, false).map_err(step(Step::Descriptors, Path::new("stdin")))?;
+    sys::dup_onto(code.into_raw_fd(), CODE_FD, false).map_err(step(Step::Descriptors, Path::new("fd 3")))?;
+    let program = open(&spec.program, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(step(Step::OpenInterpreter, &spec.program))?
+        .into_raw_fd();
+    sys::dup_onto(program, sys::EXEC_FD, true).map_err(step(Step::Descriptors, Path::new("exec fd")))?;
+    sys::close_range(CODE_FD as u32 + 1, ERROR_FD as u32 - 1)
+        .and_then(|_| sys::close_range(sys::EXEC_FD as u32 + 1, u32::MAX))
+        .map_err(step(Step::Descriptors, Path::new("close_range")))?;
+    sys::reset_sigpipe().map_err(step(Step::Descriptors, Path::new("SIGPIPE")))?;
+
+    let l = &spec.limits;
+    limit(Resource::RLIMIT_NOFILE, l.open_files.min(sys::EXEC_FD as u64 - 1), "RLIMIT_NOFILE")?;
+    limit(Resource::RLIMIT_NPROC, l.max_processes, "RLIMIT_NPROC")?;
+    limit(Resource::RLIMIT_FSIZE, l.tmp_bytes, "RLIMIT_FSIZE")?;
+    limit(Resource::RLIMIT_CORE, 0, "RLIMIT_CORE")?;
+    limit(Resource::RLIMIT_CPU, l.cpu_seconds, "RLIMIT_CPU")?;
+    if let Some(bytes) = l.address_space_bytes {
+        limit(Resource::RLIMIT_AS, bytes, "RLIMIT_AS")?;
+    }
+
+    let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
+    setgroups(&[]).map_err(|e| StepError::new(Step::DropPrivileges, "setgroups", e.desc()))?;
+    setresgid(gid, gid, gid).map_err(|e| StepError::new(Step::DropPrivileges, format!("gid {gid}"), e.desc()))?;
+    setresuid(uid, uid, uid).map_err(|e| StepError::new(Step::DropPrivileges, format!("uid {uid}"), e.desc()))?;
+    // Changing credentials clears the parent-death signal: set it again.
+    prctl::set_pdeathsig(Signal::SIGKILL).map_err(step(Step::DropPrivileges, Path::new("pdeathsig")))?;
+    chdir(&spec.workdir).map_err(step(Step::Descriptors, &spec.workdir))?;
+
+    prctl::set_no_new_privs().map_err(|e| StepError::new(Step::NoNewPrivs, "prctl", e.desc()))?;
+    seccomp::apply(&FilterOptions {
+        profile: spec.profile,
+        network: spec.network,
+        allowed_syscalls: &spec.allowed_syscalls,
+    })
+    .map_err(|e| StepError::new(Step::Seccomp, "filter", e))?;
+
+    let errno = sys::execveat_exec_fd(&argv, &env);
+    Err(StepError::new(Step::Exec, spec.program.display(), errno.desc()))
+}

@@ -1,0 +1,12 @@
+//! Everything that jails a run. `sys` is the only module allowed `unsafe`.
+
+pub mod cgroup;
+pub mod chroot_root;
+pub mod detect;
+pub mod helper;
+pub mod rootfs;
+pub mod seccomp;
+pub mod spec;
+pub mod step;
+#[allow(unsafe_code)]
+pub mod sys;

@@ -1,0 +1,164 @@
+//! The private root of a run, built inside the run's own mount namespace: a small
+//! tmpfs holding read-only binds of the language's files, device nodes, a fresh /proc,
+//! a size-limited /tmp; then pivot_root into it and make it read-only.
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
+use std::path::{Component, Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::unistd::{chdir, pivot_root};
+
+use super::spec::RootPlan;
+use super::step::{Step, StepError, io_step, step};
+
+/// Host device nodes exposed inside the root (bound, not created: no mknod needed).
+const DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
+
+/// `path` (absolute, host) as it sits under `root`.
+pub fn inside(root: &Path, path: &Path) -> PathBuf {
+    let mut out = root.to_path_buf();
+    for c in path.components() {
+        if let Component::Normal(part) = c {
+            out.push(part);
+        }
+    }
+    out
+}
+
+fn make_dirs(path: &Path) -> Result<(), StepError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .map_err(io_step(Step::CreateRoot, path))
+}
+
+fn bind_readonly(src: &Path, target: &Path, allow_dev: bool) -> Result<(), StepError> {
+    mount(Some(src), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .map_err(step(Step::BindMount, src))?;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID;
+    if !allow_dev {
+        flags |= MsFlags::MS_NODEV;
+    }
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
+        .map_err(step(Step::BindMount, target))
+}
+
+/// Create the mount point for `src` under `root`: a directory, or an empty file.
+fn mount_point(root: &Path, src: &Path) -> Result<PathBuf, StepError> {
+    let target = inside(root, src);
+    let meta = fs::metadata(src).map_err(io_step(Step::BindMount, src))?;
+    if meta.is_dir() {
+        make_dirs(&target)?;
+    } else {
+        if let Some(parent) = target.parent() {
+            make_dirs(parent)?;
+        }
+        fs::File::create(&target).map_err(io_step(Step::CreateRoot, &target))?;
+    }
+    Ok(target)
+}
+
+/// Build the root on `root_dir` and pivot into it. Runs in the child, after
+/// unshare(CLONE_NEWNS | CLONE_NEWPID ...) and fork, as root.
+pub fn enter_private_root(
+    root_dir: &Path,
+    plan: &RootPlan,
+    tmp_bytes: u64,
+    passwd: &str,
+) -> Result<(), StepError> {
+    // Nothing we mount may propagate back to the host.
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(step(Step::PrivateMounts, Path::new("/")))?;
+    mount(
+        Some("tmpfs"),
+        root_dir,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("size=4m,mode=0755"),
+    )
+    .map_err(step(Step::CreateRoot, root_dir))?;
+
+    for (link, target) in &plan.symlinks {
+        let at = inside(root_dir, link);
+        if let Some(parent) = at.parent() {
+            make_dirs(parent)?;
+        }
+        if fs::symlink_metadata(&at).is_err() {
+            symlink(target, &at).map_err(io_step(Step::CreateRoot, &at))?;
+        }
+    }
+    let mut binds: Vec<&PathBuf> = plan.binds.iter().collect();
+    binds.sort();
+    for src in binds {
+        let target = mount_point(root_dir, src)?;
+        bind_readonly(src, &target, false)?;
+    }
+    for dev in DEVICES {
+        let dev = Path::new(dev);
+        if dev.exists() {
+            let target = mount_point(root_dir, dev)?;
+            bind_readonly(dev, &target, true)?;
+        }
+    }
+
+    let etc = inside(root_dir, Path::new("/etc"));
+    make_dirs(&etc)?;
+    let passwd_path = etc.join("passwd");
+    if fs::symlink_metadata(&passwd_path).is_err() {
+        fs::write(&passwd_path, passwd).map_err(io_step(Step::CreateRoot, &passwd_path))?;
+    }
+
+    let proc_dir = inside(root_dir, Path::new("/proc"));
+    make_dirs(&proc_dir)?;
+    // A fresh proc for the new pid namespace: it lists only this run's processes.
+    mount(
+        Some("proc"),
+        &proc_dir,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(step(Step::MountProc, &proc_dir))?;
+
+    let tmp = inside(root_dir, Path::new("/tmp"));
+    make_dirs(&tmp)?;
+    mount(
+        Some("tmpfs"),
+        &tmp,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(format!("size={tmp_bytes},mode=1777,nr_inodes=16384").as_str()),
+    )
+    .map_err(step(Step::MountTmp, &tmp))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777))
+        .map_err(io_step(Step::MountTmp, &tmp))?;
+
+    // pivot_root(".", ".") stacks the old root on top of the new one; detaching it
+    // leaves only the new root visible.
+    chdir(root_dir).map_err(step(Step::PivotRoot, root_dir))?;
+    pivot_root(".", ".").map_err(step(Step::PivotRoot, root_dir))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(step(Step::PivotRoot, Path::new("/")))?;
+    chdir("/").map_err(step(Step::PivotRoot, Path::new("/")))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(step(Step::PivotRoot, Path::new("/")))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inside_maps_absolute_paths_under_the_root() {
+        assert_eq!(inside(Path::new("/r"), Path::new("/usr/lib/x")), PathBuf::from("/r/usr/lib/x"));
+        assert_eq!(inside(Path::new("/r"), Path::new("/")), PathBuf::from("/r"));
+    }
+}

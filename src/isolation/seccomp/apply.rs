@@ -1,0 +1,205 @@
+//! Builds the seccomp filter for a run from the policy tables and loads it.
+
+use libseccomp::{
+    ScmpAction, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall, error::SeccompError,
+};
+
+use super::policy;
+use crate::isolation::spec::Profile;
+use crate::isolation::sys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompApplyError {
+    #[error("seccomp: could not create the filter context: {0}")]
+    Context(#[source] SeccompError),
+    #[error("seccomp: could not add the rule for {syscall}: {source}")]
+    Rule {
+        syscall: String,
+        #[source]
+        source: SeccompError,
+    },
+    #[error("seccomp: the kernel refused the filter: {0}")]
+    Load(#[source] SeccompError),
+}
+
+/// What the filter must allow beyond the profile's table.
+pub struct FilterOptions<'a> {
+    pub profile: Profile,
+    pub network: bool,
+    /// Non-empty: replaces the plain allow-lists (the operator's `allowed_syscalls`).
+    pub allowed_syscalls: &'a [i64],
+}
+
+fn rule_err(name: &str) -> impl FnOnce(SeccompError) -> SeccompApplyError + '_ {
+    move |source| SeccompApplyError::Rule {
+        syscall: name.to_string(),
+        source,
+    }
+}
+
+/// Resolve a name on the native architecture; names this architecture lacks (such as
+/// `open` on arm64) are skipped rather than failing the run.
+fn resolve(name: &str) -> Option<ScmpSyscall> {
+    ScmpSyscall::from_name(name).ok()
+}
+
+fn allow(ctx: &mut ScmpFilterContext, name: &str) -> Result<(), SeccompApplyError> {
+    if let Some(sc) = resolve(name) {
+        ctx.add_rule(ScmpAction::Allow, sc).map_err(rule_err(name))?;
+    }
+    Ok(())
+}
+
+pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApplyError> {
+    let eperm = ScmpAction::Errno(libc::EPERM);
+    let mut ctx = ScmpFilterContext::new(eperm).map_err(SeccompApplyError::Context)?;
+    // no_new_privs is set by the helper itself, before the filter.
+    ctx.set_ctl_nnp(false).map_err(SeccompApplyError::Context)?;
+
+    if opts.allowed_syscalls.is_empty() {
+        let extra = match opts.profile {
+            Profile::Python => policy::PYTHON,
+            Profile::Nodejs => policy::NODEJS,
+        };
+        for (name, _why) in policy::COMMON.iter().chain(extra) {
+            allow(&mut ctx, name)?;
+        }
+    } else {
+        // The syscalls with argument rules below keep those rules whatever the list says.
+        let conditional: Vec<i32> = ["clone", "clone3", "execveat", "prlimit64", "socket"]
+            .iter()
+            .filter_map(|n| resolve(n))
+            .map(i32::from)
+            .collect();
+        for &nr in opts.allowed_syscalls {
+            if conditional.contains(&(nr as i32)) {
+                continue;
+            }
+            let sc = ScmpSyscall::from(nr as i32);
+            ctx.add_rule(ScmpAction::Allow, sc)
+                .map_err(rule_err(&format!("syscall number {nr}")))?;
+        }
+    }
+
+    if opts.network {
+        for (name, _why) in policy::NETWORK {
+            allow(&mut ctx, name)?;
+        }
+    } else if let Some(socket) = resolve("socket") {
+        // Local AF_UNIX sockets only (some runtimes make a socketpair-like channel);
+        // the run also sits in an empty network namespace.
+        ctx.add_rule_conditional(
+            ScmpAction::Allow,
+            socket,
+            &[ScmpArgCompare::new(0, ScmpCompareOp::Equal, libc::AF_UNIX as u64)],
+        )
+        .map_err(rule_err("socket"))?;
+    }
+
+    for (name, _why) in policy::ENOSYS {
+        if let Some(sc) = resolve(name) {
+            ctx.add_rule(ScmpAction::Errno(libc::ENOSYS), sc)
+                .map_err(rule_err(name))?;
+        }
+    }
+
+    // Threads yes, processes no: clone is allowed only with CLONE_THREAD.
+    if let Some(clone) = resolve("clone") {
+        let thread = libc::CLONE_THREAD as u64;
+        ctx.add_rule_conditional(
+            ScmpAction::Allow,
+            clone,
+            &[ScmpArgCompare::new(0, ScmpCompareOp::MaskedEqual(thread), thread)],
+        )
+        .map_err(rule_err("clone"))?;
+    }
+
+    // The one exec the helper performs: execveat on the interpreter's descriptor with
+    // the helper's own empty pathname. After that exec the descriptor is closed
+    // (O_CLOEXEC) and cannot be recreated (RLIMIT_NOFILE is below it).
+    if let Some(execveat) = resolve("execveat") {
+        ctx.add_rule_conditional(
+            ScmpAction::Allow,
+            execveat,
+            &[
+                ScmpArgCompare::new(0, ScmpCompareOp::Equal, sys::EXEC_FD as u64),
+                ScmpArgCompare::new(1, ScmpCompareOp::Equal, sys::exec_empty_path_addr()),
+                ScmpArgCompare::new(4, ScmpCompareOp::Equal, libc::AT_EMPTY_PATH as u64),
+            ],
+        )
+        .map_err(rule_err("execveat"))?;
+    }
+
+    // prlimit64 may read limits (new_limit == NULL) but never raise them.
+    if let Some(prlimit) = resolve("prlimit64") {
+        ctx.add_rule_conditional(
+            ScmpAction::Allow,
+            prlimit,
+            &[ScmpArgCompare::new(2, ScmpCompareOp::Equal, 0)],
+        )
+        .map_err(rule_err("prlimit64"))?;
+    }
+    Ok(ctx)
+}
+
+/// Build and load the filter into the calling thread (and its future threads).
+pub fn apply(opts: &FilterOptions<'_>) -> Result<(), SeccompApplyError> {
+    let ctx = build(opts)?;
+    ctx.load().map_err(SeccompApplyError::Load)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_names_resolve_on_this_architecture() {
+        // Every name of the tables must be known to libseccomp, or be one of the few
+        // that some architectures lack.
+        let optional = ["open", "stat", "lstat", "access", "readlink", "rename", "mkdir",
+            "rmdir", "unlink", "symlink", "chmod", "pipe", "dup2", "select", "poll", "time",
+            "epoll_create", "epoll_wait", "eventfd", "fadvise64", "pkey_alloc", "pkey_free",
+            "pkey_mprotect", "arch_prctl", "getpgrp"];
+        for (name, why) in policy::COMMON
+            .iter()
+            .chain(policy::NODEJS)
+            .chain(policy::PYTHON)
+            .chain(policy::NETWORK)
+            .chain(policy::ENOSYS)
+        {
+            assert!(!why.is_empty(), "{name} has no reason");
+            if !optional.contains(name) {
+                assert!(resolve(name).is_some(), "libseccomp does not know {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn dangerous_syscalls_are_not_in_any_table() {
+        let forbidden = ["execve", "fork", "vfork", "ptrace", "mount", "umount2", "unshare",
+            "setns", "bpf", "keyctl", "add_key", "reboot", "setuid", "setgid", "setresuid",
+            "chroot", "pivot_root", "init_module", "perf_event_open", "io_uring_enter",
+            "userfaultfd", "process_vm_readv", "process_vm_writev", "kexec_load", "clone"];
+        for (name, _) in policy::COMMON
+            .iter()
+            .chain(policy::NODEJS)
+            .chain(policy::PYTHON)
+            .chain(policy::NETWORK)
+        {
+            assert!(!forbidden.contains(name), "{name} must not be allowed unconditionally");
+        }
+    }
+
+    #[test]
+    fn filters_build_for_every_profile() {
+        for profile in [Profile::Python, Profile::Nodejs] {
+            for network in [false, true] {
+                let opts = FilterOptions { profile, network, allowed_syscalls: &[] };
+                build(&opts).expect("filter builds");
+            }
+        }
+        let custom = [0i64, 1, 60, 231];
+        build(&FilterOptions { profile: Profile::Python, network: false, allowed_syscalls: &custom })
+            .expect("custom list builds");
+    }
+}

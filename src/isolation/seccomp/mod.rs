@@ -1,0 +1,4 @@
+pub mod apply;
+pub mod policy;
+
+pub use apply::{FilterOptions, apply};

@@ -1,0 +1,79 @@
+//! What the server hands to the `__exec` helper: everything needed to jail one run.
+//! Plain data, serialised as JSON on the helper's command line; the snippet itself
+//! never travels here (it comes through the helper's stdin).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// How strongly the host lets us isolate a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IsolationLevel {
+    /// mount, pid, ipc, uts (and net when the run has no network) namespaces, a
+    /// read-only bind-mounted root, pivot_root.
+    Namespaces,
+    /// No namespaces (an unprivileged container): chroot into a copied root.
+    Chroot,
+}
+
+impl IsolationLevel {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Namespaces => "namespaces (mount, pid, ipc, uts, net) + pivot_root + seccomp",
+            Self::Chroot => "chroot + setuid + seccomp (no namespaces on this host)",
+        }
+    }
+}
+
+/// Which seccomp allow-list a run gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Profile {
+    Python,
+    Nodejs,
+}
+
+/// The files and directories that make up a language's read-only root.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootPlan {
+    /// Host paths bind-mounted read-only at the same place in the root.
+    pub binds: Vec<PathBuf>,
+    /// Symbolic links recreated in the root: (link path, link target as on the host).
+    pub symlinks: Vec<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Limits {
+    /// Enforced by a cgroup when `cgroup_procs` is set, else by RLIMIT_AS (when set).
+    pub address_space_bytes: Option<u64>,
+    pub max_processes: u64,
+    pub tmp_bytes: u64,
+    pub cpu_seconds: u64,
+    pub open_files: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    pub level: IsolationLevel,
+    /// Namespaces: an empty host directory the private root is mounted on.
+    /// Chroot: the prepared root directory itself.
+    pub root_dir: PathBuf,
+    pub root: RootPlan,
+    pub uid: u32,
+    pub gid: u32,
+    pub network: bool,
+    pub limits: Limits,
+    /// `cgroup.procs` files the helper writes its pid into before anything else.
+    pub cgroup_procs: Vec<PathBuf>,
+    pub profile: Profile,
+    /// Syscall numbers that replace the built-in plain allow-list (config `allowed_syscalls`).
+    pub allowed_syscalls: Vec<i64>,
+    /// The interpreter: opened inside the root and executed through its descriptor.
+    pub program: PathBuf,
+    /// Working directory (and HOME/TMPDIR) of the run: its private /tmp, or under the
+    /// chroot level a private directory inside the shared /tmp.
+    pub workdir: PathBuf,
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+}

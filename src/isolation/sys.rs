@@ -1,0 +1,100 @@
+//! The only module with `unsafe`: thin wrappers over the few syscalls that nix does not
+//! expose safely or in the shape the helper needs. Each wrapper names its syscall in
+//! the error it returns.
+
+use std::ffi::{CStr, CString};
+use std::os::fd::RawFd;
+
+use nix::errno::Errno;
+use nix::unistd::ForkResult;
+
+/// The pathname handed to `execveat`. Its address is written into the seccomp filter as
+/// the only pathname pointer `execveat` may receive, so the interpreter's later calls
+/// cannot name a path of their own through that syscall.
+pub static EXEC_EMPTY_PATH: &CStr = c"";
+
+/// The high descriptor the interpreter is opened on, and the only one `execveat` accepts.
+/// RLIMIT_NOFILE is set below it, so the sandboxed program can never recreate it.
+pub const EXEC_FD: RawFd = 1023;
+
+/// Address of [`EXEC_EMPTY_PATH`], as the seccomp filter compares it.
+pub fn exec_empty_path_addr() -> u64 {
+    EXEC_EMPTY_PATH.as_ptr() as u64
+}
+
+/// fork(2) from the single-threaded helper.
+pub fn fork() -> Result<ForkResult, Errno> {
+    // SAFETY: only called from the `__exec` helper, which never starts a thread (it runs
+    // before any async runtime exists), so the child may call anything, not only
+    // async-signal-safe functions.
+    unsafe { nix::unistd::fork() }
+}
+
+/// dup3(2) `fd` onto the exact number `target` (replacing whatever is there).
+pub fn dup_onto(fd: RawFd, target: RawFd, cloexec: bool) -> Result<(), Errno> {
+    if fd == target {
+        return set_cloexec(fd, cloexec);
+    }
+    let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
+    // SAFETY: dup3 only manipulates the descriptor table; both numbers are plain ints
+    // and an invalid one yields EBADF, which is reported.
+    let rc = unsafe { libc::dup3(fd, target, flags) };
+    Errno::result(rc).map(drop)
+}
+
+/// Set or clear FD_CLOEXEC on `fd`.
+pub fn set_cloexec(fd: RawFd, cloexec: bool) -> Result<(), Errno> {
+    let flag = if cloexec { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: fcntl(F_SETFD) touches only the descriptor's flags.
+    let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, flag) };
+    Errno::result(rc).map(drop)
+}
+
+/// close_range(2): close every descriptor from `first` to `last` inclusive.
+pub fn close_range(first: u32, last: u32) -> Result<(), Errno> {
+    // SAFETY: closing descriptors the helper does not own any Rust object for; the
+    // caller only passes ranges that hold no descriptor it still uses.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+    Errno::result(rc).map(drop)
+}
+
+/// execveat(EXEC_FD, "", argv, envp, AT_EMPTY_PATH): run the interpreter opened on
+/// [`EXEC_FD`]. Returns only on failure.
+pub fn execveat_exec_fd(argv: &[CString], envp: &[CString]) -> Errno {
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+    envp_ptrs.push(std::ptr::null());
+    // SAFETY: argv and envp are NULL-terminated arrays of pointers into CStrings that
+    // outlive the call; EXEC_EMPTY_PATH is a 'static NUL-terminated string. The raw
+    // syscall is used (not glibc's fexecve) so the pathname pointer is exactly the one
+    // the seccomp filter allows.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            EXEC_FD,
+            EXEC_EMPTY_PATH.as_ptr(),
+            argv_ptrs.as_ptr(),
+            envp_ptrs.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
+    }
+    Errno::last()
+}
+
+/// _exit(2) without running destructors or atexit handlers (safe after fork).
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and touches no Rust state.
+    unsafe { libc::_exit(code) }
+}
+
+/// Restore SIGPIPE's default action. The Rust runtime ignores SIGPIPE, and an ignored
+/// signal stays ignored across exec; the interpreter should start with the default.
+pub fn reset_sigpipe() -> Result<(), Errno> {
+    // SAFETY: installing SIG_DFL runs no handler code, so no handler can observe
+    // inconsistent state.
+    unsafe {
+        nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)
+    }
+    .map(drop)
+}

@@ -1,0 +1,136 @@
+//! The languages: how each interpreter is found, what its read-only root holds, and how
+//! it is started so that the snippet (read from fd 3) runs only after the sandbox is in
+//! place.
+
+pub mod nodejs;
+pub mod python;
+pub mod root;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Serialize;
+
+use crate::isolation::spec::{Profile, RootPlan};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    Python3,
+    Nodejs,
+}
+
+impl Language {
+    pub const ALL: [Language; 2] = [Language::Python3, Language::Nodejs];
+
+    /// The names Dify sends (`python3`, `nodejs`) plus the obvious aliases for the CLI.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "python3" | "python" | "py" => Some(Self::Python3),
+            "nodejs" | "node" | "javascript" | "js" => Some(Self::Nodejs),
+            _ => None,
+        }
+    }
+
+    pub fn from_extension(path: &Path) -> Option<Self> {
+        match path.extension()?.to_str()? {
+            "py" => Some(Self::Python3),
+            "js" | "mjs" | "cjs" => Some(Self::Nodejs),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Python3 => "python3",
+            Self::Nodejs => "nodejs",
+        }
+    }
+}
+
+impl fmt::Display for Language {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("{what} `{path}` does not run: {reason}. Install it or set {key} to a working interpreter")]
+    DoesNotRun { what: &'static str, path: String, key: &'static str, reason: String },
+    #[error("{what} `{path}` gave an answer that could not be read: {reason}")]
+    BadAnswer { what: &'static str, path: String, reason: String },
+}
+
+/// A discovered interpreter, ready to be started inside a sandbox.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub language: Language,
+    /// The path the interpreter is opened at inside the root (the host path, mirrored).
+    pub program: PathBuf,
+    pub version: String,
+    pub root: RootPlan,
+    pub profile: Profile,
+    /// Optional modules and whether the interpreter can import them (Python only).
+    pub modules: Vec<(String, bool)>,
+}
+
+impl Runtime {
+    /// argv for a run. `memory_mb` sizes Node's heap so V8 fails cleanly before the
+    /// cgroup (or RLIMIT) has to kill it.
+    pub fn argv(&self, memory_mb: u64) -> Vec<String> {
+        match self.language {
+            Language::Python3 => python::argv(&self.program),
+            Language::Nodejs => nodejs::argv(&self.program, memory_mb),
+        }
+    }
+}
+
+/// Run `program args...` and return its stdout, or why it did not run.
+pub(crate) fn ask(program: &str, args: &[&str], what: &'static str, key: &'static str) -> Result<String, DiscoveryError> {
+    let fail = |reason: String| DiscoveryError::DoesNotRun { what, path: program.to_string(), key, reason };
+    let out = Command::new(program)
+        .args(args)
+        .env_remove("PYTHONPATH")
+        .env_remove("NODE_OPTIONS")
+        .output()
+        .map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    String::from_utf8(out.stdout).map_err(|e| DiscoveryError::BadAnswer { what, path: program.to_string(), reason: e.to_string() })
+}
+
+/// Build the root for an interpreter: its own paths, its shared libraries' directories,
+/// and the system files.
+pub(crate) fn plan_root(executable: &Path, own_paths: &[PathBuf], system_files: &[PathBuf]) -> RootPlan {
+    let mut b = root::RootBuilder::new();
+    b.add(executable);
+    let canonical = std::fs::canonicalize(executable).unwrap_or_else(|_| executable.to_path_buf());
+    for lib in root::shared_libraries(&canonical) {
+        b.add(&lib);
+        // The whole library directory: extension modules load more libraries from it
+        // (libssl, libffi, libz ...) than the interpreter binary itself lists.
+        if let Some(dir) = lib.parent() {
+            b.add(dir);
+        }
+    }
+    for p in own_paths {
+        b.add(p);
+    }
+    if system_files.is_empty() {
+        for f in root::DEFAULT_SYSTEM_FILES {
+            b.add(Path::new(f));
+        }
+    } else {
+        for f in system_files {
+            b.add(f);
+        }
+    }
+    b.build()
+}

@@ -1,0 +1,71 @@
+//! Node.js: discovery, and a bootstrap that has finished all of its own work (reading
+//! fd 3) before the snippet is compiled, so nothing the snippet redefines (a global
+//! `parseInt`, `JSON`, `require`) can change what the bootstrap does.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::{DiscoveryError, Language, Runtime, ask, plan_root};
+use crate::isolation::spec::Profile;
+
+const DISCOVER: &str = "console.log(JSON.stringify({exec: process.execPath, version: process.version}))";
+
+/// `<preload length>\n<preload><code>` on fd 3; preload and code run as scripts in the
+/// main context, in that order.
+pub const BOOTSTRAP: &str = r#"'use strict';
+{
+  const fs = require('fs');
+  const vm = require('vm');
+  const d = fs.readFileSync(3);
+  fs.closeSync(3);
+  const nl = d.indexOf(10);
+  const n = Number(d.subarray(0, nl).toString());
+  const preload = d.subarray(nl + 1, nl + 1 + n).toString('utf8');
+  const code = d.subarray(nl + 1 + n).toString('utf8');
+  const scripts = [];
+  if (n > 0) scripts.push(new vm.Script(preload, { filename: 'preload.js' }));
+  scripts.push(new vm.Script(code, { filename: 'code.js' }));
+  for (const s of scripts) s.runInThisContext();
+}
+"#;
+
+#[derive(Deserialize)]
+struct Answer {
+    exec: String,
+    version: String,
+}
+
+pub fn discover(node: &str, system_files: &[PathBuf]) -> Result<Runtime, DiscoveryError> {
+    let text = ask(node, &["-e", DISCOVER], "nodejs_path", "NODEJS_PATH")?;
+    let a: Answer = serde_json::from_str(text.trim()).map_err(|e| DiscoveryError::BadAnswer {
+        what: "nodejs_path",
+        path: node.to_string(),
+        reason: e.to_string(),
+    })?;
+    let executable = PathBuf::from(&a.exec);
+    let root = plan_root(&executable, &[], system_files);
+    Ok(Runtime {
+        language: Language::Nodejs,
+        program: executable,
+        version: a.version,
+        root,
+        profile: Profile::Nodejs,
+        modules: Vec::new(),
+    })
+}
+
+/// Heap for V8's old generation: three quarters of the run's memory, the rest is left
+/// for code space, buffers and the runtime itself.
+pub fn heap_mb(memory_mb: u64) -> u64 {
+    (memory_mb * 3 / 4).max(16)
+}
+
+pub fn argv(program: &Path, memory_mb: u64) -> Vec<String> {
+    vec![
+        program.to_string_lossy().into_owned(),
+        format!("--max-old-space-size={}", heap_mb(memory_mb)),
+        "-e".into(),
+        BOOTSTRAP.into(),
+    ]
+}

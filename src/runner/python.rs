@@ -1,0 +1,97 @@
+//! Python 3: discovery by asking the interpreter itself, and the bootstrap that reads the
+//! snippet from fd 3 before running it.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::{DiscoveryError, Language, Runtime, ask, plan_root};
+use crate::isolation::spec::Profile;
+
+/// Modules Dify's nodes rely on (jinja2 for template nodes) or its images ship.
+pub const OPTIONAL_MODULES: &[&str] = &["jinja2", "requests", "httpx"];
+
+const DISCOVER: &str = r#"
+import sys, json, importlib.util
+mods = {m: importlib.util.find_spec(m) is not None for m in sys.argv[1:]}
+print(json.dumps({"executable": sys.executable, "base_prefix": sys.base_prefix,
+  "prefix": sys.prefix, "path": [p for p in sys.path if p], "version": sys.version.split()[0],
+  "modules": mods}))
+"#;
+
+/// Runs inside the sandbox, before any user code: reads preload and code from fd 3
+/// (`<preload length>\n<preload><code>`), then runs them as `__main__`.
+pub const BOOTSTRAP: &str = r#"import sys
+with open(3, "rb") as _f:
+    _d = _f.read()
+_h, _, _r = _d.partition(b"\n")
+_n = int(_h)
+_g = {"__name__": "__main__", "__builtins__": __builtins__, "__doc__": None}
+sys.argv = [""]
+del _f, _d, _h
+if _n:
+    exec(compile(_r[:_n], "<preload>", "exec"), _g)
+_c = compile(_r[_n:], "<code>", "exec")
+del _r, _n
+try:
+    exec(_c, _g)
+except SystemExit:
+    raise
+except BaseException as _e:
+    # Show the snippet's frames only, not this bootstrap's.
+    import traceback
+    traceback.print_exception(type(_e), _e, _e.__traceback__.tb_next)
+    sys.exit(1)
+"#;
+
+#[derive(Deserialize)]
+struct Answer {
+    executable: String,
+    base_prefix: String,
+    prefix: String,
+    path: Vec<String>,
+    version: String,
+    modules: std::collections::BTreeMap<String, bool>,
+}
+
+/// Prefixes shared with the rest of the system: never bound whole.
+fn is_system_prefix(p: &Path) -> bool {
+    matches!(p.to_str(), Some("/" | "/usr" | "/usr/local"))
+}
+
+pub fn discover(python: &str, system_files: &[PathBuf]) -> Result<Runtime, DiscoveryError> {
+    let mut args = vec!["-I", "-c", DISCOVER];
+    args.extend_from_slice(OPTIONAL_MODULES);
+    let text = ask(python, &args, "python_path", "PYTHON_PATH")?;
+    let a: Answer = serde_json::from_str(text.trim()).map_err(|e| DiscoveryError::BadAnswer {
+        what: "python_path",
+        path: python.to_string(),
+        reason: e.to_string(),
+    })?;
+    let executable = PathBuf::from(&a.executable);
+    let mut own: Vec<PathBuf> = a.path.iter().map(PathBuf::from).collect();
+    for prefix in [&a.base_prefix, &a.prefix] {
+        let p = PathBuf::from(prefix);
+        if !is_system_prefix(&p) {
+            own.push(p);
+        }
+    }
+    let root = plan_root(&executable, &own, system_files);
+    Ok(Runtime {
+        language: Language::Python3,
+        program: executable,
+        version: a.version,
+        root,
+        profile: Profile::Python,
+        modules: a.modules.into_iter().collect(),
+    })
+}
+
+pub fn argv(program: &Path) -> Vec<String> {
+    // -I: ignore PYTHON* variables and the user site; -B: the root is read-only anyway;
+    // -u: output reaches the server even when a timeout kills the run.
+    [program.to_string_lossy().as_ref(), "-I", "-B", "-u", "-X", "utf8", "-c", BOOTSTRAP]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
