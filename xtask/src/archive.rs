@@ -70,9 +70,10 @@ pub enum ContextFile<'a> {
 
 /// Builds a build context holding exactly the listed files, so the engine
 /// never receives the whole repository (which includes `target/`).
-pub fn context_tar(files: &[(&str, ContextFile<'_>)]) -> Result<Vec<u8>> {
+pub fn context_tar<N: AsRef<str>>(files: &[(N, ContextFile<'_>)]) -> Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
     for (name, file) in files {
+        let name = name.as_ref();
         match file {
             ContextFile::Path(path) => {
                 let mut f = std::fs::File::open(path)

@@ -308,7 +308,7 @@ async fn compile(
     Ok((
         executables,
         format!(
-            "{} for {}, {compiled} crates compiled",
+            "{} for {}: {compiled} crates compiled, {fresh} up to date",
             profile_name(req.profile),
             req.arch.platform()
         ),

@@ -328,6 +328,7 @@ pub async fn build_production(
             config.display()
         );
     }
+    let dependencies = dependency_files(&opts.root.join("dependencies"))?;
     let mut tags = Vec::new();
     for &arch in arches {
         let binary = opts
@@ -352,11 +353,22 @@ pub async fn build_production(
             let binary_in_context = format!("dist/linux-{}/sandbox", arch.name());
             // Same layout as the repository, so a plain `docker build -f
             // docker/sandbox.Dockerfile .` works too.
-            let context = context_tar(&[
-                ("docker/sandbox.Dockerfile", ContextFile::Bytes(&dockerfile)),
-                (binary_in_context.as_str(), ContextFile::Path(&binary)),
-                ("conf/config.yaml", ContextFile::Path(&config)),
-            ])?;
+            let mut files = vec![
+                (
+                    "docker/sandbox.Dockerfile".to_string(),
+                    ContextFile::Bytes(&dockerfile),
+                ),
+                (binary_in_context, ContextFile::Path(&binary)),
+                ("conf/config.yaml".to_string(), ContextFile::Path(&config)),
+            ];
+            for (name, path) in &dependencies {
+                files.push((name.clone(), ContextFile::Path(path)));
+            }
+            if dependencies.is_empty() {
+                // The Dockerfile copies the directory; keep it present.
+                files.push(("dependencies/.keep".to_string(), ContextFile::Bytes(b"")));
+            }
+            let context = context_tar(&files)?;
             let spec = BuildSpec {
                 context,
                 tag: &tag,
@@ -383,6 +395,24 @@ pub async fn build_production(
         tags.push(tag);
     }
     Ok(tags)
+}
+
+/// Regular files directly in `dependencies/` (pip requirement lists), as
+/// (name in the build context, path on disk).
+fn dependency_files(dir: &Path) -> Result<Vec<(String, std::path::PathBuf)>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            let name = format!("dependencies/{}", entry.file_name().to_string_lossy());
+            files.push((name, entry.path()));
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 #[cfg(test)]
