@@ -21,6 +21,8 @@ pub enum ConfigError {
     },
     #[error("the config file {path} is not valid YAML: {message}. Fix the file or remove it to use the defaults")]
     Yaml { path: PathBuf, message: String },
+    #[error("config key `{key}` in {path} is invalid: {reason}. Fix the value or remove the key to use its default")]
+    Key { path: PathBuf, key: String, reason: String },
     #[error("config key `{key}` has an invalid value {value:?}: {reason}")]
     Value { key: String, value: String, reason: String },
     #[error("environment variable {var}={value:?} is invalid: {reason}")]
@@ -144,7 +146,11 @@ impl Config {
         let raw: RawConfig = if value.is_null() {
             RawConfig::default()
         } else {
-            serde_yaml::from_value(value).map_err(yaml_err)?
+            serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Key {
+                path: origin.to_path_buf(),
+                key: e.path().to_string(),
+                reason: e.into_inner().to_string(),
+            })?
         };
         Self::from_raw(raw, env, unknown_keys)
     }

@@ -29,12 +29,10 @@ _n = int(_h)
 _g = {"__name__": "__main__", "__builtins__": __builtins__, "__doc__": None}
 sys.argv = [""]
 del _f, _d, _h
-if _n:
-    exec(compile(_r[:_n], "<preload>", "exec"), _g)
-_c = compile(_r[_n:], "<code>", "exec")
-del _r, _n
 try:
-    exec(_c, _g)
+    if _n:
+        exec(compile(_r[:_n], "<preload>", "exec"), _g)
+    exec(compile(_r[_n:], "<code>", "exec"), _g)
 except SystemExit:
     raise
 except BaseException as _e:

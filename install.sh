@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Installs what the sandbox needs to build and run, then builds it.
+#   ./install.sh          system packages, Rust if missing, then `cargo build --release`
+#   ./install.sh --test   also Docker's engine (for the xtask tests), started; no release build
+# Debian/Ubuntu, Fedora/RHEL, Alpine and Arch. Idempotent: safe to run again.
+set -euo pipefail
+
+cd "$(dirname "$0")"
+mode=build
+case "${1:-}" in
+  --test) mode=test ;;
+  "" ) ;;
+  -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+  *) echo "install.sh: unknown option $1 (use --test or nothing)" >&2; exit 2 ;;
+esac
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+if [ "$(id -u)" -eq 0 ]; then
+  SUDO=""
+elif command -v sudo >/dev/null 2>&1; then
+  SUDO="sudo"
+else
+  echo "install.sh: run as root or install sudo: system packages are needed" >&2
+  exit 1
+fi
+
+. /etc/os-release 2>/dev/null || { echo "install.sh: /etc/os-release missing: unknown distribution" >&2; exit 1; }
+family="${ID:-} ${ID_LIKE:-}"
+
+case "$family" in
+  *debian*|*ubuntu*)
+    log "apt: build and runtime packages"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq libseccomp-dev libseccomp2 pkg-config gcc libc6-dev make curl ca-certificates \
+      python3 python3-pip python3-jinja2 python3-requests python3-httpx nodejs >/dev/null
+    [ "$mode" = test ] && $SUDO apt-get install -y -qq docker.io iproute2 >/dev/null
+    ;;
+  *fedora*|*rhel*|*centos*)
+    log "dnf: build and runtime packages"
+    pm=$(command -v dnf || command -v yum)
+    $SUDO "$pm" install -y libseccomp-devel pkgconf-pkg-config gcc make curl ca-certificates \
+      python3 python3-pip python3-jinja2 python3-requests python3-httpx nodejs
+    [ "$mode" = test ] && $SUDO "$pm" install -y moby-engine || true
+    ;;
+  *alpine*)
+    log "apk: build and runtime packages"
+    $SUDO apk add --no-cache libseccomp-dev pkgconf gcc musl-dev make curl ca-certificates bash \
+      python3 py3-pip py3-jinja2 py3-requests py3-httpx nodejs
+    [ "$mode" = test ] && $SUDO apk add --no-cache docker
+    ;;
+  *arch*)
+    log "pacman: build and runtime packages"
+    $SUDO pacman -Sy --needed --noconfirm libseccomp pkgconf gcc make curl ca-certificates \
+      python python-pip python-jinja python-requests python-httpx nodejs
+    [ "$mode" = test ] && $SUDO pacman -S --needed --noconfirm docker
+    ;;
+  *)
+    echo "install.sh: unsupported distribution '$family': install libseccomp (dev), pkg-config, gcc, python3 with jinja2/requests/httpx and nodejs by hand" >&2
+    exit 1
+    ;;
+esac
+
+# The python3 first on PATH is the one `sandbox serve` uses by default; it may not be
+# the distribution's (pyenv, a venv), so make sure *it* has Dify's modules.
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import jinja2, requests, httpx' 2>/dev/null; then
+  log "pip: jinja2, requests, httpx for $(command -v python3)"
+  flags=""
+  python3 -m pip help install 2>/dev/null | grep -q -- --break-system-packages && flags="--break-system-packages"
+  if [ -w "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" ]; then
+    python3 -m pip install --quiet $flags jinja2 requests httpx
+  else
+    $SUDO python3 -m pip install --quiet $flags jinja2 requests httpx
+  fi
+fi
+
+if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
+  log "rustup: Rust toolchain"
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
+
+if [ "$mode" = test ]; then
+  log "docker: engine for the xtask tests"
+  bash .ci/start-dockerd.sh
+else
+  log "cargo: release build"
+  cargo build --release --bin sandbox
+  log "done: ./target/release/sandbox serve (as root) starts the server on port 8194"
+fi

@@ -1,0 +1,143 @@
+//! Shared helpers for the integration tests: a real `sandbox serve` on a free loopback
+//! port, and a small client for its API. The tests run as root, for real.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const KEY: &str = "dify-sandbox";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sandbox")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl Server {
+    /// Start with the embedded defaults plus `env` overrides.
+    pub async fn start(env: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
+            .current_dir(std::env::temp_dir())
+            .env("SANDBOX_PORT", port.to_string())
+            .env("SANDBOX_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start sandbox serve");
+        let server = Server {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client"),
+        };
+        server.wait_healthy().await;
+        server
+    }
+
+    async fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(r) = self.client.get(format!("{}/health", self.base)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("sandbox serve did not become healthy at {}", self.base);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// POST /v1/sandbox/run with a JSON body; returns (HTTP status, body as JSON).
+    pub async fn run_json(&self, body: Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("{}/v1/sandbox/run", self.base))
+            .header("X-Api-Key", KEY)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Run code and return the envelope's `data`, asserting the envelope is a success.
+    pub async fn run(&self, language: &str, code: &str) -> Value {
+        let (status, body) = self.run_json(json!({"language": language, "code": code, "enable_network": false})).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["code"], 0, "{body}");
+        body["data"].clone()
+    }
+
+    pub async fn python(&self, code: &str) -> Value {
+        self.run("python3", code).await
+    }
+
+    pub async fn healthy(&self) -> bool {
+        match self.client.get(format!("{}/health", self.base)).send().await {
+            Ok(r) => r.status().is_success(),
+            Err(_) => false,
+        }
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = nix_kill(self.child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nix_kill(pid: u32, sig: &str) -> std::io::Result<Output> {
+    Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).output()
+}
+
+/// `sandbox <args>` with extra environment; returns the finished output.
+pub fn sandbox(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).current_dir(std::env::temp_dir());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run sandbox")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

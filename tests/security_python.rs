@@ -1,0 +1,268 @@
+//! The security corpus for Python, run for real (as root) against `sandbox serve`.
+//! Every attack must be contained and the server must stay healthy.
+
+mod common;
+
+use common::Server;
+use serde_json::{Value, json};
+
+fn error(data: &Value) -> String {
+    data["error"].as_str().unwrap_or_default().to_string()
+}
+
+fn out(data: &Value) -> String {
+    data["stdout"].as_str().unwrap_or_default().to_string()
+}
+
+async fn assert_eperm(s: &Server, code: &str) {
+    let data = s.python(code).await;
+    assert_ne!(data["exit_code"], 0, "{code} -> {data}");
+    assert!(error(&data).contains("operation not permitted"), "{code} -> {data}");
+    assert!(s.healthy().await);
+}
+
+#[tokio::test]
+async fn exec_and_process_creation_are_refused() {
+    let s = Server::start(&[]).await;
+    for code in [
+        "import os\nos.execv('/bin/sh', ['sh'])",
+        "import os\nos.execve('/root/.pyenv/versions/3.11.7/bin/python3', ['python3', '-c', 'print(1)'], {})",
+        "import subprocess\nsubprocess.run(['ls', '/'])",
+        "import os\nos.fork()",
+        "import os\nos.posix_spawn('/bin/true', ['true'], {})",
+        "import multiprocessing\np = multiprocessing.Process(target=print)\np.start()\np.join()",
+    ] {
+        assert_eperm(&s, code).await;
+    }
+    // os.system reports the failure as a status instead of raising.
+    let data = s.python("import os\nprint(os.system('echo pwned'))").await;
+    assert!(!out(&data).contains("pwned"), "{data}");
+    assert_ne!(out(&data).trim(), "0", "{data}");
+}
+
+#[tokio::test]
+async fn execveat_cannot_be_reused_by_the_snippet() {
+    let s = Server::start(&[]).await;
+    // The one exec the filter allows is on fd 1023 with the helper's own pathname
+    // pointer: the descriptor is gone and the pointer cannot match.
+    let code = r#"
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+argv = (ctypes.c_char_p * 2)(sys.executable.encode(), None)
+for fd, path in [(1023, b""), (1023, sys.executable.encode()), (-100, sys.executable.encode())]:
+    r = libc.syscall(322, fd, path, argv, None, 0x1000)
+    print(fd, r, ctypes.get_errno())
+fd = os.open(sys.executable, os.O_RDONLY)
+print("dup2", end=" ")
+try:
+    os.dup2(fd, 1023)
+    print("ok")
+except OSError as e:
+    print(e.errno)
+"#;
+    let data = s.python(code).await;
+    let text = out(&data);
+    for line in text.lines().take(3) {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(parts[1], "-1", "{text}");
+        assert!(parts[2] == "1" || parts[2] == "9", "EPERM or EBADF expected: {text}");
+    }
+    assert!(text.contains("dup2 9"), "RLIMIT_NOFILE keeps fd 1023 out of reach: {text}");
+}
+
+#[tokio::test]
+async fn host_files_are_not_visible() {
+    let planted = std::path::Path::new("/etc/sandbox-test-planted-secret");
+    std::fs::write(planted, "top secret").unwrap();
+    let s = Server::start(&[]).await;
+    let code = r#"
+import os
+for p in ['/etc/shadow', '/etc/sandbox-test-planted-secret', '/root/.bash_history', '/var/lib/sandbox', '/home', '/sys/kernel']:
+    print(p, os.path.exists(p))
+print(open('/etc/passwd').read())
+"#;
+    let data = s.python(code).await;
+    let _ = std::fs::remove_file(planted);
+    let text = out(&data);
+    for line in text.lines().take(6) {
+        assert!(line.ends_with("False"), "{text}");
+    }
+    assert!(!text.contains("daemon:"), "the host's passwd must not show: {text}");
+    assert!(text.contains("sandbox:x:"), "{text}");
+}
+
+#[tokio::test]
+async fn other_processes_are_invisible_in_proc() {
+    let s = Server::start(&[]).await;
+    let code = format!(
+        "import os\nprint(sorted(p for p in os.listdir('/proc') if p.isdigit()))\nprint(os.path.exists('/proc/{}/environ'))\nprint(os.getpid())",
+        s.pid()
+    );
+    let data = s.python(&code).await;
+    assert_eq!(out(&data), "['1']\nFalse\n1\n", "{data}");
+}
+
+#[tokio::test]
+async fn privilege_changes_are_refused() {
+    let s = Server::start(&[]).await;
+    let data = s.python("import os\nprint(os.getuid(), os.geteuid(), os.getgid(), os.getgroups())\nos.setuid(0)").await;
+    let text = out(&data);
+    let ids: Vec<&str> = text.split_whitespace().collect();
+    assert!(ids[0].parse::<u32>().unwrap() >= 10000, "{data}");
+    assert_eq!(ids[0], ids[1]);
+    assert!(out(&data).contains("[]"), "no supplementary groups: {data}");
+    assert!(error(&data).contains("operation not permitted"), "{data}");
+}
+
+#[tokio::test]
+async fn raw_syscalls_through_ctypes_are_refused() {
+    let s = Server::start(&[]).await;
+    // x86_64 numbers: mount, ptrace, unshare, bpf, keyctl, reboot, setns, init_module,
+    // perf_event_open, userfaultfd, io_uring_setup, chroot, pivot_root, clone (no THREAD).
+    let code = r#"
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+calls = {"mount": (165, b"none", b"/tmp", b"tmpfs", 0, 0), "ptrace": (101, 16, 1, 0, 0),
+         "unshare": (272, 0x20000), "bpf": (321, 0, 0, 0), "keyctl": (250, 0, 0, 0),
+         "reboot": (169, 0xfee1dead, 672274793, 0x1234567, 0), "setns": (308, 0, 0),
+         "init_module": (175, 0, 0, b""), "perf_event_open": (298, 0, 0, -1, -1, 0),
+         "userfaultfd": (323, 0), "io_uring_setup": (425, 1, 0), "chroot": (161, b"/tmp"),
+         "pivot_root": (155, b"/tmp", b"/tmp"), "clone": (56, 17, 0, 0, 0, 0)}
+for name, args in calls.items():
+    r = libc.syscall(*args)
+    print(name, r, ctypes.get_errno())
+"#;
+    let data = s.python(code).await;
+    let text = out(&data);
+    assert_eq!(text.lines().count(), 14, "{data}");
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(parts[1], "-1", "{line}");
+        // EPERM from the filter, or ENOSYS for io_uring_setup (so runtimes fall back).
+        assert!(parts[2] == "1" || (parts[0] == "io_uring_setup" && parts[2] == "38"), "{line}");
+    }
+    assert!(s.healthy().await);
+}
+
+#[tokio::test]
+async fn sockets_need_enable_network() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let s = Server::start(&[]).await;
+    let code = format!("import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')");
+    assert_eperm(&s, &code).await;
+    let (_, env) = s.run_json(json!({"language": "python3", "code": code, "enable_network": true})).await;
+    assert_eq!(env["data"]["stdout"], "connected\n", "with network the same code connects: {env}");
+}
+
+#[tokio::test]
+async fn only_tmp_is_writable() {
+    let s = Server::start(&[]).await;
+    let code = r#"
+import os, sys
+for p in ['/x', '/etc/x', os.path.dirname(os.__file__) + '/x', '/proc/x', '/dev/x']:
+    try:
+        open(p, 'w').write('x')
+        print(p, 'WROTE')
+    except OSError as e:
+        print(p, 'refused', e.errno)
+open('/tmp/ok', 'w').write('fine')
+print(open('/tmp/ok').read())
+"#;
+    let data = s.python(code).await;
+    let text = out(&data);
+    assert!(!text.contains("WROTE"), "{text}");
+    assert!(text.ends_with("fine\n"), "{text}");
+}
+
+#[tokio::test]
+async fn tmp_is_private_to_each_run_and_invisible_on_the_host() {
+    let s = Server::start(&[]).await;
+    let marker = format!("sandbox-marker-{}", std::process::id());
+    let first = s.python(&format!("open('/tmp/{marker}', 'w').write('x')\nimport os\nprint(os.listdir('/tmp'))")).await;
+    assert!(out(&first).contains(&marker), "{first}");
+    let second = s.python(&format!("import os\nprint(os.path.exists('/tmp/{marker}'), os.listdir('/tmp'))")).await;
+    assert_eq!(out(&second), "False []\n");
+    assert!(!std::path::Path::new("/tmp").join(&marker).exists());
+}
+
+#[tokio::test]
+async fn fork_and_thread_storms_are_contained() {
+    let s = Server::start(&[("MAX_PROCESSES", "32")]).await;
+    let fork_storm = "import os\nn = 0\nfor _ in range(200):\n    try:\n        os.fork(); n += 1\n    except OSError:\n        pass\nprint('forks', n)";
+    let data = s.python(fork_storm).await;
+    assert_eq!(out(&data), "forks 0\n");
+    let thread_storm = "import threading, time\nts = []\nfor _ in range(500):\n    t = threading.Thread(target=time.sleep, args=(2,))\n    t.start(); ts.append(t)\nprint('started all')";
+    let data = s.python(thread_storm).await;
+    assert_ne!(data["exit_code"], 0, "{data}");
+    assert!(!out(&data).contains("started all"), "{data}");
+    assert!(error(&data).contains("process limit"), "{data}");
+    assert!(s.healthy().await);
+}
+
+#[tokio::test]
+async fn a_memory_bomb_hits_the_memory_limit() {
+    let s = Server::start(&[("MEMORY_LIMIT_MB", "128")]).await;
+    let data = s.python("blocks = []\nwhile True:\n    blocks.append(bytearray(8 << 20))").await;
+    assert_ne!(data["exit_code"], 0);
+    assert!(error(&data).contains("memory limit"), "{data}");
+    assert!(s.healthy().await);
+    assert_eq!(out(&s.python("print('ok')").await), "ok\n");
+}
+
+#[tokio::test]
+async fn an_output_flood_hits_the_output_limit() {
+    let s = Server::start(&[("MAX_OUTPUT_BYTES", "1000000")]).await;
+    let data = s.python("while True:\n    print('x' * 999)").await;
+    assert!(error(&data).contains("output limit"), "{data}");
+    assert_eq!(out(&data).len(), 1_000_000);
+    assert_ne!(data["exit_code"], 0);
+    assert!(s.healthy().await);
+}
+
+#[tokio::test]
+async fn a_disk_fill_stops_at_the_tmp_size() {
+    let s = Server::start(&[("TMP_SIZE_MB", "8")]).await;
+    let code = "n = 0\ntry:\n    with open('/tmp/fill', 'wb') as f:\n        while True:\n            f.write(b'x' * (1 << 20)); f.flush(); n += 1\nexcept OSError as e:\n    print('stopped', e.errno, n)";
+    let data = s.python(code).await;
+    let text = out(&data);
+    assert!(text.starts_with("stopped"), "{data}");
+    let mb: u64 = text.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(mb <= 8, "{text}");
+    assert!(s.healthy().await);
+}
+
+#[tokio::test]
+async fn concurrent_runs_cannot_see_or_kill_each_other() {
+    let s = Server::start(&[]).await;
+    let victim = "import os, time\nopen('/tmp/victim', 'w').write('mine')\ntime.sleep(1.5)\nprint('survived', os.getuid(), open('/tmp/victim').read())";
+    let attacker = r#"
+import os, signal, time
+time.sleep(0.3)
+print('uid', os.getuid())
+print('victim file', os.path.exists('/tmp/victim'))
+try:
+    os.kill(-1, signal.SIGKILL)
+    print('kill -1 sent')
+except OSError as e:
+    print('kill -1', e.errno)
+hits = 0
+for pid in range(2, 4000):
+    try:
+        os.kill(pid, signal.SIGKILL); hits += 1
+    except OSError:
+        pass
+print('killed', hits)
+"#;
+    let (v, a) = tokio::join!(s.python(victim), s.python(attacker));
+    let v_out = out(&v);
+    let a_out = out(&a);
+    assert!(v_out.starts_with("survived"), "victim: {v} attacker: {a}");
+    assert!(v_out.ends_with("mine\n"));
+    assert!(a_out.contains("victim file False"), "{a_out}");
+    assert!(a_out.contains("killed 0"), "{a_out}");
+    let victim_uid = v_out.split_whitespace().nth(1).unwrap();
+    let attacker_uid = a_out.lines().next().unwrap().split_whitespace().nth(1).unwrap();
+    assert_ne!(victim_uid, attacker_uid);
+    assert!(s.healthy().await);
+}
