@@ -172,6 +172,9 @@ enum Never {}
 
 fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, StepError> {
     prctl::set_pdeathsig(Signal::SIGKILL).map_err(step(Step::Descriptors, Path::new("pdeathsig")))?;
+    // A session of its own: no controlling terminal, no process group shared with the
+    // server, so group-wide signals and terminal tricks reach nobody else.
+    nix::unistd::setsid().map_err(step(Step::Descriptors, Path::new("setsid")))?;
     let argv = cstrings(&spec.argv, "argv")?;
     let env = cstrings(&spec.env, "environment")?;
     let passwd = format!(

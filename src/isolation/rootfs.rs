@@ -128,7 +128,8 @@ pub fn enter_private_root(
         Some("tmpfs"),
         &tmp,
         Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        // noexec: a library the snippet writes cannot be mapped executable.
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         Some(format!("size={tmp_bytes},mode=1777,nr_inodes=16384").as_str()),
     )
     .map_err(step(Step::MountTmp, &tmp))?;

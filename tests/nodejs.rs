@@ -1,0 +1,110 @@
+//! Node.js snippets through `POST /v1/sandbox/run`, as Dify's JavaScript code node sends them.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Server;
+use serde_json::{Value, json};
+
+async fn node(s: &Server, code: &str) -> Value {
+    s.run("nodejs", code).await
+}
+
+#[tokio::test]
+async fn console_log_json_and_buffers() {
+    let s = Server::start(&[]).await;
+    let data = node(&s, "console.log('hello'); console.log(JSON.stringify({a: [1, 2], b: 'ü'}));").await;
+    assert_eq!(data, json!({"stdout": "hello\n{\"a\":[1,2],\"b\":\"ü\"}\n", "stderr": "", "error": "", "exit_code": 0}));
+    let data = node(&s, "const b = Buffer.from('héllo wörld', 'utf-8').toString('base64'); console.log(b); console.log(Buffer.from(b, 'base64').toString('utf-8'));").await;
+    assert_eq!(data["stdout"], "aMOpbGxvIHfDtnJsZA==\nhéllo wörld\n");
+}
+
+#[tokio::test]
+async fn dify_javascript_code_node_template() {
+    let s = Server::start(&[]).await;
+    let inputs = json!({"arg1": "数据 ", "arg2": "naïve ✓"}).to_string();
+    let b64 = base64(inputs.as_bytes());
+    let code = format!(
+        r#"// declare main function
+function main({{arg1, arg2}}) {{
+    return {{
+        result: arg1 + arg2,
+        length: (arg1 + arg2).length,
+    }}
+}}
+
+// decode and prepare input object
+var inputs_obj = JSON.parse(Buffer.from('{b64}', 'base64').toString('utf-8'))
+
+// execute main function
+var output_obj = main(inputs_obj)
+
+// convert output to json and print
+var output_json = JSON.stringify(output_obj)
+var result = `<<RESULT>>${{output_json}}<<RESULT>>`
+console.log(result)
+"#
+    );
+    let (_, body) = s.run_json(json!({"language": "nodejs", "code": code, "preload": "", "enable_network": true})).await;
+    assert_eq!(body["code"], 0, "{body}");
+    assert_eq!(body["data"]["error"], "", "{body}");
+    let out = body["data"]["stdout"].as_str().unwrap();
+    let inner = out.trim().strip_prefix("<<RESULT>>").unwrap().strip_suffix("<<RESULT>>").unwrap();
+    let v: Value = serde_json::from_str(inner).unwrap();
+    assert_eq!(v, json!({"result": "数据 naïve ✓", "length": 10}));
+}
+
+#[tokio::test]
+async fn console_error_stays_in_stderr_with_an_empty_error() {
+    let s = Server::start(&[]).await;
+    let data = node(&s, "console.log('out'); console.error('warn');").await;
+    assert_eq!(data["stdout"], "out\n");
+    assert_eq!(data["stderr"], "warn\n");
+    assert_eq!(data["error"], "");
+    assert_eq!(data["exit_code"], 0);
+}
+
+#[tokio::test]
+async fn a_thrown_error_fills_error_and_exit_code() {
+    let s = Server::start(&[]).await;
+    let data = node(&s, "console.log('before');\nthrow new Error('kaboom');").await;
+    assert_eq!(data["stdout"], "before\n");
+    assert_ne!(data["exit_code"], 0);
+    let error = data["error"].as_str().unwrap();
+    assert!(error.starts_with("process exited with code 1\n"), "{error}");
+    assert!(error.contains("Error: kaboom"), "{error}");
+}
+
+#[tokio::test]
+async fn a_timer_that_never_ends_is_killed_at_the_timeout() {
+    let s = Server::start(&[("WORKER_TIMEOUT", "1")]).await;
+    let started = Instant::now();
+    let data = node(&s, "console.log('tick'); setInterval(() => {}, 1000);").await;
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_eq!(data["exit_code"], -1);
+    assert!(data["error"].as_str().unwrap().contains("timeout"), "{data}");
+    assert_eq!(data["stdout"], "tick\n");
+    assert!(s.healthy().await);
+}
+
+#[tokio::test]
+async fn async_code_and_modules_work() {
+    let s = Server::start(&[]).await;
+    let code = "const crypto = require('crypto');\nconst h = crypto.createHash('sha256').update('abc').digest('hex');\n(async () => { await new Promise(r => setTimeout(r, 50)); console.log(h.slice(0, 8)); })();";
+    let data = node(&s, code).await;
+    assert_eq!(data["stdout"], "ba7816bf\n", "{data}");
+}
+
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            out.push(if i <= chunk.len() { T[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
+}
