@@ -19,14 +19,30 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the config file {path} is not valid YAML: {message}. Fix the file or remove it to use the defaults")]
+    #[error(
+        "the config file {path} is not valid YAML: {message}. Fix the file or remove it to use the defaults"
+    )]
     Yaml { path: PathBuf, message: String },
-    #[error("config key `{key}` in {path} is invalid: {reason}. Fix the value or remove the key to use its default")]
-    Key { path: PathBuf, key: String, reason: String },
+    #[error(
+        "config key `{key}` in {path} is invalid: {reason}. Fix the value or remove the key to use its default"
+    )]
+    Key {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
     #[error("config key `{key}` has an invalid value {value:?}: {reason}")]
-    Value { key: String, value: String, reason: String },
+    Value {
+        key: String,
+        value: String,
+        reason: String,
+    },
     #[error("environment variable {var}={value:?} is invalid: {reason}")]
-    Env { var: String, value: String, reason: String },
+    Env {
+        var: String,
+        value: String,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -71,10 +87,25 @@ struct RawConfig {
 }
 
 const KNOWN_KEYS: &[&str] = &[
-    "app", "max_workers", "max_requests", "worker_timeout", "python_path", "nodejs_path",
-    "enable_network", "enable_preload", "allowed_syscalls", "python_pip_mirror_url",
-    "python_deps_update_interval", "proxy", "system_lib_requirements", "log_path",
-    "memory_limit_mb", "max_processes", "max_output_bytes", "tmp_size_mb", "state_dir",
+    "app",
+    "max_workers",
+    "max_requests",
+    "worker_timeout",
+    "python_path",
+    "nodejs_path",
+    "enable_network",
+    "enable_preload",
+    "allowed_syscalls",
+    "python_pip_mirror_url",
+    "python_deps_update_interval",
+    "proxy",
+    "system_lib_requirements",
+    "log_path",
+    "memory_limit_mb",
+    "max_processes",
+    "max_output_bytes",
+    "tmp_size_mb",
+    "state_dir",
     "dependencies_path",
 ];
 const KNOWN_APP_KEYS: &[&str] = &["port", "debug", "key"];
@@ -106,7 +137,9 @@ pub struct Config {
     pub enable_network: bool,
     pub enable_preload: bool,
     pub allowed_syscalls: Vec<i64>,
+    #[allow(dead_code)]
     pub python_pip_mirror_url: String,
+    #[allow(dead_code)]
     pub python_deps_update_interval: Duration,
     pub proxy: Proxy,
     /// Empty: the platform's default list of system files.
@@ -127,16 +160,29 @@ impl Config {
     pub fn load(path: Option<&Path>, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let (text, origin) = match path {
             Some(p) => (
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?,
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
                 p.to_path_buf(),
             ),
-            None => (DEFAULT_YAML.to_string(), PathBuf::from("<embedded defaults>")),
+            None => (
+                DEFAULT_YAML.to_string(),
+                PathBuf::from("<embedded defaults>"),
+            ),
         };
         Self::from_yaml(&text, &origin, env)
     }
 
-    pub fn from_yaml(text: &str, origin: &Path, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let yaml_err = |e: serde_yaml::Error| ConfigError::Yaml { path: origin.to_path_buf(), message: e.to_string() };
+    pub fn from_yaml(
+        text: &str,
+        origin: &Path,
+        env: &HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let yaml_err = |e: serde_yaml::Error| ConfigError::Yaml {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        };
         let value: serde_yaml::Value = if text.trim().is_empty() {
             serde_yaml::Value::Mapping(Default::default())
         } else {
@@ -155,59 +201,122 @@ impl Config {
         Self::from_raw(raw, env, unknown_keys)
     }
 
-    fn from_raw(raw: RawConfig, env: &HashMap<String, String>, unknown_keys: Vec<String>) -> Result<Self, ConfigError> {
+    fn from_raw(
+        raw: RawConfig,
+        env: &HashMap<String, String>,
+        unknown_keys: Vec<String>,
+    ) -> Result<Self, ConfigError> {
         let e = Env(env);
         let python_env = e.string("PYTHON_PATH");
         let node_env = e.string("NODEJS_PATH");
-        let python_path_explicit = python_env.is_some() || raw.python_path.as_deref().is_some_and(|s| !s.is_empty());
-        let nodejs_path_explicit = node_env.is_some() || raw.nodejs_path.as_deref().is_some_and(|s| !s.is_empty());
+        let python_path_explicit =
+            python_env.is_some() || raw.python_path.as_deref().is_some_and(|s| !s.is_empty());
+        let nodejs_path_explicit =
+            node_env.is_some() || raw.nodejs_path.as_deref().is_some_and(|s| !s.is_empty());
         let interval_text = e
             .string("PYTHON_DEPS_UPDATE_INTERVAL")
             .or(raw.python_deps_update_interval)
             .unwrap_or_else(|| "30m".to_string());
-        let python_deps_update_interval = humantime::parse_duration(&interval_text).map_err(|err| ConfigError::Value {
-            key: "python_deps_update_interval".into(),
-            value: interval_text.clone(),
-            reason: format!("{err}; write a duration such as 30m or 1h"),
-        })?;
+        let python_deps_update_interval =
+            humantime::parse_duration(&interval_text).map_err(|err| ConfigError::Value {
+                key: "python_deps_update_interval".into(),
+                value: interval_text.clone(),
+                reason: format!("{err}; write a duration such as 30m or 1h"),
+            })?;
         let syscalls = match e.string("ALLOWED_SYSCALLS") {
             Some(list) => parse_syscall_list(&list)?,
             None => raw.allowed_syscalls.unwrap_or_default(),
         };
         let system_libs = match e.string("SYSTEM_LIB_REQUIREMENTS") {
-            Some(list) => list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(PathBuf::from).collect(),
-            None => raw.system_lib_requirements.unwrap_or_default().into_iter().map(PathBuf::from).collect(),
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+                .collect(),
+            None => raw
+                .system_lib_requirements
+                .unwrap_or_default()
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
         };
 
         let cfg = Config {
             port: e.parse("SANDBOX_PORT")?.or(raw.app.port).unwrap_or(8194),
             debug: e.parse_bool("DEBUG")?.or(raw.app.debug).unwrap_or(false),
-            key: e.string("API_KEY").or(raw.app.key).unwrap_or_else(|| "dify-sandbox".into()),
+            key: e
+                .string("API_KEY")
+                .or(raw.app.key)
+                .unwrap_or_else(|| "dify-sandbox".into()),
             max_workers: e.parse("MAX_WORKERS")?.or(raw.max_workers).unwrap_or(4),
             max_requests: e.parse("MAX_REQUESTS")?.or(raw.max_requests).unwrap_or(50),
-            worker_timeout: Duration::from_secs(e.parse("WORKER_TIMEOUT")?.or(raw.worker_timeout).unwrap_or(5)),
-            python_path: python_env.or(raw.python_path).filter(|s| !s.is_empty()).unwrap_or_else(|| "python3".into()),
-            nodejs_path: node_env.or(raw.nodejs_path).filter(|s| !s.is_empty()).unwrap_or_else(|| "node".into()),
+            worker_timeout: Duration::from_secs(
+                e.parse("WORKER_TIMEOUT")?
+                    .or(raw.worker_timeout)
+                    .unwrap_or(5),
+            ),
+            python_path: python_env
+                .or(raw.python_path)
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "python3".into()),
+            nodejs_path: node_env
+                .or(raw.nodejs_path)
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "node".into()),
             python_path_explicit,
             nodejs_path_explicit,
-            enable_network: e.parse_bool("ENABLE_NETWORK")?.or(raw.enable_network).unwrap_or(true),
-            enable_preload: e.parse_bool("ENABLE_PRELOAD")?.or(raw.enable_preload).unwrap_or(false),
+            enable_network: e
+                .parse_bool("ENABLE_NETWORK")?
+                .or(raw.enable_network)
+                .unwrap_or(true),
+            enable_preload: e
+                .parse_bool("ENABLE_PRELOAD")?
+                .or(raw.enable_preload)
+                .unwrap_or(false),
             allowed_syscalls: syscalls,
-            python_pip_mirror_url: e.string("PIP_MIRROR_URL").or(raw.python_pip_mirror_url).unwrap_or_default(),
+            python_pip_mirror_url: e
+                .string("PIP_MIRROR_URL")
+                .or(raw.python_pip_mirror_url)
+                .unwrap_or_default(),
             python_deps_update_interval,
             proxy: Proxy {
-                socks5: e.string("SOCKS5_PROXY").or(raw.proxy.socks5).unwrap_or_default(),
-                http: e.string("HTTP_PROXY").or(raw.proxy.http).unwrap_or_default(),
-                https: e.string("HTTPS_PROXY").or(raw.proxy.https).unwrap_or_default(),
+                socks5: e
+                    .string("SOCKS5_PROXY")
+                    .or(raw.proxy.socks5)
+                    .unwrap_or_default(),
+                http: e
+                    .string("HTTP_PROXY")
+                    .or(raw.proxy.http)
+                    .unwrap_or_default(),
+                https: e
+                    .string("HTTPS_PROXY")
+                    .or(raw.proxy.https)
+                    .unwrap_or_default(),
             },
             system_lib_requirements: system_libs,
-            log_path: PathBuf::from(e.string("LOG_PATH").or(raw.log_path).unwrap_or_else(|| "./logs".into())),
-            memory_limit_mb: e.parse("MEMORY_LIMIT_MB")?.or(raw.memory_limit_mb).unwrap_or(512),
-            max_processes: e.parse("MAX_PROCESSES")?.or(raw.max_processes).unwrap_or(64),
-            max_output_bytes: e.parse("MAX_OUTPUT_BYTES")?.or(raw.max_output_bytes).unwrap_or(8 << 20),
+            log_path: PathBuf::from(
+                e.string("LOG_PATH")
+                    .or(raw.log_path)
+                    .unwrap_or_else(|| "./logs".into()),
+            ),
+            memory_limit_mb: e
+                .parse("MEMORY_LIMIT_MB")?
+                .or(raw.memory_limit_mb)
+                .unwrap_or(512),
+            max_processes: e
+                .parse("MAX_PROCESSES")?
+                .or(raw.max_processes)
+                .unwrap_or(64),
+            max_output_bytes: e
+                .parse("MAX_OUTPUT_BYTES")?
+                .or(raw.max_output_bytes)
+                .unwrap_or(8 << 20),
             tmp_size_mb: e.parse("TMP_SIZE_MB")?.or(raw.tmp_size_mb).unwrap_or(64),
             state_dir: PathBuf::from(
-                e.string("SANDBOX_STATE_DIR").or(raw.state_dir).unwrap_or_else(|| "/var/lib/sandbox".into()),
+                e.string("SANDBOX_STATE_DIR")
+                    .or(raw.state_dir)
+                    .unwrap_or_else(|| "/var/lib/sandbox".into()),
             ),
             dependencies_path: PathBuf::from(
                 e.string("DEPENDENCIES_PATH")
@@ -222,22 +331,38 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, value: String, reason: &str| {
-            Err(ConfigError::Value { key: key.into(), value, reason: reason.into() })
+            Err(ConfigError::Value {
+                key: key.into(),
+                value,
+                reason: reason.into(),
+            })
         };
         if self.max_workers == 0 {
             return bad("max_workers", "0".into(), "must be at least 1");
         }
         if self.max_requests < self.max_workers {
-            return bad("max_requests", self.max_requests.to_string(), "must be at least max_workers");
+            return bad(
+                "max_requests",
+                self.max_requests.to_string(),
+                "must be at least max_workers",
+            );
         }
         if self.worker_timeout.is_zero() {
             return bad("worker_timeout", "0".into(), "must be at least 1 second");
         }
         if self.memory_limit_mb < 16 {
-            return bad("memory_limit_mb", self.memory_limit_mb.to_string(), "must be at least 16");
+            return bad(
+                "memory_limit_mb",
+                self.memory_limit_mb.to_string(),
+                "must be at least 16",
+            );
         }
         if self.max_processes == 0 {
-            return bad("max_processes", "0".into(), "must be at least 1 (threads count too)");
+            return bad(
+                "max_processes",
+                "0".into(),
+                "must be at least 1 (threads count too)",
+            );
         }
         if self.max_output_bytes == 0 {
             return bad("max_output_bytes", "0".into(), "must be at least 1");
@@ -246,7 +371,11 @@ impl Config {
             return bad("tmp_size_mb", "0".into(), "must be at least 1");
         }
         if self.key.is_empty() {
-            return bad("app.key", String::new(), "must not be empty: Dify sends it as X-Api-Key");
+            return bad(
+                "app.key",
+                String::new(),
+                "must not be empty: Dify sends it as X-Api-Key",
+            );
         }
         Ok(())
     }
@@ -270,11 +399,15 @@ impl Env<'_> {
     {
         match self.0.get(var) {
             None => Ok(None),
-            Some(v) => v.trim().parse::<T>().map(Some).map_err(|err| ConfigError::Env {
-                var: var.into(),
-                value: v.clone(),
-                reason: format!("{err}; expected a non-negative whole number"),
-            }),
+            Some(v) => v
+                .trim()
+                .parse::<T>()
+                .map(Some)
+                .map_err(|err| ConfigError::Env {
+                    var: var.into(),
+                    value: v.clone(),
+                    reason: format!("{err}; expected a non-negative whole number"),
+                }),
         }
     }
 
@@ -302,7 +435,9 @@ fn parse_syscall_list(list: &str) -> Result<Vec<i64>, ConfigError> {
             s.parse::<i64>().map_err(|err| ConfigError::Env {
                 var: "ALLOWED_SYSCALLS".into(),
                 value: list.into(),
-                reason: format!("{s:?} is not a syscall number ({err}); give a comma list such as 0,1,60"),
+                reason: format!(
+                    "{s:?} is not a syscall number ({err}); give a comma list such as 0,1,60"
+                ),
             })
         })
         .collect()
@@ -310,8 +445,12 @@ fn parse_syscall_list(list: &str) -> Result<Vec<i64>, ConfigError> {
 
 fn unknown_keys(value: &serde_yaml::Value) -> Vec<String> {
     let mut out = Vec::new();
-    let Some(map) = value.as_mapping() else { return out };
-    let nested: BTreeMap<&str, &[&str]> = [("app", KNOWN_APP_KEYS), ("proxy", KNOWN_PROXY_KEYS)].into_iter().collect();
+    let Some(map) = value.as_mapping() else {
+        return out;
+    };
+    let nested: BTreeMap<&str, &[&str]> = [("app", KNOWN_APP_KEYS), ("proxy", KNOWN_PROXY_KEYS)]
+        .into_iter()
+        .collect();
     for (k, v) in map {
         let Some(k) = k.as_str() else { continue };
         if !KNOWN_KEYS.contains(&k) {
@@ -332,7 +471,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -383,18 +525,36 @@ mod tests {
     fn bad_input_names_the_key_and_value() {
         let err = Config::from_yaml("max_workers: [", Path::new("c.yaml"), &env(&[])).unwrap_err();
         assert!(err.to_string().contains("c.yaml"), "{err}");
-        let err = Config::from_yaml("", Path::new("c.yaml"), &env(&[("MAX_WORKERS", "four")])).unwrap_err();
+        let err = Config::from_yaml("", Path::new("c.yaml"), &env(&[("MAX_WORKERS", "four")]))
+            .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("MAX_WORKERS") && msg.contains("four"), "{msg}");
-        let err = Config::from_yaml("worker_timeout: abc\n", Path::new("c.yaml"), &env(&[])).unwrap_err();
+        let err =
+            Config::from_yaml("worker_timeout: abc\n", Path::new("c.yaml"), &env(&[])).unwrap_err();
         assert!(err.to_string().contains("worker_timeout"), "{err}");
-        let err = Config::from_yaml("python_deps_update_interval: soon\n", Path::new("c.yaml"), &env(&[])).unwrap_err();
-        assert!(err.to_string().contains("python_deps_update_interval"), "{err}");
+        let err = Config::from_yaml(
+            "python_deps_update_interval: soon\n",
+            Path::new("c.yaml"),
+            &env(&[]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("python_deps_update_interval"),
+            "{err}"
+        );
     }
 
     #[test]
     fn unknown_keys_are_collected_not_fatal() {
-        let c = Config::from_yaml("colour: blue\napp:\n  prot: 1\n", Path::new("c.yaml"), &env(&[])).expect("loads");
-        assert_eq!(c.unknown_keys, vec!["colour".to_string(), "app.prot".to_string()]);
+        let c = Config::from_yaml(
+            "colour: blue\napp:\n  prot: 1\n",
+            Path::new("c.yaml"),
+            &env(&[]),
+        )
+        .expect("loads");
+        assert_eq!(
+            c.unknown_keys,
+            vec!["colour".to_string(), "app.prot".to_string()]
+        );
     }
 }

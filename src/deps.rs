@@ -13,7 +13,9 @@ pub struct Dependency {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DepsError {
-    #[error("cannot read the requirements file {path}: {source}. Create it (pip format) or set dependencies_path")]
+    #[error(
+        "cannot read the requirements file {path}: {source}. Create it (pip format) or set dependencies_path"
+    )]
     Read {
         path: String,
         #[source]
@@ -56,13 +58,21 @@ pub fn list(python: &Path, requirements: &Path) -> Result<Vec<Dependency>, DepsE
     let text = match std::fs::read_to_string(requirements) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(DepsError::Read { path: requirements.display().to_string(), source }),
+        Err(source) => {
+            return Err(DepsError::Read {
+                path: requirements.display().to_string(),
+                source,
+            });
+        }
     };
     let names = requirement_names(&text);
     if names.is_empty() {
         return Ok(Vec::new());
     }
-    let query = |reason: String| DepsError::Query { python: python.display().to_string(), reason };
+    let query = |reason: String| DepsError::Query {
+        python: python.display().to_string(),
+        reason,
+    };
     let out = std::process::Command::new(python)
         .arg("-I")
         .arg("-c")
@@ -71,7 +81,9 @@ pub fn list(python: &Path, requirements: &Path) -> Result<Vec<Dependency>, DepsE
         .output()
         .map_err(|e| query(e.to_string()))?;
     if !out.status.success() {
-        return Err(query(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        return Err(query(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
     }
     #[derive(serde::Deserialize)]
     struct Row {
@@ -79,7 +91,13 @@ pub fn list(python: &Path, requirements: &Path) -> Result<Vec<Dependency>, DepsE
         version: String,
     }
     let rows: Vec<Row> = serde_json::from_slice(&out.stdout).map_err(|e| query(e.to_string()))?;
-    Ok(rows.into_iter().map(|r| Dependency { name: r.name, version: r.version }).collect())
+    Ok(rows
+        .into_iter()
+        .map(|r| Dependency {
+            name: r.name,
+            version: r.version,
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -89,6 +107,9 @@ mod tests {
     #[test]
     fn requirement_lines_yield_names() {
         let text = "# comment\njinja2>=3.0\nrequests==2.31.0 ; python_version>'3'\n-r other.txt\n\nhttpx[http2]\nmy_pkg.sub\n";
-        assert_eq!(requirement_names(text), vec!["jinja2", "requests", "httpx", "my_pkg.sub"]);
+        assert_eq!(
+            requirement_names(text),
+            vec!["jinja2", "requests", "httpx", "my_pkg.sub"]
+        );
     }
 }

@@ -37,7 +37,12 @@ impl Report {
 }
 
 fn check(name: &str, status: Status, detail: impl Into<String>, fix: Option<String>) -> Check {
-    Check { name: name.into(), status, detail: detail.into(), fix }
+    Check {
+        name: name.into(),
+        status,
+        detail: detail.into(),
+        fix,
+    }
 }
 
 pub fn run_checks(config_path: Option<&Path>) -> Report {
@@ -48,8 +53,16 @@ pub fn run_checks(config_path: Option<&Path>) -> Report {
             c
         }
         Err(e) => {
-            checks.push(check("config", Status::Failed, format!("{e:#}"), Some("fix the file or the environment variable it names".into())));
-            return Report { checks, isolation: None };
+            checks.push(check(
+                "config",
+                Status::Failed,
+                format!("{e:#}"),
+                Some("fix the file or the environment variable it names".into()),
+            ));
+            return Report {
+                checks,
+                isolation: None,
+            };
         }
     };
     let mount_dir = config.state_dir.join("rootfs");
@@ -58,14 +71,20 @@ pub fn run_checks(config_path: Option<&Path>) -> Report {
         "state directory",
         if state_ok { Status::Ok } else { Status::Failed },
         config.state_dir.display().to_string(),
-        (!state_ok).then(|| "set state_dir / SANDBOX_STATE_DIR to a writable directory".to_string()),
+        (!state_ok)
+            .then(|| "set state_dir / SANDBOX_STATE_DIR to a writable directory".to_string()),
     ));
     let isolation = match detect::detect(&mount_dir, None) {
         Ok(host) => {
             checks.push(check("isolation", Status::Ok, host.level.describe(), None));
             match &host.cgroup {
                 Some(cg) => checks.push(check("cgroups", Status::Ok, cg.describe(), None)),
-                None => checks.push(check("cgroups", Status::Warning, "no writable cgroup: limits fall back to rlimits", None)),
+                None => checks.push(check(
+                    "cgroups",
+                    Status::Warning,
+                    "no writable cgroup: limits fall back to rlimits",
+                    None,
+                )),
             }
             Some(host.level.describe().to_string())
         }
@@ -76,19 +95,38 @@ pub fn run_checks(config_path: Option<&Path>) -> Report {
     };
     match python::discover(&config.python_path, &config.system_lib_requirements) {
         Ok(rt) => {
-            checks.push(check("python", Status::Ok, format!("{} {}", rt.program.display(), rt.version), None));
+            checks.push(check(
+                "python",
+                Status::Ok,
+                format!("{} {}", rt.program.display(), rt.version),
+                None,
+            ));
             for (m, present) in &rt.modules {
                 if !present {
-                    checks.push(check(&format!("python module {m}"), Status::Warning, "not importable", Some(format!("{} -m pip install {m}", rt.program.display()))));
+                    checks.push(check(
+                        &format!("python module {m}"),
+                        Status::Warning,
+                        "not importable",
+                        Some(format!("{} -m pip install {m}", rt.program.display())),
+                    ));
                 }
             }
         }
         Err(e) => checks.push(check("python", Status::Failed, e.to_string(), None)),
     }
     match nodejs::discover(&config.nodejs_path, &config.system_lib_requirements) {
-        Ok(rt) => checks.push(check("nodejs", Status::Ok, format!("{} {}", rt.program.display(), rt.version), None)),
+        Ok(rt) => checks.push(check(
+            "nodejs",
+            Status::Ok,
+            format!("{} {}", rt.program.display(), rt.version),
+            None,
+        )),
         Err(e) => {
-            let status = if config.nodejs_path_explicit { Status::Failed } else { Status::Warning };
+            let status = if config.nodejs_path_explicit {
+                Status::Failed
+            } else {
+                Status::Warning
+            };
             checks.push(check("nodejs", status, e.to_string(), None));
         }
     }

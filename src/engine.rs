@@ -139,17 +139,16 @@ impl Engine {
         match self.runtimes.get(&language) {
             Some(Ok(rt)) => Ok(rt),
             Some(Err(reason)) => Err(RunError::LanguageUnavailable(language, reason.clone())),
-            None => Err(RunError::LanguageUnavailable(language, "not configured".into())),
+            None => Err(RunError::LanguageUnavailable(
+                language,
+                "not configured".into(),
+            )),
         }
     }
 
     /// The copied root a language's runs chroot into (chroot level only).
     pub fn chroot_dir(&self, language: Language) -> PathBuf {
         chroot_dir(&self.config.state_dir, language)
-    }
-
-    pub fn runtimes(&self) -> &HashMap<Language, Result<Runtime, String>> {
-        &self.runtimes
     }
 
     pub fn default_limits(&self) -> RunLimits {
@@ -171,27 +170,44 @@ impl Engine {
     /// Run one snippet: waits for a worker slot, then runs it in a fresh sandbox.
     pub async fn execute(&self, req: RunRequest) -> Result<RunOutcome, RunError> {
         let runtime = self.runtime(req.language)?.clone();
-        let _slot = self.workers.clone().acquire_owned().await.map_err(|_| RunError::ShuttingDown)?;
+        let _slot = self
+            .workers
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| RunError::ShuttingDown)?;
         let lease = self.uids.acquire()?;
         let run_no = self.counter.fetch_add(1, Ordering::Relaxed);
         let name = format!("{RUN_PREFIX}{}-{run_no}", std::process::id());
         let memory_bytes = req.limits.memory_mb << 20;
         let cgroup = match &self.host.cgroup {
-            Some(driver) => Some(driver.create_run(&name, memory_bytes, req.limits.max_processes)?),
+            Some(driver) => {
+                Some(driver.create_run(&name, memory_bytes, req.limits.max_processes)?)
+            }
             None => None,
         };
         let guard = CgroupGuard(cgroup);
-        let outcome = self.execute_in(&runtime, &req, lease.uid, guard.0.as_ref()).await;
+        let outcome = self
+            .execute_in(&runtime, &req, lease.uid, guard.0.as_ref())
+            .await;
         guard.remove().await;
         if self.host.level == IsolationLevel::Chroot {
-            let dir = self.chroot_dir(req.language).join(format!("tmp/run-{}", lease.uid));
+            let dir = self
+                .chroot_dir(req.language)
+                .join(format!("tmp/run-{}", lease.uid));
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         }
         drop(lease);
         outcome
     }
 
-    fn spec(&self, runtime: &Runtime, req: &RunRequest, uid: u32, cgroup: Option<&RunCgroup>) -> SandboxSpec {
+    fn spec(
+        &self,
+        runtime: &Runtime,
+        req: &RunRequest,
+        uid: u32,
+        cgroup: Option<&RunCgroup>,
+    ) -> SandboxSpec {
         let l = &req.limits;
         let workdir = match self.host.level {
             IsolationLevel::Namespaces => PathBuf::from("/tmp"),
@@ -277,10 +293,22 @@ impl Engine {
         let overflow = Arc::new(Notify::new());
         let cap = req.limits.max_output_bytes;
         let stdout = child.stdout.take().map(|s| {
-            tokio::spawn(read_capped(s, cap, Stream::Stdout, req.sink.clone(), overflow.clone()))
+            tokio::spawn(read_capped(
+                s,
+                cap,
+                Stream::Stdout,
+                req.sink.clone(),
+                overflow.clone(),
+            ))
         });
         let stderr = child.stderr.take().map(|s| {
-            tokio::spawn(read_capped(s, cap, Stream::Stderr, req.sink.clone(), overflow.clone()))
+            tokio::spawn(read_capped(
+                s,
+                cap,
+                Stream::Stderr,
+                req.sink.clone(),
+                overflow.clone(),
+            ))
         });
 
         let mut payload = Vec::with_capacity(req.preload.len() + req.code.len() + 24);
@@ -320,7 +348,9 @@ impl Engine {
             (_, Some(LimitHit::Timeout)) => -1,
             (Some(HelperReport::Exited { code }), _) => *code,
             (Some(HelperReport::Signaled { signal }), _) => 128 + signal,
-            (Some(HelperReport::SetupFailed { message }), _) => return Err(RunError::Setup(message.clone())),
+            (Some(HelperReport::SetupFailed { message }), _) => {
+                return Err(RunError::Setup(message.clone()));
+            }
             (None, _) => 137,
         };
         if limit.is_none() && exit_code != 0 {
@@ -344,7 +374,11 @@ impl Engine {
 
 /// Which limit explains a failed run, from the cgroup's counters or the runtime's own
 /// words when no cgroup is available.
-fn classify_failure(cgroup: Option<&RunCgroup>, language: Language, stderr: &str) -> Option<LimitHit> {
+fn classify_failure(
+    cgroup: Option<&RunCgroup>,
+    language: Language,
+    stderr: &str,
+) -> Option<LimitHit> {
     if let Some(cg) = cgroup {
         if cg.oom_killed() {
             return Some(LimitHit::Memory);
@@ -356,18 +390,26 @@ fn classify_failure(cgroup: Option<&RunCgroup>, language: Language, stderr: &str
     let tail = &stderr[stderr.len().saturating_sub(4096)..];
     let memory = match language {
         Language::Python3 => tail.contains("MemoryError"),
-        Language::Nodejs => tail.contains("heap out of memory") || tail.contains("Reached heap limit"),
+        Language::Nodejs => {
+            tail.contains("heap out of memory") || tail.contains("Reached heap limit")
+        }
     };
     if memory {
         return Some(LimitHit::Memory);
     }
-    if tail.contains("can't start new thread") || tail.contains("Resource temporarily unavailable") {
+    if tail.contains("can't start new thread") || tail.contains("Resource temporarily unavailable")
+    {
         return Some(LimitHit::Processes);
     }
     None
 }
 
-fn describe_error(exit_code: i32, stderr: &str, limit: Option<LimitHit>, limits: &RunLimits) -> String {
+fn describe_error(
+    exit_code: i32,
+    stderr: &str,
+    limit: Option<LimitHit>,
+    limits: &RunLimits,
+) -> String {
     if exit_code == 0 && limit.is_none() {
         return String::new();
     }
@@ -444,7 +486,9 @@ async fn read_capped<R: AsyncRead + Unpin>(
 }
 
 async fn join_reader(h: Option<tokio::task::JoinHandle<(Vec<u8>, bool)>>) -> (Vec<u8>, bool) {
-    let Some(h) = h else { return (Vec::new(), false) };
+    let Some(h) = h else {
+        return (Vec::new(), false);
+    };
     match tokio::time::timeout(Duration::from_secs(5), h).await {
         Ok(Ok(v)) => v,
         _ => (Vec::new(), false),

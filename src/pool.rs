@@ -14,7 +14,9 @@ pub const UID_COUNT: u32 = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    #[error("cannot create the uid lease directory {path}: {source}. Make the state directory writable (state_dir / SANDBOX_STATE_DIR)")]
+    #[error(
+        "cannot create the uid lease directory {path}: {source}. Make the state directory writable (state_dir / SANDBOX_STATE_DIR)"
+    )]
     Dir {
         path: PathBuf,
         #[source]
@@ -44,10 +46,18 @@ impl UidPool {
 
     pub fn with_range(state_dir: &Path, base: u32, count: u32) -> Result<Self, PoolError> {
         let dir = state_dir.join("uids");
-        fs::create_dir_all(&dir).map_err(|source| PoolError::Dir { path: dir.clone(), source })?;
+        fs::create_dir_all(&dir).map_err(|source| PoolError::Dir {
+            path: dir.clone(),
+            source,
+        })?;
         // Start at a different place in each process so servers rarely contend.
         let start = std::process::id() % count;
-        Ok(Self { dir, base, count, cursor: AtomicU32::new(start) })
+        Ok(Self {
+            dir,
+            base,
+            count,
+            cursor: AtomicU32::new(start),
+        })
     }
 
     pub fn acquire(&self) -> Result<UidLease, PoolError> {
@@ -55,7 +65,12 @@ impl UidPool {
             let offset = self.cursor.fetch_add(1, Ordering::Relaxed) % self.count;
             let uid = self.base + offset;
             let path = self.dir.join(uid.to_string());
-            let Ok(file) = OpenOptions::new().create(true).truncate(false).write(true).open(&path) else {
+            let Ok(file) = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+            else {
                 continue;
             };
             if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -88,7 +103,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p1 = UidPool::with_range(dir.path(), 20000, 3).expect("pool");
         let p2 = UidPool::with_range(dir.path(), 20000, 3).expect("pool");
-        let leases: Vec<UidLease> = (0..3).map(|i| if i % 2 == 0 { p1.acquire() } else { p2.acquire() }.expect("lease")).collect();
+        let leases: Vec<UidLease> = (0..3)
+            .map(|i| {
+                if i % 2 == 0 {
+                    p1.acquire()
+                } else {
+                    p2.acquire()
+                }
+                .expect("lease")
+            })
+            .collect();
         let mut uids: Vec<u32> = leases.iter().map(|l| l.uid).collect();
         uids.sort();
         uids.dedup();

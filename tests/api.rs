@@ -32,7 +32,11 @@ fn base64_encode(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
         for i in 0..4 {
             if i <= chunk.len() {
@@ -54,7 +58,12 @@ fn between_tags(stdout: &str) -> Value {
 #[tokio::test]
 async fn health_needs_no_key() {
     let s = Server::start(&[]).await;
-    let r = s.client.get(format!("{}/health", s.base)).send().await.unwrap();
+    let r = s
+        .client
+        .get(format!("{}/health", s.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap(), json!("ok"));
 }
@@ -70,11 +79,17 @@ async fn every_sandbox_endpoint_requires_the_key() {
     ];
     for (method, path) in endpoints {
         for key in [None, Some("wrong")] {
-            let mut req = s.client.request(method.parse().unwrap(), format!("{}{path}", s.base));
+            let mut req = s
+                .client
+                .request(method.parse().unwrap(), format!("{}{path}", s.base));
             if let Some(k) = key {
                 req = req.header("X-Api-Key", k);
             }
-            let r = req.json(&json!({"language": "python3", "code": "print(1)"})).send().await.unwrap();
+            let r = req
+                .json(&json!({"language": "python3", "code": "print(1)"}))
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 401, "{method} {path} with key {key:?}");
             assert!(r.text().await.unwrap().is_empty());
         }
@@ -84,7 +99,9 @@ async fn every_sandbox_endpoint_requires_the_key() {
 #[tokio::test]
 async fn plain_print_succeeds_with_the_envelope() {
     let s = Server::start(&[]).await;
-    let (status, body) = s.run_json(json!({"language": "python3", "code": "print('hello world')"})).await;
+    let (status, body) = s
+        .run_json(json!({"language": "python3", "code": "print('hello world')"}))
+        .await;
     assert_eq!(status, 200);
     assert_eq!(
         body,
@@ -97,8 +114,10 @@ async fn dify_python_code_node_round_trips_through_result_tags() {
     let s = Server::start(&[]).await;
     let code = dify_python_node(&json!({"arg1": "héllo 世界", "arg2": 3}));
     let (_, body) = s
-        .run_json(json!({"language": "python3", "code": code, "preload": "", "enable_network": true,
-                         "dependencies": [{"name": "numpy", "version": ""}]}))
+        .run_json(
+            json!({"language": "python3", "code": code, "preload": "", "enable_network": true,
+                         "dependencies": [{"name": "numpy", "version": ""}]}),
+        )
         .await;
     assert_eq!(body["code"], 0, "{body}");
     assert_eq!(body["data"]["error"], "", "{body}");
@@ -109,7 +128,11 @@ async fn dify_python_code_node_round_trips_through_result_tags() {
 #[tokio::test]
 async fn dify_jinja2_template_runs_with_its_preload() {
     let s = Server::start(&[("ENABLE_PRELOAD", "true")]).await;
-    let inputs = base64_encode(json!({"name": "Dify", "items": ["a", "b"]}).to_string().as_bytes());
+    let inputs = base64_encode(
+        json!({"name": "Dify", "items": ["a", "b"]})
+            .to_string()
+            .as_bytes(),
+    );
     let code = format!(
         r#"
 def main(**inputs):
@@ -141,7 +164,10 @@ if __name__ == '__main__':
     let (_, body) = s.run_json(json!({"language": "python3", "code": code, "preload": preload, "enable_network": true})).await;
     assert_eq!(body["code"], 0, "{body}");
     assert_eq!(body["data"]["error"], "", "{body}");
-    assert_eq!(body["data"]["stdout"], "<<RESULT>>Hello Dify: [a][b]<<RESULT>>\n");
+    assert_eq!(
+        body["data"]["stdout"],
+        "<<RESULT>>Hello Dify: [a][b]<<RESULT>>\n"
+    );
 }
 
 #[tokio::test]
@@ -160,7 +186,12 @@ async fn large_stdout_is_returned_intact() {
     let data = s.python("import sys\nsys.stdout.write(''.join(chr(48 + i % 10) for i in range(304486)) + '\\n')").await;
     let out = data["stdout"].as_str().unwrap();
     assert_eq!(out.len(), 304_487);
-    assert!(out.bytes().take(304_486).enumerate().all(|(i, b)| b == 48 + (i % 10) as u8));
+    assert!(
+        out.bytes()
+            .take(304_486)
+            .enumerate()
+            .all(|(i, b)| b == 48 + (i % 10) as u8)
+    );
     assert!(out.ends_with('\n'));
     assert_eq!(data["error"], "");
 }
@@ -168,7 +199,9 @@ async fn large_stdout_is_returned_intact() {
 #[tokio::test]
 async fn stderr_is_kept_apart_from_stdout() {
     let s = Server::start(&[]).await;
-    let data = s.python("import sys\nprint('out')\nprint('err', file=sys.stderr)\nprint('out2')").await;
+    let data = s
+        .python("import sys\nprint('out')\nprint('err', file=sys.stderr)\nprint('out2')")
+        .await;
     assert_eq!(data["stdout"], "out\nout2\n");
     assert_eq!(data["stderr"], "err\n");
     assert_eq!(data["error"], "", "stderr alone is not an error");
@@ -191,11 +224,23 @@ async fn an_exception_fills_error_with_the_exit_code_and_stderr() {
 async fn a_run_past_worker_timeout_is_killed() {
     let s = Server::start(&[("WORKER_TIMEOUT", "1")]).await;
     let started = Instant::now();
-    let data = s.python("import time\nprint('started', flush=True)\nwhile True: time.sleep(0.01)").await;
-    assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
+    let data = s
+        .python("import time\nprint('started', flush=True)\nwhile True: time.sleep(0.01)")
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
     assert_eq!(data["exit_code"], -1);
-    assert!(data["error"].as_str().unwrap().contains("timeout"), "{data}");
-    assert_eq!(data["stdout"], "started\n", "output before the kill is kept");
+    assert!(
+        data["error"].as_str().unwrap().contains("timeout"),
+        "{data}"
+    );
+    assert_eq!(
+        data["stdout"], "started\n",
+        "output before the kill is kept"
+    );
     assert!(s.healthy().await);
 }
 
@@ -206,14 +251,20 @@ async fn bad_requests_get_minus_400_naming_the_problem() {
         (json!({"language": "python3"}), "code"),
         (json!({"code": "print(1)"}), "language"),
         (json!({"language": "python3", "code": 5}), "code"),
-        (json!({"language": "python3", "code": "x", "enable_network": "perhaps"}), "enable_network"),
+        (
+            json!({"language": "python3", "code": "x", "enable_network": "perhaps"}),
+            "enable_network",
+        ),
         (json!(["not", "an", "object"]), "object"),
     ];
     for (body, word) in cases {
         let (status, env) = s.run_json(body.clone()).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(env["code"], -400, "{body} -> {env}");
-        assert!(env["message"].as_str().unwrap().contains(word), "{body} -> {env}");
+        assert!(
+            env["message"].as_str().unwrap().contains(word),
+            "{body} -> {env}"
+        );
     }
     let r = s
         .client
@@ -232,18 +283,28 @@ async fn bad_requests_get_minus_400_naming_the_problem() {
 #[tokio::test]
 async fn unsupported_language_is_http_400() {
     let s = Server::start(&[]).await;
-    let (status, env) = s.run_json(json!({"language": "ruby", "code": "puts 1"})).await;
+    let (status, env) = s
+        .run_json(json!({"language": "ruby", "code": "puts 1"}))
+        .await;
     assert_eq!(status, 400);
-    assert_eq!(env, json!({"code": -400, "message": "unsupported language", "data": null}));
+    assert_eq!(
+        env,
+        json!({"code": -400, "message": "unsupported language", "data": null})
+    );
 }
 
 #[tokio::test]
 async fn network_request_is_refused_when_the_server_forbids_network() {
     let s = Server::start(&[("ENABLE_NETWORK", "false")]).await;
-    let (status, env) = s.run_json(json!({"language": "python3", "code": "print(1)", "enable_network": true})).await;
+    let (status, env) = s
+        .run_json(json!({"language": "python3", "code": "print(1)", "enable_network": true}))
+        .await;
     assert_eq!(status, 200);
     assert_eq!(env["code"], -400);
-    assert_eq!(env["message"], "network is disabled, please enable it in the configuration");
+    assert_eq!(
+        env["message"],
+        "network is disabled, please enable it in the configuration"
+    );
     let data = s.python("print(1)").await;
     assert_eq!(data["stdout"], "1\n", "runs without network still work");
 }
@@ -285,11 +346,19 @@ async fn requests_beyond_max_requests_get_503() {
         })
     };
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let (status, env) = s.run_json(json!({"language": "python3", "code": "print(1)"})).await;
+    let (status, env) = s
+        .run_json(json!({"language": "python3", "code": "print(1)"}))
+        .await;
     assert_eq!(status, 503);
-    assert_eq!(env, json!({"code": -503, "message": "Too many requests", "data": null}));
+    assert_eq!(
+        env,
+        json!({"code": -503, "message": "Too many requests", "data": null})
+    );
     let first = slow.await.unwrap();
-    assert_eq!(first["data"]["stdout"], "done\n", "the admitted run is unaffected");
+    assert_eq!(
+        first["data"]["stdout"], "done\n",
+        "the admitted run is unaffected"
+    );
     let data = s.python("print('after')").await;
     assert_eq!(data["stdout"], "after\n", "capacity is released");
 }
@@ -303,7 +372,12 @@ async fn at_most_max_workers_execute_and_the_rest_wait_in_line() {
     let mut spans: Vec<(f64, f64)> = [r1, r2, r3]
         .iter()
         .map(|d| {
-            let v: Vec<f64> = d["stdout"].as_str().unwrap().split_whitespace().map(|x| x.parse().unwrap()).collect();
+            let v: Vec<f64> = d["stdout"]
+                .as_str()
+                .unwrap()
+                .split_whitespace()
+                .map(|x| x.parse().unwrap())
+                .collect();
             (v[0], v[1])
         })
         .collect();
@@ -316,33 +390,58 @@ async fn at_most_max_workers_execute_and_the_rest_wait_in_line() {
 #[tokio::test]
 async fn forbidden_operations_say_operation_not_permitted() {
     let s = Server::start(&[]).await;
-    let data = s.python("import os\nos.execv('/bin/sh', ['sh', '-c', 'id'])").await;
+    let data = s
+        .python("import os\nos.execv('/bin/sh', ['sh', '-c', 'id'])")
+        .await;
     assert_ne!(data["exit_code"], 0);
-    assert!(data["error"].as_str().unwrap().contains("operation not permitted"), "{data}");
+    assert!(
+        data["error"]
+            .as_str()
+            .unwrap()
+            .contains("operation not permitted"),
+        "{data}"
+    );
 }
 
 #[tokio::test]
 async fn dependencies_endpoints_list_update_and_refresh() {
-    let reqs = concat!(env!("CARGO_MANIFEST_DIR"), "/dependencies/python-requirements.txt");
+    let reqs = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dependencies/python-requirements.txt"
+    );
     let s = Server::start(&[("DEPENDENCIES_PATH", reqs)]).await;
     let get = |path: &str| {
         let url = format!("{}{path}", s.base);
         let client = s.client.clone();
         async move {
-            let r = client.get(url).header("X-Api-Key", KEY).send().await.unwrap();
+            let r = client
+                .get(url)
+                .header("X-Api-Key", KEY)
+                .send()
+                .await
+                .unwrap();
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         }
     };
-    for path in ["/v1/sandbox/dependencies?language=python3", "/v1/sandbox/dependencies/refresh?language=python3"] {
+    for path in [
+        "/v1/sandbox/dependencies?language=python3",
+        "/v1/sandbox/dependencies/refresh?language=python3",
+    ] {
         let (status, env) = get(path).await;
         assert_eq!(status, 200);
         assert_eq!(env["code"], 0, "{env}");
         let deps = env["data"]["dependencies"].as_array().expect("a list");
-        let jinja = deps.iter().find(|d| d["name"] == "jinja2").expect("jinja2 listed");
+        let jinja = deps
+            .iter()
+            .find(|d| d["name"] == "jinja2")
+            .expect("jinja2 listed");
         assert!(!jinja["version"].as_str().unwrap().is_empty());
     }
     let (status, env) = get("/v1/sandbox/dependencies?language=nodejs").await;
-    assert_eq!((status, env["message"].as_str()), (400, Some("unsupported language")));
+    assert_eq!(
+        (status, env["message"].as_str()),
+        (400, Some("unsupported language"))
+    );
     let (status, env) = get("/v1/sandbox/dependencies").await;
     assert_eq!((status, env["code"].as_i64()), (200, Some(-400)));
     let r = s
@@ -353,7 +452,10 @@ async fn dependencies_endpoints_list_update_and_refresh() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.json::<Value>().await.unwrap(), json!({"code": 0, "message": "success", "data": {}}));
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"code": 0, "message": "success", "data": {}})
+    );
 }
 
 #[tokio::test]
@@ -362,10 +464,15 @@ async fn internal_failures_answer_minus_500_and_the_server_survives() {
     let s = Server::start(&[("SANDBOX_STATE_DIR", state.path().to_str().unwrap())]).await;
     // Remove the mount point runs are built on: the sandbox cannot be set up.
     std::fs::remove_dir(state.path().join("rootfs")).unwrap();
-    let (status, env) = s.run_json(json!({"language": "python3", "code": "print(1)"})).await;
+    let (status, env) = s
+        .run_json(json!({"language": "python3", "code": "print(1)"}))
+        .await;
     assert_eq!(status, 200);
     assert_eq!(env["code"], -500, "{env}");
-    assert!(env["message"].as_str().unwrap().contains("sandbox root"), "{env}");
+    assert!(
+        env["message"].as_str().unwrap().contains("sandbox root"),
+        "{env}"
+    );
     std::fs::create_dir(state.path().join("rootfs")).unwrap();
     assert_eq!(s.python("print(2)").await["stdout"], "2\n");
 }
@@ -388,7 +495,9 @@ async fn sigterm_drains_in_flight_runs_then_exits() {
             .unwrap()
     });
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let status = tokio::task::spawn_blocking(move || s.terminate()).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || s.terminate())
+        .await
+        .unwrap();
     assert!(status.success(), "exit status {status:?}");
     let body = run.await.unwrap();
     assert_eq!(body["data"]["stdout"], "finished\n", "{body}");

@@ -14,8 +14,15 @@ async fn node(s: &Server, code: &str) -> Value {
 #[tokio::test]
 async fn console_log_json_and_buffers() {
     let s = Server::start(&[]).await;
-    let data = node(&s, "console.log('hello'); console.log(JSON.stringify({a: [1, 2], b: 'ü'}));").await;
-    assert_eq!(data, json!({"stdout": "hello\n{\"a\":[1,2],\"b\":\"ü\"}\n", "stderr": "", "error": "", "exit_code": 0}));
+    let data = node(
+        &s,
+        "console.log('hello'); console.log(JSON.stringify({a: [1, 2], b: 'ü'}));",
+    )
+    .await;
+    assert_eq!(
+        data,
+        json!({"stdout": "hello\n{\"a\":[1,2],\"b\":\"ü\"}\n", "stderr": "", "error": "", "exit_code": 0})
+    );
     let data = node(&s, "const b = Buffer.from('héllo wörld', 'utf-8').toString('base64'); console.log(b); console.log(Buffer.from(b, 'base64').toString('utf-8'));").await;
     assert_eq!(data["stdout"], "aMOpbGxvIHfDtnJsZA==\nhéllo wörld\n");
 }
@@ -46,11 +53,20 @@ var result = `<<RESULT>>${{output_json}}<<RESULT>>`
 console.log(result)
 "#
     );
-    let (_, body) = s.run_json(json!({"language": "nodejs", "code": code, "preload": "", "enable_network": true})).await;
+    let (_, body) = s
+        .run_json(
+            json!({"language": "nodejs", "code": code, "preload": "", "enable_network": true}),
+        )
+        .await;
     assert_eq!(body["code"], 0, "{body}");
     assert_eq!(body["data"]["error"], "", "{body}");
     let out = body["data"]["stdout"].as_str().unwrap();
-    let inner = out.trim().strip_prefix("<<RESULT>>").unwrap().strip_suffix("<<RESULT>>").unwrap();
+    let inner = out
+        .trim()
+        .strip_prefix("<<RESULT>>")
+        .unwrap()
+        .strip_suffix("<<RESULT>>")
+        .unwrap();
     let v: Value = serde_json::from_str(inner).unwrap();
     assert_eq!(v, json!({"result": "数据 naïve ✓", "length": 10}));
 }
@@ -83,7 +99,10 @@ async fn a_timer_that_never_ends_is_killed_at_the_timeout() {
     let data = node(&s, "console.log('tick'); setInterval(() => {}, 1000);").await;
     assert!(started.elapsed() < Duration::from_secs(4));
     assert_eq!(data["exit_code"], -1);
-    assert!(data["error"].as_str().unwrap().contains("timeout"), "{data}");
+    assert!(
+        data["error"].as_str().unwrap().contains("timeout"),
+        "{data}"
+    );
     assert_eq!(data["stdout"], "tick\n");
     assert!(s.healthy().await);
 }
@@ -100,10 +119,18 @@ fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
         for i in 0..4 {
-            out.push(if i <= chunk.len() { T[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
+            out.push(if i <= chunk.len() {
+                T[(n >> (18 - 6 * i) & 63) as usize] as char
+            } else {
+                '='
+            });
         }
     }
     out

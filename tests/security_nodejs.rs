@@ -60,7 +60,10 @@ console.log('status', r.status, 'error', r.error);
 "#;
     let data = node(&s, code).await;
     assert!(!out(&data).contains("PWNED"), "{data}");
-    assert!(out(&data).contains("error -1"), "spawn fails with EPERM (-1): {data}");
+    assert!(
+        out(&data).contains("error -1"),
+        "spawn fails with EPERM (-1): {data}"
+    );
 }
 
 #[tokio::test]
@@ -126,7 +129,9 @@ async fn net_connect_without_network_is_refused() {
     );
     let data = node(&s, &code).await;
     assert_eq!(out(&data), "error EPERM\n", "{data}");
-    let (_, env) = s.run_json(json!({"language": "nodejs", "code": code, "enable_network": true})).await;
+    let (_, env) = s
+        .run_json(json!({"language": "nodejs", "code": code, "enable_network": true}))
+        .await;
     assert_eq!(env["data"]["stdout"], "connected\n", "{env}");
 }
 
@@ -149,7 +154,10 @@ console.log(parseInt('5'), r);
 #[tokio::test]
 async fn a_memory_bomb_reports_the_memory_limit() {
     let s = Server::start(&[("MEMORY_LIMIT_MB", "128")]).await;
-    for code in ["const a = []; while (true) a.push(new Array(1e6).fill(1));", "const a = []; while (true) a.push(Buffer.alloc(1e7, 1));"] {
+    for code in [
+        "const a = []; while (true) a.push(new Array(1e6).fill(1));",
+        "const a = []; while (true) a.push(Buffer.alloc(1e7, 1));",
+    ] {
         let data = node(&s, code).await;
         assert_ne!(data["exit_code"], 0, "{data}");
         assert!(error(&data).contains("memory limit"), "{code}: {data}");
@@ -161,13 +169,24 @@ async fn a_memory_bomb_reports_the_memory_limit() {
 async fn an_output_flood_is_cut_at_the_limit() {
     let s = Server::start(&[("MAX_OUTPUT_BYTES", "500000")]).await;
     // Writes that let the event loop run reach the pipe: the output limit stops them.
-    let data = node(&s, "const line = 'y'.repeat(100000); setInterval(() => process.stdout.write(line), 0);").await;
+    let data = node(
+        &s,
+        "const line = 'y'.repeat(100000); setInterval(() => process.stdout.write(line), 0);",
+    )
+    .await;
     assert!(error(&data).contains("output limit"), "{}", error(&data));
     assert_eq!(out(&data).len(), 500_000);
     // A loop that never yields only queues writes inside Node: memory stops it first.
-    let data = node(&s, "const line = 'y'.repeat(1000); while (true) process.stdout.write(line);").await;
+    let data = node(
+        &s,
+        "const line = 'y'.repeat(1000); while (true) process.stdout.write(line);",
+    )
+    .await;
     let e = error(&data);
-    assert!(e.contains("output limit") || e.contains("memory limit"), "{e}");
+    assert!(
+        e.contains("output limit") || e.contains("memory limit"),
+        "{e}"
+    );
     assert!(out(&data).len() <= 500_000);
     assert!(s.healthy().await);
 }
@@ -184,5 +203,8 @@ console.log(r.join(' '));
 "#;
     let data = node(&s, code).await;
     assert!(s.healthy().await, "the server survives: {data}");
-    assert_eq!(node(&s, "console.log('still serving')").await["stdout"], "still serving\n");
+    assert_eq!(
+        node(&s, "console.log('still serving')").await["stdout"],
+        "still serving\n"
+    );
 }

@@ -17,7 +17,10 @@ fn out(data: &Value) -> String {
 async fn assert_eperm(s: &Server, code: &str) {
     let data = s.python(code).await;
     assert_ne!(data["exit_code"], 0, "{code} -> {data}");
-    assert!(error(&data).contains("operation not permitted"), "{code} -> {data}");
+    assert!(
+        error(&data).contains("operation not permitted"),
+        "{code} -> {data}"
+    );
     assert!(s.healthy().await);
 }
 
@@ -65,9 +68,15 @@ except OSError as e:
     for line in text.lines().take(3) {
         let parts: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(parts[1], "-1", "{text}");
-        assert!(parts[2] == "1" || parts[2] == "9", "EPERM or EBADF expected: {text}");
+        assert!(
+            parts[2] == "1" || parts[2] == "9",
+            "EPERM or EBADF expected: {text}"
+        );
     }
-    assert!(text.contains("dup2 9"), "RLIMIT_NOFILE keeps fd 1023 out of reach: {text}");
+    assert!(
+        text.contains("dup2 9"),
+        "RLIMIT_NOFILE keeps fd 1023 out of reach: {text}"
+    );
 }
 
 #[tokio::test]
@@ -87,7 +96,10 @@ print(open('/etc/passwd').read())
     for line in text.lines().take(6) {
         assert!(line.ends_with("False"), "{text}");
     }
-    assert!(!text.contains("daemon:"), "the host's passwd must not show: {text}");
+    assert!(
+        !text.contains("daemon:"),
+        "the host's passwd must not show: {text}"
+    );
     assert!(text.contains("sandbox:x:"), "{text}");
 }
 
@@ -139,7 +151,10 @@ for name, args in calls.items():
         let parts: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(parts[1], "-1", "{line}");
         // EPERM from the filter, or ENOSYS for io_uring_setup (so runtimes fall back).
-        assert!(parts[2] == "1" || (parts[0] == "io_uring_setup" && parts[2] == "38"), "{line}");
+        assert!(
+            parts[2] == "1" || (parts[0] == "io_uring_setup" && parts[2] == "38"),
+            "{line}"
+        );
     }
     assert!(s.healthy().await);
 }
@@ -149,10 +164,17 @@ async fn sockets_need_enable_network() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let s = Server::start(&[]).await;
-    let code = format!("import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')");
+    let code = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')"
+    );
     assert_eperm(&s, &code).await;
-    let (_, env) = s.run_json(json!({"language": "python3", "code": code, "enable_network": true})).await;
-    assert_eq!(env["data"]["stdout"], "connected\n", "with network the same code connects: {env}");
+    let (_, env) = s
+        .run_json(json!({"language": "python3", "code": code, "enable_network": true}))
+        .await;
+    assert_eq!(
+        env["data"]["stdout"], "connected\n",
+        "with network the same code connects: {env}"
+    );
 }
 
 #[tokio::test]
@@ -179,9 +201,17 @@ print(open('/tmp/ok').read())
 async fn tmp_is_private_to_each_run_and_invisible_on_the_host() {
     let s = Server::start(&[]).await;
     let marker = format!("sandbox-marker-{}", std::process::id());
-    let first = s.python(&format!("open('/tmp/{marker}', 'w').write('x')\nimport os\nprint(os.listdir('/tmp'))")).await;
+    let first = s
+        .python(&format!(
+            "open('/tmp/{marker}', 'w').write('x')\nimport os\nprint(os.listdir('/tmp'))"
+        ))
+        .await;
     assert!(out(&first).contains(&marker), "{first}");
-    let second = s.python(&format!("import os\nprint(os.path.exists('/tmp/{marker}'), os.listdir('/tmp'))")).await;
+    let second = s
+        .python(&format!(
+            "import os\nprint(os.path.exists('/tmp/{marker}'), os.listdir('/tmp'))"
+        ))
+        .await;
     assert_eq!(out(&second), "False []\n");
     assert!(!std::path::Path::new("/tmp").join(&marker).exists());
 }
@@ -203,7 +233,9 @@ async fn fork_and_thread_storms_are_contained() {
 #[tokio::test]
 async fn a_memory_bomb_hits_the_memory_limit() {
     let s = Server::start(&[("MEMORY_LIMIT_MB", "128")]).await;
-    let data = s.python("blocks = []\nwhile True:\n    blocks.append(bytearray(8 << 20))").await;
+    let data = s
+        .python("blocks = []\nwhile True:\n    blocks.append(bytearray(8 << 20))")
+        .await;
     assert_ne!(data["exit_code"], 0);
     assert!(error(&data).contains("memory limit"), "{data}");
     assert!(s.healthy().await);
@@ -262,7 +294,13 @@ print('killed', hits)
     assert!(a_out.contains("victim file False"), "{a_out}");
     assert!(a_out.contains("killed 0"), "{a_out}");
     let victim_uid = v_out.split_whitespace().nth(1).unwrap();
-    let attacker_uid = a_out.lines().next().unwrap().split_whitespace().nth(1).unwrap();
+    let attacker_uid = a_out
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap();
     assert_ne!(victim_uid, attacker_uid);
     assert!(s.healthy().await);
 }

@@ -27,7 +27,11 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(engine: Arc<Engine>) -> Arc<Self> {
-        Arc::new(Self { engine, in_flight: AtomicUsize::new(0), request_ids: AtomicU64::new(1) })
+        Arc::new(Self {
+            engine,
+            in_flight: AtomicUsize::new(0),
+            request_ids: AtomicU64::new(1),
+        })
     }
 }
 
@@ -50,27 +54,56 @@ pub struct ApiError {
 impl ApiError {
     /// Bad input: the original answers these with HTTP 200 and code -400.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::OK, code: -400, message: message.into() }
+        Self {
+            status: StatusCode::OK,
+            code: -400,
+            message: message.into(),
+        }
     }
     fn unsupported_language() -> Self {
-        Self { status: StatusCode::BAD_REQUEST, code: -400, message: "unsupported language".into() }
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: -400,
+            message: "unsupported language".into(),
+        }
     }
     fn internal(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::OK, code: -500, message: message.into() }
+        Self {
+            status: StatusCode::OK,
+            code: -500,
+            message: message.into(),
+        }
     }
     fn too_many() -> Self {
-        Self { status: StatusCode::SERVICE_UNAVAILABLE, code: -503, message: "Too many requests".into() }
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: -503,
+            message: "Too many requests".into(),
+        }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(Envelope { code: self.code, message: self.message, data: Value::Null })).into_response()
+        (
+            self.status,
+            Json(Envelope {
+                code: self.code,
+                message: self.message,
+                data: Value::Null,
+            }),
+        )
+            .into_response()
     }
 }
 
 fn success(data: Value) -> Response {
-    Json(Envelope { code: 0, message: "success".into(), data }).into_response()
+    Json(Envelope {
+        code: 0,
+        message: "success".into(),
+        data,
+    })
+    .into_response()
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -120,7 +153,10 @@ async fn run(
     if before >= state.engine.config.max_requests {
         return Err(ApiError::too_many());
     }
-    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let query: Vec<(String, String)> = query
         .map(|q| serde_urlencoded::from_str(&q))
         .transpose()
@@ -132,9 +168,15 @@ async fn run(
         .ok_or_else(ApiError::unsupported_language)?;
     let config = &state.engine.config;
     if req.enable_network && !config.enable_network {
-        return Err(ApiError::bad_request("network is disabled, please enable it in the configuration"));
+        return Err(ApiError::bad_request(
+            "network is disabled, please enable it in the configuration",
+        ));
     }
-    let preload = if config.enable_preload { req.preload } else { String::new() };
+    let preload = if config.enable_preload {
+        req.preload
+    } else {
+        String::new()
+    };
     let id = state.request_ids.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("run", request_id = id, language = %language);
     let outcome = state
@@ -167,9 +209,9 @@ async fn run(
                 "exit_code": o.exit_code,
             })))
         }
-        Err(RunError::LanguageUnavailable(l, reason)) => {
-            Err(ApiError::internal(format!("{l} is not available on this server: {reason}")))
-        }
+        Err(RunError::LanguageUnavailable(l, reason)) => Err(ApiError::internal(format!(
+            "{l} is not available on this server: {reason}"
+        ))),
         Err(e) => {
             tracing::error!(request_id = id, error = %e, "run failed inside the sandbox");
             Err(ApiError::internal(e.to_string()))
@@ -186,10 +228,16 @@ fn python_for_deps(state: &AppState) -> Result<std::path::PathBuf, ApiError> {
 }
 
 fn require_python(params: &[(String, String)]) -> Result<(), ApiError> {
-    match params.iter().find(|(k, _)| k == "language").map(|(_, v)| v.as_str()) {
+    match params
+        .iter()
+        .find(|(k, _)| k == "language")
+        .map(|(_, v)| v.as_str())
+    {
         Some("python3") => Ok(()),
         Some(_) => Err(ApiError::unsupported_language()),
-        None => Err(ApiError::bad_request("missing field `language`: give language=python3")),
+        None => Err(ApiError::bad_request(
+            "missing field `language`: give language=python3",
+        )),
     }
 }
 

@@ -30,24 +30,37 @@ fn parse_bool(field: &str, v: &str) -> Result<bool, ApiError> {
 }
 
 impl RunBody {
-    pub fn parse(content_type: &str, body: &[u8], query: &[(String, String)]) -> Result<Self, ApiError> {
-        let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    pub fn parse(
+        content_type: &str,
+        body: &[u8],
+        query: &[(String, String)],
+    ) -> Result<Self, ApiError> {
+        let mime = content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         if mime == "application/json" || (mime.is_empty() && body.first() == Some(&b'{')) {
             return Self::from_json(body);
         }
         let mut pairs: Vec<(String, String)> = query.to_vec();
         if !body.is_empty() {
-            let form: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
-                .map_err(|e| ApiError::bad_request(format!("the request body is not a valid form: {e}")))?;
+            let form: Vec<(String, String)> = serde_urlencoded::from_bytes(body).map_err(|e| {
+                ApiError::bad_request(format!("the request body is not a valid form: {e}"))
+            })?;
             pairs.extend(form);
         }
         Self::from_pairs(&pairs)
     }
 
     fn from_json(body: &[u8]) -> Result<Self, ApiError> {
-        let v: Value = serde_json::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
-        let obj = v.as_object().ok_or_else(|| ApiError::bad_request("the request body must be a JSON object"))?;
+        let v: Value = serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(format!("the request body is not valid JSON: {e}"))
+        })?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| ApiError::bad_request("the request body must be a JSON object"))?;
         let string = |field: &str, required: bool| -> Result<String, ApiError> {
             match obj.get(field) {
                 None | Some(Value::Null) if required => Err(missing(field)),
@@ -72,7 +85,13 @@ impl RunBody {
     }
 
     fn from_pairs(pairs: &[(String, String)]) -> Result<Self, ApiError> {
-        let get = |k: &str| pairs.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        let get = |k: &str| {
+            pairs
+                .iter()
+                .rev()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
         let required = |k: &str| get(k).filter(|v| !v.is_empty()).ok_or_else(|| missing(k));
         Ok(Self {
             language: required("language")?,
@@ -92,9 +111,28 @@ mod tests {
 
     #[test]
     fn json_form_and_query_bodies_parse_alike() {
-        let json = RunBody::parse("application/json", br#"{"language":"python3","code":"print(1)","enable_network":true,"dependencies":[]}"#, &[]).expect("json");
-        let form = RunBody::parse("application/x-www-form-urlencoded", b"language=python3&code=print%281%29&enable_network=true", &[]).expect("form");
-        let query = RunBody::parse("", b"", &[("language".into(), "python3".into()), ("code".into(), "print(1)".into()), ("enable_network".into(), "true".into())]).expect("query");
+        let json = RunBody::parse(
+            "application/json",
+            br#"{"language":"python3","code":"print(1)","enable_network":true,"dependencies":[]}"#,
+            &[],
+        )
+        .expect("json");
+        let form = RunBody::parse(
+            "application/x-www-form-urlencoded",
+            b"language=python3&code=print%281%29&enable_network=true",
+            &[],
+        )
+        .expect("form");
+        let query = RunBody::parse(
+            "",
+            b"",
+            &[
+                ("language".into(), "python3".into()),
+                ("code".into(), "print(1)".into()),
+                ("enable_network".into(), "true".into()),
+            ],
+        )
+        .expect("query");
         assert_eq!(json, form);
         assert_eq!(form, query);
     }
@@ -103,11 +141,17 @@ mod tests {
     fn errors_name_the_field() {
         let e = RunBody::parse("application/json", br#"{"language":"python3"}"#, &[]).unwrap_err();
         assert!(e.message.contains("`code`"), "{}", e.message);
-        let e = RunBody::parse("application/json", br#"{"language":3,"code":"x"}"#, &[]).unwrap_err();
+        let e =
+            RunBody::parse("application/json", br#"{"language":3,"code":"x"}"#, &[]).unwrap_err();
         assert!(e.message.contains("`language`"), "{}", e.message);
         let e = RunBody::parse("application/json", b"{nope", &[]).unwrap_err();
         assert!(e.message.contains("not valid JSON"), "{}", e.message);
-        let e = RunBody::parse("application/json", br#"{"language":"python3","code":"x","enable_network":"maybe"}"#, &[]).unwrap_err();
+        let e = RunBody::parse(
+            "application/json",
+            br#"{"language":"python3","code":"x","enable_network":"maybe"}"#,
+            &[],
+        )
+        .unwrap_err();
         assert!(e.message.contains("enable_network"), "{}", e.message);
     }
 }

@@ -20,9 +20,16 @@ pub struct DoctorArgs {
 pub fn execute(args: DoctorArgs) -> ExitCode {
     let report = doctor::run_checks(args.config.as_deref());
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
     } else {
         doctor::print(&report);
     }
-    if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }

@@ -21,7 +21,11 @@ use crate::runner::DiscoveryError;
 pub const EXIT_USAGE: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(name = "sandbox", version, about = "Run untrusted Python 3 and Node.js code in a jail; a drop-in Dify sandbox")]
+#[command(
+    name = "sandbox",
+    version,
+    about = "Run untrusted Python 3 and Node.js code in a jail; a drop-in Dify sandbox"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -76,7 +80,9 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     let config = Config::load(chosen.as_deref(), &env)?;
     for key in &config.unknown_keys {
         tracing::warn!(key = %key, "unknown configuration key ignored; check its spelling");
-        eprintln!("sandbox: warning: unknown configuration key `{key}` ignored; check its spelling");
+        eprintln!(
+            "sandbox: warning: unknown configuration key `{key}` ignored; check its spelling"
+        );
     }
     Ok(config)
 }
@@ -103,9 +109,39 @@ pub fn build_engine(config: Config) -> anyhow::Result<Engine> {
     Ok(Engine::new(Arc::new(config), host, runtimes, mount_dir)?)
 }
 
-pub fn init_tracing(debug: bool) {
+/// Logs go to stderr and, when `log_path` is set and writable, to a daily file there.
+/// The returned guard flushes the file on drop: keep it alive while serving.
+pub fn init_tracing(
+    debug: bool,
+    log_path: &Path,
+) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let default = if debug { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SANDBOX_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("SANDBOX_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+    };
+    let stderr_layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let (file_layer, guard) =
+        if !log_path.as_os_str().is_empty() && std::fs::create_dir_all(log_path).is_ok() {
+            let appender = tracing_appender::rolling::daily(log_path, "sandbox.log");
+            let (writer, guard) = tracing_appender::non_blocking(appender);
+            (
+                Some(
+                    tracing_subscriber::fmt::layer()
+                        .with_ansi(false)
+                        .with_writer(writer),
+                ),
+                Some(guard),
+            )
+        } else {
+            (None, None)
+        };
+    let _ = tracing_subscriber::registry()
+        .with(filter())
+        .with(stderr_layer)
+        .with(file_layer)
+        .try_init();
+    guard
 }

@@ -53,7 +53,8 @@ fn read_code(args: &RunArgs) -> anyhow::Result<(Language, String)> {
     let language = match &args.language {
         Some(name) => Language::parse(name)
             .with_context(|| format!("unsupported language {name:?}: use python3 or nodejs"))?,
-        None => from_ext.context("cannot tell the language: pass --language python3 or --language nodejs")?,
+        None => from_ext
+            .context("cannot tell the language: pass --language python3 or --language nodejs")?,
     };
     let code = match (&args.eval, &args.file) {
         (Some(code), None) => code.clone(),
@@ -68,16 +69,28 @@ fn read_code(args: &RunArgs) -> anyhow::Result<(Language, String)> {
             s
         }
         (None, Some(path)) => {
-            let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let meta = std::fs::metadata(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
             if meta.len() > MAX_CODE_BYTES {
-                bail!("{} is {} bytes; snippets are limited to {MAX_CODE_BYTES} bytes", path.display(), meta.len());
+                bail!(
+                    "{} is {} bytes; snippets are limited to {MAX_CODE_BYTES} bytes",
+                    path.display(),
+                    meta.len()
+                );
             }
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {} (it must be readable UTF-8 text)", path.display()))?
+            std::fs::read_to_string(path).with_context(|| {
+                format!(
+                    "cannot read {} (it must be readable UTF-8 text)",
+                    path.display()
+                )
+            })?
         }
     };
     if code.len() as u64 > MAX_CODE_BYTES {
-        bail!("the snippet is {} bytes; snippets are limited to {MAX_CODE_BYTES} bytes", code.len());
+        bail!(
+            "the snippet is {} bytes; snippets are limited to {MAX_CODE_BYTES} bytes",
+            code.len()
+        );
     }
     Ok((language, code))
 }
@@ -88,7 +101,11 @@ pub fn execute(args: RunArgs) -> ExitCode {
         Err(e) => {
             eprintln!("sandbox: {e:#}");
             let code = super::exit_code_for(&e);
-            ExitCode::from(if code == super::EXIT_USAGE { code } else { EXIT_SANDBOX_FAILED })
+            ExitCode::from(if code == super::EXIT_USAGE {
+                code
+            } else {
+                EXIT_SANDBOX_FAILED
+            })
         }
     }
 }
@@ -98,13 +115,18 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let mut config = super::load_config(args.config.as_deref())?;
     if let Some(t) = args.timeout {
         if !(t > 0.0 && t.is_finite()) {
-            return Err(anyhow::anyhow!("--timeout must be a positive number of seconds, got {t}").context(UsageError));
+            return Err(
+                anyhow::anyhow!("--timeout must be a positive number of seconds, got {t}")
+                    .context(UsageError),
+            );
         }
         config.worker_timeout = Duration::from_secs_f64(t);
     }
     if let Some(m) = args.memory {
         if m < 16 {
-            return Err(anyhow::anyhow!("--memory must be at least 16 MB, got {m}").context(UsageError));
+            return Err(
+                anyhow::anyhow!("--memory must be at least 16 MB, got {m}").context(UsageError)
+            );
         }
         config.memory_limit_mb = m;
     }
@@ -113,12 +135,17 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let sink: Option<Sink> = (!args.json).then(|| {
         Arc::new(|stream: Stream, bytes: &[u8]| {
             let _ = match stream {
-                Stream::Stdout => std::io::stdout().lock().write_all(bytes).and_then(|_| std::io::stdout().flush()),
+                Stream::Stdout => std::io::stdout()
+                    .lock()
+                    .write_all(bytes)
+                    .and_then(|_| std::io::stdout().flush()),
                 Stream::Stderr => std::io::stderr().lock().write_all(bytes),
             };
         }) as Sink
     });
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let limits = engine.default_limits();
     let outcome = rt.block_on(engine.execute(RunRequest {
         language,
@@ -141,7 +168,11 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     } else if let Some(limit) = outcome.limit {
         // The streams were already shown; add only what the sandbox itself says.
         let last = outcome.error.lines().last().unwrap_or("");
-        let msg = if limit == LimitHit::Timeout { outcome.error.lines().next().unwrap_or("") } else { last };
+        let msg = if limit == LimitHit::Timeout {
+            outcome.error.lines().next().unwrap_or("")
+        } else {
+            last
+        };
         eprintln!("sandbox: {msg}");
     }
     Ok(match outcome.limit {

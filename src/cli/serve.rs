@@ -19,7 +19,7 @@ pub struct ServeArgs {
 
 pub fn execute(args: ServeArgs) -> anyhow::Result<()> {
     let config = super::load_config(args.config.as_deref())?;
-    super::init_tracing(config.debug);
+    let _log_guard = super::init_tracing(config.debug, &config.log_path);
     let engine = Arc::new(super::build_engine(config)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -33,18 +33,25 @@ async fn serve(engine: Arc<crate::engine::Engine>) -> anyhow::Result<()> {
     tracing::info!(level = engine.host.level.describe(), "isolation");
     match &engine.host.cgroup {
         Some(cg) => tracing::info!(cgroup = %cg.describe(), "memory and process limits by cgroup"),
-        None => tracing::warn!("no writable cgroup: memory and process limits fall back to rlimits"),
+        None => {
+            tracing::warn!("no writable cgroup: memory and process limits fall back to rlimits")
+        }
     }
     for lang in Language::ALL {
         match engine.runtime(lang) {
-            Ok(rt) => tracing::info!(language = %lang, program = %rt.program.display(), version = %rt.version, binds = rt.root.binds.len(), "language ready"),
+            Ok(rt) => {
+                tracing::info!(language = %lang, program = %rt.program.display(), version = %rt.version, binds = rt.root.binds.len(), "language ready")
+            }
             Err(e) => tracing::warn!(language = %lang, error = %e, "language disabled"),
         }
     }
     let addr = SocketAddr::from(([0, 0, 0, 0], config.port));
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}: is another service using port {}? Set SANDBOX_PORT", config.port))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "cannot listen on {addr}: is another service using port {}? Set SANDBOX_PORT",
+            config.port
+        )
+    })?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
     let state = api::AppState::new(engine.clone());
     axum::serve(listener, api::router(state))

@@ -21,7 +21,11 @@ pub enum CgroupError {
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
-    move |source| CgroupError::Io { action, path: path.to_path_buf(), source }
+    move |source| CgroupError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Where per-run cgroups are created.
@@ -36,7 +40,11 @@ pub enum CgroupDriver {
 impl CgroupDriver {
     pub fn describe(&self) -> String {
         match self {
-            Self::V1 { memory, pids } => format!("cgroup v1 (memory: {}, pids: {})", memory.display(), pids.display()),
+            Self::V1 { memory, pids } => format!(
+                "cgroup v1 (memory: {}, pids: {})",
+                memory.display(),
+                pids.display()
+            ),
             Self::V2 { base } => format!("cgroup v2 ({})", base.display()),
         }
     }
@@ -59,11 +67,11 @@ impl CgroupDriver {
                 .map(|(_, p)| join_cgroup(&mount_root.join(ctrl), p))
         };
         // Pure v2 first (its mount root has cgroup.controllers), then v1.
-        if mount_root.join("cgroup.controllers").exists() {
-            if let Some((_, p)) = entries.iter().find(|(c, _)| c.is_empty()) {
-                let base = join_cgroup(mount_root, p);
-                return Self::prepare_v2(&base).map(|base| Self::V2 { base });
-            }
+        if mount_root.join("cgroup.controllers").exists()
+            && let Some((_, p)) = entries.iter().find(|(c, _)| c.is_empty())
+        {
+            let base = join_cgroup(mount_root, p);
+            return Self::prepare_v2(&base).map(|base| Self::V2 { base });
         }
         match (v1_path("memory"), v1_path("pids")) {
             (Some(memory), Some(pids)) => {
@@ -100,19 +108,29 @@ impl CgroupDriver {
                 // Processes that exit meanwhile are fine to miss.
                 let _ = fs::write(leaf.join("cgroup.procs"), pid);
             }
-            fs::write(&subtree, "+memory +pids").map_err(io_err("enable controllers in", &subtree))?;
+            fs::write(&subtree, "+memory +pids")
+                .map_err(io_err("enable controllers in", &subtree))?;
         }
         probe_dir(base)?;
         Ok(base.to_path_buf())
     }
 
     /// Create the cgroup of one run with its limits.
-    pub fn create_run(&self, name: &str, memory_bytes: u64, max_pids: u64) -> Result<RunCgroup, CgroupError> {
+    pub fn create_run(
+        &self,
+        name: &str,
+        memory_bytes: u64,
+        max_pids: u64,
+    ) -> Result<RunCgroup, CgroupError> {
         match self {
             Self::V1 { memory, pids } => {
                 let mem = memory.join(name);
                 let pid = pids.join(name);
-                let cg = RunCgroup { v2: false, memory: mem.clone(), pids: pid.clone() };
+                let cg = RunCgroup {
+                    v2: false,
+                    memory: mem.clone(),
+                    pids: pid.clone(),
+                };
                 fs::create_dir(&mem).map_err(io_err("create", &mem))?;
                 fs::create_dir(&pid).map_err(io_err("create", &pid))?;
                 write(&mem.join("memory.limit_in_bytes"), memory_bytes)?;
@@ -127,7 +145,11 @@ impl CgroupDriver {
             Self::V2 { base } => {
                 let dir = base.join(name);
                 fs::create_dir(&dir).map_err(io_err("create", &dir))?;
-                let cg = RunCgroup { v2: true, memory: dir.clone(), pids: dir.clone() };
+                let cg = RunCgroup {
+                    v2: true,
+                    memory: dir.clone(),
+                    pids: dir.clone(),
+                };
                 write(&dir.join("memory.max"), memory_bytes)?;
                 let swap = dir.join("memory.swap.max");
                 if swap.exists() {
@@ -151,7 +173,9 @@ impl CgroupDriver {
             let Ok(rd) = fs::read_dir(&dir) else { continue };
             for entry in rd.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let Some(rest) = name.strip_prefix(prefix) else { continue };
+                let Some(rest) = name.strip_prefix(prefix) else {
+                    continue;
+                };
                 let owner = rest.split('-').next().unwrap_or("");
                 if !owner.is_empty() && !Path::new("/proc").join(owner).exists() {
                     let _ = fs::remove_dir(entry.path());
@@ -189,7 +213,10 @@ impl RunCgroup {
         if self.v2 {
             vec![self.memory.join("cgroup.procs")]
         } else {
-            vec![self.memory.join("cgroup.procs"), self.pids.join("cgroup.procs")]
+            vec![
+                self.memory.join("cgroup.procs"),
+                self.pids.join("cgroup.procs"),
+            ]
         }
     }
 
@@ -199,7 +226,9 @@ impl RunCgroup {
             .and_then(|text| {
                 text.lines().find_map(|l| {
                     let mut it = l.split_whitespace();
-                    (it.next() == Some(key)).then(|| it.next().and_then(|v| v.parse().ok())).flatten()
+                    (it.next() == Some(key))
+                        .then(|| it.next().and_then(|v| v.parse().ok()))
+                        .flatten()
                 })
             })
             .unwrap_or(0)
@@ -226,12 +255,18 @@ impl RunCgroup {
         }
         for _ in 0..50 {
             let procs = fs::read_to_string(self.memory.join("cgroup.procs")).unwrap_or_default();
-            let pids: Vec<i32> = procs.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+            let pids: Vec<i32> = procs
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect();
             if pids.is_empty() {
                 return;
             }
             for pid in pids {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -275,7 +310,10 @@ mod tests {
         let d = CgroupDriver::detect(root.path(), text).expect("detects v1");
         assert_eq!(
             d,
-            CgroupDriver::V1 { memory: root.path().join("memory/process_api/abc"), pids: root.path().join("pids") }
+            CgroupDriver::V1 {
+                memory: root.path().join("memory/process_api/abc"),
+                pids: root.path().join("pids")
+            }
         );
     }
 
@@ -289,9 +327,17 @@ mod tests {
     #[test]
     fn counters_are_read_from_event_files() {
         let dir = tempfile::tempdir().expect("tempdir");
-        fs::write(dir.path().join("memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n").unwrap();
+        fs::write(
+            dir.path().join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        )
+        .unwrap();
         fs::write(dir.path().join("pids.events"), "max 0\n").unwrap();
-        let cg = RunCgroup { v2: false, memory: dir.path().into(), pids: dir.path().into() };
+        let cg = RunCgroup {
+            v2: false,
+            memory: dir.path().into(),
+            pids: dir.path().into(),
+        };
         assert!(cg.oom_killed());
         assert!(!cg.pids_limit_hit());
     }

@@ -23,11 +23,17 @@ pub fn prepare(dir: &Path, plan: &RootPlan) -> io::Result<()> {
     if dir.exists() {
         fs::remove_dir_all(dir)?;
     }
-    fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)?;
     for (link, target) in &plan.symlinks {
         let at = inside(dir, link);
         if let Some(parent) = at.parent() {
-            fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(parent)?;
         }
         if fs::symlink_metadata(&at).is_err() {
             symlink(target, &at)?;
@@ -42,9 +48,22 @@ pub fn prepare(dir: &Path, plan: &RootPlan) -> io::Result<()> {
     let dev = dir.join("dev");
     fs::create_dir_all(&dev)?;
     // (name, major, minor) of the character devices a runtime needs.
-    for (name, major, minor) in [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9)] {
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+    ] {
         let node = dev.join(name);
-        if mknod(&node, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(major, minor)).is_err() {
+        if mknod(
+            &node,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        )
+        .is_err()
+        {
             tracing::warn!(node = %node.display(), "cannot create a device node (no CAP_MKNOD); runtimes that need it may fail");
         }
     }
@@ -58,7 +77,10 @@ pub fn prepare(dir: &Path, plan: &RootPlan) -> io::Result<()> {
 fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
     let meta = fs::symlink_metadata(src)?;
     if let Some(parent) = dst.parent() {
-        fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)?;
     }
     let ft = meta.file_type();
     if ft.is_symlink() {
@@ -67,7 +89,10 @@ fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
             symlink(target, dst)?;
         }
     } else if ft.is_dir() {
-        fs::DirBuilder::new().recursive(true).mode(meta.permissions().mode() & 0o7755).create(dst)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(meta.permissions().mode() & 0o7755)
+            .create(dst)?;
         for entry in fs::read_dir(src)? {
             let entry = entry?;
             copy_tree(&entry.path(), &dst.join(entry.file_name()))?;

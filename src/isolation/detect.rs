@@ -24,16 +24,23 @@ pub struct HostReport {
 pub struct Host {
     pub level: IsolationLevel,
     pub cgroup: Option<CgroupDriver>,
+    #[allow(dead_code)]
     pub report: HostReport,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DetectError {
-    #[error("the sandbox must run as root (it switches each run to its own unprivileged uid): run it with sudo or as root")]
+    #[error(
+        "the sandbox must run as root (it switches each run to its own unprivileged uid): run it with sudo or as root"
+    )]
     NotRoot,
-    #[error("seccomp filters are not available: {0}. Use a kernel built with CONFIG_SECCOMP_FILTER")]
+    #[error(
+        "seccomp filters are not available: {0}. Use a kernel built with CONFIG_SECCOMP_FILTER"
+    )]
     NoSeccomp(String),
-    #[error("neither namespaces nor chroot are permitted here ({0}). In Docker, keep the default capabilities (CAP_SYS_CHROOT) or run with --privileged")]
+    #[error(
+        "neither namespaces nor chroot are permitted here ({0}). In Docker, keep the default capabilities (CAP_SYS_CHROOT) or run with --privileged"
+    )]
     NoIsolation(String),
 }
 
@@ -49,11 +56,23 @@ pub fn probe_main(mount_dir: &str) -> i32 {
         eprintln!("unshare: {}", e.desc());
         return 1;
     }
-    if let Err(e) = mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>) {
+    if let Err(e) = mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    ) {
         eprintln!("making mounts private: {}", e.desc());
         return 1;
     }
-    if let Err(e) = mount(Some("tmpfs"), mount_dir, Some("tmpfs"), MsFlags::empty(), Some("size=64k")) {
+    if let Err(e) = mount(
+        Some("tmpfs"),
+        mount_dir,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("size=64k"),
+    ) {
         eprintln!("mounting a tmpfs on {mount_dir}: {}", e.desc());
         return 1;
     }
@@ -75,8 +94,15 @@ fn probe_namespaces(exe: &Path, mount_dir: &Path) -> Result<(), String> {
 
 fn probe_chroot() -> Result<(), String> {
     // chroot needs CAP_SYS_CHROOT; test it in a child so our own root stays.
-    let out = Command::new("/proc/self/exe").arg("__probe-chroot").output().map_err(|e| e.to_string())?;
-    if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).trim().to_string()) }
+    let out = Command::new("/proc/self/exe")
+        .arg("__probe-chroot")
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
 }
 
 pub fn probe_chroot_main() -> i32 {
@@ -93,7 +119,10 @@ fn probe_seccomp() -> Result<(), String> {
     let actions = Path::new("/proc/sys/kernel/seccomp/actions_avail");
     match std::fs::read_to_string(actions) {
         Ok(text) if text.contains("errno") => Ok(()),
-        Ok(text) => Err(format!("the kernel lacks the errno action (has: {})", text.trim())),
+        Ok(text) => Err(format!(
+            "the kernel lacks the errno action (has: {})",
+            text.trim()
+        )),
         Err(_) => {
             // Older kernels lack the file; the Seccomp line of /proc/self/status still
             // tells whether filters exist.
@@ -112,8 +141,16 @@ fn probe_seccomp() -> Result<(), String> {
 pub fn detect(mount_dir: &Path, force: Option<IsolationLevel>) -> Result<Host, DetectError> {
     let root = nix::unistd::geteuid().is_root();
     let exe = PathBuf::from("/proc/self/exe");
-    let namespaces = if root { probe_namespaces(&exe, mount_dir) } else { Err("not root".into()) };
-    let chroot = if root { probe_chroot() } else { Err("not root".into()) };
+    let namespaces = if root {
+        probe_namespaces(&exe, mount_dir)
+    } else {
+        Err("not root".into())
+    };
+    let chroot = if root {
+        probe_chroot()
+    } else {
+        Err("not root".into())
+    };
     let seccomp = probe_seccomp();
     let self_cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let cgroup = if root {
@@ -138,7 +175,15 @@ pub fn detect(mount_dir: &Path, force: Option<IsolationLevel>) -> Result<Host, D
         (Some(IsolationLevel::Chroot), _, Ok(())) => IsolationLevel::Chroot,
         (_, Ok(()), _) => IsolationLevel::Namespaces,
         (_, Err(_), Ok(())) => IsolationLevel::Chroot,
-        (_, Err(n), Err(c)) => return Err(DetectError::NoIsolation(format!("namespaces: {n}; chroot: {c}"))),
+        (_, Err(n), Err(c)) => {
+            return Err(DetectError::NoIsolation(format!(
+                "namespaces: {n}; chroot: {c}"
+            )));
+        }
     };
-    Ok(Host { level, cgroup: cgroup.ok(), report })
+    Ok(Host {
+        level,
+        cgroup: cgroup.ok(),
+        report,
+    })
 }

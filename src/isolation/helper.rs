@@ -20,7 +20,9 @@ use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::Signal;
 use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Gid, Uid, chdir, chroot, pipe2, setgroups, setresgid, setresuid, sethostname};
+use nix::unistd::{
+    ForkResult, Gid, Uid, chdir, chroot, pipe2, setgroups, sethostname, setresgid, setresuid,
+};
 use serde::{Deserialize, Serialize};
 
 use super::rootfs;
@@ -54,7 +56,9 @@ pub fn main(spec_json: &str) -> i32 {
     };
     let report = match serde_json::from_str::<SandboxSpec>(spec_json) {
         Ok(spec) => run(&spec, &mut channel),
-        Err(e) => HelperReport::SetupFailed { message: format!("invalid helper spec: {e}") },
+        Err(e) => HelperReport::SetupFailed {
+            message: format!("invalid helper spec: {e}"),
+        },
     };
     let mut line = serde_json::to_string(&report).unwrap_or_else(|_| "{}".to_string());
     line.push('\n');
@@ -66,10 +70,16 @@ pub fn main(spec_json: &str) -> i32 {
 fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
     let code = match read_code(channel) {
         Ok(fd) => fd,
-        Err(e) => return HelperReport::SetupFailed { message: e.to_string() },
+        Err(e) => {
+            return HelperReport::SetupFailed {
+                message: e.to_string(),
+            };
+        }
     };
     if let Err(e) = join_cgroups(spec) {
-        return HelperReport::SetupFailed { message: e.to_string() };
+        return HelperReport::SetupFailed {
+            message: e.to_string(),
+        };
     }
     if spec.level == IsolationLevel::Namespaces {
         // A new pid namespace applies to children only: the forked process is its pid 1,
@@ -117,9 +127,15 @@ fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
             }
             match status {
                 Ok(WaitStatus::Exited(_, code)) => HelperReport::Exited { code },
-                Ok(WaitStatus::Signaled(_, sig, _)) => HelperReport::Signaled { signal: sig as i32 },
-                Ok(other) => HelperReport::SetupFailed { message: format!("unexpected wait status {other:?}") },
-                Err(e) => HelperReport::SetupFailed { message: format!("waitpid failed: {}", e.desc()) },
+                Ok(WaitStatus::Signaled(_, sig, _)) => {
+                    HelperReport::Signaled { signal: sig as i32 }
+                }
+                Ok(other) => HelperReport::SetupFailed {
+                    message: format!("unexpected wait status {other:?}"),
+                },
+                Err(e) => HelperReport::SetupFailed {
+                    message: format!("waitpid failed: {}", e.desc()),
+                },
             }
         }
     }
@@ -171,7 +187,8 @@ fn child(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> StepError {
 enum Never {}
 
 fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, StepError> {
-    prctl::set_pdeathsig(Signal::SIGKILL).map_err(step(Step::Descriptors, Path::new("pdeathsig")))?;
+    prctl::set_pdeathsig(Signal::SIGKILL)
+        .map_err(step(Step::Descriptors, Path::new("pdeathsig")))?;
     // A session of its own: no controlling terminal, no process group shared with the
     // server, so group-wide signals and terminal tricks reach nobody else.
     nix::unistd::setsid().map_err(step(Step::Descriptors, Path::new("setsid")))?;
@@ -184,11 +201,13 @@ fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, 
 
     match spec.level {
         IsolationLevel::Namespaces => {
-            let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+            let mut flags =
+                CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
             if !spec.network {
                 flags |= CloneFlags::CLONE_NEWNET;
             }
-            unshare(flags).map_err(|e| StepError::new(Step::Unshare, format!("{flags:?}"), e.desc()))?;
+            unshare(flags)
+                .map_err(|e| StepError::new(Step::Unshare, format!("{flags:?}"), e.desc()))?;
             sethostname("sandbox").map_err(step(Step::Hostname, Path::new("sandbox")))?;
             rootfs::enter_private_root(&spec.root_dir, &spec.root, spec.limits.tmp_bytes, &passwd)?;
         }
@@ -199,8 +218,12 @@ fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, 
             let dir = &spec.workdir;
             let _ = std::fs::remove_dir_all(dir);
             std::fs::create_dir(dir).map_err(io_step(Step::MountTmp, dir))?;
-            nix::unistd::chown(dir, Some(Uid::from_raw(spec.uid)), Some(Gid::from_raw(spec.gid)))
-                .map_err(step(Step::MountTmp, dir))?;
+            nix::unistd::chown(
+                dir,
+                Some(Uid::from_raw(spec.uid)),
+                Some(Gid::from_raw(spec.gid)),
+            )
+            .map_err(step(Step::MountTmp, dir))?;
             std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
                 .map_err(io_step(Step::MountTmp, dir))?;
         }
@@ -209,23 +232,38 @@ fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, 
     // fd 0: /dev/null, fd 3: the snippet, fd 1/2 stay the server's pipes, 1022 the
     // error pipe, 1023 the interpreter. The originals are left to close_range, so no
     // descriptor is closed twice whatever numbers they happened to get.
-    sys::dup_onto(err_fd, ERROR_FD, true).map_err(step(Step::Descriptors, Path::new("error pipe")))?;
-    let devnull = open("/dev/null", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(step(Step::Descriptors, Path::new("/dev/null")))?
-        .into_raw_fd();
+    sys::dup_onto(err_fd, ERROR_FD, true)
+        .map_err(step(Step::Descriptors, Path::new("error pipe")))?;
+    let devnull = open(
+        "/dev/null",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(step(Step::Descriptors, Path::new("/dev/null")))?
+    .into_raw_fd();
     sys::dup_onto(devnull, 0, false).map_err(step(Step::Descriptors, Path::new("stdin")))?;
-    sys::dup_onto(code.into_raw_fd(), CODE_FD, false).map_err(step(Step::Descriptors, Path::new("fd 3")))?;
-    let program = open(&spec.program, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(step(Step::OpenInterpreter, &spec.program))?
-        .into_raw_fd();
-    sys::dup_onto(program, sys::EXEC_FD, true).map_err(step(Step::Descriptors, Path::new("exec fd")))?;
+    sys::dup_onto(code.into_raw_fd(), CODE_FD, false)
+        .map_err(step(Step::Descriptors, Path::new("fd 3")))?;
+    let program = open(
+        &spec.program,
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(step(Step::OpenInterpreter, &spec.program))?
+    .into_raw_fd();
+    sys::dup_onto(program, sys::EXEC_FD, true)
+        .map_err(step(Step::Descriptors, Path::new("exec fd")))?;
     sys::close_range(CODE_FD as u32 + 1, ERROR_FD as u32 - 1)
         .and_then(|_| sys::close_range(sys::EXEC_FD as u32 + 1, u32::MAX))
         .map_err(step(Step::Descriptors, Path::new("close_range")))?;
     sys::reset_sigpipe().map_err(step(Step::Descriptors, Path::new("SIGPIPE")))?;
 
     let l = &spec.limits;
-    limit(Resource::RLIMIT_NOFILE, l.open_files.min(sys::EXEC_FD as u64 - 1), "RLIMIT_NOFILE")?;
+    limit(
+        Resource::RLIMIT_NOFILE,
+        l.open_files.min(sys::EXEC_FD as u64 - 1),
+        "RLIMIT_NOFILE",
+    )?;
     limit(Resource::RLIMIT_NPROC, l.max_processes, "RLIMIT_NPROC")?;
     limit(Resource::RLIMIT_FSIZE, l.tmp_bytes, "RLIMIT_FSIZE")?;
     limit(Resource::RLIMIT_CORE, 0, "RLIMIT_CORE")?;
@@ -236,10 +274,13 @@ fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, 
 
     let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
     setgroups(&[]).map_err(|e| StepError::new(Step::DropPrivileges, "setgroups", e.desc()))?;
-    setresgid(gid, gid, gid).map_err(|e| StepError::new(Step::DropPrivileges, format!("gid {gid}"), e.desc()))?;
-    setresuid(uid, uid, uid).map_err(|e| StepError::new(Step::DropPrivileges, format!("uid {uid}"), e.desc()))?;
+    setresgid(gid, gid, gid)
+        .map_err(|e| StepError::new(Step::DropPrivileges, format!("gid {gid}"), e.desc()))?;
+    setresuid(uid, uid, uid)
+        .map_err(|e| StepError::new(Step::DropPrivileges, format!("uid {uid}"), e.desc()))?;
     // Changing credentials clears the parent-death signal: set it again.
-    prctl::set_pdeathsig(Signal::SIGKILL).map_err(step(Step::DropPrivileges, Path::new("pdeathsig")))?;
+    prctl::set_pdeathsig(Signal::SIGKILL)
+        .map_err(step(Step::DropPrivileges, Path::new("pdeathsig")))?;
     chdir(&spec.workdir).map_err(step(Step::Descriptors, &spec.workdir))?;
 
     prctl::set_no_new_privs().map_err(|e| StepError::new(Step::NoNewPrivs, "prctl", e.desc()))?;
@@ -251,5 +292,9 @@ fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, 
     .map_err(|e| StepError::new(Step::Seccomp, "filter", e))?;
 
     let errno = sys::execveat_exec_fd(&argv, &env);
-    Err(StepError::new(Step::Exec, spec.program.display(), errno.desc()))
+    Err(StepError::new(
+        Step::Exec,
+        spec.program.display(),
+        errno.desc(),
+    ))
 }

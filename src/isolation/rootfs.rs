@@ -13,7 +13,13 @@ use super::spec::RootPlan;
 use super::step::{Step, StepError, io_step, step};
 
 /// Host device nodes exposed inside the root (bound, not created: no mknod needed).
-const DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
+const DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
 
 /// `path` (absolute, host) as it sits under `root`.
 pub fn inside(root: &Path, path: &Path) -> PathBuf {
@@ -35,9 +41,16 @@ fn make_dirs(path: &Path) -> Result<(), StepError> {
 }
 
 fn bind_readonly(src: &Path, target: &Path, allow_dev: bool) -> Result<(), StepError> {
-    mount(Some(src), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .map_err(step(Step::BindMount, src))?;
-    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID;
+    mount(
+        Some(src),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(step(Step::BindMount, src))?;
+    let mut flags =
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID;
     if !allow_dev {
         flags |= MsFlags::MS_NODEV;
     }
@@ -69,8 +82,14 @@ pub fn enter_private_root(
     passwd: &str,
 ) -> Result<(), StepError> {
     // Nothing we mount may propagate back to the host.
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(step(Step::PrivateMounts, Path::new("/")))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(step(Step::PrivateMounts, Path::new("/")))?;
     mount(
         Some("tmpfs"),
         root_dir,
@@ -159,7 +178,10 @@ mod tests {
 
     #[test]
     fn inside_maps_absolute_paths_under_the_root() {
-        assert_eq!(inside(Path::new("/r"), Path::new("/usr/lib/x")), PathBuf::from("/r/usr/lib/x"));
+        assert_eq!(
+            inside(Path::new("/r"), Path::new("/usr/lib/x")),
+            PathBuf::from("/r/usr/lib/x")
+        );
         assert_eq!(inside(Path::new("/r"), Path::new("/")), PathBuf::from("/r"));
     }
 }

@@ -66,7 +66,11 @@ pub struct StepError {
 
 impl StepError {
     pub fn new(step: Step, what: impl fmt::Display, cause: impl fmt::Display) -> Self {
-        Self { step, what: what.to_string(), cause: cause.to_string() }
+        Self {
+            step,
+            what: what.to_string(),
+            cause: cause.to_string(),
+        }
     }
 }
 

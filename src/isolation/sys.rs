@@ -94,7 +94,10 @@ pub fn reset_sigpipe() -> Result<(), Errno> {
     // SAFETY: installing SIG_DFL runs no handler code, so no handler can observe
     // inconsistent state.
     unsafe {
-        nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
     }
     .map(drop)
 }

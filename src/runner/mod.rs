@@ -57,10 +57,21 @@ impl fmt::Display for Language {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("{what} `{path}` does not run: {reason}. Install it or set {key} to a working interpreter")]
-    DoesNotRun { what: &'static str, path: String, key: &'static str, reason: String },
+    #[error(
+        "{what} `{path}` does not run: {reason}. Install it or set {key} to a working interpreter"
+    )]
+    DoesNotRun {
+        what: &'static str,
+        path: String,
+        key: &'static str,
+        reason: String,
+    },
     #[error("{what} `{path}` gave an answer that could not be read: {reason}")]
-    BadAnswer { what: &'static str, path: String, reason: String },
+    BadAnswer {
+        what: &'static str,
+        path: String,
+        reason: String,
+    },
 }
 
 /// A discovered interpreter, ready to be started inside a sandbox.
@@ -88,8 +99,18 @@ impl Runtime {
 }
 
 /// Run `program args...` and return its stdout, or why it did not run.
-pub(crate) fn ask(program: &str, args: &[&str], what: &'static str, key: &'static str) -> Result<String, DiscoveryError> {
-    let fail = |reason: String| DiscoveryError::DoesNotRun { what, path: program.to_string(), key, reason };
+pub(crate) fn ask(
+    program: &str,
+    args: &[&str],
+    what: &'static str,
+    key: &'static str,
+) -> Result<String, DiscoveryError> {
+    let fail = |reason: String| DiscoveryError::DoesNotRun {
+        what,
+        path: program.to_string(),
+        key,
+        reason,
+    };
     let out = Command::new(program)
         .args(args)
         .env_remove("PYTHONPATH")
@@ -103,12 +124,20 @@ pub(crate) fn ask(program: &str, args: &[&str], what: &'static str, key: &'stati
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    String::from_utf8(out.stdout).map_err(|e| DiscoveryError::BadAnswer { what, path: program.to_string(), reason: e.to_string() })
+    String::from_utf8(out.stdout).map_err(|e| DiscoveryError::BadAnswer {
+        what,
+        path: program.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// Build the root for an interpreter: its own paths, its shared libraries' directories,
 /// and the system files.
-pub(crate) fn plan_root(executable: &Path, own_paths: &[PathBuf], system_files: &[PathBuf]) -> RootPlan {
+pub(crate) fn plan_root(
+    executable: &Path,
+    own_paths: &[PathBuf],
+    system_files: &[PathBuf],
+) -> RootPlan {
     let mut b = root::RootBuilder::new();
     b.add(executable);
     let canonical = std::fs::canonicalize(executable).unwrap_or_else(|_| executable.to_path_buf());

@@ -9,7 +9,8 @@ use serde::Deserialize;
 use super::{DiscoveryError, Language, Runtime, ask, plan_root};
 use crate::isolation::spec::Profile;
 
-const DISCOVER: &str = "console.log(JSON.stringify({exec: process.execPath, version: process.version}))";
+const DISCOVER: &str =
+    "console.log(JSON.stringify({exec: process.execPath, version: process.version}))";
 
 /// `<preload length>\n<preload><code>` on fd 3; preload and code run as scripts in the
 /// main context, in that order.

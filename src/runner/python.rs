@@ -88,8 +88,17 @@ pub fn discover(python: &str, system_files: &[PathBuf]) -> Result<Runtime, Disco
 pub fn argv(program: &Path) -> Vec<String> {
     // -I: ignore PYTHON* variables and the user site; -B: the root is read-only anyway;
     // -u: output reaches the server even when a timeout kills the run.
-    [program.to_string_lossy().as_ref(), "-I", "-B", "-u", "-X", "utf8", "-c", BOOTSTRAP]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        program.to_string_lossy().as_ref(),
+        "-I",
+        "-B",
+        "-u",
+        "-X",
+        "utf8",
+        "-c",
+        BOOTSTRAP,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }

@@ -8,7 +8,15 @@ use std::path::{Component, Path, PathBuf};
 use crate::isolation::spec::RootPlan;
 
 /// Paths that must never be exposed even when asked for (secrets of the host).
-const NEVER: &[&str] = &["/etc/shadow", "/etc/gshadow", "/etc/ssl/private", "/root/.ssh", "/proc", "/sys", "/dev"];
+const NEVER: &[&str] = &[
+    "/etc/shadow",
+    "/etc/gshadow",
+    "/etc/ssl/private",
+    "/root/.ssh",
+    "/proc",
+    "/sys",
+    "/dev",
+];
 
 #[derive(Debug, Default)]
 pub struct RootBuilder {
@@ -54,11 +62,19 @@ impl RootBuilder {
         let parts: Vec<_> = path.components().skip(1).collect();
         for (i, part) in parts.iter().enumerate() {
             let next = cur.join(part);
-            let Ok(meta) = std::fs::symlink_metadata(&next) else { return false };
+            let Ok(meta) = std::fs::symlink_metadata(&next) else {
+                return false;
+            };
             if meta.file_type().is_symlink() {
-                let Ok(target) = std::fs::read_link(&next) else { return false };
+                let Ok(target) = std::fs::read_link(&next) else {
+                    return false;
+                };
                 self.symlinks.insert((next.clone(), target.clone()));
-                let mut resolved = if target.is_absolute() { target } else { cur.join(target) };
+                let mut resolved = if target.is_absolute() {
+                    target
+                } else {
+                    cur.join(target)
+                };
                 for rest in &parts[i + 1..] {
                     resolved.push(rest);
                 }
@@ -138,7 +154,10 @@ mod tests {
         let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x7f)\n\t/lib64/ld-linux-x86-64.so.2 (0x7f)\n\tlibfoo.so => not found\n";
         assert_eq!(
             parse_ldd(text),
-            vec![PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"), PathBuf::from("/lib64/ld-linux-x86-64.so.2")]
+            vec![
+                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2")
+            ]
         );
     }
 
@@ -155,7 +174,10 @@ mod tests {
         assert!(!b.add(&d.join("missing")));
         let plan = b.build();
         assert_eq!(plan.binds, vec![d.join("usr/lib")]);
-        assert_eq!(plan.symlinks, vec![(d.join("lib"), PathBuf::from("usr/lib"))]);
+        assert_eq!(
+            plan.symlinks,
+            vec![(d.join("lib"), PathBuf::from("usr/lib"))]
+        );
     }
 
     #[test]

@@ -15,7 +15,11 @@ pub fn bin() -> &'static str {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 pub struct Server {
@@ -42,7 +46,10 @@ impl Server {
         let server = Server {
             child,
             base: format!("http://127.0.0.1:{port}"),
-            client: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client"),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("client"),
         };
         server.wait_healthy().await;
         server
@@ -51,10 +58,14 @@ impl Server {
     async fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Ok(r) = self.client.get(format!("{}/health", self.base)).send().await {
-                if r.status().is_success() {
-                    return;
-                }
+            if let Ok(r) = self
+                .client
+                .get(format!("{}/health", self.base))
+                .send()
+                .await
+                && r.status().is_success()
+            {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -77,12 +88,17 @@ impl Server {
             .expect("request");
         let status = r.status().as_u16();
         let text = r.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// Run code and return the envelope's `data`, asserting the envelope is a success.
     pub async fn run(&self, language: &str, code: &str) -> Value {
-        let (status, body) = self.run_json(json!({"language": language, "code": code, "enable_network": false})).await;
+        let (status, body) = self
+            .run_json(json!({"language": language, "code": code, "enable_network": false}))
+            .await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["code"], 0, "{body}");
         body["data"].clone()
@@ -93,7 +109,12 @@ impl Server {
     }
 
     pub async fn healthy(&self) -> bool {
-        match self.client.get(format!("{}/health", self.base)).send().await {
+        match self
+            .client
+            .get(format!("{}/health", self.base))
+            .send()
+            .await
+        {
             Ok(r) => r.status().is_success(),
             Err(_) => false,
         }
@@ -107,7 +128,10 @@ impl Server {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "server did not stop after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "server did not stop after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -121,7 +145,10 @@ impl Drop for Server {
 }
 
 fn nix_kill(pid: u32, sig: &str) -> std::io::Result<Output> {
-    Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).output()
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .output()
 }
 
 /// `sandbox <args>` with extra environment; returns the finished output.

@@ -45,7 +45,8 @@ fn resolve(name: &str) -> Option<ScmpSyscall> {
 
 fn allow(ctx: &mut ScmpFilterContext, name: &str) -> Result<(), SeccompApplyError> {
     if let Some(sc) = resolve(name) {
-        ctx.add_rule(ScmpAction::Allow, sc).map_err(rule_err(name))?;
+        ctx.add_rule(ScmpAction::Allow, sc)
+            .map_err(rule_err(name))?;
     }
     Ok(())
 }
@@ -91,7 +92,11 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
         ctx.add_rule_conditional(
             ScmpAction::Allow,
             socket,
-            &[ScmpArgCompare::new(0, ScmpCompareOp::Equal, libc::AF_UNIX as u64)],
+            &[ScmpArgCompare::new(
+                0,
+                ScmpCompareOp::Equal,
+                libc::AF_UNIX as u64,
+            )],
         )
         .map_err(rule_err("socket"))?;
     }
@@ -109,7 +114,11 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
         ctx.add_rule_conditional(
             ScmpAction::Allow,
             clone,
-            &[ScmpArgCompare::new(0, ScmpCompareOp::MaskedEqual(thread), thread)],
+            &[ScmpArgCompare::new(
+                0,
+                ScmpCompareOp::MaskedEqual(thread),
+                thread,
+            )],
         )
         .map_err(rule_err("clone"))?;
     }
@@ -156,10 +165,33 @@ mod tests {
     fn policy_names_resolve_on_this_architecture() {
         // Every name of the tables must be known to libseccomp, or be one of the few
         // that some architectures lack.
-        let optional = ["open", "stat", "lstat", "access", "readlink", "rename", "mkdir",
-            "rmdir", "unlink", "symlink", "chmod", "pipe", "dup2", "select", "poll", "time",
-            "epoll_create", "epoll_wait", "eventfd", "fadvise64", "pkey_alloc", "pkey_free",
-            "pkey_mprotect", "arch_prctl", "getpgrp"];
+        let optional = [
+            "open",
+            "stat",
+            "lstat",
+            "access",
+            "readlink",
+            "rename",
+            "mkdir",
+            "rmdir",
+            "unlink",
+            "symlink",
+            "chmod",
+            "pipe",
+            "dup2",
+            "select",
+            "poll",
+            "time",
+            "epoll_create",
+            "epoll_wait",
+            "eventfd",
+            "fadvise64",
+            "pkey_alloc",
+            "pkey_free",
+            "pkey_mprotect",
+            "arch_prctl",
+            "getpgrp",
+        ];
         for (name, why) in policy::COMMON
             .iter()
             .chain(policy::NODEJS)
@@ -176,17 +208,43 @@ mod tests {
 
     #[test]
     fn dangerous_syscalls_are_not_in_any_table() {
-        let forbidden = ["execve", "fork", "vfork", "ptrace", "mount", "umount2", "unshare",
-            "setns", "bpf", "keyctl", "add_key", "reboot", "setuid", "setgid", "setresuid",
-            "chroot", "pivot_root", "init_module", "perf_event_open", "io_uring_enter",
-            "userfaultfd", "process_vm_readv", "process_vm_writev", "kexec_load", "clone"];
+        let forbidden = [
+            "execve",
+            "fork",
+            "vfork",
+            "ptrace",
+            "mount",
+            "umount2",
+            "unshare",
+            "setns",
+            "bpf",
+            "keyctl",
+            "add_key",
+            "reboot",
+            "setuid",
+            "setgid",
+            "setresuid",
+            "chroot",
+            "pivot_root",
+            "init_module",
+            "perf_event_open",
+            "io_uring_enter",
+            "userfaultfd",
+            "process_vm_readv",
+            "process_vm_writev",
+            "kexec_load",
+            "clone",
+        ];
         for (name, _) in policy::COMMON
             .iter()
             .chain(policy::NODEJS)
             .chain(policy::PYTHON)
             .chain(policy::NETWORK)
         {
-            assert!(!forbidden.contains(name), "{name} must not be allowed unconditionally");
+            assert!(
+                !forbidden.contains(name),
+                "{name} must not be allowed unconditionally"
+            );
         }
     }
 
@@ -194,12 +252,20 @@ mod tests {
     fn filters_build_for_every_profile() {
         for profile in [Profile::Python, Profile::Nodejs] {
             for network in [false, true] {
-                let opts = FilterOptions { profile, network, allowed_syscalls: &[] };
+                let opts = FilterOptions {
+                    profile,
+                    network,
+                    allowed_syscalls: &[],
+                };
                 build(&opts).expect("filter builds");
             }
         }
         let custom = [0i64, 1, 60, 231];
-        build(&FilterOptions { profile: Profile::Python, network: false, allowed_syscalls: &custom })
-            .expect("custom list builds");
+        build(&FilterOptions {
+            profile: Profile::Python,
+            network: false,
+            allowed_syscalls: &custom,
+        })
+        .expect("custom list builds");
     }
 }

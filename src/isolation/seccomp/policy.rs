@@ -76,7 +76,10 @@ pub const COMMON: &[(&str, &str)] = &[
     ("rt_sigtimedwait", "waiting for signals"),
     ("rt_sigpending", "pending signals"),
     ("sigaltstack", "stack overflow handling"),
-    ("kill", "signals to itself (other uids are refused by the kernel)"),
+    (
+        "kill",
+        "signals to itself (other uids are refused by the kernel)",
+    ),
     ("tgkill", "signals to its own threads"),
     ("tkill", "signals to its own threads"),
     ("getpid", "identity"),
@@ -123,7 +126,10 @@ pub const COMMON: &[(&str, &str)] = &[
     ("exit", "thread exit"),
     ("exit_group", "process exit"),
     ("restart_syscall", "restart after signals"),
-    ("wait4", "waiting for children (there are none; answers ECHILD)"),
+    (
+        "wait4",
+        "waiting for children (there are none; answers ECHILD)",
+    ),
     ("membarrier", "runtimes' memory barriers"),
 ];
 
@@ -145,7 +151,10 @@ pub const NODEJS: &[(&str, &str)] = &[
     ("pkey_mprotect", "V8 memory protection keys"),
     ("capget", "libuv checks capabilities at start"),
     ("sched_setaffinity", "worker thread placement"),
-    ("memfd_create", "V8 code space; cannot be executed because RLIMIT_NOFILE keeps it below the exec descriptor"),
+    (
+        "memfd_create",
+        "V8 code space; cannot be executed because RLIMIT_NOFILE keeps it below the exec descriptor",
+    ),
     ("statx", "fs.stat"),
     ("socketpair", "libuv's internal signal pipe"),
 ];
@@ -186,6 +195,12 @@ pub const NETWORK: &[(&str, &str)] = &[
 /// Syscalls that return ENOSYS rather than EPERM, so libc falls back to an allowed
 /// variant: clone3 -> clone (whose flags we can inspect), and the like.
 pub const ENOSYS: &[(&str, &str)] = &[
-    ("clone3", "glibc falls back to clone, whose flags the filter can check"),
-    ("io_uring_setup", "io_uring would bypass seccomp; libuv falls back to epoll"),
+    (
+        "clone3",
+        "glibc falls back to clone, whose flags the filter can check",
+    ),
+    (
+        "io_uring_setup",
+        "io_uring would bypass seccomp; libuv falls back to epoll",
+    ),
 ];
