@@ -84,6 +84,7 @@ struct RawConfig {
     tmp_size_mb: Option<u64>,
     state_dir: Option<String>,
     dependencies_path: Option<String>,
+    warm_workers: Option<usize>,
 }
 
 const KNOWN_KEYS: &[&str] = &[
@@ -107,6 +108,7 @@ const KNOWN_KEYS: &[&str] = &[
     "tmp_size_mb",
     "state_dir",
     "dependencies_path",
+    "warm_workers",
 ];
 const KNOWN_APP_KEYS: &[&str] = &["port", "debug", "key"];
 const KNOWN_PROXY_KEYS: &[&str] = &["socks5", "http", "https"];
@@ -151,6 +153,8 @@ pub struct Config {
     pub tmp_size_mb: u64,
     pub state_dir: PathBuf,
     pub dependencies_path: PathBuf,
+    /// Interpreters kept started and jailed per language and network setting; 0 = none.
+    pub warm_workers: usize,
     /// Keys found in the file that this version does not know (warned about, not fatal).
     pub unknown_keys: Vec<String>,
 }
@@ -323,6 +327,7 @@ impl Config {
                     .or(raw.dependencies_path)
                     .unwrap_or_else(|| "dependencies/python-requirements.txt".into()),
             ),
+            warm_workers: e.parse("WARM_WORKERS")?.or(raw.warm_workers).unwrap_or(2),
             unknown_keys,
         };
         cfg.validate()?;

@@ -2,7 +2,7 @@
 //! `serve` (through the HTTP API) and `run` (locally).
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use crate::isolation::cgroup::{CgroupError, RunCgroup};
 use crate::isolation::detect::Host;
 use crate::isolation::helper::HelperReport;
 use crate::isolation::spec::{IsolationLevel, Limits, SandboxSpec};
-use crate::pool::{PoolError, UidPool};
+use crate::pool::{Idle, PoolError, UidLease, UidPool, WarmPool};
 use crate::runner::{Language, Runtime, nodejs, python};
 
 /// Which stream a chunk of output came from.
@@ -52,7 +52,7 @@ impl LimitHit {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunLimits {
     pub timeout: Duration,
     pub memory_mb: u64,
@@ -97,6 +97,8 @@ pub enum RunError {
     Setup(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("the interpreter ended before the snippet reached it")]
+    EndedBeforeCode,
 }
 
 pub struct Engine {
@@ -108,9 +110,67 @@ pub struct Engine {
     counter: AtomicU64,
     mount_dir: PathBuf,
     helper: PathBuf,
+    pub(crate) warm: WarmPool<Worker>,
 }
 
 const RUN_PREFIX: &str = "sandbox-run-";
+
+/// Which warm workers a run can use: they differ in namespaces and seccomp rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub language: Language,
+    pub network: bool,
+}
+
+/// A sandbox whose interpreter is started and waits for its snippet on fd 3. Used for
+/// exactly one run; dropping it kills the helper (and through it the interpreter).
+pub struct Worker {
+    child: tokio::process::Child,
+    channel: tokio::net::UnixStream,
+    stdout: Option<tokio::process::ChildStdout>,
+    stderr: Option<tokio::process::ChildStderr>,
+    cgroup: Option<RunCgroup>,
+    lease: UidLease,
+    language: Language,
+    limits: RunLimits,
+}
+
+impl Worker {
+    pub fn uid(&self) -> u32 {
+        self.lease.uid
+    }
+
+    /// After the process tree is gone: remove the cgroup and private files, then give
+    /// the uid back (dropping the lease last).
+    async fn release(mut self, chroot_tmp: Option<PathBuf>) {
+        if let Some(cg) = self.cgroup.take() {
+            let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
+        }
+        if let Some(dir) = chroot_tmp {
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        }
+    }
+}
+
+impl Idle for Worker {
+    /// Dead when the helper exited, or when it already sent its report (the
+    /// interpreter ended, or its setup failed) before any snippet was sent.
+    fn is_dead(&mut self) -> bool {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return true;
+        }
+        let mut byte = [0u8; 1];
+        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        !matches!(
+            nix::sys::socket::recv(self.channel.as_raw_fd(), &mut byte, flags),
+            Err(nix::errno::Errno::EAGAIN)
+        )
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
 
 impl Engine {
     pub fn new(
@@ -125,6 +185,7 @@ impl Engine {
         }
         Ok(Self {
             workers: Arc::new(Semaphore::new(config.max_workers)),
+            warm: WarmPool::new(config.warm_workers),
             config,
             host,
             runtimes,
@@ -162,53 +223,168 @@ impl Engine {
         }
     }
 
-    /// Stop handing out worker slots: runs already executing finish, queued ones fail.
-    pub fn close(&self) {
+    /// Stop handing out worker slots (runs already executing finish, queued ones fail)
+    /// and kill the warm workers.
+    pub async fn close(&self) {
         self.workers.close();
+        for worker in self.warm.drain() {
+            self.discard(worker).await;
+        }
     }
 
-    /// Run one snippet: waits for a worker slot, then runs it in a fresh sandbox.
+    /// Keep warm workers ready for the keys Dify uses (each language with the server's
+    /// network setting); other keys are added when first asked for.
+    pub fn start_warm_pool(self: &Arc<Self>) {
+        if self.warm.target() == 0 {
+            return;
+        }
+        for language in Language::ALL {
+            if self.runtime(language).is_ok() {
+                self.warm.want(PoolKey {
+                    language,
+                    network: self.config.enable_network,
+                });
+            }
+        }
+        let engine = Arc::clone(self);
+        tokio::spawn(async move { engine.tend_pool().await });
+    }
+
+    /// Refill the pool after each take and on a short timer, dropping workers whose
+    /// interpreter died while it waited.
+    async fn tend_pool(self: Arc<Self>) {
+        loop {
+            for dead in self.warm.remove_dead() {
+                tracing::warn!("a warm worker died while waiting; replacing it");
+                self.discard(dead).await;
+            }
+            for key in self.warm.missing() {
+                let engine = Arc::clone(&self);
+                tokio::spawn(async move {
+                    let limits = engine.default_limits();
+                    let spawned = engine.spawn_worker(key.language, key.network, &limits);
+                    match spawned {
+                        Ok(worker) => engine.warm.put(key, worker),
+                        Err(e) => {
+                            engine.warm.spawn_failed(key);
+                            tracing::error!(error = %e, language = %key.language, "cannot start a warm worker");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                });
+            }
+            if self.workers.is_closed() {
+                return;
+            }
+            tokio::select! {
+                _ = self.warm.wait_for_take() => {},
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {},
+            }
+        }
+    }
+
+    /// Run one snippet: waits for a worker slot, then runs it in a fresh sandbox (a warm
+    /// one when the pool has it ready).
     pub async fn execute(&self, req: RunRequest) -> Result<RunOutcome, RunError> {
-        let runtime = self.runtime(req.language)?.clone();
+        self.runtime(req.language)?;
         let _slot = self
             .workers
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| RunError::ShuttingDown)?;
+        let key = PoolKey {
+            language: req.language,
+            network: req.network,
+        };
+        let warm = if req.limits == self.default_limits() {
+            self.warm.take_or_wait(key).await
+        } else {
+            None
+        };
+        if let Some(worker) = warm {
+            match self.run_worker(worker, &req).await {
+                // Killed while it waited: the snippet never ran, so running it on a fresh
+                // worker is safe.
+                Err(RunError::EndedBeforeCode) => {}
+                other => return other,
+            }
+        }
+        let worker = self.spawn_worker(req.language, req.network, &req.limits)?;
+        match self.run_worker(worker, &req).await {
+            Err(RunError::EndedBeforeCode) => Err(RunError::Setup(
+                "the interpreter exited before it could read the snippet; check that it starts \
+                 within memory_limit_mb (sandbox doctor)"
+                    .into(),
+            )),
+            other => other,
+        }
+    }
+
+    /// Start a sandbox and its interpreter; the snippet is sent later by `run_worker`.
+    fn spawn_worker(
+        &self,
+        language: Language,
+        network: bool,
+        limits: &RunLimits,
+    ) -> Result<Worker, RunError> {
+        let runtime = self.runtime(language)?;
         let lease = self.uids.acquire()?;
         let run_no = self.counter.fetch_add(1, Ordering::Relaxed);
         let name = format!("{RUN_PREFIX}{}-{run_no}", std::process::id());
-        let memory_bytes = req.limits.memory_mb << 20;
         let cgroup = match &self.host.cgroup {
             Some(driver) => {
-                Some(driver.create_run(&name, memory_bytes, req.limits.max_processes)?)
+                Some(driver.create_run(&name, limits.memory_mb << 20, limits.max_processes)?)
             }
             None => None,
         };
-        let guard = CgroupGuard(cgroup);
-        let outcome = self
-            .execute_in(&runtime, &req, lease.uid, guard.0.as_ref())
-            .await;
-        guard.remove().await;
-        if self.host.level == IsolationLevel::Chroot {
-            let dir = self
-                .chroot_dir(req.language)
-                .join(format!("tmp/run-{}", lease.uid));
-            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        let spec = self.spec(runtime, network, limits, lease.uid, cgroup.as_ref());
+        let spawned = (|| {
+            let spec_json =
+                serde_json::to_string(&spec).map_err(|e| RunError::Setup(e.to_string()))?;
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(RunError::Spawn)?;
+            let mut child = tokio::process::Command::new(&self.helper)
+                .arg("__exec")
+                .arg(spec_json)
+                .env_clear()
+                .stdin(Stdio::from(OwnedFd::from(theirs)))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(RunError::Spawn)?;
+            ours.set_nonblocking(true).map_err(RunError::Spawn)?;
+            let channel = tokio::net::UnixStream::from_std(ours).map_err(RunError::Spawn)?;
+            Ok::<_, RunError>((child.stdout.take(), child.stderr.take(), child, channel))
+        })();
+        match spawned {
+            Ok((stdout, stderr, child, channel)) => Ok(Worker {
+                child,
+                channel,
+                stdout,
+                stderr,
+                cgroup,
+                lease,
+                language,
+                limits: limits.clone(),
+            }),
+            Err(e) => {
+                if let Some(cg) = cgroup {
+                    cg.remove();
+                }
+                Err(e)
+            }
         }
-        drop(lease);
-        outcome
     }
 
     fn spec(
         &self,
         runtime: &Runtime,
-        req: &RunRequest,
+        network: bool,
+        l: &RunLimits,
         uid: u32,
         cgroup: Option<&RunCgroup>,
     ) -> SandboxSpec {
-        let l = &req.limits;
         let workdir = match self.host.level {
             IsolationLevel::Namespaces => PathBuf::from("/tmp"),
             IsolationLevel::Chroot => PathBuf::from(format!("/tmp/run-{uid}")),
@@ -219,7 +395,7 @@ impl Engine {
             format!("TMPDIR={}", workdir.display()),
             "LANG=C.UTF-8".to_string(),
         ];
-        if req.network {
+        if network {
             let p = &self.config.proxy;
             for (vars, value) in [
                 (["HTTP_PROXY", "http_proxy"], &p.http),
@@ -247,7 +423,7 @@ impl Engine {
             root: runtime.root.clone(),
             uid,
             gid: uid,
-            network: req.network,
+            network,
             limits: Limits {
                 address_space_bytes: address_space,
                 max_processes: l.max_processes,
@@ -265,34 +441,33 @@ impl Engine {
         }
     }
 
-    async fn execute_in(
+    /// Kill a worker that will not run anything and free what it held.
+    async fn discard(&self, mut worker: Worker) {
+        let _ = worker.child.start_kill();
+        let _ = worker.child.wait().await;
+        let tmp = self.chroot_tmp(&worker);
+        worker.release(tmp).await;
+    }
+
+    /// The run's private directory under the chroot level (there is no private tmpfs).
+    fn chroot_tmp(&self, worker: &Worker) -> Option<PathBuf> {
+        (self.host.level == IsolationLevel::Chroot).then(|| {
+            self.chroot_dir(worker.language)
+                .join(format!("tmp/run-{}", worker.lease.uid))
+        })
+    }
+
+    /// Send the snippet to `worker`, collect its output under the limits, clean up.
+    async fn run_worker(
         &self,
-        runtime: &Runtime,
+        mut worker: Worker,
         req: &RunRequest,
-        uid: u32,
-        cgroup: Option<&RunCgroup>,
     ) -> Result<RunOutcome, RunError> {
         let started = Instant::now();
-        let spec = self.spec(runtime, req, uid, cgroup);
-        let spec_json = serde_json::to_string(&spec).map_err(|e| RunError::Setup(e.to_string()))?;
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(RunError::Spawn)?;
-        let mut child = tokio::process::Command::new(&self.helper)
-            .arg("__exec")
-            .arg(spec_json)
-            .env_clear()
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(RunError::Spawn)?;
-        ours.set_nonblocking(true).map_err(RunError::Spawn)?;
-        let channel = tokio::net::UnixStream::from_std(ours).map_err(RunError::Spawn)?;
-        let (mut status_rd, mut code_wr) = channel.into_split();
-
+        let limits = worker.limits.clone();
         let overflow = Arc::new(Notify::new());
-        let cap = req.limits.max_output_bytes;
-        let stdout = child.stdout.take().map(|s| {
+        let cap = limits.max_output_bytes;
+        let stdout = worker.stdout.take().map(|s| {
             tokio::spawn(read_capped(
                 s,
                 cap,
@@ -301,7 +476,7 @@ impl Engine {
                 overflow.clone(),
             ))
         });
-        let stderr = child.stderr.take().map(|s| {
+        let stderr = worker.stderr.take().map(|s| {
             tokio::spawn(read_capped(
                 s,
                 cap,
@@ -316,6 +491,7 @@ impl Engine {
         payload.extend_from_slice(req.preload.as_bytes());
         payload.extend_from_slice(req.code.as_bytes());
 
+        let (mut status_rd, mut code_wr) = worker.channel.split();
         let talk = async {
             // The helper may fail before reading everything; its report says why.
             let _ = code_wr.write_all(&payload).await;
@@ -327,21 +503,30 @@ impl Engine {
         let mut limit = None;
         let report = tokio::select! {
             r = talk => r,
-            _ = tokio::time::sleep(req.limits.timeout) => { limit = Some(LimitHit::Timeout); None }
+            _ = tokio::time::sleep(limits.timeout) => { limit = Some(LimitHit::Timeout); None }
             _ = overflow.notified() => { limit = Some(LimitHit::Output); None }
         };
         if limit.is_some() {
-            let _ = child.start_kill();
-            if let Some(cg) = cgroup {
+            let _ = worker.child.start_kill();
+            if let Some(cg) = &worker.cgroup {
                 cg.kill_all();
             }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await;
         let (out, out_over) = join_reader(stdout).await;
         let (err, err_over) = join_reader(stderr).await;
         if limit.is_none() && (out_over || err_over) {
             limit = Some(LimitHit::Output);
         }
+        let (cgroup_memory, cgroup_pids) = match &worker.cgroup {
+            Some(cg) => (cg.oom_killed(), cg.pids_limit_hit()),
+            None => (false, false),
+        };
+        let uid = worker.uid();
+        let language = worker.language;
+        // The process tree is gone; the cgroup and uid are freed after the answer.
+        let tmp = self.chroot_tmp(&worker);
+        tokio::spawn(worker.release(tmp));
 
         let stderr_text = String::from_utf8_lossy(&err).into_owned();
         let mut exit_code = match (&report, limit) {
@@ -351,15 +536,18 @@ impl Engine {
             (Some(HelperReport::SetupFailed { message }), _) => {
                 return Err(RunError::Setup(message.clone()));
             }
+            (Some(HelperReport::EndedBeforeCode { .. }), _) => {
+                return Err(RunError::EndedBeforeCode);
+            }
             (None, _) => 137,
         };
         if limit.is_none() && exit_code != 0 {
-            limit = classify_failure(cgroup, runtime.language, &stderr_text);
+            limit = classify_failure(cgroup_memory, cgroup_pids, language, &stderr_text);
         }
         if limit == Some(LimitHit::Output) && exit_code == 0 {
             exit_code = 137;
         }
-        let error = describe_error(exit_code, &stderr_text, limit, &req.limits);
+        let error = describe_error(exit_code, &stderr_text, limit, &limits);
         Ok(RunOutcome {
             stdout: String::from_utf8_lossy(&out).into_owned(),
             stderr: stderr_text,
@@ -375,19 +563,22 @@ impl Engine {
 /// Which limit explains a failed run, from the cgroup's counters or the runtime's own
 /// words when no cgroup is available.
 fn classify_failure(
-    cgroup: Option<&RunCgroup>,
+    oom_killed: bool,
+    pids_limit_hit: bool,
     language: Language,
     stderr: &str,
 ) -> Option<LimitHit> {
-    if let Some(cg) = cgroup {
-        if cg.oom_killed() {
-            return Some(LimitHit::Memory);
-        }
-        if cg.pids_limit_hit() {
-            return Some(LimitHit::Processes);
-        }
+    if oom_killed {
+        return Some(LimitHit::Memory);
     }
-    let tail = &stderr[stderr.len().saturating_sub(4096)..];
+    if pids_limit_hit {
+        return Some(LimitHit::Processes);
+    }
+    let mut start = stderr.len().saturating_sub(4096);
+    while !stderr.is_char_boundary(start) {
+        start += 1;
+    }
+    let tail = &stderr[start..];
     let memory = match language {
         Language::Python3 => tail.contains("MemoryError"),
         Language::Nodejs => {
@@ -492,26 +683,6 @@ async fn join_reader(h: Option<tokio::task::JoinHandle<(Vec<u8>, bool)>>) -> (Ve
     match tokio::time::timeout(Duration::from_secs(5), h).await {
         Ok(Ok(v)) => v,
         _ => (Vec::new(), false),
-    }
-}
-
-/// Removes the run's cgroup after the run (off the async threads: removal may wait for
-/// the kernel to finish tearing processes down).
-struct CgroupGuard(Option<RunCgroup>);
-
-impl CgroupGuard {
-    async fn remove(mut self) {
-        if let Some(cg) = self.0.take() {
-            let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
-        }
-    }
-}
-
-impl Drop for CgroupGuard {
-    fn drop(&mut self) {
-        if let Some(cg) = self.0.take() {
-            cg.remove();
-        }
     }
 }
 

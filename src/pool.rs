@@ -120,3 +120,167 @@ mod tests {
         assert!(p2.acquire().is_err());
     }
 }
+
+/// What the warm pool needs to know about an idle worker.
+pub trait Idle {
+    /// Whether its process has exited while it waited.
+    fn is_dead(&mut self) -> bool;
+    fn pid(&self) -> Option<u32>;
+}
+
+/// Warm, single-use workers per key (language and network setting): a run takes one,
+/// and the pool is topped up in the background. A worker is never given back.
+pub struct WarmPool<W> {
+    target: usize,
+    state: std::sync::Mutex<WarmState<W>>,
+    taken: tokio::sync::Notify,
+    added: tokio::sync::Notify,
+}
+
+struct WarmState<W> {
+    idle: std::collections::HashMap<crate::engine::PoolKey, std::collections::VecDeque<W>>,
+    pending: std::collections::HashMap<crate::engine::PoolKey, usize>,
+}
+
+impl<W: Idle> WarmPool<W> {
+    pub fn new(target: usize) -> Self {
+        Self {
+            target,
+            state: std::sync::Mutex::new(WarmState {
+                idle: Default::default(),
+                pending: Default::default(),
+            }),
+            taken: tokio::sync::Notify::new(),
+            added: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn target(&self) -> usize {
+        self.target
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WarmState<W>> {
+        // A panic while holding the lock leaves plain collections behind: still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keep workers ready for `key` from now on.
+    pub fn want(&self, key: crate::engine::PoolKey) {
+        if self.target > 0 {
+            self.lock().idle.entry(key).or_default();
+        }
+    }
+
+    /// A ready worker for `key`, if any. Asking for a new key starts keeping it warm.
+    pub fn take(&self, key: crate::engine::PoolKey) -> Option<W> {
+        if self.target == 0 {
+            return None;
+        }
+        let mut state = self.lock();
+        let queue = state.idle.entry(key).or_default();
+        let mut found = None;
+        let mut dead = Vec::new();
+        while let Some(mut w) = queue.pop_front() {
+            if w.is_dead() {
+                dead.push(w);
+            } else {
+                found = Some(w);
+                break;
+            }
+        }
+        // Dead ones go back to be found and cleaned up by the tender.
+        for w in dead {
+            queue.push_back(w);
+        }
+        drop(state);
+        self.taken.notify_one();
+        found
+    }
+
+    /// Workers to start now: per key, the target less what is idle or starting. The
+    /// returned starts are counted as pending until `put` or `spawn_failed`.
+    pub fn missing(&self) -> Vec<crate::engine::PoolKey> {
+        let mut state = self.lock();
+        let keys: Vec<_> = state.idle.keys().copied().collect();
+        let mut out = Vec::new();
+        for key in keys {
+            let have = state.idle.get(&key).map_or(0, |q| q.len())
+                + state.pending.get(&key).copied().unwrap_or(0);
+            for _ in have..self.target {
+                out.push(key);
+            }
+            *state.pending.entry(key).or_default() += self.target.saturating_sub(have);
+        }
+        out
+    }
+
+    pub fn put(&self, key: crate::engine::PoolKey, worker: W) {
+        let mut state = self.lock();
+        if let Some(p) = state.pending.get_mut(&key) {
+            *p = p.saturating_sub(1);
+        }
+        state.idle.entry(key).or_default().push_back(worker);
+        drop(state);
+        self.added.notify_waiters();
+    }
+
+    /// Like `take`, but when none is ready and one is being started, wait for it: it is
+    /// further along than a worker started now would be.
+    pub async fn take_or_wait(&self, key: crate::engine::PoolKey) -> Option<W> {
+        loop {
+            let added = self.added.notified();
+            if let Some(w) = self.take(key) {
+                return Some(w);
+            }
+            if self.lock().pending.get(&key).copied().unwrap_or(0) == 0 {
+                return None;
+            }
+            added.await;
+        }
+    }
+
+    pub fn spawn_failed(&self, key: crate::engine::PoolKey) {
+        if let Some(p) = self.lock().pending.get_mut(&key) {
+            *p = p.saturating_sub(1);
+        }
+    }
+
+    /// Idle workers whose process has died.
+    pub fn remove_dead(&self) -> Vec<W> {
+        let mut state = self.lock();
+        let mut dead = Vec::new();
+        for queue in state.idle.values_mut() {
+            let mut keep = std::collections::VecDeque::new();
+            while let Some(mut w) = queue.pop_front() {
+                if w.is_dead() {
+                    dead.push(w)
+                } else {
+                    keep.push_back(w)
+                }
+            }
+            *queue = keep;
+        }
+        dead
+    }
+
+    /// Every idle worker, taken out (at shutdown).
+    pub fn drain(&self) -> Vec<W> {
+        let mut state = self.lock();
+        state.idle.values_mut().flat_map(|q| q.drain(..)).collect()
+    }
+
+    /// How many workers are ready, and their helper pids (for metrics and tests).
+    pub fn ready(&self) -> (usize, Vec<u32>) {
+        let state = self.lock();
+        let pids: Vec<u32> = state
+            .idle
+            .values()
+            .flat_map(|q| q.iter().filter_map(|w| w.pid()))
+            .collect();
+        (state.idle.values().map(|q| q.len()).sum(), pids)
+    }
+
+    pub async fn wait_for_take(&self) {
+        self.taken.notified().await;
+    }
+}

@@ -461,7 +461,8 @@ async fn dependencies_endpoints_list_update_and_refresh() {
 #[tokio::test]
 async fn internal_failures_answer_minus_500_and_the_server_survives() {
     let state = tempfile::tempdir().unwrap();
-    let s = Server::start(&[("SANDBOX_STATE_DIR", state.path().to_str().unwrap())]).await;
+    // No warm workers: each run must build its sandbox when it is asked for.
+    let s = Server::start(&[("SANDBOX_STATE_DIR", state.path().to_str().unwrap()), ("WARM_WORKERS", "0")]).await;
     // Remove the mount point runs are built on: the sandbox cannot be set up.
     std::fs::remove_dir(state.path().join("rootfs")).unwrap();
     let (status, env) = s

@@ -53,12 +53,13 @@ async fn serve(engine: Arc<crate::engine::Engine>) -> anyhow::Result<()> {
         )
     })?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
+    engine.start_warm_pool();
     let state = api::AppState::new(engine.clone());
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("the HTTP server failed")?;
-    engine.close();
+    engine.close().await;
     tracing::info!("stopped: in-flight runs finished");
     Ok(())
 }

@@ -8,18 +8,19 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use nix::fcntl::{OFlag, open};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sched::{CloneFlags, unshare};
 use nix::sys::prctl;
 use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::Signal;
 use nix::sys::stat::Mode;
-use nix::sys::wait::{WaitStatus, waitpid};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::{
     ForkResult, Gid, Uid, chdir, chroot, pipe2, setgroups, sethostname, setresgid, setresuid,
 };
@@ -40,9 +41,21 @@ const ERROR_FD: i32 = 1022;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HelperReport {
-    Exited { code: i32 },
-    Signaled { signal: i32 },
-    SetupFailed { message: String },
+    Exited {
+        code: i32,
+    },
+    Signaled {
+        signal: i32,
+    },
+    SetupFailed {
+        message: String,
+    },
+    /// The interpreter ended before the whole snippet reached it (a warm worker killed
+    /// while it waited, or an interpreter that could not even start).
+    EndedBeforeCode {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
 }
 
 /// Entry point of `sandbox __exec <spec-json>`. Returns the helper's exit code.
@@ -64,18 +77,20 @@ pub fn main(spec_json: &str) -> i32 {
     line.push('\n');
     // The server may be gone (it killed us on timeout); nothing else to tell then.
     let _ = channel.write_all(line.as_bytes());
+    // Leave only once the server has closed its side: closing a Unix socket with
+    // unread data resets it, and the server would lose this report.
+    let mut sink = [0u8; 4096];
+    while matches!(channel.read(&mut sink), Ok(n) if n > 0) {}
     0
 }
 
+fn setup_failed(step: Step, what: &str, e: nix::errno::Errno) -> HelperReport {
+    HelperReport::SetupFailed {
+        message: StepError::new(step, what, e.desc()).to_string(),
+    }
+}
+
 fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
-    let code = match read_code(channel) {
-        Ok(fd) => fd,
-        Err(e) => {
-            return HelperReport::SetupFailed {
-                message: e.to_string(),
-            };
-        }
-    };
     if let Err(e) = join_cgroups(spec) {
         return HelperReport::SetupFailed {
             message: e.to_string(),
@@ -85,37 +100,37 @@ fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
         // A new pid namespace applies to children only: the forked process is its pid 1,
         // and when it exits the kernel kills everything left in the namespace.
         if let Err(e) = unshare(CloneFlags::CLONE_NEWPID) {
-            return HelperReport::SetupFailed {
-                message: StepError::new(Step::Unshare, "CLONE_NEWPID", e.desc()).to_string(),
-            };
+            return setup_failed(Step::Unshare, "CLONE_NEWPID", e);
         }
     }
     let (err_read, err_write) = match pipe2(OFlag::O_CLOEXEC) {
         Ok(p) => p,
-        Err(e) => {
-            return HelperReport::SetupFailed {
-                message: StepError::new(Step::Fork, "pipe2", e.desc()).to_string(),
-            };
-        }
+        Err(e) => return setup_failed(Step::Fork, "pipe2", e),
+    };
+    // The snippet reaches the interpreter through this pipe (fd 3 there). The
+    // interpreter may start long before the code arrives: a warm worker waits on it.
+    let (code_read, code_write) = match pipe2(OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => return setup_failed(Step::ReadCode, "pipe2", e),
     };
     match sys::fork() {
-        Err(e) => HelperReport::SetupFailed {
-            message: StepError::new(Step::Fork, "fork", e.desc()).to_string(),
-        },
+        Err(e) => setup_failed(Step::Fork, "fork", e),
         Ok(ForkResult::Child) => {
             drop(err_read);
-            let err = child(spec, code, err_write.as_raw_fd());
+            drop(code_write);
+            let err = child(spec, code_read, err_write.as_raw_fd());
             let mut pipe = File::from(err_write);
             let _ = pipe.write_all(err.to_string().as_bytes());
             sys::exit_now(126)
         }
         Ok(ForkResult::Parent { child }) => {
             drop(err_write);
-            drop(code);
+            drop(code_read);
             let mut message = String::new();
             // Returns at EOF: the exec succeeded (O_CLOEXEC closed the pipe) or the
             // child wrote why it failed and exited.
             let _ = File::from(err_read).read_to_string(&mut message);
+            let delivered = message.is_empty() && forward_code(channel, code_write, child);
             let status = loop {
                 match waitpid(child, None) {
                     Err(nix::errno::Errno::EINTR) => continue,
@@ -124,6 +139,22 @@ fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
             };
             if !message.is_empty() {
                 return HelperReport::SetupFailed { message };
+            }
+            if !delivered {
+                return match status {
+                    Ok(WaitStatus::Exited(_, code)) => HelperReport::EndedBeforeCode {
+                        code: Some(code),
+                        signal: None,
+                    },
+                    Ok(WaitStatus::Signaled(_, sig, _)) => HelperReport::EndedBeforeCode {
+                        code: None,
+                        signal: Some(sig as i32),
+                    },
+                    _ => HelperReport::EndedBeforeCode {
+                        code: None,
+                        signal: None,
+                    },
+                };
             }
             match status {
                 Ok(WaitStatus::Exited(_, code)) => HelperReport::Exited { code },
@@ -141,20 +172,62 @@ fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
     }
 }
 
-/// Read the snippet until the server closes its side, into a memfd the interpreter
-/// reads on fd 3 (a memfd never blocks the way a full pipe would).
-fn read_code(channel: &mut UnixStream) -> Result<OwnedFd, StepError> {
-    let mut buf = Vec::new();
-    channel
-        .read_to_end(&mut buf)
-        .map_err(|e| StepError::new(Step::ReadCode, "stdin", e))?;
-    let fd = nix::sys::memfd::memfd_create(c"snippet", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-        .map_err(|e| StepError::new(Step::ReadCode, "memfd_create", e.desc()))?;
-    let mut file = File::from(fd);
-    file.write_all(&buf)
-        .and_then(|_| file.rewind())
-        .map_err(|e| StepError::new(Step::ReadCode, "memfd", e))?;
-    Ok(OwnedFd::from(file))
+/// Whether `child` has exited, without reaping it.
+fn exited(child: nix::unistd::Pid) -> bool {
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    !matches!(waitid(Id::Pid(child), flags), Ok(WaitStatus::StillAlive))
+}
+
+/// Copy the snippet from the server to the interpreter's fd 3 until the server closes
+/// its side, or stop early when the interpreter exits (a warm worker killed while it
+/// waited). Keeps draining the server's side after the pipe breaks so the server never
+/// blocks writing. Returns whether the whole snippet was handed over.
+fn forward_code(channel: &mut UnixStream, code_write: OwnedFd, child: nix::unistd::Pid) -> bool {
+    let pidfd = sys::pidfd_open(child).ok();
+    let mut pipe = Some(File::from(code_write));
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let (child_done, input) = {
+            let mut fds = vec![PollFd::new(channel.as_fd(), PollFlags::POLLIN)];
+            if let Some(p) = &pidfd {
+                fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
+            }
+            // Without pidfd (old kernels) wake up now and then to check on the child.
+            let timeout = if pidfd.is_some() {
+                PollTimeout::NONE
+            } else {
+                PollTimeout::from(200u16)
+            };
+            match poll(&mut fds, timeout) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return false,
+                Ok(_) => {}
+            }
+            let child_done = fds
+                .get(1)
+                .and_then(|f| f.revents())
+                .is_some_and(|r| !r.is_empty());
+            (child_done, fds[0].revents().is_some_and(|r| !r.is_empty()))
+        };
+        if child_done || (pidfd.is_none() && !input && exited(child)) {
+            return false;
+        }
+        if !input {
+            continue;
+        }
+        match channel.read(&mut buf) {
+            Ok(0) => return pipe.is_some(),
+            Ok(n) => {
+                if let Some(p) = pipe.as_mut()
+                    && p.write_all(&buf[..n]).is_err()
+                {
+                    pipe = None;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
 }
 
 fn join_cgroups(spec: &SandboxSpec) -> Result<(), StepError> {

@@ -101,3 +101,12 @@ pub fn reset_sigpipe() -> Result<(), Errno> {
     }
     .map(drop)
 }
+
+/// pidfd_open(2): a descriptor that becomes readable when `pid` exits (Linux 5.3+).
+pub fn pidfd_open(pid: nix::unistd::Pid) -> Result<std::os::fd::OwnedFd, Errno> {
+    // SAFETY: the syscall takes a pid and flags and returns a new descriptor or -1.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0u32) };
+    let fd = Errno::result(rc)? as RawFd;
+    // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}

@@ -85,6 +85,8 @@ pub struct Runtime {
     pub profile: Profile,
     /// Optional modules and whether the interpreter can import them (Python only).
     pub modules: Vec<(String, bool)>,
+    /// The interpreter's module search path as it reported it (Python's sys.path).
+    pub search_path: Vec<String>,
 }
 
 impl Runtime {
@@ -92,7 +94,7 @@ impl Runtime {
     /// cgroup (or RLIMIT) has to kill it.
     pub fn argv(&self, memory_mb: u64) -> Vec<String> {
         match self.language {
-            Language::Python3 => python::argv(&self.program),
+            Language::Python3 => python::argv(&self.program, &self.search_path),
             Language::Nodejs => nodejs::argv(&self.program, memory_mb),
         }
     }

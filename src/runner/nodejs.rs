@@ -53,6 +53,7 @@ pub fn discover(node: &str, system_files: &[PathBuf]) -> Result<Runtime, Discove
         root,
         profile: Profile::Nodejs,
         modules: Vec::new(),
+        search_path: Vec::new(),
     })
 }
 
