@@ -49,6 +49,15 @@ pub struct Attempt {
     pub reason: String,
 }
 
+/// The engine that answered.
+#[derive(Debug)]
+pub struct Connected {
+    pub docker: Docker,
+    pub candidate: Candidate,
+    /// Candidates tried before it, with the reason each failed.
+    pub skipped: Vec<Attempt>,
+}
+
 /// No candidate answered a ping.
 #[derive(Debug, thiserror::Error)]
 pub struct NoEngine {
@@ -232,7 +241,7 @@ impl Discovery {
 
     /// Tries every candidate in order and returns the first engine that
     /// answers, with its API version negotiated down to what it supports.
-    pub async fn connect(&self) -> Result<(Docker, Candidate), NoEngine> {
+    pub async fn connect(&self) -> Result<Connected, NoEngine> {
         let tls = self.var("DOCKER_TLS_VERIFY").is_some_and(|v| v != "0");
         let mut attempts = Vec::new();
         for candidate in self.candidates() {
@@ -244,7 +253,13 @@ impl Discovery {
                 continue;
             }
             match probe(&candidate.host, tls).await {
-                Ok(docker) => return Ok((docker, candidate)),
+                Ok(docker) => {
+                    return Ok(Connected {
+                        docker,
+                        candidate,
+                        skipped: attempts,
+                    });
+                }
                 Err(reason) => attempts.push(Attempt { candidate, reason }),
             }
         }
@@ -308,7 +323,7 @@ async fn probe(host: &str, tls: bool) -> Result<Docker, String> {
                 PING_TIMEOUT.as_secs()
             ));
         }
-        Ok(Err(e)) => return Err(describe_ping_error(&e)),
+        Ok(Err(e)) => return Err(describe_ping_error(&e, host.starts_with("unix://"))),
         Ok(Ok(_)) => {}
     }
     docker
@@ -317,7 +332,7 @@ async fn probe(host: &str, tls: bool) -> Result<Docker, String> {
         .map_err(|e| format!("answered a ping but not /version: {e}"))
 }
 
-fn describe_ping_error(e: &bollard::errors::Error) -> String {
+fn describe_ping_error(e: &bollard::errors::Error, unix: bool) -> String {
     let text = e.to_string();
     let chain = {
         let mut s = text.clone();
@@ -333,8 +348,10 @@ fn describe_ping_error(e: &bollard::errors::Error) -> String {
     if lower.contains("permission denied") {
         "permission denied: add your user to the `docker` group (then log in again) or run with sudo"
             .into()
-    } else if lower.contains("connection refused") {
+    } else if lower.contains("connection refused") && unix {
         "connection refused (the socket is left over; the engine is not running)".into()
+    } else if lower.contains("connection refused") {
+        "connection refused (nothing listens there)".into()
     } else {
         chain
     }
@@ -513,6 +530,7 @@ mod tests {
         );
         let err = d.connect().await.unwrap_err();
         let text = err.to_string();
+        eprintln!("{text}");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "no Docker engine answered. Tried, in this order:");
         assert!(

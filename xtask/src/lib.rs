@@ -114,10 +114,24 @@ fn absolute(p: PathBuf) -> Result<PathBuf> {
 }
 
 async fn connect() -> Result<(bollard::Docker, Option<Arch>)> {
-    let (docker, found) = engine::Discovery::from_process().connect().await?;
-    let native = images::engine_arch(&docker).await?;
-    eprintln!("==> engine: {} {}", found.origin, found.host);
-    Ok((docker, native))
+    let connected = engine::Discovery::from_process().connect().await?;
+    // An engine configured explicitly but not answering deserves a word,
+    // since another one is used instead.
+    for skipped in &connected.skipped {
+        let c = &skipped.candidate;
+        if c.origin == "DOCKER_HOST" || c.origin.starts_with("context") {
+            let host = if c.host.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", c.host)
+            };
+            eprintln!("note: skipped {}{host}: {}", c.origin, skipped.reason);
+        }
+    }
+    let native = images::engine_arch(&connected.docker).await?;
+    let c = &connected.candidate;
+    eprintln!("==> engine: {} {}", c.origin, c.host);
+    Ok((connected.docker, native))
 }
 
 fn arches(choice: Option<ArchChoice>, native: Option<Arch>) -> Result<Vec<Arch>> {

@@ -12,6 +12,8 @@
 //! - `SANDBOX_SKIP_DOCKER_TESTS=1` skips the test.
 //! - `SANDBOX_TEST_BUILDER_IMAGE=<image>` uses that builder image instead.
 //! - `SANDBOX_TEST_SOURCE=<dir>` builds that tree instead of this workspace.
+//!
+//! The tree is snapshotted once, so both runs see the same source.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Write;
@@ -54,7 +56,7 @@ fn build_linux_end_to_end() {
         .expect("tokio runtime");
 
     let docker = match runtime.block_on(xtask::engine::Discovery::from_process().connect()) {
-        Ok((docker, _)) => docker,
+        Ok(connected) => connected.docker,
         Err(e) => panic!(
             "{e}\n\nThis end-to-end test needs a running Docker engine: start one \
              (in CI: .ci/start-dockerd.sh) or set SANDBOX_SKIP_DOCKER_TESTS=1 to skip it."
@@ -95,9 +97,10 @@ fn build_linux_end_to_end() {
     .map(|s| s.to_string())
     .collect();
     args.push(out.display().to_string());
-    if let Ok(src) = std::env::var("SANDBOX_TEST_SOURCE") {
-        args.extend(["--source".to_string(), src]);
-    }
+    args.extend([
+        "--source".to_string(),
+        snapshot_source().display().to_string(),
+    ]);
 
     let first = run_xtask(&args);
     let binary = out.join(format!("linux-{arch}")).join("sandbox");
@@ -139,6 +142,26 @@ fn build_linux_end_to_end() {
         first.took.as_secs_f64(),
         second.took.as_secs_f64()
     );
+}
+
+/// Copies the tree to build (this workspace, or `SANDBOX_TEST_SOURCE`) once,
+/// with its modification times, so both runs compile the same source even
+/// while the checkout is being edited.
+fn snapshot_source() -> PathBuf {
+    let root = match std::env::var("SANDBOX_TEST_SOURCE") {
+        Ok(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("xtask lives inside the workspace")
+            .to_path_buf(),
+    };
+    let (tar, _) = xtask::archive::source_tar(&root, "src").expect("archive the source tree");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-source");
+    let _ = std::fs::remove_dir_all(&dir);
+    tar::Archive::new(&tar[..])
+        .unpack(&dir)
+        .expect("unpack the source snapshot");
+    dir.join("src")
 }
 
 struct Run {
