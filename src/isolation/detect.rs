@@ -31,7 +31,7 @@ pub struct Host {
 #[derive(Debug, thiserror::Error)]
 pub enum DetectError {
     #[error(
-        "the sandbox must run as root (it switches each run to its own unprivileged uid): run it with sudo or as root"
+        "the sandbox must run as root: each run gets its own unprivileged uid, private mounts and a cgroup, which only root can set up. Run it with sudo or as root (`sandbox run --server URL` runs snippets on a remote `sandbox serve` without root)"
     )]
     NotRoot,
     #[error(
@@ -136,21 +136,26 @@ fn probe_seccomp() -> Result<(), String> {
     }
 }
 
-/// Detect once at start. `mount_dir` is the (empty) directory private roots are
-/// mounted on; `force` picks a level for testing or for operators who want chroot.
-pub fn detect(mount_dir: &Path, force: Option<IsolationLevel>) -> Result<Host, DetectError> {
+/// What the probes found, before any decision: `doctor` shows it whole, even on a host
+/// where `serve` could not start.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub report: HostReport,
+    cgroup: Option<CgroupDriver>,
+}
+
+/// Try everything a run needs, in throw-away child processes. `mount_dir` is the
+/// (empty) directory private roots are mounted on.
+pub fn probe(mount_dir: &Path) -> Probe {
     let root = nix::unistd::geteuid().is_root();
     let exe = PathBuf::from("/proc/self/exe");
+    let not_root = || Err::<(), String>("not root".into());
     let namespaces = if root {
         probe_namespaces(&exe, mount_dir)
     } else {
-        Err("not root".into())
+        not_root()
     };
-    let chroot = if root {
-        probe_chroot()
-    } else {
-        Err("not root".into())
-    };
+    let chroot = if root { probe_chroot() } else { not_root() };
     let seccomp = probe_seccomp();
     let self_cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let cgroup = if root {
@@ -160,18 +165,28 @@ pub fn detect(mount_dir: &Path, force: Option<IsolationLevel>) -> Result<Host, D
     };
     let report = HostReport {
         root,
-        namespaces: namespaces.clone(),
-        chroot: chroot.clone(),
-        seccomp: seccomp.clone(),
+        namespaces,
+        chroot,
+        seccomp,
         cgroup: cgroup.as_ref().map(|d| d.describe()).map_err(Clone::clone),
     };
-    if !root {
+    Probe {
+        report,
+        cgroup: cgroup.ok(),
+    }
+}
+
+/// Pick the isolation level from what the probes found; `force` picks a level for
+/// testing or for operators who want chroot.
+pub fn decide(probe: Probe, force: Option<IsolationLevel>) -> Result<Host, DetectError> {
+    let Probe { report, cgroup } = probe;
+    if !report.root {
         return Err(DetectError::NotRoot);
     }
-    if let Err(e) = seccomp {
-        return Err(DetectError::NoSeccomp(e));
+    if let Err(e) = &report.seccomp {
+        return Err(DetectError::NoSeccomp(e.clone()));
     }
-    let level = match (force, &namespaces, &chroot) {
+    let level = match (force, &report.namespaces, &report.chroot) {
         (Some(IsolationLevel::Chroot), _, Ok(())) => IsolationLevel::Chroot,
         (_, Ok(()), _) => IsolationLevel::Namespaces,
         (_, Err(_), Ok(())) => IsolationLevel::Chroot,
@@ -183,7 +198,12 @@ pub fn detect(mount_dir: &Path, force: Option<IsolationLevel>) -> Result<Host, D
     };
     Ok(Host {
         level,
-        cgroup: cgroup.ok(),
+        cgroup,
         report,
     })
+}
+
+/// Detect once at start: `probe` then `decide`.
+pub fn detect(mount_dir: &Path, force: Option<IsolationLevel>) -> Result<Host, DetectError> {
+    decide(probe(mount_dir), force)
 }

@@ -1,0 +1,848 @@
+//! `sandbox run`, as a CI pipeline calls it: every option and every exit code, including
+//! bad input, for real (root, real interpreters, real sandbox).
+//!
+//! Transcript of the exit codes these tests pin down:
+//!
+//! ```text
+//! $ sandbox run ok.py                          -> 0, the snippet's output
+//! $ sandbox run -l python3 -e 'exit(7)'         -> 7 (the snippet's own code)
+//! $ sandbox run --timeout 1 spin.py             -> 124, "sandbox: timeout: ..."
+//! $ sandbox run -l ruby -e 'puts 1'             -> 2, "unsupported language"
+//! $ sandbox run missing.py                      -> 2, "cannot read missing.py"
+//! $ sandbox run --timeout -1 ok.py              -> 2, "--timeout must be a positive number"
+//! $ sandbox run big.py   (20 MB)                -> 2, "snippets are limited to 16777216 bytes"
+//! $ (as nobody) sandbox run ok.py               -> 125, "must run as root ... --server"
+//! $ sandbox run --server http://127.0.0.1:1 ... -> 125, "cannot reach the sandbox server"
+//! ```
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Server, bin, sandbox, stderr, stdout};
+use serde_json::Value;
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+fn with_stdin(args: &[&str], input: &[u8]) -> Output {
+    let mut child = Command::new(bin())
+        .args(args)
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    // A writer thread: the child may stop reading early (oversized input).
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    let _ = writer.join();
+    out
+}
+
+fn json_of(o: &Output) -> Value {
+    serde_json::from_str(stdout(o).trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", stdout(o), stderr(o)))
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exited normally")
+}
+
+/// As `nobody`: what a user without root gets.
+fn as_nobody(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .current_dir("/")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap()
+}
+
+// --- the snippet's own result ---
+
+#[test]
+fn a_python_file_runs_by_its_extension() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "script.py",
+        "import sys\nprint('out')\nprint('err', file=sys.stderr)\n",
+    );
+    let o = sandbox(&["run", &f], &[]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "out\n");
+    assert_eq!(stderr(&o), "err\n");
+}
+
+#[test]
+fn a_javascript_file_runs_by_its_extension() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["app.js", "app.mjs", "app.cjs"] {
+        let f = write(
+            dir.path(),
+            name,
+            "console.log('js ' + (1 + 1)); console.error('e');",
+        );
+        let o = sandbox(&["run", &f], &[]);
+        assert_eq!(code(&o), 0, "{name}: {}", stderr(&o));
+        assert_eq!(stdout(&o), "js 2\n", "{name}");
+        assert_eq!(stderr(&o), "e\n", "{name}");
+    }
+}
+
+#[test]
+fn language_flag_overrides_the_extension() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "snippet.txt", "console.log(typeof process)");
+    let o = sandbox(&["run", "-l", "nodejs", &f], &[]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "object\n");
+}
+
+#[test]
+fn stdin_with_a_dash() {
+    let o = with_stdin(&["run", "-l", "python3", "-"], b"print(sum(range(10)))\n");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "45\n");
+}
+
+#[test]
+fn eval_with_each_language_name() {
+    for (lang, code_text) in [
+        ("nodejs", "console.log(1)"),
+        ("node", "console.log(1)"),
+        ("js", "console.log(1)"),
+        ("python3", "print(1)"),
+        ("python", "print(1)"),
+        ("py", "print(1)"),
+    ] {
+        let o = sandbox(&["run", "-l", lang, "-e", code_text], &[]);
+        assert_eq!(code(&o), 0, "{lang}: {}", stderr(&o));
+        assert_eq!(stdout(&o), "1\n", "{lang}");
+    }
+}
+
+#[test]
+fn the_snippets_exit_code_is_the_exit_code() {
+    let o = sandbox(
+        &["run", "-l", "python3", "-e", "import sys; sys.exit(7)"],
+        &[],
+    );
+    assert_eq!(code(&o), 7, "{}", stderr(&o));
+    let o = sandbox(&["run", "-l", "nodejs", "-e", "process.exit(9)"], &[]);
+    assert_eq!(code(&o), 9, "{}", stderr(&o));
+    // An uncaught exception: the interpreter's own 1, with the traceback on stderr.
+    let o = sandbox(
+        &["run", "-l", "python3", "-e", "raise ValueError('boom')"],
+        &[],
+    );
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("ValueError: boom"), "{}", stderr(&o));
+    // A blocked operation is the snippet's failure, explained, not a sandbox failure.
+    let o = sandbox(
+        &["run", "-l", "python3", "-e", "import os; os.system('id')"],
+        &[],
+    );
+    assert_ne!(code(&o), 125, "{}", stderr(&o));
+}
+
+#[test]
+fn output_is_streamed_as_it_comes() {
+    let mut child = Command::new(bin())
+        .args([
+            "run",
+            "-l",
+            "python3",
+            "-e",
+            "import time\nprint('first', flush=True)\ntime.sleep(1.5)\nprint('second')",
+        ])
+        .current_dir(std::env::temp_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = [0u8; 6];
+    out.read_exact(&mut buf).unwrap();
+    let first_after = started.elapsed();
+    assert_eq!(&buf, b"first\n");
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let total = started.elapsed();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(rest, "second\n");
+    assert!(
+        total - first_after >= Duration::from_millis(1000),
+        "the first line came at {first_after:?}, the end at {total:?}: not streamed"
+    );
+}
+
+// --- limits ---
+
+#[test]
+fn timeout_exits_124() {
+    let started = Instant::now();
+    let o = sandbox(
+        &[
+            "run",
+            "--timeout",
+            "1",
+            "-l",
+            "python3",
+            "-e",
+            "while True: pass",
+        ],
+        &[],
+    );
+    let took = started.elapsed();
+    assert_eq!(code(&o), 124, "{}", stderr(&o));
+    assert!(stderr(&o).contains("sandbox: timeout"), "{}", stderr(&o));
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+#[test]
+fn fractional_timeout_and_json_name_the_limit() {
+    let o = sandbox(
+        &[
+            "run",
+            "--json",
+            "--timeout",
+            "0.5",
+            "-l",
+            "nodejs",
+            "-e",
+            "for(;;){}",
+        ],
+        &[],
+    );
+    assert_eq!(code(&o), 124, "{}", stderr(&o));
+    let v = json_of(&o);
+    assert_eq!(v["limit"], "timeout");
+    assert_eq!(v["exit_code"], -1);
+    assert!(v["error"].as_str().unwrap().starts_with("timeout"), "{v}");
+    let ms = v["duration_ms"].as_f64().unwrap();
+    assert!((450.0..3000.0).contains(&ms), "{ms}");
+}
+
+#[test]
+fn the_timeout_defaults_to_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "c.yaml", "worker_timeout: 1\n");
+    let started = Instant::now();
+    let o = sandbox(
+        &[
+            "run",
+            "--config",
+            &cfg,
+            "-l",
+            "python3",
+            "-e",
+            "import time; time.sleep(30)",
+        ],
+        &[],
+    );
+    assert_eq!(code(&o), 124, "{}", stderr(&o));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // ... and to WORKER_TIMEOUT, which overrides the embedded default.
+    let o = sandbox(
+        &["run", "-l", "python3", "-e", "import time; time.sleep(30)"],
+        &[("WORKER_TIMEOUT", "1")],
+    );
+    assert_eq!(code(&o), 124, "{}", stderr(&o));
+}
+
+#[test]
+fn memory_limit_is_named() {
+    let o = sandbox(
+        &[
+            "run",
+            "--json",
+            "--memory",
+            "64",
+            "-l",
+            "python3",
+            "-e",
+            "b = bytearray(400 * 1024 * 1024)\nprint(len(b))",
+        ],
+        &[],
+    );
+    let v = json_of(&o);
+    assert_eq!(v["limit"], "memory", "{v}");
+    assert_ne!(code(&o), 0);
+    assert_eq!(Some(code(&o)), v["exit_code"].as_i64().map(|c| c as i32));
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("memory limit exceeded"),
+        "{v}"
+    );
+    // Without --json the note goes to stderr.
+    let o = sandbox(
+        &[
+            "run",
+            "--memory",
+            "64",
+            "-l",
+            "python3",
+            "-e",
+            "b = bytearray(400 * 1024 * 1024)",
+        ],
+        &[],
+    );
+    assert!(
+        stderr(&o).contains("sandbox: memory limit exceeded"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn output_limit_is_named() {
+    let o = sandbox(
+        &[
+            "run",
+            "--json",
+            "--max-output",
+            "1000",
+            "-l",
+            "python3",
+            "-e",
+            "print('x' * 100000)",
+        ],
+        &[],
+    );
+    let v = json_of(&o);
+    assert_eq!(v["limit"], "output", "{v}");
+    assert!(v["stdout"].as_str().unwrap().len() <= 1000);
+    assert_ne!(code(&o), 0);
+}
+
+#[test]
+fn process_limit_is_named() {
+    let snippet = "import threading, time\nts = [threading.Thread(target=time.sleep, args=(1,)) for _ in range(32)]\nfor t in ts: t.start()\n";
+    let o = sandbox(
+        &[
+            "run",
+            "--json",
+            "--max-processes",
+            "4",
+            "-l",
+            "python3",
+            "-e",
+            snippet,
+        ],
+        &[],
+    );
+    let v = json_of(&o);
+    assert_eq!(v["limit"], "processes", "{v}");
+    assert_ne!(code(&o), 0);
+}
+
+#[test]
+fn tmp_size_limits_the_private_tmp() {
+    let snippet = "open('/tmp/f', 'wb').write(b'x' * (4 << 20))";
+    let o = sandbox(
+        &["run", "--tmp-size", "1", "-l", "python3", "-e", snippet],
+        &[],
+    );
+    assert_ne!(code(&o), 0);
+    // The private /tmp is full, or RLIMIT_FSIZE (sized like it) stops the write first.
+    assert!(
+        stderr(&o).contains("No space left on device") || stderr(&o).contains("File too large"),
+        "{}",
+        stderr(&o)
+    );
+    let o = sandbox(
+        &["run", "--tmp-size", "16", "-l", "python3", "-e", snippet],
+        &[],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+#[test]
+fn network_only_with_the_flag() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let mut s = s;
+            let _ = s.write_all(b"hello\n");
+        }
+    });
+    let snippet = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=3)\nprint(s.recv(6).decode(), end='')"
+    );
+    let o = sandbox(&["run", "--network", "-l", "python3", "-e", &snippet], &[]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "hello\n");
+    let o = sandbox(&["run", "-l", "python3", "-e", &snippet], &[]);
+    assert_ne!(code(&o), 0, "connected without --network");
+    // The operator's enable_network: false wins.
+    let o = sandbox(
+        &["run", "--network", "-l", "python3", "-e", &snippet],
+        &[("ENABLE_NETWORK", "false")],
+    );
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("enable_network"), "{}", stderr(&o));
+}
+
+#[test]
+fn json_has_the_api_fields_plus_duration_and_limit() {
+    let o = sandbox(
+        &[
+            "run",
+            "--json",
+            "-l",
+            "python3",
+            "-e",
+            "import sys; print('o'); print('e', file=sys.stderr); sys.exit(3)",
+        ],
+        &[],
+    );
+    assert_eq!(code(&o), 3);
+    assert_eq!(stderr(&o), "", "nothing but the JSON object is printed");
+    let v = json_of(&o);
+    assert_eq!(v["stdout"], "o\n");
+    assert_eq!(v["stderr"], "e\n");
+    assert_eq!(v["exit_code"], 3);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("process exited with code 3")
+    );
+    assert!(v["limit"].is_null());
+    assert!(v["duration_ms"].as_f64().unwrap() > 0.0);
+}
+
+// --- bad input: exit code 2, the reason on stderr ---
+
+fn assert_usage(o: &Output, needle: &str) {
+    assert_eq!(code(o), 2, "stderr: {}", stderr(o));
+    assert!(
+        stderr(o).contains(needle),
+        "expected {needle:?} in: {}",
+        stderr(o)
+    );
+    assert_eq!(stdout(o), "");
+}
+
+#[test]
+fn unknown_language() {
+    assert_usage(
+        &sandbox(&["run", "-l", "ruby", "-e", "puts 1"], &[]),
+        "unsupported language \"ruby\"",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "x.rb", "puts 1");
+    assert_usage(&sandbox(&["run", &f], &[]), "cannot tell the language of");
+    assert_usage(&sandbox(&["run", "-e", "print(1)"], &[]), "pass --language");
+}
+
+#[test]
+fn missing_file() {
+    assert_usage(
+        &sandbox(&["run", "/nonexistent/script.py"], &[]),
+        "cannot read /nonexistent/script.py",
+    );
+}
+
+#[test]
+fn unreadable_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("dir.py");
+    std::fs::create_dir(&d).unwrap();
+    assert_usage(
+        &sandbox(&["run", d.to_str().unwrap()], &[]),
+        "is a directory",
+    );
+    let f = dir.path().join("latin1.py");
+    std::fs::write(&f, b"print('caf\xe9')").unwrap();
+    assert_usage(
+        &sandbox(&["run", f.to_str().unwrap()], &[]),
+        "is not UTF-8 text",
+    );
+    // Root reads any mode; a user cannot read a mode-000 file.
+    let shared = tempfile::Builder::new().tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(
+        shared.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let f = shared.path().join("secret.py");
+    std::fs::write(&f, "print(1)").unwrap();
+    std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    let o = as_nobody(&["run", f.to_str().unwrap()]);
+    assert_usage(&o, "Permission denied");
+}
+
+#[test]
+fn bad_timeouts() {
+    for t in ["-1", "0", "nan", "inf", "1e9"] {
+        for args in [
+            vec!["run", "--timeout", t, "-l", "python3", "-e", "print(1)"],
+            vec!["run", "-l", "python3", "-e", "print(1)", "--timeout", t],
+        ] {
+            assert_usage(&sandbox(&args, &[]), "--timeout must be a positive number");
+        }
+    }
+    let arg = "--timeout=-2";
+    assert_usage(
+        &sandbox(&["run", arg, "-l", "python3", "-e", "print(1)"], &[]),
+        "got -2",
+    );
+    assert_usage(
+        &sandbox(
+            &["run", "--timeout", "soon", "-l", "python3", "-e", "1"],
+            &[],
+        ),
+        "invalid value 'soon'",
+    );
+}
+
+#[test]
+fn bad_limits() {
+    for (flag, value) in [
+        ("--memory", "-5"),
+        ("--memory", "8"),
+        ("--max-processes", "0"),
+        ("--max-output", "-1"),
+        ("--tmp-size", "0"),
+    ] {
+        assert_usage(
+            &sandbox(&["run", flag, value, "-l", "python3", "-e", "1"], &[]),
+            &format!("{flag} must be between"),
+        );
+    }
+}
+
+#[test]
+fn a_file_of_20_mb() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("big.py");
+    std::fs::write(&f, "#".repeat(20 << 20)).unwrap();
+    assert_usage(
+        &sandbox(&["run", f.to_str().unwrap()], &[]),
+        "snippets are limited to 16777216 bytes",
+    );
+    let o = with_stdin(&["run", "-l", "python3", "-"], &vec![b'#'; 20 << 20]);
+    assert_usage(&o, "snippets are limited to 16777216 bytes");
+}
+
+#[test]
+fn nothing_or_too_much_to_run() {
+    assert_usage(&sandbox(&["run", "-l", "python3"], &[]), "nothing to run");
+    assert_usage(
+        &sandbox(&["run", "-l", "python3", "-e", "1", "x.py"], &[]),
+        "either a file or --eval",
+    );
+    let o = sandbox(&["run", "--no-such-flag", "x.py"], &[]);
+    assert_eq!(code(&o), 2);
+}
+
+#[test]
+fn an_interpreter_that_does_not_run_is_a_configuration_error() {
+    let o = sandbox(
+        &["run", "-l", "python3", "-e", "print(1)"],
+        &[("PYTHON_PATH", "/nonexistent/python3")],
+    );
+    assert_usage(&o, "/nonexistent/python3");
+}
+
+// --- the sandbox cannot start: 125 ---
+
+#[test]
+fn not_root_exits_125_saying_what_is_needed() {
+    let o = as_nobody(&["run", "-l", "python3", "-e", "print(1)"]);
+    assert_eq!(code(&o), 125, "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("must run as root") && e.contains("sudo"), "{e}");
+    assert!(e.contains("--server"), "{e}");
+    assert_eq!(stdout(&o), "");
+}
+
+#[test]
+fn an_unwritable_state_directory_exits_125() {
+    let o = sandbox(
+        &["run", "-l", "python3", "-e", "print(1)"],
+        &[("SANDBOX_STATE_DIR", "/proc/sandbox-state")],
+    );
+    assert_eq!(code(&o), 125, "{}", stderr(&o));
+    assert!(stderr(&o).contains("SANDBOX_STATE_DIR"), "{}", stderr(&o));
+}
+
+#[test]
+fn help_documents_the_exit_codes() {
+    let o = sandbox(&["run", "--help"], &[]);
+    assert_eq!(code(&o), 0);
+    let h = stdout(&o);
+    for needle in [
+        "124",
+        "125",
+        "--server",
+        "--key",
+        "--timeout",
+        "--memory",
+        "--network",
+        "--json",
+        "[env: API_KEY",
+    ] {
+        assert!(h.contains(needle), "{needle} missing from:\n{h}");
+    }
+    assert!(!h.contains("API_KEY=secret-value"));
+}
+
+// --- --server: the same output and exit codes from a remote `sandbox serve` ---
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_runs_match_local_ones() {
+    let server = Server::start(&[("WORKER_TIMEOUT", "1"), ("API_KEY", "k-remote")]).await;
+    let base = server.base.clone();
+    let key = [("API_KEY", "k-remote")];
+
+    let o = sandbox(
+        &[
+            "run",
+            "--server",
+            &base,
+            "-l",
+            "python3",
+            "-e",
+            "import sys; print('hi'); print('e', file=sys.stderr); sys.exit(5)",
+        ],
+        &key,
+    );
+    assert_eq!(code(&o), 5, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "hi\n");
+    assert_eq!(stderr(&o), "e\n");
+
+    // --key on the command line, a file by extension, a URL without scheme.
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "app.js", "console.log('remote js')");
+    let bare = base.trim_start_matches("http://").to_string();
+    let o = sandbox(&["run", "--server", &bare, "--key", "k-remote", &f], &[]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "remote js\n");
+
+    // The server's timeout: 124, and --json infers the limit.
+    let o = sandbox(
+        &[
+            "run",
+            "--server",
+            &base,
+            "--json",
+            "-l",
+            "python3",
+            "-e",
+            "while True: pass",
+        ],
+        &key,
+    );
+    assert_eq!(code(&o), 124, "{}", stderr(&o));
+    let v = json_of(&o);
+    assert_eq!(v["limit"], "timeout");
+    assert_eq!(v["exit_code"], -1);
+    assert!(v["duration_ms"].as_f64().unwrap() >= 900.0, "{v}");
+    let o = sandbox(
+        &[
+            "run",
+            "--server",
+            &base,
+            "-l",
+            "python3",
+            "-e",
+            "while True: pass",
+        ],
+        &key,
+    );
+    assert_eq!(code(&o), 124);
+    assert!(stderr(&o).contains("sandbox: timeout"), "{}", stderr(&o));
+
+    // Stdin works remotely too.
+    let o = with_stdin_env(
+        &["run", "--server", &base, "-l", "python3", "-"],
+        b"print(6 * 7)",
+        &key,
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "42\n");
+
+    // A user without root can use a server.
+    let o = Command::new(bin())
+        .args([
+            "run",
+            "--server",
+            &base,
+            "-l",
+            "nodejs",
+            "-e",
+            "console.log(3)",
+        ])
+        .env("API_KEY", "k-remote")
+        .current_dir("/")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "3\n");
+}
+
+fn with_stdin_env(args: &[&str], input: &[u8], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_failures_have_their_exit_codes() {
+    let server = Server::start(&[("ENABLE_NETWORK", "false")]).await;
+    let base = server.base.clone();
+
+    // Wrong key: the sandbox did not run the snippet -> 125, saying which key to set.
+    let o = sandbox(
+        &[
+            "run", "--server", &base, "--key", "wrong", "-l", "python3", "-e", "print(1)",
+        ],
+        &[],
+    );
+    assert_eq!(code(&o), 125, "{}", stderr(&o));
+    assert!(stderr(&o).contains("refused the API key"), "{}", stderr(&o));
+
+    // The default key is the server's default.
+    let o = sandbox(
+        &["run", "--server", &base, "-l", "python3", "-e", "print(1)"],
+        &[],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+
+    // The server refuses network: bad input -> 2.
+    let o = sandbox(
+        &[
+            "run",
+            "--server",
+            &base,
+            "--network",
+            "-l",
+            "python3",
+            "-e",
+            "print(1)",
+        ],
+        &[],
+    );
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("network is disabled"), "{}", stderr(&o));
+
+    // Local limits do not travel: refused rather than silently ignored.
+    let o = sandbox(
+        &[
+            "run",
+            "--server",
+            &base,
+            "--timeout",
+            "2",
+            "-l",
+            "python3",
+            "-e",
+            "1",
+        ],
+        &[],
+    );
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("local runs only"), "{}", stderr(&o));
+    drop(server);
+
+    // Nobody listening -> 125.
+    let port = common::free_port();
+    let o = sandbox(
+        &[
+            "run",
+            "--server",
+            &format!("http://127.0.0.1:{port}"),
+            "-l",
+            "python3",
+            "-e",
+            "1",
+        ],
+        &[],
+    );
+    assert_eq!(code(&o), 125, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot reach the sandbox server"),
+        "{}",
+        stderr(&o)
+    );
+    // https is refused up front.
+    let o = sandbox(
+        &[
+            "run",
+            "--server",
+            "https://example.invalid",
+            "-l",
+            "python3",
+            "-e",
+            "1",
+        ],
+        &[],
+    );
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+}
+
+#[test]
+fn something_that_is_not_a_sandbox_server_exits_125() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        if let Some(Ok(mut s)) = listener.incoming().next() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+            );
+        }
+    });
+    let o = sandbox(
+        &[
+            "run",
+            "--server",
+            &format!("127.0.0.1:{port}"),
+            "-l",
+            "python3",
+            "-e",
+            "1",
+        ],
+        &[],
+    );
+    assert_eq!(code(&o), 125, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("did not answer like a sandbox server"),
+        "{}",
+        stderr(&o)
+    );
+}
