@@ -81,46 +81,6 @@ impl UidPool {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn leases_are_exclusive_until_dropped() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let pool = UidPool::with_range(dir.path(), 20000, 2).expect("pool");
-        let a = pool.acquire().expect("first");
-        let b = pool.acquire().expect("second");
-        assert_ne!(a.uid, b.uid);
-        assert!(matches!(pool.acquire(), Err(PoolError::Exhausted(2))));
-        let freed = a.uid;
-        drop(a);
-        assert_eq!(pool.acquire().expect("after release").uid, freed);
-    }
-
-    #[test]
-    fn two_pools_on_one_directory_never_share_a_uid() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p1 = UidPool::with_range(dir.path(), 20000, 3).expect("pool");
-        let p2 = UidPool::with_range(dir.path(), 20000, 3).expect("pool");
-        let leases: Vec<UidLease> = (0..3)
-            .map(|i| {
-                if i % 2 == 0 {
-                    p1.acquire()
-                } else {
-                    p2.acquire()
-                }
-                .expect("lease")
-            })
-            .collect();
-        let mut uids: Vec<u32> = leases.iter().map(|l| l.uid).collect();
-        uids.sort();
-        uids.dedup();
-        assert_eq!(uids.len(), 3);
-        assert!(p2.acquire().is_err());
-    }
-}
-
 /// What the warm pool needs to know about an idle worker.
 pub trait Idle {
     /// Whether its process has exited while it waited.
@@ -284,3 +244,44 @@ impl<W: Idle> WarmPool<W> {
         self.taken.notified().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_are_exclusive_until_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = UidPool::with_range(dir.path(), 20000, 2).expect("pool");
+        let a = pool.acquire().expect("first");
+        let b = pool.acquire().expect("second");
+        assert_ne!(a.uid, b.uid);
+        assert!(matches!(pool.acquire(), Err(PoolError::Exhausted(2))));
+        let freed = a.uid;
+        drop(a);
+        assert_eq!(pool.acquire().expect("after release").uid, freed);
+    }
+
+    #[test]
+    fn two_pools_on_one_directory_never_share_a_uid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p1 = UidPool::with_range(dir.path(), 20000, 3).expect("pool");
+        let p2 = UidPool::with_range(dir.path(), 20000, 3).expect("pool");
+        let leases: Vec<UidLease> = (0..3)
+            .map(|i| {
+                if i % 2 == 0 {
+                    p1.acquire()
+                } else {
+                    p2.acquire()
+                }
+                .expect("lease")
+            })
+            .collect();
+        let mut uids: Vec<u32> = leases.iter().map(|l| l.uid).collect();
+        uids.sort();
+        uids.dedup();
+        assert_eq!(uids.len(), 3);
+        assert!(p2.acquire().is_err());
+    }
+}
+
