@@ -345,7 +345,7 @@ async fn main() {
             )
         };
         row(
-            &format!("cold start (bare)"),
+            "cold start (bare)",
             &json!({"runs": settings.cold_runs, "p50_ms": r["cold_start_ms"], "p90_ms": 0, "p99_ms": 0, "throughput_rps": 0, "errors": 0}),
         );
         row(

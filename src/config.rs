@@ -85,6 +85,9 @@ struct RawConfig {
     state_dir: Option<String>,
     dependencies_path: Option<String>,
     warm_workers: Option<usize>,
+    metrics_auth: Option<bool>,
+    log_format: Option<String>,
+    isolation: Option<String>,
 }
 
 const KNOWN_KEYS: &[&str] = &[
@@ -109,6 +112,9 @@ const KNOWN_KEYS: &[&str] = &[
     "state_dir",
     "dependencies_path",
     "warm_workers",
+    "metrics_auth",
+    "log_format",
+    "isolation",
 ];
 const KNOWN_APP_KEYS: &[&str] = &["port", "debug", "key"];
 const KNOWN_PROXY_KEYS: &[&str] = &["socks5", "http", "https"];
@@ -139,9 +145,7 @@ pub struct Config {
     pub enable_network: bool,
     pub enable_preload: bool,
     pub allowed_syscalls: Vec<i64>,
-    #[allow(dead_code)]
     pub python_pip_mirror_url: String,
-    #[allow(dead_code)]
     pub python_deps_update_interval: Duration,
     pub proxy: Proxy,
     /// Empty: the platform's default list of system files.
@@ -155,6 +159,12 @@ pub struct Config {
     pub dependencies_path: PathBuf,
     /// Interpreters kept started and jailed per language and network setting; 0 = none.
     pub warm_workers: usize,
+    /// Whether `GET /metrics` needs the API key.
+    pub metrics_auth: bool,
+    /// `text` or `json` log lines.
+    pub log_json: bool,
+    /// Force the chroot level even where namespaces are available.
+    pub force_chroot: bool,
     /// Keys found in the file that this version does not know (warned about, not fatal).
     pub unknown_keys: Vec<String>,
 }
@@ -328,6 +338,42 @@ impl Config {
                     .unwrap_or_else(|| "dependencies/python-requirements.txt".into()),
             ),
             warm_workers: e.parse("WARM_WORKERS")?.or(raw.warm_workers).unwrap_or(2),
+            force_chroot: match e
+                .string("SANDBOX_ISOLATION")
+                .or(raw.isolation)
+                .as_deref()
+                .map(str::trim)
+            {
+                None | Some("") | Some("auto") => false,
+                Some("chroot") => true,
+                Some(other) => {
+                    return Err(ConfigError::Value {
+                        key: "isolation".into(),
+                        value: other.into(),
+                        reason: "use auto (the strongest the host allows) or chroot".into(),
+                    });
+                }
+            },
+            metrics_auth: e
+                .parse_bool("METRICS_AUTH")?
+                .or(raw.metrics_auth)
+                .unwrap_or(false),
+            log_json: match e
+                .string("LOG_FORMAT")
+                .or(raw.log_format)
+                .as_deref()
+                .map(str::trim)
+            {
+                None | Some("") | Some("text") => false,
+                Some("json") => true,
+                Some(other) => {
+                    return Err(ConfigError::Value {
+                        key: "log_format".into(),
+                        value: other.into(),
+                        reason: "use text or json".into(),
+                    });
+                }
+            },
             unknown_keys,
         };
         cfg.validate()?;

@@ -1,7 +1,16 @@
-//! Extra Python packages: the requirements file and what the interpreter really has
-//! installed of it (name and version from the package metadata).
+//! Extra Python packages for snippets: `dependencies/python-requirements.txt` is
+//! installed with pip into a package directory owned by the sandbox (never into the
+//! interpreter's own site-packages), one generation at a time. A new generation is built
+//! beside the old one and `current` is switched atomically, so runs in flight never see
+//! a half-installed set; a failed install keeps the old set.
+//!
+//! Layout under `<state_dir>/python-packages/`: `gen-<time>-<pid>/` directories, the
+//! `current` symlink, and `.lock` serialising installs across servers on one host.
 
-use std::path::Path;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -14,15 +23,21 @@ pub struct Dependency {
 #[derive(Debug, thiserror::Error)]
 pub enum DepsError {
     #[error(
-        "cannot read the requirements file {path}: {source}. Create it (pip format) or set dependencies_path"
+        "cannot read the requirements file {path}: {source}. Check dependencies_path (DEPENDENCIES_PATH)"
     )]
     Read {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("could not ask {python} for installed versions: {reason}")]
-    Query { python: String, reason: String },
+    #[error("cannot prepare the package directory {path}: {source}. Make state_dir writable")]
+    Dir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pip could not install the requirements (the previous packages stay in use): {0}")]
+    Pip(String),
 }
 
 /// The package names of a pip requirements file (comments, options and markers dropped).
@@ -40,64 +55,286 @@ pub fn requirement_names(text: &str) -> Vec<String> {
         .collect()
 }
 
-const VERSIONS: &str = r#"
-import sys, json
-from importlib import metadata
-out = []
-for name in sys.argv[1:]:
-    try:
-        out.append({"name": name, "version": metadata.version(name)})
-    except metadata.PackageNotFoundError:
-        pass
-print(json.dumps(out))
-"#;
-
-/// Installed versions of the packages the requirements file names. A missing file is an
-/// empty list (nothing extra requested).
-pub fn list(python: &Path, requirements: &Path) -> Result<Vec<Dependency>, DepsError> {
-    let text = match std::fs::read_to_string(requirements) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(DepsError::Read {
-                path: requirements.display().to_string(),
-                source,
-            });
+/// pip's index options for a mirror; a plain-http mirror is also trusted, as pip
+/// otherwise refuses it.
+pub fn mirror_args(mirror: &str) -> Vec<String> {
+    let mirror = mirror.trim();
+    if mirror.is_empty() {
+        return Vec::new();
+    }
+    let mut args = vec!["--index-url".to_string(), mirror.to_string()];
+    if let Some(rest) = mirror.strip_prefix("http://") {
+        let host = rest.split(['/', '?']).next().unwrap_or("");
+        let host = host.rsplit('@').next().unwrap_or(host);
+        let host = host.split(':').next().unwrap_or(host);
+        if !host.is_empty() {
+            args.push("--trusted-host".into());
+            args.push(host.to_string());
         }
+    }
+    args
+}
+
+/// Name and version of every distribution installed in `dir` (from `*.dist-info/METADATA`).
+pub fn installed_in(dir: &Path) -> Vec<Dependency> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return out;
     };
-    let names = requirement_names(&text);
-    if names.is_empty() {
-        return Ok(Vec::new());
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".dist-info") {
+            continue;
+        }
+        let Ok(meta) = fs::read_to_string(entry.path().join("METADATA")) else {
+            continue;
+        };
+        let field = |key: &str| {
+            meta.lines()
+                .take_while(|l| !l.is_empty())
+                .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+        };
+        if let (Some(name), Some(version)) = (field("Name:"), field("Version:")) {
+            out.push(Dependency { name, version });
+        }
     }
-    let query = |reason: String| DepsError::Query {
-        python: python.display().to_string(),
-        reason,
-    };
-    let out = std::process::Command::new(python)
-        .arg("-I")
-        .arg("-c")
-        .arg(VERSIONS)
-        .args(&names)
-        .output()
-        .map_err(|e| query(e.to_string()))?;
-    if !out.status.success() {
-        return Err(query(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
+    out.sort_by_key(|d| d.name.to_lowercase());
+    out
+}
+
+pub struct Dependencies {
+    python: PathBuf,
+    requirements: PathBuf,
+    root: PathBuf,
+    mirror: String,
+    /// Chroot roots holding a copy of the package directory (the chroot level cannot
+    /// bind-mount it); each new generation is copied there too.
+    chroot_copies: Vec<PathBuf>,
+    /// One install at a time in this process (the file lock covers other processes).
+    busy: tokio::sync::Mutex<()>,
+}
+
+const STAMP: &str = ".requirements";
+
+impl Dependencies {
+    pub fn new(
+        python: PathBuf,
+        requirements: PathBuf,
+        state_dir: &Path,
+        mirror: String,
+    ) -> Result<Self, DepsError> {
+        let root = state_dir.join("python-packages");
+        let dir_err = |source| DepsError::Dir {
+            path: root.display().to_string(),
+            source,
+        };
+        fs::create_dir_all(&root).map_err(dir_err)?;
+        let deps = Self {
+            python,
+            requirements,
+            root,
+            mirror,
+            chroot_copies: Vec::new(),
+            busy: tokio::sync::Mutex::new(()),
+        };
+        // Runs always find `current`, even before the first install finishes.
+        if fs::symlink_metadata(deps.current()).is_err() {
+            let empty = deps.root.join("gen-empty");
+            fs::create_dir_all(&empty).map_err(|source| DepsError::Dir {
+                path: empty.display().to_string(),
+                source,
+            })?;
+            deps.switch_to("gen-empty")?;
+        }
+        Ok(deps)
     }
-    #[derive(serde::Deserialize)]
-    struct Row {
-        name: String,
-        version: String,
+
+    /// Also keep the copy of the package directory inside this chroot root current.
+    pub fn add_chroot_copy(&mut self, chroot_root: PathBuf) {
+        self.chroot_copies.push(chroot_root);
     }
-    let rows: Vec<Row> = serde_json::from_slice(&out.stdout).map_err(|e| query(e.to_string()))?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Dependency {
-            name: r.name,
-            version: r.version,
+
+    /// The directory bound read-only into every Python root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The path snippets import from (a symlink to the live generation).
+    pub fn current(&self) -> PathBuf {
+        self.root.join("current")
+    }
+
+    pub fn list(&self) -> Vec<Dependency> {
+        installed_in(&self.current())
+    }
+
+    fn read_requirements(&self) -> Result<String, DepsError> {
+        match fs::read_to_string(&self.requirements) {
+            Ok(t) => Ok(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(source) => Err(DepsError::Read {
+                path: self.requirements.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Install the requirements into a new generation and switch to it. With `force`
+    /// false, nothing happens when the live generation was built from the same text.
+    pub async fn install(&self, force: bool) -> Result<(), DepsError> {
+        let _busy = self.busy.lock().await;
+        let text = self.read_requirements()?;
+        let live = fs::read_to_string(self.current().join(STAMP)).ok();
+        let nothing_requested = requirement_names(&text).is_empty();
+        if live.as_deref() == Some(text.as_str()) && (!force || nothing_requested) {
+            return Ok(());
+        }
+        let lock_path = self.root.join(".lock");
+        let lock_file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| DepsError::Dir {
+                path: lock_path.display().to_string(),
+                source,
+            })?;
+        let lock = tokio::task::spawn_blocking(move || {
+            nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
         })
-        .collect())
+        .await
+        .map_err(|e| DepsError::Pip(e.to_string()))?
+        .map_err(|(_, errno)| DepsError::Dir {
+            path: lock_path.display().to_string(),
+            source: errno.into(),
+        })?;
+
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let name = format!("gen-{stamp}-{}", std::process::id());
+        let dir = self.root.join(&name);
+        fs::create_dir_all(&dir).map_err(|source| DepsError::Dir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let result = if nothing_requested {
+            Ok(())
+        } else {
+            self.pip(&dir).await
+        };
+        match result {
+            Ok(()) => {
+                fs::write(dir.join(STAMP), &text).map_err(|source| DepsError::Dir {
+                    path: dir.display().to_string(),
+                    source,
+                })?;
+                for copy in &self.chroot_copies {
+                    let inside = crate::isolation::rootfs::inside(copy, &dir);
+                    let link = crate::isolation::rootfs::inside(copy, &self.current());
+                    let tmp = link.with_extension("new");
+                    let _ = fs::remove_file(&tmp);
+                    crate::isolation::chroot_root::copy_tree(&dir, &inside)
+                        .and_then(|_| std::os::unix::fs::symlink(&name, &tmp))
+                        .and_then(|_| fs::rename(&tmp, &link))
+                        .map_err(|source| DepsError::Dir {
+                            path: inside.display().to_string(),
+                            source,
+                        })?;
+                }
+                self.switch_to(&name)?;
+                self.remove_old(&name);
+                tracing::info!(generation = %name, packages = installed_in(&dir).len(), "python dependencies installed");
+                drop(lock);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                tracing::error!(error = %e, "python dependencies: install failed; keeping the previous set");
+                Err(e)
+            }
+        }
+    }
+
+    async fn pip(&self, target: &Path) -> Result<(), DepsError> {
+        let mut cmd = tokio::process::Command::new(&self.python);
+        cmd.args([
+            "-m",
+            "pip",
+            "install",
+            "--no-input",
+            "--disable-pip-version-check",
+            "--no-warn-script-location",
+            "--target",
+        ])
+        .arg(target)
+        .arg("-r")
+        .arg(&self.requirements)
+        .args(mirror_args(&self.mirror))
+        .env_remove("PYTHONPATH")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(900), cmd.output())
+            .await
+            .map_err(|_| DepsError::Pip("pip did not finish within 15 minutes".into()))?
+            .map_err(|e| {
+                DepsError::Pip(format!("cannot run {} -m pip: {e}", self.python.display()))
+            })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        let tail = lines[lines.len().saturating_sub(6)..].join("\n");
+        Err(DepsError::Pip(format!("{} ({})", tail.trim(), out.status)))
+    }
+
+    /// Point `current` at `name` atomically (rename over the old link).
+    fn switch_to(&self, name: &str) -> Result<(), DepsError> {
+        let tmp = self.root.join(format!(".current-{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(name, &tmp)
+            .and_then(|_| fs::rename(&tmp, self.current()))
+            .map_err(|source| DepsError::Dir {
+                path: self.current().display().to_string(),
+                source,
+            })
+    }
+
+    /// Keep the live generation and the one before it (runs that started on it may
+    /// still be importing); remove the rest.
+    fn remove_old(&self, live: &str) {
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return;
+        };
+        let mut gens: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("gen-") && n != live && n != "gen-empty")
+            .collect();
+        gens.sort();
+        gens.pop();
+        for g in gens {
+            let _ = fs::remove_dir_all(self.root.join(g));
+        }
+    }
+
+    /// Install at start, then every `interval`.
+    pub fn spawn_updater(self: std::sync::Arc<Self>, interval: Duration) {
+        tokio::spawn(async move {
+            let _ = self.install(false).await;
+            if interval.is_zero() {
+                return;
+            }
+            let mut tick = tokio::time::interval(interval);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let _ = self.install(true).await;
+            }
+        });
+    }
 }
 
 #[cfg(test)]
@@ -110,6 +347,44 @@ mod tests {
         assert_eq!(
             requirement_names(text),
             vec!["jinja2", "requests", "httpx", "my_pkg.sub"]
+        );
+    }
+
+    #[test]
+    fn http_mirrors_are_trusted_https_ones_are_not() {
+        assert!(mirror_args("").is_empty());
+        assert_eq!(
+            mirror_args("http://user:pw@mirror.local:8080/simple"),
+            vec![
+                "--index-url",
+                "http://user:pw@mirror.local:8080/simple",
+                "--trusted-host",
+                "mirror.local"
+            ]
+        );
+        assert_eq!(
+            mirror_args("https://pypi.example/simple"),
+            vec!["--index-url", "https://pypi.example/simple"]
+        );
+    }
+
+    #[test]
+    fn metadata_gives_names_and_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let info = dir.path().join("six-1.16.0.dist-info");
+        fs::create_dir(&info).unwrap();
+        fs::write(
+            info.join("METADATA"),
+            "Metadata-Version: 2.1\nName: six\nVersion: 1.16.0\n\nName: not-this\n",
+        )
+        .unwrap();
+        fs::create_dir(dir.path().join("six")).unwrap();
+        assert_eq!(
+            installed_in(dir.path()),
+            vec![Dependency {
+                name: "six".into(),
+                version: "1.16.0".into()
+            }]
         );
     }
 }

@@ -647,7 +647,12 @@ pub fn run_checks(config_path: Option<&Path>) -> Report {
     checks.push(port_check(config.port));
     checks.extend(build_checks(pm));
     checks.push(docker_check(pm));
-    let (isolation, isolation_error) = match detect::decide(probe, None) {
+    let (isolation, isolation_error) = match detect::decide(
+        probe,
+        config
+            .force_chroot
+            .then_some(crate::isolation::spec::IsolationLevel::Chroot),
+    ) {
         Ok(host) => (Some(host.level.describe().to_string()), None),
         Err(e) => (None, Some(e.to_string())),
     };

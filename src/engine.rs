@@ -111,6 +111,9 @@ pub struct Engine {
     mount_dir: PathBuf,
     helper: PathBuf,
     pub(crate) warm: WarmPool<Worker>,
+    queued: std::sync::atomic::AtomicI64,
+    /// Extra Python packages (None when Python is unavailable).
+    pub deps: Option<Arc<crate::deps::Dependencies>>,
 }
 
 const RUN_PREFIX: &str = "sandbox-run-";
@@ -166,10 +169,6 @@ impl Idle for Worker {
             Err(nix::errno::Errno::EAGAIN)
         )
     }
-
-    fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
 }
 
 impl Engine {
@@ -178,6 +177,7 @@ impl Engine {
         host: Host,
         runtimes: HashMap<Language, Result<Runtime, String>>,
         mount_dir: PathBuf,
+        deps: Option<Arc<crate::deps::Dependencies>>,
     ) -> Result<Self, PoolError> {
         let uids = UidPool::new(&config.state_dir)?;
         if let Some(cg) = &host.cgroup {
@@ -193,6 +193,8 @@ impl Engine {
             counter: AtomicU64::new(0),
             mount_dir,
             helper: PathBuf::from("/proc/self/exe"),
+            queued: std::sync::atomic::AtomicI64::new(0),
+            deps,
         })
     }
 
@@ -205,6 +207,16 @@ impl Engine {
                 "not configured".into(),
             )),
         }
+    }
+
+    /// Runs waiting for a worker slot.
+    pub fn queued(&self) -> i64 {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Warm workers ready, per language and network setting.
+    pub fn warm_ready(&self) -> Vec<(PoolKey, usize)> {
+        self.warm.ready()
     }
 
     /// The copied root a language's runs chroot into (chroot level only).
@@ -287,12 +299,10 @@ impl Engine {
     /// one when the pool has it ready).
     pub async fn execute(&self, req: RunRequest) -> Result<RunOutcome, RunError> {
         self.runtime(req.language)?;
-        let _slot = self
-            .workers
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| RunError::ShuttingDown)?;
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let slot = self.workers.clone().acquire_owned().await;
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        let _slot = slot.map_err(|_| RunError::ShuttingDown)?;
         let key = PoolKey {
             language: req.language,
             network: req.network,

@@ -9,6 +9,7 @@ mod deps;
 mod doctor;
 mod engine;
 mod isolation;
+mod metrics;
 mod pool;
 mod runner;
 

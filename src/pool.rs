@@ -85,7 +85,6 @@ impl UidPool {
 pub trait Idle {
     /// Whether its process has exited while it waited.
     fn is_dead(&mut self) -> bool;
-    fn pid(&self) -> Option<u32>;
 }
 
 /// Warm, single-use workers per key (language and network setting): a run takes one,
@@ -229,15 +228,13 @@ impl<W: Idle> WarmPool<W> {
         state.idle.values_mut().flat_map(|q| q.drain(..)).collect()
     }
 
-    /// How many workers are ready, and their helper pids (for metrics and tests).
-    pub fn ready(&self) -> (usize, Vec<u32>) {
-        let state = self.lock();
-        let pids: Vec<u32> = state
+    /// How many workers are ready, per key.
+    pub fn ready(&self) -> Vec<(crate::engine::PoolKey, usize)> {
+        self.lock()
             .idle
-            .values()
-            .flat_map(|q| q.iter().filter_map(|w| w.pid()))
-            .collect();
-        (state.idle.values().map(|q| q.len()).sum(), pids)
+            .iter()
+            .map(|(k, q)| (*k, q.len()))
+            .collect()
     }
 
     pub async fn wait_for_take(&self) {
@@ -284,4 +281,3 @@ mod tests {
         assert!(p2.acquire().is_err());
     }
 }
-

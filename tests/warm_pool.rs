@@ -16,7 +16,9 @@ fn interpreters_of(server: u32) -> Vec<u32> {
     };
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if let Some(helper) = parent_of(pid)
             && parent_of(helper) == Some(server)
         {
@@ -32,11 +34,17 @@ fn interpreters_of(server: u32) -> Vec<u32> {
 async fn wait_for_interpreters(server: u32, at_least: usize, not_in: &HashSet<u32>) -> Vec<u32> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let now: Vec<u32> = interpreters_of(server).into_iter().filter(|p| !not_in.contains(p)).collect();
+        let now: Vec<u32> = interpreters_of(server)
+            .into_iter()
+            .filter(|p| !not_in.contains(p))
+            .collect();
         if now.len() >= at_least {
             return now;
         }
-        assert!(Instant::now() < deadline, "the pool did not refill: {now:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the pool did not refill: {now:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -61,7 +69,11 @@ async fn concurrent_runs_get_different_uids() {
     let s = Server::start(&[("WARM_WORKERS", "2"), ("MAX_WORKERS", "8")]).await;
     let code = "import os, time\ntime.sleep(0.5)\nprint(os.getuid())";
     let runs: Vec<_> = (0..8).map(|_| s.python(code)).collect();
-    let uids: Vec<String> = futures::future::join_all(runs).await.iter().map(|d| d["stdout"].as_str().unwrap().trim().to_string()).collect();
+    let uids: Vec<String> = futures::future::join_all(runs)
+        .await
+        .iter()
+        .map(|d| d["stdout"].as_str().unwrap().trim().to_string())
+        .collect();
     let distinct: HashSet<&String> = uids.iter().collect();
     assert_eq!(distinct.len(), 8, "{uids:?}");
 }
@@ -70,16 +82,28 @@ async fn concurrent_runs_get_different_uids() {
 async fn a_pool_whose_interpreters_are_killed_refills_itself() {
     let s = Server::start(&[("WARM_WORKERS", "2"), ("ENABLE_NETWORK", "false")]).await;
     // Python and Node, two each.
-    let before: HashSet<u32> = wait_for_interpreters(s.pid(), 4, &HashSet::new()).await.into_iter().collect();
+    let before: HashSet<u32> = wait_for_interpreters(s.pid(), 4, &HashSet::new())
+        .await
+        .into_iter()
+        .collect();
     for pid in &before {
-        let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        let _ = std::process::Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.to_string())
+            .status();
     }
     // A request right away still succeeds (a dead worker is never handed out, or its
     // snippet is run on a fresh one).
-    assert_eq!(s.python("print('after the kill')").await["stdout"], "after the kill\n");
+    assert_eq!(
+        s.python("print('after the kill')").await["stdout"],
+        "after the kill\n"
+    );
     let after = wait_for_interpreters(s.pid(), 4, &before).await;
     assert!(after.iter().all(|p| !before.contains(p)));
-    assert_eq!(s.run("nodejs", "console.log(6 * 7)").await["stdout"], "42\n");
+    assert_eq!(
+        s.run("nodejs", "console.log(6 * 7)").await["stdout"],
+        "42\n"
+    );
     assert!(s.healthy().await);
 }
 

@@ -15,14 +15,16 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-use crate::deps;
-use crate::engine::{Engine, RunError, RunRequest};
+use crate::deps::Dependencies;
+use crate::engine::{Engine, LimitHit, RunRequest};
+use crate::metrics::{LanguageLabel, Metrics, PoolLabels};
 use crate::runner::Language;
 
 pub struct AppState {
     pub engine: Arc<Engine>,
     in_flight: AtomicUsize,
     request_ids: AtomicU64,
+    metrics: Metrics,
 }
 
 impl AppState {
@@ -31,6 +33,7 @@ impl AppState {
             engine,
             in_flight: AtomicUsize::new(0),
             request_ids: AtomicU64::new(1),
+            metrics: Metrics::new(),
         })
     }
 }
@@ -106,6 +109,9 @@ fn success(data: Value) -> Response {
     .into_response()
 }
 
+/// The largest request body accepted (the same limit `sandbox run` applies locally).
+pub const MAX_BODY_BYTES: usize = 16 << 20;
+
 pub fn router(state: Arc<AppState>) -> Router {
     let sandbox = Router::new()
         .route("/run", post(run))
@@ -113,9 +119,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/dependencies/update", post(update_dependencies))
         .route("/dependencies/refresh", get(refresh_dependencies))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    let mut metrics_route = Router::new().route("/metrics", get(metrics));
+    if state.engine.config.metrics_auth {
+        metrics_route =
+            metrics_route.route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    }
     Router::new()
         .route("/health", get(|| async { Json("ok") }))
         .nest("/v1/sandbox", sandbox)
+        .merge(metrics_route)
+        // Dify's snippets are small, but `sandbox run --server` accepts up to 16 MiB.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -151,34 +165,109 @@ async fn run(
     let before = state.in_flight.fetch_add(1, Ordering::AcqRel);
     let _guard = InFlight(&state.in_flight);
     if before >= state.engine.config.max_requests {
+        state.metrics.count("unknown", "rejected");
         return Err(ApiError::too_many());
     }
+    let started = std::time::Instant::now();
+    let id = state.request_ids.fetch_add(1, Ordering::Relaxed);
+    let (language, result) = run_admitted(&state, id, &headers, query, &body).await;
+    let lang = language.map_or("unknown", |l| l.as_str());
+    let outcome = match &result {
+        Ok(o) => match o.limit {
+            Some(limit) => limit.as_str(),
+            None if o.exit_code == 0 => "ok",
+            None => "error",
+        },
+        Err(e) if e.code == -400 => "invalid",
+        Err(_) => "internal",
+    };
+    state.metrics.count(lang, outcome);
+    if let Ok(o) = &result {
+        state
+            .metrics
+            .duration
+            .get_or_create(&LanguageLabel {
+                language: lang.to_string(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        let debug = state.engine.config.debug;
+        tracing::info!(
+            request_id = id,
+            language = lang,
+            duration_ms = o.duration.as_millis() as u64,
+            outcome,
+            limit = o.limit.map_or("none", LimitHit::as_str),
+            exit_code = o.exit_code,
+            uid = o.uid,
+            "run finished"
+        );
+        if debug {
+            tracing::debug!(stdout = %o.stdout, stderr = %o.stderr, "run output");
+        }
+    }
+    result.map(|o| {
+        success(json!({
+            "stdout": o.stdout,
+            "stderr": o.stderr,
+            "error": o.error,
+            "exit_code": o.exit_code,
+        }))
+    })
+}
+
+/// Everything after admission: parse, check, execute. Returns the language once known.
+async fn run_admitted(
+    state: &AppState,
+    id: u64,
+    headers: &HeaderMap,
+    query: Option<String>,
+    body: &[u8],
+) -> (
+    Option<Language>,
+    Result<crate::engine::RunOutcome, ApiError>,
+) {
     let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let query: Vec<(String, String)> = query
-        .map(|q| serde_urlencoded::from_str(&q))
-        .transpose()
-        .map_err(|e| ApiError::bad_request(format!("the query string is not valid: {e}")))?
-        .unwrap_or_default();
-    let req = request::RunBody::parse(content_type, &body, &query)?;
-    let language = Language::parse(&req.language)
-        .filter(|l| matches!(l, Language::Python3 | Language::Nodejs) && l.as_str() == req.language)
-        .ok_or_else(ApiError::unsupported_language)?;
+    let query: Vec<(String, String)> =
+        match query.map(|q| serde_urlencoded::from_str(&q)).transpose() {
+            Ok(q) => q.unwrap_or_default(),
+            Err(e) => {
+                return (
+                    None,
+                    Err(ApiError::bad_request(format!(
+                        "the query string is not valid: {e}"
+                    ))),
+                );
+            }
+        };
+    let req = match request::RunBody::parse(content_type, body, &query) {
+        Ok(r) => r,
+        Err(e) => return (None, Err(e)),
+    };
+    let Some(language) = Language::parse(&req.language).filter(|l| l.as_str() == req.language)
+    else {
+        return (None, Err(ApiError::unsupported_language()));
+    };
     let config = &state.engine.config;
     if req.enable_network && !config.enable_network {
-        return Err(ApiError::bad_request(
-            "network is disabled, please enable it in the configuration",
-        ));
+        return (
+            Some(language),
+            Err(ApiError::bad_request(
+                "network is disabled, please enable it in the configuration",
+            )),
+        );
     }
     let preload = if config.enable_preload {
         req.preload
     } else {
         String::new()
     };
-    let id = state.request_ids.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("run", request_id = id, language = %language);
+    if config.debug {
+        tracing::debug!(parent: &span, code = %req.code, "run requested");
+    }
     let outcome = state
         .engine
         .execute(RunRequest {
@@ -189,42 +278,22 @@ async fn run(
             limits: state.engine.default_limits(),
             sink: None,
         })
-        .instrument(span)
+        .instrument(span.clone())
         .await;
+    let _entered = span.enter();
     match outcome {
-        Ok(o) => {
-            tracing::info!(
-                request_id = id,
-                language = %language,
-                duration_ms = o.duration.as_millis() as u64,
-                exit_code = o.exit_code,
-                limit = o.limit.map(|l| l.as_str()).unwrap_or("none"),
-                uid = o.uid,
-                "run finished"
-            );
-            Ok(success(json!({
-                "stdout": o.stdout,
-                "stderr": o.stderr,
-                "error": o.error,
-                "exit_code": o.exit_code,
-            })))
-        }
-        Err(RunError::LanguageUnavailable(l, reason)) => Err(ApiError::internal(format!(
-            "{l} is not available on this server: {reason}"
-        ))),
+        Ok(o) => (Some(language), Ok(o)),
         Err(e) => {
-            tracing::error!(request_id = id, error = %e, "run failed inside the sandbox");
-            Err(ApiError::internal(e.to_string()))
+            tracing::error!(error = %e, "run failed inside the sandbox");
+            (Some(language), Err(ApiError::internal(e.to_string())))
         }
     }
 }
 
-fn python_for_deps(state: &AppState) -> Result<std::path::PathBuf, ApiError> {
-    state
-        .engine
-        .runtime(Language::Python3)
-        .map(|rt| rt.program.clone())
-        .map_err(|e| ApiError::internal(e.to_string()))
+fn dependencies(state: &AppState) -> Result<&Arc<Dependencies>, ApiError> {
+    state.engine.deps.as_ref().ok_or_else(|| {
+        ApiError::internal("python3 is not available on this server, so it has no dependencies")
+    })
 }
 
 fn require_python(params: &[(String, String)]) -> Result<(), ApiError> {
@@ -241,35 +310,56 @@ fn require_python(params: &[(String, String)]) -> Result<(), ApiError> {
     }
 }
 
-async fn dependency_list(state: &AppState) -> Result<Response, ApiError> {
-    let python = python_for_deps(state)?;
-    let path = state.engine.config.dependencies_path.clone();
-    let list = tokio::task::spawn_blocking(move || deps::list(&python, &path))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(success(json!({ "dependencies": list })))
-}
-
 async fn list_dependencies(
     State(state): State<Arc<AppState>>,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
     require_python(&params)?;
-    dependency_list(&state).await
+    let deps = dependencies(&state)?;
+    Ok(success(json!({ "dependencies": deps.list() })))
 }
 
+/// Re-install the requirements (a new generation beside the old one) and list them.
 async fn refresh_dependencies(
     State(state): State<Arc<AppState>>,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
     require_python(&params)?;
-    dependency_list(&state).await
+    let deps = dependencies(&state)?;
+    deps.install(true)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(success(json!({ "dependencies": deps.list() })))
 }
 
 async fn update_dependencies(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    // Re-reading the requirements proves the file and the interpreter are usable; the
-    // root is rebuilt per run, so there is nothing else to refresh.
-    dependency_list(&state).await?;
+    let deps = dependencies(&state)?;
+    deps.install(true)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(success(json!({})))
+}
+
+/// Prometheus text; the gauges that mirror engine state are read at scrape time.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let m = &state.metrics;
+    m.in_flight
+        .set(state.in_flight.load(Ordering::Relaxed) as i64);
+    m.queued.set(state.engine.queued());
+    for (key, ready) in state.engine.warm_ready() {
+        m.warm
+            .get_or_create(&PoolLabels {
+                language: key.language.to_string(),
+                network: key.network.to_string(),
+            })
+            .set(ready as i64);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response()
 }

@@ -97,8 +97,31 @@ pub fn build_engine(config: Config) -> anyhow::Result<Engine> {
             mount_dir.display()
         )
     })?;
-    let host = detect::detect(&mount_dir, None)?;
-    let runtimes = discover_runtimes(&config)?;
+    let force = config
+        .force_chroot
+        .then_some(crate::isolation::spec::IsolationLevel::Chroot);
+    let host = detect::detect(&mount_dir, force)?;
+    let mut runtimes = discover_runtimes(&config)?;
+    // Extra Python packages live in the state directory and are bound into the root.
+    let deps = match runtimes.get_mut(&crate::runner::Language::Python3) {
+        Some(Ok(python)) => {
+            let mut deps = crate::deps::Dependencies::new(
+                python.program.clone(),
+                config.dependencies_path.clone(),
+                state,
+                config.python_pip_mirror_url.clone(),
+            )?;
+            python.add_package_dir(deps.root(), &deps.current());
+            if host.level == crate::isolation::spec::IsolationLevel::Chroot {
+                deps.add_chroot_copy(crate::engine::chroot_dir(
+                    state,
+                    crate::runner::Language::Python3,
+                ));
+            }
+            Some(Arc::new(deps))
+        }
+        _ => None,
+    };
     if host.level == crate::isolation::spec::IsolationLevel::Chroot {
         for rt in runtimes.values().flatten() {
             let dir = crate::engine::chroot_dir(state, rt.language);
@@ -106,42 +129,55 @@ pub fn build_engine(config: Config) -> anyhow::Result<Engine> {
                 .with_context(|| format!("cannot prepare the chroot root {}", dir.display()))?;
         }
     }
-    Ok(Engine::new(Arc::new(config), host, runtimes, mount_dir)?)
+    Ok(Engine::new(
+        Arc::new(config),
+        host,
+        runtimes,
+        mount_dir,
+        deps,
+    )?)
 }
 
-/// Logs go to stderr and, when `log_path` is set and writable, to a daily file there.
-/// The returned guard flushes the file on drop: keep it alive while serving.
+/// Logs go to stderr and, when `log_path` is set and writable, to a daily file there;
+/// as text or JSON lines. The returned guard flushes the file on drop: keep it alive
+/// while serving.
 pub fn init_tracing(
     debug: bool,
+    json: bool,
     log_path: &Path,
 ) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let default = if debug { "debug" } else { "info" };
-    let filter = || {
-        tracing_subscriber::EnvFilter::try_from_env("SANDBOX_LOG")
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
-    };
-    let stderr_layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let (file_layer, guard) =
-        if !log_path.as_os_str().is_empty() && std::fs::create_dir_all(log_path).is_ok() {
-            let appender = tracing_appender::rolling::daily(log_path, "sandbox.log");
-            let (writer, guard) = tracing_appender::non_blocking(appender);
-            (
-                Some(
-                    tracing_subscriber::fmt::layer()
-                        .with_ansi(false)
-                        .with_writer(writer),
-                ),
-                Some(guard),
-            )
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SANDBOX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let mut layers: Vec<Box<dyn Layer<_> + Send + Sync>> = Vec::new();
+    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    layers.push(if json {
+        stderr.json().boxed()
+    } else {
+        stderr.boxed()
+    });
+    let mut guard = None;
+    if !log_path.as_os_str().is_empty() && std::fs::create_dir_all(log_path).is_ok() {
+        let (writer, g) = tracing_appender::non_blocking(tracing_appender::rolling::daily(
+            log_path,
+            "sandbox.log",
+        ));
+        let file = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(writer);
+        layers.push(if json {
+            file.json().boxed()
         } else {
-            (None, None)
-        };
+            file.boxed()
+        });
+        guard = Some(g);
+    }
     let _ = tracing_subscriber::registry()
-        .with(filter())
-        .with(stderr_layer)
-        .with(file_layer)
+        .with(filter)
+        .with(layers)
         .try_init();
     guard
 }

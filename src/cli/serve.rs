@@ -19,7 +19,7 @@ pub struct ServeArgs {
 
 pub fn execute(args: ServeArgs) -> anyhow::Result<()> {
     let config = super::load_config(args.config.as_deref())?;
-    let _log_guard = super::init_tracing(config.debug, &config.log_path);
+    let _log_guard = super::init_tracing(config.debug, config.log_json, &config.log_path);
     let engine = Arc::new(super::build_engine(config)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -54,6 +54,10 @@ async fn serve(engine: Arc<crate::engine::Engine>) -> anyhow::Result<()> {
     })?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
     engine.start_warm_pool();
+    if let Some(deps) = &engine.deps {
+        deps.clone()
+            .spawn_updater(config.python_deps_update_interval);
+    }
     let state = api::AppState::new(engine.clone());
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown_signal())

@@ -74,7 +74,9 @@ pub fn prepare(dir: &Path, plan: &RootPlan) -> io::Result<()> {
     fs::write(dir.join(MARKER), stamp)
 }
 
-fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
+/// Copy `src` to `dst` recursively: hard links where the filesystem allows, symlinks
+/// recreated, directories with their modes.
+pub fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
     let meta = fs::symlink_metadata(src)?;
     if let Some(parent) = dst.parent() {
         fs::DirBuilder::new()

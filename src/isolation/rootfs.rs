@@ -99,6 +99,22 @@ pub fn enter_private_root(
     )
     .map_err(step(Step::CreateRoot, root_dir))?;
 
+    // The private /tmp first: anything the plan binds below /tmp (an interpreter or a
+    // state directory living there) is then mounted on top of it and stays visible.
+    let tmp = inside(root_dir, Path::new("/tmp"));
+    make_dirs(&tmp)?;
+    mount(
+        Some("tmpfs"),
+        &tmp,
+        Some("tmpfs"),
+        // noexec: a library the snippet writes cannot be mapped executable.
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(format!("size={tmp_bytes},mode=1777,nr_inodes=16384").as_str()),
+    )
+    .map_err(step(Step::MountTmp, &tmp))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777))
+        .map_err(io_step(Step::MountTmp, &tmp))?;
+
     for (link, target) in &plan.symlinks {
         let at = inside(root_dir, link);
         if let Some(parent) = at.parent() {
@@ -140,20 +156,6 @@ pub fn enter_private_root(
         None::<&str>,
     )
     .map_err(step(Step::MountProc, &proc_dir))?;
-
-    let tmp = inside(root_dir, Path::new("/tmp"));
-    make_dirs(&tmp)?;
-    mount(
-        Some("tmpfs"),
-        &tmp,
-        Some("tmpfs"),
-        // noexec: a library the snippet writes cannot be mapped executable.
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some(format!("size={tmp_bytes},mode=1777,nr_inodes=16384").as_str()),
-    )
-    .map_err(step(Step::MountTmp, &tmp))?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777))
-        .map_err(io_step(Step::MountTmp, &tmp))?;
 
     // pivot_root(".", ".") stacks the old root on top of the new one; detaching it
     // leaves only the new root visible.

@@ -90,6 +90,22 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// Make a package directory importable: `root` is bound read-only, and `import_path`
+    /// (inside it) goes on the search path ahead of site-packages, so the operator's
+    /// requirements win over the interpreter's own copies.
+    pub fn add_package_dir(&mut self, root: &Path, import_path: &Path) {
+        if !self.root.binds.iter().any(|b| root.starts_with(b)) {
+            self.root.binds.push(root.to_path_buf());
+        }
+        let at = self
+            .search_path
+            .iter()
+            .position(|p| p.contains("site-packages") || p.contains("dist-packages"))
+            .unwrap_or(self.search_path.len());
+        self.search_path
+            .insert(at, import_path.to_string_lossy().into_owned());
+    }
+
     /// argv for a run. `memory_mb` sizes Node's heap so V8 fails cleanly before the
     /// cgroup (or RLIMIT) has to kill it.
     pub fn argv(&self, memory_mb: u64) -> Vec<String> {

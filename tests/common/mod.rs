@@ -31,6 +31,16 @@ pub struct Server {
 impl Server {
     /// Start with the embedded defaults plus `env` overrides.
     pub async fn start(env: &[(&str, &str)]) -> Self {
+        Self::start_with_stderr(env, Stdio::inherit()).await
+    }
+
+    /// Like `start`, with the server's log (stderr) written to `log`.
+    pub async fn start_logging(env: &[(&str, &str)], log: &std::path::Path) -> Self {
+        let file = std::fs::File::create(log).expect("log file");
+        Self::start_with_stderr(env, Stdio::from(file)).await
+    }
+
+    async fn start_with_stderr(env: &[(&str, &str)], stderr: Stdio) -> Self {
         let port = free_port();
         let mut cmd = Command::new(bin());
         cmd.arg("serve")
@@ -38,7 +48,7 @@ impl Server {
             .env("SANDBOX_PORT", port.to_string())
             .env("SANDBOX_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         for (k, v) in env {
             cmd.env(k, v);
         }

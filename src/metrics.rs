@@ -1,0 +1,104 @@
+//! Prometheus metrics for `GET /metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunLabels {
+    pub language: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LanguageLabel {
+    pub language: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub language: String,
+    pub network: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub runs: Family<RunLabels, Counter>,
+    pub duration: Family<LanguageLabel, Histogram>,
+    pub in_flight: Gauge,
+    pub queued: Gauge,
+    pub warm: Family<PoolLabels, Gauge>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sandbox");
+        let runs = Family::<RunLabels, Counter>::default();
+        registry.register(
+            "runs",
+            "Runs by language and outcome (ok, error, timeout, memory, output, processes, rejected, invalid, internal)",
+            runs.clone(),
+        );
+        let duration = Family::<LanguageLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ])
+        });
+        registry.register(
+            "run_duration_seconds",
+            "Time from request to answer of runs that executed",
+            duration.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Run requests admitted and not yet answered",
+            in_flight.clone(),
+        );
+        let queued = Gauge::default();
+        registry.register(
+            "queue_length",
+            "Runs waiting for one of max_workers slots",
+            queued.clone(),
+        );
+        let warm = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "warm_workers",
+            "Jailed interpreters ready for a run",
+            warm.clone(),
+        );
+        Self {
+            registry,
+            runs,
+            duration,
+            in_flight,
+            queued,
+            warm,
+        }
+    }
+
+    pub fn count(&self, language: &str, outcome: &str) {
+        self.runs
+            .get_or_create(&RunLabels {
+                language: language.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
