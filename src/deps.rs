@@ -144,6 +144,8 @@ impl Dependencies {
                 path: empty.display().to_string(),
                 source,
             })?;
+            // Built from an empty requirements text: nothing to install for one.
+            let _ = fs::write(empty.join(STAMP), "");
             deps.switch_to("gen-empty")?;
         }
         Ok(deps)

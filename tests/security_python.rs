@@ -86,9 +86,11 @@ async fn host_files_are_not_visible() {
     let s = Server::start(&[]).await;
     let code = r#"
 import os
-for p in ['/etc/shadow', '/etc/sandbox-test-planted-secret', '/root/.bash_history', '/var/lib/sandbox', '/home', '/sys/kernel']:
+for p in ['/etc/shadow', '/etc/sandbox-test-planted-secret', '/root/.bash_history', '/var/lib/sandbox/uids', '/home', '/sys/kernel']:
     print(p, os.path.exists(p))
 print(open('/etc/passwd').read())
+# Of the state directory only the package directory is visible (read-only).
+print(os.listdir('/var/lib/sandbox'))
 "#;
     let data = s.python(code).await;
     let _ = std::fs::remove_file(planted);
@@ -101,6 +103,7 @@ print(open('/etc/passwd').read())
         "the host's passwd must not show: {text}"
     );
     assert!(text.contains("sandbox:x:"), "{text}");
+    assert!(text.ends_with("['python-packages']\n"), "{text}");
 }
 
 #[tokio::test]
