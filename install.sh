@@ -83,6 +83,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 if [ "$mode" = test ]; then
   log "docker: engine for the xtask tests"
+  python3 -m pip install --quiet $(python3 -m pip help install 2>/dev/null | grep -- --break-system-packages >/dev/null && echo --break-system-packages) kubernetes-validate  # Kubernetes schemas for tests/deploy.rs
   bash .ci/start-dockerd.sh
 else
   log "cargo: release build"
