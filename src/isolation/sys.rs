@@ -2,24 +2,49 @@
 //! expose safely or in the shape the helper needs. Each wrapper names its syscall in
 //! the error it returns.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::os::fd::RawFd;
 
 use nix::errno::Errno;
 use nix::unistd::ForkResult;
 
-/// The pathname handed to `execveat`. Its address is written into the seccomp filter as
-/// the only pathname pointer `execveat` may receive, so the interpreter's later calls
-/// cannot name a path of their own through that syscall.
-pub static EXEC_EMPTY_PATH: &CStr = c"";
-
 /// The high descriptor the interpreter is opened on, and the only one `execveat` accepts.
 /// RLIMIT_NOFILE is set below it, so the sandboxed program can never recreate it.
 pub const EXEC_FD: RawFd = 1023;
 
-/// Address of [`EXEC_EMPTY_PATH`], as the seccomp filter compares it.
-pub fn exec_empty_path_addr() -> u64 {
-    EXEC_EMPTY_PATH.as_ptr() as u64
+/// The empty pathname handed to `execveat`, placed on a page at a random address. The
+/// seccomp filter admits `execveat` only with this exact pointer: a snippet that wanted
+/// to reuse the call with a path of its own would have to map its string at an address
+/// it cannot see (about 2^34 page-aligned candidates, far beyond any run's time limit).
+pub fn random_empty_path() -> Result<u64, Errno> {
+    const LOW: u64 = 1 << 32;
+    const HIGH: u64 = 1 << 46;
+    for _ in 0..16 {
+        let mut bytes = [0u8; 8];
+        // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
+        let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+        if n != bytes.len() as isize {
+            return Err(Errno::last());
+        }
+        let addr = (LOW + u64::from_ne_bytes(bytes) % (HIGH - LOW)) & !0xfff;
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping (it fails with
+        // EEXIST instead); the new anonymous page is zero-filled, so its first byte is
+        // the NUL that makes it an empty C string. It is never unmapped before exec.
+        let p = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                4096,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p != libc::MAP_FAILED && p as u64 == addr {
+            return Ok(addr);
+        }
+    }
+    Err(Errno::ENOMEM)
 }
 
 /// fork(2) from the single-threaded helper.
@@ -58,22 +83,23 @@ pub fn close_range(first: u32, last: u32) -> Result<(), Errno> {
     Errno::result(rc).map(drop)
 }
 
-/// execveat(EXEC_FD, "", argv, envp, AT_EMPTY_PATH): run the interpreter opened on
-/// [`EXEC_FD`]. Returns only on failure.
-pub fn execveat_exec_fd(argv: &[CString], envp: &[CString]) -> Errno {
+/// execveat(EXEC_FD, path, argv, envp, AT_EMPTY_PATH) with `path` from
+/// [`random_empty_path`]: run the interpreter opened on [`EXEC_FD`]. Returns only on
+/// failure.
+pub fn execveat_exec_fd(empty_path: u64, argv: &[CString], envp: &[CString]) -> Errno {
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
     envp_ptrs.push(std::ptr::null());
     // SAFETY: argv and envp are NULL-terminated arrays of pointers into CStrings that
-    // outlive the call; EXEC_EMPTY_PATH is a 'static NUL-terminated string. The raw
-    // syscall is used (not glibc's fexecve) so the pathname pointer is exactly the one
-    // the seccomp filter allows.
+    // outlive the call; `empty_path` points at a mapped, zero-filled page (an empty C
+    // string). The raw syscall is used (not glibc's fexecve) so the pathname pointer is
+    // exactly the one the seccomp filter allows.
     unsafe {
         libc::syscall(
             libc::SYS_execveat,
             EXEC_FD,
-            EXEC_EMPTY_PATH.as_ptr(),
+            empty_path as *const libc::c_char,
             argv_ptrs.as_ptr(),
             envp_ptrs.as_ptr(),
             libc::AT_EMPTY_PATH,

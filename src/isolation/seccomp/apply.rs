@@ -28,6 +28,8 @@ pub struct FilterOptions<'a> {
     pub network: bool,
     /// Non-empty: replaces the plain allow-lists (the operator's `allowed_syscalls`).
     pub allowed_syscalls: &'a [i64],
+    /// The only pathname pointer `execveat` may receive (see `sys::random_empty_path`).
+    pub exec_path: u64,
 }
 
 fn rule_err(name: &str) -> impl FnOnce(SeccompError) -> SeccompApplyError + '_ {
@@ -132,7 +134,7 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
             execveat,
             &[
                 ScmpArgCompare::new(0, ScmpCompareOp::Equal, sys::EXEC_FD as u64),
-                ScmpArgCompare::new(1, ScmpCompareOp::Equal, sys::exec_empty_path_addr()),
+                ScmpArgCompare::new(1, ScmpCompareOp::Equal, opts.exec_path),
                 ScmpArgCompare::new(4, ScmpCompareOp::Equal, libc::AT_EMPTY_PATH as u64),
             ],
         )
@@ -256,6 +258,7 @@ mod tests {
                     profile,
                     network,
                     allowed_syscalls: &[],
+                    exec_path: 0x1000,
                 };
                 build(&opts).expect("filter builds");
             }
@@ -265,6 +268,7 @@ mod tests {
             profile: Profile::Python,
             network: false,
             allowed_syscalls: &custom,
+            exec_path: 0x1000,
         })
         .expect("custom list builds");
     }
