@@ -318,6 +318,47 @@ mod tests {
     }
 
     #[test]
+    fn v2_runs_get_memory_swap_and_pids_limits_under_our_cgroup() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let base = root.path().join("system.slice/sandbox.service");
+        fs::create_dir_all(&base).unwrap();
+        fs::write(root.path().join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        fs::write(base.join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        fs::write(base.join("cgroup.subtree_control"), "").unwrap();
+        let d = CgroupDriver::detect(root.path(), "0::/system.slice/sandbox.service\n")
+            .expect("detects v2");
+        assert_eq!(d, CgroupDriver::V2 { base: base.clone() });
+        assert_eq!(
+            fs::read_to_string(base.join("cgroup.subtree_control")).unwrap(),
+            "+memory +pids"
+        );
+        let cg = d
+            .create_run("sandbox-run-1-0", 64 << 20, 32)
+            .expect("run cgroup");
+        let dir = base.join("sandbox-run-1-0");
+        assert_eq!(
+            fs::read_to_string(dir.join("memory.max")).unwrap(),
+            (64u64 << 20).to_string()
+        );
+        assert_eq!(fs::read_to_string(dir.join("pids.max")).unwrap(), "32");
+        assert_eq!(cg.procs_files(), vec![dir.join("cgroup.procs")]);
+        fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
+        assert!(cg.oom_killed());
+    }
+
+    #[test]
+    fn v2_without_the_memory_controller_is_refused() {
+        let root = tempfile::tempdir().expect("tempdir");
+        fs::write(root.path().join("cgroup.controllers"), "cpu pids\n").unwrap();
+        let err = CgroupDriver::detect(root.path(), "0::/\n").unwrap_err();
+        assert!(err.to_string().contains("memory controller"), "{err}");
+    }
+
+    #[test]
     fn missing_hierarchies_are_reported() {
         let root = tempfile::tempdir().expect("tempdir");
         let err = CgroupDriver::detect(root.path(), "0::/\n").unwrap_err();
