@@ -357,7 +357,8 @@ fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, 
     chdir(&spec.workdir).map_err(step(Step::Descriptors, &spec.workdir))?;
 
     prctl::set_no_new_privs().map_err(|e| StepError::new(Step::NoNewPrivs, "prctl", e.desc()))?;
-    let exec_path = sys::random_empty_path().map_err(|e| StepError::new(Step::Seccomp, "exec path page", e.desc()))?;
+    let exec_path = sys::random_empty_path()
+        .map_err(|e| StepError::new(Step::Seccomp, "exec path page", e.desc()))?;
     seccomp::apply(&FilterOptions {
         profile: spec.profile,
         network: spec.network,
