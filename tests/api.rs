@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 /// Dify's Python code node: user `main`, then a runner that decodes base64 JSON inputs
 /// and prints the result between <<RESULT>> tags.
 fn dify_python_node(inputs: &Value) -> String {
-    let b64 = base64_encode(inputs.to_string().as_bytes());
+    let b64 = common::base64(inputs.to_string().as_bytes());
     format!(
         r#"
 def main(arg1: str, arg2: int) -> dict:
@@ -26,27 +26,6 @@ result = f'''<<RESULT>>{{output_json}}<<RESULT>>'''
 print(result)
 "#
     )
-}
-
-fn base64_encode(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 fn between_tags(stdout: &str) -> Value {
@@ -128,7 +107,7 @@ async fn dify_python_code_node_round_trips_through_result_tags() {
 #[tokio::test]
 async fn dify_jinja2_template_runs_with_its_preload() {
     let s = Server::start(&[("ENABLE_PRELOAD", "true")]).await;
-    let inputs = base64_encode(
+    let inputs = common::base64(
         json!({"name": "Dify", "items": ["a", "b"]})
             .to_string()
             .as_bytes(),
@@ -329,22 +308,9 @@ async fn form_encoded_bodies_are_accepted() {
 #[tokio::test]
 async fn requests_beyond_max_requests_get_503() {
     let s = Server::start(&[("MAX_REQUESTS", "1"), ("MAX_WORKERS", "1")]).await;
-    let slow = {
-        let client = s.client.clone();
-        let url = format!("{}/v1/sandbox/run", s.base);
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .header("X-Api-Key", KEY)
-                .json(&json!({"language": "python3", "code": "import time; time.sleep(1.5); print('done')"}))
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        })
-    };
+    let slow = s.spawn_run(
+        json!({"language": "python3", "code": "import time; time.sleep(1.5); print('done')"}),
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     let (status, env) = s
         .run_json(json!({"language": "python3", "code": "print(1)"}))
@@ -490,20 +456,9 @@ async fn internal_failures_answer_minus_500_and_the_server_survives() {
 #[tokio::test]
 async fn sigterm_drains_in_flight_runs_then_exits() {
     let s = Server::start(&[]).await;
-    let url = format!("{}/v1/sandbox/run", s.base);
-    let client = s.client.clone();
-    let run = tokio::spawn(async move {
-        client
-            .post(url)
-            .header("X-Api-Key", KEY)
-            .json(&json!({"language": "python3", "code": "import time; time.sleep(1); print('finished')"}))
-            .send()
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()
-    });
+    let run = s.spawn_run(
+        json!({"language": "python3", "code": "import time; time.sleep(1); print('finished')"}),
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     let status = tokio::task::spawn_blocking(move || s.terminate())
         .await

@@ -31,7 +31,7 @@ async fn console_log_json_and_buffers() {
 async fn dify_javascript_code_node_template() {
     let s = Server::start(&[]).await;
     let inputs = json!({"arg1": "数据 ", "arg2": "naïve ✓"}).to_string();
-    let b64 = base64(inputs.as_bytes());
+    let b64 = common::base64(inputs.as_bytes());
     let code = format!(
         r#"// declare main function
 function main({{arg1, arg2}}) {{
@@ -113,25 +113,4 @@ async fn async_code_and_modules_work() {
     let code = "const crypto = require('crypto');\nconst h = crypto.createHash('sha256').update('abc').digest('hex');\n(async () => { await new Promise(r => setTimeout(r, 50)); console.log(h.slice(0, 8)); })();";
     let data = node(&s, code).await;
     assert_eq!(data["stdout"], "ba7816bf\n", "{data}");
-}
-
-fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            out.push(if i <= chunk.len() {
-                T[(n >> (18 - 6 * i) & 63) as usize] as char
-            } else {
-                '='
-            });
-        }
-    }
-    out
 }

@@ -104,6 +104,22 @@ impl Server {
         )
     }
 
+    /// Start a run in the background (for tests that act while it executes).
+    pub fn spawn_run(&self, body: Value) -> tokio::task::JoinHandle<Value> {
+        let client = self.client.clone();
+        let url = format!("{}/v1/sandbox/run", self.base);
+        tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .header("X-Api-Key", KEY)
+                .json(&body)
+                .send()
+                .await
+                .expect("request");
+            r.json::<Value>().await.expect("JSON answer")
+        })
+    }
+
     /// Run code and return the envelope's `data`, asserting the envelope is a success.
     pub async fn run(&self, language: &str, code: &str) -> Value {
         let (status, body) = self
@@ -159,6 +175,12 @@ fn nix_kill(pid: u32, sig: &str) -> std::io::Result<Output> {
         .arg(format!("-{sig}"))
         .arg(pid.to_string())
         .output()
+}
+
+/// Standard base64, as Dify encodes code-node inputs.
+pub fn base64(data: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 /// `sandbox <args>` with extra environment; returns the finished output.
