@@ -114,6 +114,9 @@ pub struct Engine {
     queued: std::sync::atomic::AtomicI64,
     /// Extra Python packages (None when Python is unavailable).
     pub deps: Option<Arc<crate::deps::Dependencies>>,
+    /// Background work that must finish before the server exits: warm workers being
+    /// started, clean-up after runs.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 const RUN_PREFIX: &str = "sandbox-run-";
@@ -195,6 +198,7 @@ impl Engine {
             helper: PathBuf::from("/proc/self/exe"),
             queued: std::sync::atomic::AtomicI64::new(0),
             deps,
+            tasks: tokio_util::task::TaskTracker::new(),
         })
     }
 
@@ -239,6 +243,17 @@ impl Engine {
     /// and kill the warm workers.
     pub async fn close(&self) {
         self.workers.close();
+        // Wait for workers being started and for the clean-up of finished runs, so no
+        // cgroup or private directory outlives the server.
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(15), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "some run clean-ups did not finish in 15 s; the next start removes what is left"
+            );
+        }
         for worker in self.warm.drain() {
             self.discard(worker).await;
         }
@@ -266,27 +281,28 @@ impl Engine {
     /// interpreter died while it waited.
     async fn tend_pool(self: Arc<Self>) {
         loop {
+            if self.workers.is_closed() {
+                return;
+            }
             for dead in self.warm.remove_dead() {
                 tracing::warn!("a warm worker died while waiting; replacing it");
                 self.discard(dead).await;
             }
             for key in self.warm.missing() {
                 let engine = Arc::clone(&self);
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     let limits = engine.default_limits();
                     let spawned = engine.spawn_worker(key.language, key.network, &limits);
                     match spawned {
                         Ok(worker) => engine.warm.put(key, worker),
                         Err(e) => {
-                            engine.warm.spawn_failed(key);
                             tracing::error!(error = %e, language = %key.language, "cannot start a warm worker");
+                            // Back off before the tender tries again.
                             tokio::time::sleep(Duration::from_secs(1)).await;
+                            engine.warm.spawn_failed(key);
                         }
                     }
                 });
-            }
-            if self.workers.is_closed() {
-                return;
             }
             tokio::select! {
                 _ = self.warm.wait_for_take() => {},
@@ -536,7 +552,7 @@ impl Engine {
         let language = worker.language;
         // The process tree is gone; the cgroup and uid are freed after the answer.
         let tmp = self.chroot_tmp(&worker);
-        tokio::spawn(worker.release(tmp));
+        self.tasks.spawn(worker.release(tmp));
 
         let stderr_text = String::from_utf8_lossy(&err).into_owned();
         let mut exit_code = match (&report, limit) {

@@ -460,10 +460,19 @@ async fn sigterm_drains_in_flight_runs_then_exits() {
         json!({"language": "python3", "code": "import time; time.sleep(1); print('finished')"}),
     );
     tokio::time::sleep(Duration::from_millis(400)).await;
+    let pid = s.pid();
+    assert!(
+        !common::run_cgroups_of(pid).is_empty(),
+        "the running snippet and warm workers have cgroups"
+    );
     let status = tokio::task::spawn_blocking(move || s.terminate())
         .await
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
     let body = run.await.unwrap();
     assert_eq!(body["data"]["stdout"], "finished\n", "{body}");
+    // Nothing of the server's runs or warm workers is left behind: a cgroup can only
+    // be removed once no process is in it.
+    let leftovers = common::run_cgroups_of(pid);
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 }

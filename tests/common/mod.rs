@@ -177,6 +177,40 @@ fn nix_kill(pid: u32, sig: &str) -> std::io::Result<Output> {
         .output()
 }
 
+/// Per-run cgroup directories of the server `pid` (v1 memory and pids hierarchies or the
+/// v2 tree, under this process's own cgroups, where the server creates them).
+pub fn run_cgroups_of(pid: u32) -> Vec<std::path::PathBuf> {
+    let prefix = format!("sandbox-run-{pid}-");
+    let mut found = Vec::new();
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (
+            parts.next(),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
+        let base = match controllers {
+            "" => std::path::PathBuf::from("/sys/fs/cgroup"),
+            c if c.split(',').any(|x| x == "memory" || x == "pids") => {
+                std::path::Path::new("/sys/fs/cgroup").join(
+                    c.split(',')
+                        .find(|x| *x == "memory" || *x == "pids")
+                        .unwrap_or(c),
+                )
+            }
+            _ => continue,
+        };
+        let dir = base.join(path.trim_start_matches('/'));
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
 /// Standard base64, as Dify encodes code-node inputs.
 pub fn base64(data: &[u8]) -> String {
     use base64::Engine as _;
