@@ -421,6 +421,7 @@ impl Engine {
             format!("TMPDIR={}", workdir.display()),
             "LANG=C.UTF-8".to_string(),
         ];
+        env.extend(runtime.env.iter().cloned());
         if network {
             let p = &self.config.proxy;
             for (vars, value) in [

@@ -181,6 +181,46 @@ async fn sockets_need_enable_network() {
 }
 
 #[tokio::test]
+async fn with_network_only_ip_sockets_exist() {
+    use std::os::linux::net::SocketAddrExt;
+    // A host service on an abstract Unix socket (container runtimes use these): a run
+    // with network shares the host's network namespace, yet must not reach it.
+    let name = format!("sandbox-test-abstract-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    let s = Server::start(&[]).await;
+    let code = format!(
+        r#"
+import socket
+for family, target in [(socket.AF_UNIX, "\0{name}"), (socket.AF_NETLINK, None), (socket.AF_PACKET, None)]:
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM if family != socket.AF_UNIX else socket.SOCK_STREAM)
+        if target:
+            sock.connect(target)
+        print(family, 'OPEN')
+    except OSError as e:
+        print(family, e.errno)
+ip = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+print('ip ok')
+"#
+    );
+    let (_, env) = s
+        .run_json(json!({"language": "python3", "code": code, "enable_network": true}))
+        .await;
+    let text = env["data"]["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!text.contains("OPEN"), "{env}");
+    assert_eq!(
+        text.lines().filter(|l| l.ends_with(" 1")).count(),
+        3,
+        "EPERM for each: {env}"
+    );
+    assert!(text.ends_with("ip ok\n"), "{env}");
+}
+
+#[tokio::test]
 async fn only_tmp_is_writable() {
     let s = Server::start(&[]).await;
     let code = r#"

@@ -87,6 +87,20 @@ pub struct Runtime {
     pub modules: Vec<(String, bool)>,
     /// The interpreter's module search path as it reported it (Python's sys.path).
     pub search_path: Vec<String>,
+    /// Environment variables every run of this interpreter gets (`NAME=value`).
+    pub env: Vec<String>,
+}
+
+/// The system CA bundle, if this host has one where distributions put it.
+pub fn system_ca_bundle() -> Option<PathBuf> {
+    [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/cert.pem",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file())
 }
 
 impl Runtime {

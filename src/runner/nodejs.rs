@@ -54,6 +54,11 @@ pub fn discover(node: &str, system_files: &[PathBuf]) -> Result<Runtime, Discove
         profile: Profile::Nodejs,
         modules: Vec::new(),
         search_path: Vec::new(),
+        // Node trusts only its built-in CAs unless told otherwise; the host's bundle
+        // (bound into the root) carries the operator's own CAs, such as a proxy's.
+        env: super::system_ca_bundle()
+            .map(|p| vec![format!("NODE_EXTRA_CA_CERTS={}", p.display())])
+            .unwrap_or_default(),
     })
 }
 

@@ -84,6 +84,7 @@ pub fn discover(python: &str, system_files: &[PathBuf]) -> Result<Runtime, Disco
         profile: Profile::Python,
         modules: a.modules.into_iter().collect(),
         search_path: a.path,
+        env: Vec::new(),
     })
 }
 

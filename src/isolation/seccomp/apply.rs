@@ -88,19 +88,25 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
         for (name, _why) in policy::NETWORK {
             allow(&mut ctx, name)?;
         }
-    } else if let Some(socket) = resolve("socket") {
-        // Local AF_UNIX sockets only (some runtimes make a socketpair-like channel);
-        // the run also sits in an empty network namespace.
-        ctx.add_rule_conditional(
-            ScmpAction::Allow,
-            socket,
-            &[ScmpArgCompare::new(
-                0,
-                ScmpCompareOp::Equal,
-                libc::AF_UNIX as u64,
-            )],
-        )
-        .map_err(rule_err("socket"))?;
+    }
+    // Which socket families `socket()` may create. With network: IP only. A run with
+    // network shares the host's network namespace, where AF_UNIX would reach the host's
+    // abstract sockets (container runtimes listen on some) and AF_NETLINK its routing
+    // and audit interfaces. Without network: AF_UNIX only, inside an empty namespace.
+    let families: &[i32] = if opts.network {
+        &[libc::AF_INET, libc::AF_INET6]
+    } else {
+        &[libc::AF_UNIX]
+    };
+    if let Some(socket) = resolve("socket") {
+        for &family in families {
+            ctx.add_rule_conditional(
+                ScmpAction::Allow,
+                socket,
+                &[ScmpArgCompare::new(0, ScmpCompareOp::Equal, family as u64)],
+            )
+            .map_err(rule_err("socket"))?;
+        }
     }
 
     for (name, _why) in policy::ENOSYS {

@@ -169,11 +169,9 @@ pub const PYTHON: &[(&str, &str)] = &[
     ("socketpair", "asyncio self-pipe (AF_UNIX pair; no network)"),
 ];
 
-/// Socket syscalls, allowed only when the run enables network. Without network,
-/// `socket()` is still allowed for AF_UNIX only (see apply.rs), inside an empty net
-/// namespace.
+/// Socket syscalls, allowed only when the run enables network. `socket()` itself is
+/// allowed per address family (see apply.rs).
 pub const NETWORK: &[(&str, &str)] = &[
-    ("socket", "create sockets"),
     ("connect", "outbound connections"),
     ("bind", "local ports"),
     ("listen", "servers on loopback"),
