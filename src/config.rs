@@ -88,6 +88,7 @@ struct RawConfig {
     metrics_auth: Option<bool>,
     log_format: Option<String>,
     isolation: Option<String>,
+    extra_syscalls: Option<Vec<serde_yaml::Value>>,
 }
 
 const KNOWN_KEYS: &[&str] = &[
@@ -115,6 +116,7 @@ const KNOWN_KEYS: &[&str] = &[
     "metrics_auth",
     "log_format",
     "isolation",
+    "extra_syscalls",
 ];
 const KNOWN_APP_KEYS: &[&str] = &["port", "debug", "key"];
 const KNOWN_PROXY_KEYS: &[&str] = &["socks5", "http", "https"];
@@ -145,6 +147,8 @@ pub struct Config {
     pub enable_network: bool,
     pub enable_preload: bool,
     pub allowed_syscalls: Vec<i64>,
+    /// Syscall numbers added to the built-in allow-list (given by name or number).
+    pub extra_syscalls: Vec<i64>,
     pub python_pip_mirror_url: String,
     pub python_deps_update_interval: Duration,
     pub proxy: Proxy,
@@ -289,6 +293,7 @@ impl Config {
                 .or(raw.enable_preload)
                 .unwrap_or(false),
             allowed_syscalls: syscalls,
+            extra_syscalls: extra_syscalls(e.string("EXTRA_SYSCALLS"), raw.extra_syscalls)?,
             python_pip_mirror_url: e
                 .string("PIP_MIRROR_URL")
                 .or(raw.python_pip_mirror_url)
@@ -494,6 +499,54 @@ fn parse_syscall_list(list: &str) -> Result<Vec<i64>, ConfigError> {
         .collect()
 }
 
+/// `extra_syscalls` from the environment (comma list) or the file (list), by name or
+/// number, resolved now so a typo stops the server at start.
+fn extra_syscalls(
+    env: Option<String>,
+    file: Option<Vec<serde_yaml::Value>>,
+) -> Result<Vec<i64>, ConfigError> {
+    let (tokens, from_env): (Vec<String>, bool) = match env {
+        Some(list) => (
+            list.split(',')
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect(),
+            true,
+        ),
+        None => (
+            file.unwrap_or_default()
+                .into_iter()
+                .map(|v| match v {
+                    serde_yaml::Value::String(s) => s,
+                    serde_yaml::Value::Number(n) => n.to_string(),
+                    other => format!("{other:?}"),
+                })
+                .collect(),
+            false,
+        ),
+    };
+    tokens
+        .iter()
+        .map(|t| {
+            crate::isolation::seccomp::policy::resolve_token(t).map_err(|reason| {
+                if from_env {
+                    ConfigError::Env {
+                        var: "EXTRA_SYSCALLS".into(),
+                        value: t.clone(),
+                        reason,
+                    }
+                } else {
+                    ConfigError::Value {
+                        key: "extra_syscalls".into(),
+                        value: t.clone(),
+                        reason,
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
 fn unknown_keys(value: &serde_yaml::Value) -> Vec<String> {
     let mut out = Vec::new();
     let Some(map) = value.as_mapping() else {
@@ -593,6 +646,28 @@ mod tests {
             err.to_string().contains("python_deps_update_interval"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn extra_syscalls_take_names_or_numbers_but_not_the_fixed_ones() {
+        let c = Config::from_yaml(
+            "extra_syscalls: [mbind, 309]\n",
+            Path::new("c.yaml"),
+            &env(&[]),
+        )
+        .expect("loads");
+        assert_eq!(c.extra_syscalls.len(), 2);
+        assert_eq!(c.extra_syscalls[1], 309);
+        let e = Config::from_yaml(
+            "",
+            Path::new("c.yaml"),
+            &env(&[("EXTRA_SYSCALLS", "getcpu,nosuchcall")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("nosuchcall"), "{e}");
+        let e = Config::from_yaml("extra_syscalls: [execve]\n", Path::new("c.yaml"), &env(&[]))
+            .unwrap_err();
+        assert!(e.to_string().contains("cannot be allowed"), "{e}");
     }
 
     #[test]

@@ -461,6 +461,7 @@ impl Engine {
             cgroup_procs: cgroup.map(|c| c.procs_files()).unwrap_or_default(),
             profile: runtime.profile,
             allowed_syscalls: self.config.allowed_syscalls.clone(),
+            extra_syscalls: self.config.extra_syscalls.clone(),
             program: runtime.program.clone(),
             workdir,
             argv: runtime.argv(l.memory_mb),

@@ -363,6 +363,7 @@ fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, 
         profile: spec.profile,
         network: spec.network,
         allowed_syscalls: &spec.allowed_syscalls,
+        extra_syscalls: &spec.extra_syscalls,
         exec_path,
     })
     .map_err(|e| StepError::new(Step::Seccomp, "filter", e))?;

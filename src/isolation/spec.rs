@@ -69,6 +69,8 @@ pub struct SandboxSpec {
     pub profile: Profile,
     /// Syscall numbers that replace the built-in plain allow-list (config `allowed_syscalls`).
     pub allowed_syscalls: Vec<i64>,
+    /// Syscall numbers added to the allow-list (config `extra_syscalls`).
+    pub extra_syscalls: Vec<i64>,
     /// The interpreter: opened inside the root and executed through its descriptor.
     pub program: PathBuf,
     /// Working directory (and HOME/TMPDIR) of the run: its private /tmp, or under the

@@ -28,6 +28,8 @@ pub struct FilterOptions<'a> {
     pub network: bool,
     /// Non-empty: replaces the plain allow-lists (the operator's `allowed_syscalls`).
     pub allowed_syscalls: &'a [i64],
+    /// Added to whichever plain allow-list applies (the operator's `extra_syscalls`).
+    pub extra_syscalls: &'a [i64],
     /// The only pathname pointer `execveat` may receive (see `sys::random_empty_path`).
     pub exec_path: u64,
 }
@@ -67,21 +69,20 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
         for (name, _why) in policy::COMMON.iter().chain(extra) {
             allow(&mut ctx, name)?;
         }
-    } else {
-        // The syscalls with argument rules below keep those rules whatever the list says.
-        let conditional: Vec<i32> = ["clone", "clone3", "execveat", "prlimit64", "socket"]
-            .iter()
-            .filter_map(|n| resolve(n))
-            .map(i32::from)
-            .collect();
-        for &nr in opts.allowed_syscalls {
-            if conditional.contains(&(nr as i32)) {
-                continue;
-            }
-            let sc = ScmpSyscall::from(nr as i32);
-            ctx.add_rule(ScmpAction::Allow, sc)
-                .map_err(rule_err(&format!("syscall number {nr}")))?;
+    }
+    // The syscalls with fixed rules keep them whatever the operator's lists say.
+    let fixed: Vec<i32> = policy::FIXED
+        .iter()
+        .filter_map(|n| resolve(n))
+        .map(i32::from)
+        .collect();
+    for &nr in opts.allowed_syscalls.iter().chain(opts.extra_syscalls) {
+        if fixed.contains(&(nr as i32)) {
+            continue;
         }
+        let sc = ScmpSyscall::from(nr as i32);
+        ctx.add_rule(ScmpAction::Allow, sc)
+            .map_err(rule_err(&format!("syscall number {nr}")))?;
     }
 
     if opts.network {
@@ -264,6 +265,7 @@ mod tests {
                     profile,
                     network,
                     allowed_syscalls: &[],
+                    extra_syscalls: &[],
                     exec_path: 0x1000,
                 };
                 build(&opts).expect("filter builds");
@@ -274,6 +276,7 @@ mod tests {
             profile: Profile::Python,
             network: false,
             allowed_syscalls: &custom,
+            extra_syscalls: &[239],
             exec_path: 0x1000,
         })
         .expect("custom list builds");
