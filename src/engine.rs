@@ -158,6 +158,18 @@ impl Worker {
     }
 }
 
+/// A worker dropped without `release` (its request was cancelled, say, because the client
+/// went away): the helper is killed by `kill_on_drop`, and the cgroup is removed from a
+/// plain thread, since Drop cannot wait.
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            let _ = self.child.start_kill();
+            std::thread::spawn(move || cg.remove());
+        }
+    }
+}
+
 impl Idle for Worker {
     /// Dead when the helper exited, or when it already sent its report (the
     /// interpreter ended, or its setup failed) before any snippet was sent.

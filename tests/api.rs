@@ -476,3 +476,30 @@ async fn sigterm_drains_in_flight_runs_then_exits() {
     let leftovers = common::run_cgroups_of(pid);
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_leaves_nothing_behind() {
+    let s = Server::start(&[("WARM_WORKERS", "0")]).await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let r = impatient
+        .post(format!("{}/v1/sandbox/run", s.base))
+        .header("X-Api-Key", KEY)
+        .json(&json!({"language": "python3", "code": "import time; time.sleep(3)"}))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gave up first");
+    // The cancelled run's sandbox is torn down: no cgroup (so no process) is left.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !common::run_cgroups_of(s.pid()).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left behind: {:?}",
+            common::run_cgroups_of(s.pid())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.python("print('next')").await["stdout"], "next\n");
+}
