@@ -343,42 +343,20 @@ impl Config {
                     .unwrap_or_else(|| "dependencies/python-requirements.txt".into()),
             ),
             warm_workers: e.parse("WARM_WORKERS")?.or(raw.warm_workers).unwrap_or(2),
-            force_chroot: match e
-                .string("SANDBOX_ISOLATION")
-                .or(raw.isolation)
-                .as_deref()
-                .map(str::trim)
-            {
-                None | Some("") | Some("auto") => false,
-                Some("chroot") => true,
-                Some(other) => {
-                    return Err(ConfigError::Value {
-                        key: "isolation".into(),
-                        value: other.into(),
-                        reason: "use auto (the strongest the host allows) or chroot".into(),
-                    });
-                }
-            },
+            force_chroot: one_of(
+                e.string("SANDBOX_ISOLATION").or(raw.isolation),
+                "isolation",
+                &["auto", "chroot"],
+            )? == "chroot",
             metrics_auth: e
                 .parse_bool("METRICS_AUTH")?
                 .or(raw.metrics_auth)
                 .unwrap_or(false),
-            log_json: match e
-                .string("LOG_FORMAT")
-                .or(raw.log_format)
-                .as_deref()
-                .map(str::trim)
-            {
-                None | Some("") | Some("text") => false,
-                Some("json") => true,
-                Some(other) => {
-                    return Err(ConfigError::Value {
-                        key: "log_format".into(),
-                        value: other.into(),
-                        reason: "use text or json".into(),
-                    });
-                }
-            },
+            log_json: one_of(
+                e.string("LOG_FORMAT").or(raw.log_format),
+                "log_format",
+                &["text", "json"],
+            )? == "json",
             unknown_keys,
         };
         cfg.validate()?;
@@ -497,6 +475,23 @@ fn parse_syscall_list(list: &str) -> Result<Vec<i64>, ConfigError> {
             })
         })
         .collect()
+}
+
+/// A value that must be one of `allowed`; unset or empty means the first.
+fn one_of(value: Option<String>, key: &str, allowed: &[&str]) -> Result<String, ConfigError> {
+    let v = value
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| allowed[0].to_string());
+    if allowed.contains(&v.as_str()) {
+        Ok(v)
+    } else {
+        Err(ConfigError::Value {
+            key: key.into(),
+            value: v,
+            reason: format!("use one of: {}", allowed.join(", ")),
+        })
+    }
 }
 
 /// `extra_syscalls` from the environment (comma list) or the file (list), by name or

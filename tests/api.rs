@@ -415,18 +415,13 @@ async fn dependencies_endpoints_list_update_and_refresh() {
     );
     let (status, env) = get("/v1/sandbox/dependencies").await;
     assert_eq!((status, env["code"].as_i64()), (200, Some(-400)));
-    let r = s
-        .client
-        .post(format!("{}/v1/sandbox/dependencies/update", s.base))
-        .header("X-Api-Key", KEY)
-        .json(&json!({"language": "python3"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.json::<Value>().await.unwrap(),
-        json!({"code": 0, "message": "success", "data": {}})
-    );
+    let update = s
+        .post_json(
+            "/v1/sandbox/dependencies/update",
+            json!({"language": "python3"}),
+        )
+        .await;
+    assert_eq!(update, json!({"code": 0, "message": "success", "data": {}}));
 }
 
 #[tokio::test]

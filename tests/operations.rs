@@ -70,15 +70,13 @@ async fn requirements_are_installed_imported_listed_and_switched_atomically() {
         "six==1.16.0\nno-such-package-for-the-sandbox-tests==9.9.9\n",
     )
     .unwrap();
-    let r = s
-        .client
-        .post(format!("{}/v1/sandbox/dependencies/update", s.base))
-        .header("X-Api-Key", KEY)
-        .json(&json!({"language": "python3"}))
-        .send()
-        .await
-        .unwrap();
-    let env: Value = r.json().await.unwrap();
+    let update = s
+        .post_json(
+            "/v1/sandbox/dependencies/update",
+            json!({"language": "python3"}),
+        )
+        .await;
+    let env = update;
     assert_eq!(env["code"], -500, "{env}");
     let msg = env["message"].as_str().unwrap();
     assert!(

@@ -104,6 +104,19 @@ impl Server {
         )
     }
 
+    /// POST `path` with a JSON body and the key; returns the answer as JSON.
+    pub async fn post_json(&self, path: &str, body: Value) -> Value {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("X-Api-Key", KEY)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        r.json::<Value>().await.expect("JSON answer")
+    }
+
     /// Start a run in the background (for tests that act while it executes).
     pub fn spawn_run(&self, body: Value) -> tokio::task::JoinHandle<Value> {
         let client = self.client.clone();
