@@ -587,7 +587,15 @@ impl Engine {
         if limit == Some(LimitHit::Output) && exit_code == 0 {
             exit_code = 137;
         }
-        let error = describe_error(exit_code, &stderr_text, limit, &limits);
+        let mut error = describe_error(exit_code, &stderr_text, limit, &limits);
+        // Another limit stopped the run, but hitting pids.max on the way explains the
+        // traceback the user sees ("can't start new thread"): say so too.
+        if cgroup_pids && limit.is_some() && limit != Some(LimitHit::Processes) {
+            error.push_str(&format!(
+                "\nprocess limit reached as well: at most {} processes and threads per run",
+                limits.max_processes
+            ));
+        }
         Ok(RunOutcome {
             stdout: String::from_utf8_lossy(&out).into_owned(),
             stderr: stderr_text,

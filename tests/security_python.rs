@@ -362,3 +362,20 @@ async fn extra_syscalls_open_exactly_what_the_operator_names() {
     // Everything else stays as it was.
     assert_eperm(&opened, "import os\nos.fork()").await;
 }
+
+#[tokio::test]
+async fn a_timeout_after_a_thread_storm_names_both_limits() {
+    let s = Server::start(&[("MAX_PROCESSES", "16"), ("WORKER_TIMEOUT", "1")]).await;
+    // The storm fails at the process limit; the threads already started keep the
+    // interpreter alive until the timeout kills it.
+    let data = s
+        .python("import threading, time\nfor _ in range(100):\n    threading.Thread(target=time.sleep, args=(10,)).start()")
+        .await;
+    assert_eq!(data["exit_code"], -1, "{data}");
+    let e = error(&data);
+    assert!(e.starts_with("timeout"), "{e}");
+    assert!(
+        e.contains("can't start new thread") && e.contains("process limit reached as well"),
+        "{e}"
+    );
+}
