@@ -89,11 +89,17 @@ pub enum RunError {
     LanguageUnavailable(Language, String),
     #[error(transparent)]
     Uid(#[from] PoolError),
-    #[error("could not create the run's cgroup: {0}; run `sandbox doctor` to check the cgroup setup")]
+    #[error(
+        "could not create the run's cgroup: {0}; run `sandbox doctor` to check the cgroup setup"
+    )]
     Cgroup(#[from] CgroupError),
-    #[error("could not start the sandbox helper: {0}; the server re-executes itself through /proc/self/exe, which must be mounted")]
+    #[error(
+        "could not start the sandbox helper: {0}; the server re-executes itself through /proc/self/exe, which must be mounted"
+    )]
     Spawn(std::io::Error),
-    #[error("the sandbox could not be set up: {0}; run `sandbox doctor` to see what this host allows")]
+    #[error(
+        "the sandbox could not be set up: {0}; run `sandbox doctor` to see what this host allows"
+    )]
     Setup(String),
     #[error("the server is shutting down; retry on another instance")]
     ShuttingDown,
