@@ -131,12 +131,13 @@ impl Runtime {
 }
 
 /// Run `program args...` and return its stdout, or why it did not run.
-pub(crate) fn ask(
+/// Run `program args...` and read the JSON line it prints, or say why it did not run.
+pub(crate) fn ask<T: serde::de::DeserializeOwned>(
     program: &str,
     args: &[&str],
     what: &'static str,
     key: &'static str,
-) -> Result<String, DiscoveryError> {
+) -> Result<T, DiscoveryError> {
     let fail = |reason: String| DiscoveryError::DoesNotRun {
         what,
         path: program.to_string(),
@@ -156,7 +157,7 @@ pub(crate) fn ask(
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    String::from_utf8(out.stdout).map_err(|e| DiscoveryError::BadAnswer {
+    serde_json::from_slice(out.stdout.trim_ascii()).map_err(|e| DiscoveryError::BadAnswer {
         what,
         path: program.to_string(),
         reason: e.to_string(),

@@ -38,12 +38,7 @@ struct Answer {
 }
 
 pub fn discover(node: &str, system_files: &[PathBuf]) -> Result<Runtime, DiscoveryError> {
-    let text = ask(node, &["-e", DISCOVER], "nodejs_path", "NODEJS_PATH")?;
-    let a: Answer = serde_json::from_str(text.trim()).map_err(|e| DiscoveryError::BadAnswer {
-        what: "nodejs_path",
-        path: node.to_string(),
-        reason: e.to_string(),
-    })?;
+    let a: Answer = ask(node, &["-e", DISCOVER], "nodejs_path", "NODEJS_PATH")?;
     let executable = PathBuf::from(&a.exec);
     let root = plan_root(&executable, &[], system_files);
     Ok(Runtime {

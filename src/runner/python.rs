@@ -61,12 +61,7 @@ fn is_system_prefix(p: &Path) -> bool {
 pub fn discover(python: &str, system_files: &[PathBuf]) -> Result<Runtime, DiscoveryError> {
     let mut args = vec!["-I", "-c", DISCOVER];
     args.extend_from_slice(OPTIONAL_MODULES);
-    let text = ask(python, &args, "python_path", "PYTHON_PATH")?;
-    let a: Answer = serde_json::from_str(text.trim()).map_err(|e| DiscoveryError::BadAnswer {
-        what: "python_path",
-        path: python.to_string(),
-        reason: e.to_string(),
-    })?;
+    let a: Answer = ask(python, &args, "python_path", "PYTHON_PATH")?;
     let executable = PathBuf::from(&a.executable);
     let mut own: Vec<PathBuf> = a.path.iter().map(PathBuf::from).collect();
     for prefix in [&a.base_prefix, &a.prefix] {

@@ -88,49 +88,20 @@ impl Server {
 
     /// POST /v1/sandbox/run with a JSON body; returns (HTTP status, body as JSON).
     pub async fn run_json(&self, body: Value) -> (u16, Value) {
-        let r = self
-            .client
-            .post(format!("{}/v1/sandbox/run", self.base))
-            .header("X-Api-Key", KEY)
-            .json(&body)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        let text = r.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        post(&self.client, format!("{}/v1/sandbox/run", self.base), body).await
     }
 
     /// POST `path` with a JSON body and the key; returns the answer as JSON.
     pub async fn post_json(&self, path: &str, body: Value) -> Value {
-        let r = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .header("X-Api-Key", KEY)
-            .json(&body)
-            .send()
+        post(&self.client, format!("{}{path}", self.base), body)
             .await
-            .expect("request");
-        r.json::<Value>().await.expect("JSON answer")
+            .1
     }
 
     /// Start a run in the background (for tests that act while it executes).
     pub fn spawn_run(&self, body: Value) -> tokio::task::JoinHandle<Value> {
-        let client = self.client.clone();
-        let url = format!("{}/v1/sandbox/run", self.base);
-        tokio::spawn(async move {
-            let r = client
-                .post(url)
-                .header("X-Api-Key", KEY)
-                .json(&body)
-                .send()
-                .await
-                .expect("request");
-            r.json::<Value>().await.expect("JSON answer")
-        })
+        let (client, url) = (self.client.clone(), format!("{}/v1/sandbox/run", self.base));
+        tokio::spawn(async move { post(&client, url, body).await.1 })
     }
 
     /// Run code and return the envelope's `data`, asserting the envelope is a success.
@@ -181,6 +152,23 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// POST `body` as JSON with the key; the answer as JSON (or as a JSON string if it is not).
+async fn post(client: &reqwest::Client, url: String, body: Value) -> (u16, Value) {
+    let r = client
+        .post(url)
+        .header("X-Api-Key", KEY)
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    let status = r.status().as_u16();
+    let text = r.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 fn nix_kill(pid: u32, sig: &str) -> std::io::Result<Output> {
