@@ -176,6 +176,29 @@ async fn large_stdout_is_returned_intact() {
 }
 
 #[tokio::test]
+async fn a_snippet_larger_than_a_pipe_reaches_the_interpreter_whole() {
+    // Warm and fresh workers both: the second server has no pool.
+    for warm in ["2", "0"] {
+        let s = Server::start(&[("WARM_WORKERS", warm)]).await;
+        // 2 MiB of code, far beyond a pipe's 64 KiB buffer; the length and the last line
+        // prove nothing was cut.
+        let literal = "x = '".to_string() + &"ab".repeat(1 << 20) + "'\n";
+        let data = s.python(&format!("{literal}print('end', len(x))")).await;
+        assert_eq!(
+            data["stdout"], "end 2097152\n",
+            "warm_workers={warm}: {data}"
+        );
+        let data = s
+            .run("nodejs", &format!("{literal}console.log('end', x.length)"))
+            .await;
+        assert_eq!(
+            data["stdout"], "end 2097152\n",
+            "warm_workers={warm}: {data}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn stderr_is_kept_apart_from_stdout() {
     let s = Server::start(&[]).await;
     let data = s

@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use nix::fcntl::{OFlag, open};
+use nix::fcntl::{FcntlArg, OFlag, fcntl, open};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sched::{CloneFlags, unshare};
 use nix::sys::prctl;
@@ -125,18 +125,24 @@ fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
         }
         Ok(ForkResult::Parent { child }) => {
             drop(err_write);
-            drop(code_read);
+            // Kept open (it does not delay the interpreter's EOF) so that, once the
+            // interpreter is gone, the pipe still tells whether it read the snippet.
+            let code_unread = code_read;
             let mut message = String::new();
             // Returns at EOF: the exec succeeded (O_CLOEXEC closed the pipe) or the
             // child wrote why it failed and exited.
             let _ = File::from(err_read).read_to_string(&mut message);
-            let delivered = message.is_empty() && forward_code(channel, code_write, child);
+            let forwarded = message.is_empty() && forward_code(channel, code_write, child);
             let status = loop {
                 match waitpid(child, None) {
                     Err(nix::errno::Errno::EINTR) => continue,
                     other => break other,
                 }
             };
+            // The bootstrap reads the whole snippet before running any of it, so bytes
+            // left in the pipe mean no user code ran (a warm worker killed just as its
+            // request came): the caller may safely run the snippet elsewhere.
+            let delivered = forwarded && !has_unread_data(&code_unread);
             if !message.is_empty() {
                 return HelperReport::SetupFailed { message };
             }
@@ -178,17 +184,36 @@ fn exited(child: nix::unistd::Pid) -> bool {
     !matches!(waitid(Id::Pid(child), flags), Ok(WaitStatus::StillAlive))
 }
 
+/// Whether a pipe still holds bytes nobody read.
+fn has_unread_data(read_end: &OwnedFd) -> bool {
+    let mut fds = [PollFd::new(read_end.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN))
+}
+
 /// Copy the snippet from the server to the interpreter's fd 3 until the server closes
 /// its side, or stop early when the interpreter exits (a warm worker killed while it
-/// waited). Keeps draining the server's side after the pipe breaks so the server never
-/// blocks writing. Returns whether the whole snippet was handed over.
+/// waited). The pipe is written without blocking, so a full pipe whose reader died
+/// cannot hang the helper. Returns whether the whole snippet went into the pipe.
 fn forward_code(channel: &mut UnixStream, code_write: OwnedFd, child: nix::unistd::Pid) -> bool {
     let pidfd = sys::pidfd_open(child).ok();
-    let mut pipe = Some(File::from(code_write));
+    if fcntl(&code_write, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).is_err() {
+        return false;
+    }
+    let mut pipe = File::from(code_write);
     let mut buf = vec![0u8; 64 * 1024];
+    // `buf[written..filled]` came from the server and is not in the pipe yet.
+    let (mut written, mut filled) = (0, 0);
     loop {
-        let (child_done, input) = {
-            let mut fds = vec![PollFd::new(channel.as_fd(), PollFlags::POLLIN)];
+        let pending = written < filled;
+        let (child_done, ready) = {
+            let mut fds = vec![if pending {
+                PollFd::new(pipe.as_fd(), PollFlags::POLLOUT)
+            } else {
+                PollFd::new(channel.as_fd(), PollFlags::POLLIN)
+            }];
             if let Some(p) = &pidfd {
                 fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
             }
@@ -209,21 +234,27 @@ fn forward_code(channel: &mut UnixStream, code_write: OwnedFd, child: nix::unist
                 .is_some_and(|r| !r.is_empty());
             (child_done, fds[0].revents().is_some_and(|r| !r.is_empty()))
         };
-        if child_done || (pidfd.is_none() && !input && exited(child)) {
+        if child_done || (pidfd.is_none() && !ready && exited(child)) {
             return false;
         }
-        if !input {
+        if !ready {
+            continue;
+        }
+        if pending {
+            match pipe.write(&buf[written..filled]) {
+                Ok(n) => written += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => return false,
+            }
             continue;
         }
         match channel.read(&mut buf) {
-            Ok(0) => return pipe.is_some(),
-            Ok(n) => {
-                if let Some(p) = pipe.as_mut()
-                    && p.write_all(&buf[..n]).is_err()
-                {
-                    pipe = None;
-                }
-            }
+            Ok(0) => return true,
+            Ok(n) => (written, filled) = (0, n),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => return false,
         }
