@@ -94,10 +94,8 @@ async fn a_pool_whose_interpreters_are_killed_refills_itself() {
     }
     // A request right away still succeeds (a dead worker is never handed out, or its
     // snippet is run on a fresh one).
-    assert_eq!(
-        s.python("print('after the kill')").await["stdout"],
-        "after the kill\n"
-    );
+    let data = s.python("print('after the kill')").await;
+    assert_eq!(data["stdout"], "after the kill\n", "{data}");
     let after = wait_for_interpreters(s.pid(), 4, &before).await;
     assert!(after.iter().all(|p| !before.contains(p)));
     assert_eq!(

@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use nix::fcntl::{FcntlArg, OFlag, fcntl, open};
+use nix::fcntl::{OFlag, open};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sched::{CloneFlags, unshare};
 use nix::sys::prctl;
@@ -107,42 +107,44 @@ fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
         Ok(p) => p,
         Err(e) => return setup_failed(Step::Fork, "pipe2", e),
     };
-    // The snippet reaches the interpreter through this pipe (fd 3 there). The
+    // The snippet reaches the interpreter through this socket (fd 3 there). The
     // interpreter may start long before the code arrives: a warm worker waits on it.
-    let (code_read, code_write) = match pipe2(OFlag::O_CLOEXEC) {
+    // Once it has read the whole snippet, and before running any of it, the bootstrap
+    // writes one byte back: without that byte no user code ran.
+    let (mut code_ours, code_theirs) = match UnixStream::pair() {
         Ok(p) => p,
-        Err(e) => return setup_failed(Step::ReadCode, "pipe2", e),
+        Err(e) => {
+            return HelperReport::SetupFailed {
+                message: StepError::new(Step::ReadCode, "socketpair", e).to_string(),
+            };
+        }
     };
     match sys::fork() {
         Err(e) => setup_failed(Step::Fork, "fork", e),
         Ok(ForkResult::Child) => {
             drop(err_read);
-            drop(code_write);
-            let err = child(spec, code_read, err_write.as_raw_fd());
+            drop(code_ours);
+            let err = child(spec, OwnedFd::from(code_theirs), err_write.as_raw_fd());
             let mut pipe = File::from(err_write);
             let _ = pipe.write_all(err.to_string().as_bytes());
             sys::exit_now(126)
         }
         Ok(ForkResult::Parent { child }) => {
             drop(err_write);
-            // Kept open (it does not delay the interpreter's EOF) so that, once the
-            // interpreter is gone, the pipe still tells whether it read the snippet.
-            let code_unread = code_read;
+            drop(code_theirs);
             let mut message = String::new();
             // Returns at EOF: the exec succeeded (O_CLOEXEC closed the pipe) or the
             // child wrote why it failed and exited.
             let _ = File::from(err_read).read_to_string(&mut message);
-            let forwarded = message.is_empty() && forward_code(channel, code_write, child);
+            let forwarded = message.is_empty() && forward_code(channel, &mut code_ours, child);
             let status = loop {
                 match waitpid(child, None) {
                     Err(nix::errno::Errno::EINTR) => continue,
                     other => break other,
                 }
             };
-            // The bootstrap reads the whole snippet before running any of it, so bytes
-            // left in the pipe mean no user code ran (a warm worker killed just as its
-            // request came): the caller may safely run the snippet elsewhere.
-            let delivered = forwarded && !has_unread_data(&code_unread);
+            // The interpreter is gone, so this read cannot wait: the byte or EOF.
+            let delivered = forwarded && matches!(code_ours.read(&mut [0u8]), Ok(1));
             if !message.is_empty() {
                 return HelperReport::SetupFailed { message };
             }
@@ -184,33 +186,23 @@ fn exited(child: nix::unistd::Pid) -> bool {
     !matches!(waitid(Id::Pid(child), flags), Ok(WaitStatus::StillAlive))
 }
 
-/// Whether a pipe still holds bytes nobody read.
-fn has_unread_data(read_end: &OwnedFd) -> bool {
-    let mut fds = [PollFd::new(read_end.as_fd(), PollFlags::POLLIN)];
-    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
-        && fds[0]
-            .revents()
-            .is_some_and(|r| r.contains(PollFlags::POLLIN))
-}
-
 /// Copy the snippet from the server to the interpreter's fd 3 until the server closes
 /// its side, or stop early when the interpreter exits (a warm worker killed while it
-/// waited). The pipe is written without blocking, so a full pipe whose reader died
-/// cannot hang the helper. Returns whether the whole snippet went into the pipe.
-fn forward_code(channel: &mut UnixStream, code_write: OwnedFd, child: nix::unistd::Pid) -> bool {
+/// waited). The socket is written without blocking, so a full buffer whose reader died
+/// cannot hang the helper. Returns whether the whole snippet was sent.
+fn forward_code(channel: &mut UnixStream, code: &mut UnixStream, child: nix::unistd::Pid) -> bool {
     let pidfd = sys::pidfd_open(child).ok();
-    if fcntl(&code_write, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).is_err() {
+    if code.set_nonblocking(true).is_err() {
         return false;
     }
-    let mut pipe = File::from(code_write);
     let mut buf = vec![0u8; 64 * 1024];
-    // `buf[written..filled]` came from the server and is not in the pipe yet.
+    // `buf[written..filled]` came from the server and is not sent on yet.
     let (mut written, mut filled) = (0, 0);
     loop {
         let pending = written < filled;
         let (child_done, ready) = {
             let mut fds = vec![if pending {
-                PollFd::new(pipe.as_fd(), PollFlags::POLLOUT)
+                PollFd::new(code.as_fd(), PollFlags::POLLOUT)
             } else {
                 PollFd::new(channel.as_fd(), PollFlags::POLLIN)
             }];
@@ -241,7 +233,7 @@ fn forward_code(channel: &mut UnixStream, code_write: OwnedFd, child: nix::unist
             continue;
         }
         if pending {
-            match pipe.write(&buf[written..filled]) {
+            match code.write(&buf[written..filled]) {
                 Ok(n) => written += n,
                 Err(e)
                     if matches!(
@@ -253,7 +245,7 @@ fn forward_code(channel: &mut UnixStream, code_write: OwnedFd, child: nix::unist
             continue;
         }
         match channel.read(&mut buf) {
-            Ok(0) => return true,
+            Ok(0) => return code.shutdown(std::net::Shutdown::Write).is_ok(),
             Ok(n) => (written, filled) = (0, n),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => return false,
