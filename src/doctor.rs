@@ -288,6 +288,38 @@ fn privileges_check(root: bool) -> Check {
     }
 }
 
+/// Where the interpreter's one exec pointer can live (see `isolation::sys::empty_path`).
+fn exec_lock_check(root: bool) -> Check {
+    const CAP_SYS_RAWIO: u32 = 17;
+    let min = std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let rawio = effective_caps().is_some_and(|c| c & (1u64 << CAP_SYS_RAWIO) != 0);
+    match min {
+        Some(m) if m >= 4096 && root && rawio => ok(
+            "exec lock",
+            format!(
+                "the one exec the filter admits points below vm.mmap_min_addr ({m}), where no snippet can map"
+            ),
+        ),
+        Some(m) if m >= 4096 => check(
+            "exec lock",
+            Status::Warning,
+            "no CAP_SYS_RAWIO: the one exec the filter admits points to a random page (a snippet would have to guess it among 2^34)",
+            Some("run as root; in Docker add --cap-add SYS_RAWIO".into()),
+        ),
+        _ => check(
+            "exec lock",
+            Status::Warning,
+            format!(
+                "vm.mmap_min_addr is {}: the one exec the filter admits points to a random page (a snippet would have to guess it among 2^34)",
+                min.map_or_else(|| "unreadable".to_string(), |m| m.to_string())
+            ),
+            Some("sysctl -w vm.mmap_min_addr=65536 (and persist it in /etc/sysctl.d)".into()),
+        ),
+    }
+}
+
 fn libseccomp_check(pm: PackageManager) -> Check {
     match libseccomp::ScmpVersion::current() {
         Ok(v) if (v.major, v.minor) >= (2, 5) => {
@@ -640,6 +672,7 @@ pub fn run_checks(config_path: Option<&Path>) -> Report {
     let probe = detect::probe(&mount_dir);
     let host_report = probe.report.clone();
     checks.push(privileges_check(host_report.root));
+    checks.push(exec_lock_check(host_report.root));
     checks.push(libseccomp_check(pm));
     checks.extend(isolation_checks(&host_report));
     checks.push(state);

@@ -31,6 +31,7 @@ fn find<'a>(v: &'a Value, name: &str) -> &'a Value {
 const CHECKS: &[&str] = &[
     "config",
     "privileges",
+    "exec lock",
     "libseccomp",
     "kernel seccomp",
     "namespaces",
@@ -64,6 +65,7 @@ fn doctor_passes_on_this_host() {
     for name in [
         "config",
         "privileges",
+        "exec lock",
         "libseccomp",
         "kernel seccomp",
         "namespaces",

@@ -80,6 +80,43 @@ except OSError as e:
 }
 
 #[tokio::test]
+async fn the_one_admitted_exec_pointer_lies_where_no_snippet_can_map() {
+    // As root on a host with vm.mmap_min_addr >= 4096 (every distribution's default) the
+    // helper's empty pathname sits just below mmap_min_addr. The filter admits that very
+    // pointer, so the call gets past seccomp, but the kernel cannot read a path there:
+    // EFAULT. Mapping the page to plant a path is refused: EPERM.
+    let min: u64 = std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        min >= 4096,
+        "this test needs vm.mmap_min_addr >= 4096, got {min}"
+    );
+    let page = (min - 1) & !0xfff;
+    let s = Server::start(&[]).await;
+    let code = format!(
+        r#"
+import ctypes, mmap, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+argv = (ctypes.c_char_p * 2)(sys.executable.encode(), None)
+r = libc.syscall(322, 1023, ctypes.c_void_p({page} + 8), argv, None, 0x1000)
+print("execveat", r, ctypes.get_errno())
+MAP_FIXED_NOREPLACE = 0x100000
+p = libc.mmap({page}, 4096, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+print("mmap", p == ctypes.c_void_p(-1).value, ctypes.get_errno())
+"#
+    );
+    let data = s.python(&code).await;
+    let text = out(&data);
+    assert!(text.contains("execveat -1 14\n"), "EFAULT expected: {text}");
+    assert!(text.contains("mmap True 1\n"), "EPERM expected: {text}");
+}
+
+#[tokio::test]
 async fn host_files_are_not_visible() {
     let planted = std::path::Path::new("/etc/sandbox-test-planted-secret");
     std::fs::write(planted, "top secret").unwrap();

@@ -119,12 +119,21 @@ fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
             };
         }
     };
+    // Read here, where the host's /proc is still visible.
+    let mmap_min_addr = std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
     match sys::fork() {
         Err(e) => setup_failed(Step::Fork, "fork", e),
         Ok(ForkResult::Child) => {
             drop(err_read);
             drop(code_ours);
-            let err = child(spec, OwnedFd::from(code_theirs), err_write.as_raw_fd());
+            let err = child(
+                spec,
+                OwnedFd::from(code_theirs),
+                err_write.as_raw_fd(),
+                mmap_min_addr,
+            );
             let mut pipe = File::from(err_write);
             let _ = pipe.write_all(err.to_string().as_bytes());
             sys::exit_now(126)
@@ -273,8 +282,8 @@ fn limit(resource: Resource, value: u64, name: &str) -> Result<(), StepError> {
 }
 
 /// Everything between fork and exec, in order. Returns only on failure.
-fn child(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> StepError {
-    match child_setup(spec, code, err_fd) {
+fn child(spec: &SandboxSpec, code: OwnedFd, err_fd: i32, mmap_min_addr: Option<u64>) -> StepError {
+    match child_setup(spec, code, err_fd, mmap_min_addr) {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -282,7 +291,12 @@ fn child(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> StepError {
 
 enum Never {}
 
-fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, StepError> {
+fn child_setup(
+    spec: &SandboxSpec,
+    code: OwnedFd,
+    err_fd: i32,
+    mmap_min_addr: Option<u64>,
+) -> Result<Never, StepError> {
     prctl::set_pdeathsig(Signal::SIGKILL)
         .map_err(step(Step::Descriptors, Path::new("pdeathsig")))?;
     // A session of its own: no controlling terminal, no process group shared with the
@@ -368,6 +382,9 @@ fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, 
         limit(Resource::RLIMIT_AS, bytes, "RLIMIT_AS")?;
     }
 
+    // Mapped while still root: the preferred page needs CAP_SYS_RAWIO (see sys::empty_path).
+    let exec_path = sys::empty_path(mmap_min_addr)
+        .map_err(|e| StepError::new(Step::Seccomp, "exec path page", e.desc()))?;
     let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
     setgroups(&[]).map_err(|e| StepError::new(Step::DropPrivileges, "setgroups", e.desc()))?;
     setresgid(gid, gid, gid)
@@ -380,8 +397,6 @@ fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, 
     chdir(&spec.workdir).map_err(step(Step::Descriptors, &spec.workdir))?;
 
     prctl::set_no_new_privs().map_err(|e| StepError::new(Step::NoNewPrivs, "prctl", e.desc()))?;
-    let exec_path = sys::random_empty_path()
-        .map_err(|e| StepError::new(Step::Seccomp, "exec path page", e.desc()))?;
     seccomp::apply(&FilterOptions {
         profile: spec.profile,
         network: spec.network,

@@ -12,11 +12,27 @@ use nix::unistd::ForkResult;
 /// RLIMIT_NOFILE is set below it, so the sandboxed program can never recreate it.
 pub const EXEC_FD: RawFd = 1023;
 
-/// The empty pathname handed to `execveat`, placed on a page at a random address. The
-/// seccomp filter admits `execveat` only with this exact pointer: a snippet that wanted
-/// to reuse the call with a path of its own would have to map its string at an address
-/// it cannot see (about 2^34 page-aligned candidates, far beyond any run's time limit).
-pub fn random_empty_path() -> Result<u64, Errno> {
+/// The empty pathname handed to `execveat`; the seccomp filter admits `execveat` only
+/// with this exact pointer.
+///
+/// Preferred: a page below `vm.mmap_min_addr` (`mmap_min_addr`, read by the caller).
+/// Mapping there takes CAP_SYS_RAWIO, which the helper still has (root, before dropping
+/// its uid) and the snippet never has, so after exec nobody can put a path of their own
+/// at that address: the one admitted call can only fail with EFAULT.
+/// Fallback (no such capability, e.g. an unprivileged container, or the sysctl at 0): a
+/// page at a random address, which a snippet would have to guess among about 2^34.
+pub fn empty_path(mmap_min_addr: Option<u64>) -> Result<u64, Errno> {
+    if let Some(min) = mmap_min_addr.filter(|m| *m >= 4096) {
+        let page = (min - 1) & !0xfff;
+        if map_zero_page(page) {
+            // Not the page's first byte: the address must not be NULL.
+            return Ok(page + 8);
+        }
+    }
+    random_empty_path()
+}
+
+fn random_empty_path() -> Result<u64, Errno> {
     const LOW: u64 = 1 << 32;
     const HIGH: u64 = 1 << 46;
     for _ in 0..16 {
@@ -27,24 +43,30 @@ pub fn random_empty_path() -> Result<u64, Errno> {
             return Err(Errno::last());
         }
         let addr = (LOW + u64::from_ne_bytes(bytes) % (HIGH - LOW)) & !0xfff;
-        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping (it fails with
-        // EEXIST instead); the new anonymous page is zero-filled, so its first byte is
-        // the NUL that makes it an empty C string. It is never unmapped before exec.
-        let p = unsafe {
-            libc::mmap(
-                addr as *mut libc::c_void,
-                4096,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                -1,
-                0,
-            )
-        };
-        if p != libc::MAP_FAILED && p as u64 == addr {
+        if map_zero_page(addr) {
             return Ok(addr);
         }
     }
     Err(Errno::ENOMEM)
+}
+
+/// Map one read-only, zero-filled page exactly at `addr`, never over an existing mapping.
+fn map_zero_page(addr: u64) -> bool {
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping (it fails with
+    // EEXIST instead), so no memory in use can change; the new anonymous page is
+    // zero-filled, so every byte is the NUL of an empty C string. It is never unmapped
+    // before exec.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            4096,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    p != libc::MAP_FAILED && p as u64 == addr
 }
 
 /// fork(2) from the single-threaded helper.
@@ -84,7 +106,7 @@ pub fn close_range(first: u32, last: u32) -> Result<(), Errno> {
 }
 
 /// execveat(EXEC_FD, path, argv, envp, AT_EMPTY_PATH) with `path` from
-/// [`random_empty_path`]: run the interpreter opened on [`EXEC_FD`]. Returns only on
+/// [`empty_path`]: run the interpreter opened on [`EXEC_FD`]. Returns only on
 /// failure.
 pub fn execveat_exec_fd(empty_path: u64, argv: &[CString], envp: &[CString]) -> Errno {
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
@@ -92,7 +114,7 @@ pub fn execveat_exec_fd(empty_path: u64, argv: &[CString], envp: &[CString]) -> 
     let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
     envp_ptrs.push(std::ptr::null());
     // SAFETY: argv and envp are NULL-terminated arrays of pointers into CStrings that
-    // outlive the call; `empty_path` points at a mapped, zero-filled page (an empty C
+    // outlive the call; `empty_path` points into a mapped, zero-filled page (an empty C
     // string). The raw syscall is used (not glibc's fexecve) so the pathname pointer is
     // exactly the one the seccomp filter allows.
     unsafe {

@@ -30,7 +30,7 @@ pub struct FilterOptions<'a> {
     pub allowed_syscalls: &'a [i64],
     /// Added to whichever plain allow-list applies (the operator's `extra_syscalls`).
     pub extra_syscalls: &'a [i64],
-    /// The only pathname pointer `execveat` may receive (see `sys::random_empty_path`).
+    /// The only pathname pointer `execveat` may receive (see `sys::empty_path`).
     pub exec_path: u64,
 }
 
