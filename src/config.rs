@@ -332,11 +332,11 @@ impl Config {
                 .or(raw.max_output_bytes)
                 .unwrap_or(8 << 20),
             tmp_size_mb: e.parse("TMP_SIZE_MB")?.or(raw.tmp_size_mb).unwrap_or(64),
-            state_dir: PathBuf::from(
-                e.string("SANDBOX_STATE_DIR")
-                    .or(raw.state_dir)
-                    .unwrap_or_else(|| "/var/lib/sandbox".into()),
-            ),
+            state_dir: e
+                .string("SANDBOX_STATE_DIR")
+                .or(raw.state_dir)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| default_state_dir(nix::unistd::geteuid().is_root(), &e)),
             dependencies_path: PathBuf::from(
                 e.string("DEPENDENCIES_PATH")
                     .or(raw.dependencies_path)
@@ -417,6 +417,21 @@ impl Config {
     /// The environment variables the process was started with, as the map `load` takes.
     pub fn process_env() -> HashMap<String, String> {
         std::env::vars().collect()
+    }
+}
+
+/// Root keeps its state system-wide; a user (the rootless level) in its own home, as the
+/// XDG base directory convention places state.
+fn default_state_dir(root: bool, e: &Env) -> PathBuf {
+    if root {
+        return PathBuf::from("/var/lib/sandbox");
+    }
+    match (e.string("XDG_STATE_HOME"), e.string("HOME")) {
+        (Some(state), _) if state.starts_with('/') => PathBuf::from(state).join("sandbox"),
+        (_, Some(home)) if home.starts_with('/') => {
+            PathBuf::from(home).join(".local/state/sandbox")
+        }
+        _ => PathBuf::from("/var/lib/sandbox"),
     }
 }
 
@@ -567,6 +582,25 @@ fn unknown_keys(value: &serde_yaml::Value) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn state_dir_defaults_by_privilege() {
+        let vars = env(&[("HOME", "/home/ci"), ("XDG_STATE_HOME", "/xdg")]);
+        assert_eq!(
+            default_state_dir(true, &Env(&vars)),
+            PathBuf::from("/var/lib/sandbox")
+        );
+        assert_eq!(
+            default_state_dir(false, &Env(&vars)),
+            PathBuf::from("/xdg/sandbox")
+        );
+        let vars = env(&[("HOME", "/home/ci")]);
+        assert_eq!(
+            default_state_dir(false, &Env(&vars)),
+            PathBuf::from("/home/ci/.local/state/sandbox")
+        );
+    }
+
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {

@@ -246,7 +246,7 @@ fn effective_caps() -> Option<u64> {
     u64::from_str_radix(hex.trim(), 16).ok()
 }
 
-fn privileges_check(root: bool) -> Check {
+fn privileges_check(root: bool, user_namespaces: &Result<(), String>) -> Check {
     const NEEDED: &[(u32, &str)] = &[
         (6, "CAP_SETGID"),
         (7, "CAP_SETUID"),
@@ -261,12 +261,29 @@ fn privileges_check(root: bool) -> Check {
         .map(|(_, name)| *name)
         .collect();
     if !root {
-        return check(
-            "privileges",
-            Status::Failed,
-            format!("not root (uid {})", nix::unistd::geteuid()),
-            Some("run as root (sudo sandbox ...); `sandbox run --server URL` needs no root".into()),
-        );
+        return match user_namespaces {
+            Ok(()) => check(
+                "privileges",
+                Status::Warning,
+                format!(
+                    "not root (uid {}): rootless mode in a user namespace, with rlimits instead of cgroups",
+                    nix::unistd::geteuid()
+                ),
+                Some("run as root (sudo sandbox ...) for per-run cgroups and the exec lock".into()),
+            ),
+            Err(e) => check(
+                "privileges",
+                Status::Failed,
+                format!(
+                    "not root (uid {}) and no user namespace: {e}",
+                    nix::unistd::geteuid()
+                ),
+                Some(
+                    "run as root (sudo sandbox ...); `sandbox run --server URL` needs no root"
+                        .into(),
+                ),
+            ),
+        };
     }
     match missing.as_slice() {
         [] => ok(
@@ -391,9 +408,13 @@ fn isolation_checks(report: &detect::HostReport) -> Vec<Check> {
     });
     let ns_fix = "in Docker: --privileged, or --cap-add SYS_ADMIN --security-opt seccomp=unconfined --security-opt apparmor=unconfined";
     checks.push(match (&report.namespaces, &report.chroot) {
-        (Ok(()), _) => ok(
+        (Ok(()), _) if report.root => ok(
             "namespaces",
             "mount, pid, ipc, uts, net and a private tmpfs",
+        ),
+        (Ok(()), _) => ok(
+            "namespaces",
+            "user namespace, then mount, pid, ipc, uts, net and a private tmpfs",
         ),
         (Err(n), Ok(())) => check(
             "namespaces",
@@ -414,7 +435,11 @@ fn isolation_checks(report: &detect::HostReport) -> Vec<Check> {
             "cgroups",
             Status::Warning,
             format!("{e}: memory and process limits fall back to rlimits"),
-            Some("mount a writable cgroup v2 at /sys/fs/cgroup (in Docker: --cgroupns=host -v /sys/fs/cgroup:/sys/fs/cgroup:rw)".into()),
+            Some(if report.root {
+                "mount a writable cgroup v2 at /sys/fs/cgroup (in Docker: --cgroupns=host -v /sys/fs/cgroup:/sys/fs/cgroup:rw)".into()
+            } else {
+                "run as root (sudo sandbox ...)".into()
+            }),
         ),
     });
     checks
@@ -671,7 +696,7 @@ pub fn run_checks(config_path: Option<&Path>) -> Report {
     let state = state_dir_check(&config.state_dir);
     let probe = detect::probe(&mount_dir);
     let host_report = probe.report.clone();
-    checks.push(privileges_check(host_report.root));
+    checks.push(privileges_check(host_report.root, &host_report.namespaces));
     checks.push(exec_lock_check(host_report.root));
     checks.push(libseccomp_check(pm));
     checks.extend(isolation_checks(&host_report));

@@ -430,7 +430,7 @@ impl Engine {
         cgroup: Option<&RunCgroup>,
     ) -> SandboxSpec {
         let workdir = match self.host.level {
-            IsolationLevel::Namespaces => PathBuf::from("/tmp"),
+            IsolationLevel::Namespaces | IsolationLevel::Rootless => PathBuf::from("/tmp"),
             IsolationLevel::Chroot => PathBuf::from(format!("/tmp/run-{uid}")),
         };
         let mut env = vec![
@@ -459,7 +459,7 @@ impl Engine {
             _ => None,
         };
         let root_dir = match self.host.level {
-            IsolationLevel::Namespaces => self.mount_dir.clone(),
+            IsolationLevel::Namespaces | IsolationLevel::Rootless => self.mount_dir.clone(),
             IsolationLevel::Chroot => self.chroot_dir(runtime.language),
         };
         SandboxSpec {

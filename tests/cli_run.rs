@@ -11,7 +11,7 @@
 //! $ sandbox run missing.py                      -> 2, "cannot read missing.py"
 //! $ sandbox run --timeout -1 ok.py              -> 2, "--timeout must be a positive number"
 //! $ sandbox run big.py   (20 MB)                -> 2, "snippets are limited to 16777216 bytes"
-//! $ (as nobody) sandbox run ok.py               -> 125, "must run as root ... --server"
+//! $ (as nobody) sandbox run ok.py               -> rootless mode: see tests/rootless.rs
 //! $ sandbox run --server http://127.0.0.1:1 ... -> 125, "cannot reach the sandbox server"
 //! ```
 
@@ -567,16 +567,6 @@ fn an_interpreter_that_does_not_run_is_a_configuration_error() {
 }
 
 // --- the sandbox cannot start: 125 ---
-
-#[test]
-fn not_root_exits_125_saying_what_is_needed() {
-    let o = as_nobody(&["run", "-l", "python3", "-e", "print(1)"]);
-    assert_eq!(code(&o), 125, "{}", stderr(&o));
-    let e = stderr(&o);
-    assert!(e.contains("must run as root") && e.contains("sudo"), "{e}");
-    assert!(e.contains("--server"), "{e}");
-    assert_eq!(stdout(&o), "");
-}
 
 #[test]
 fn an_unwritable_state_directory_exits_125() {

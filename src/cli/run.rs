@@ -12,7 +12,6 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use crate::engine::{LimitHit, RunRequest, Sink, Stream};
-use crate::isolation::detect::DetectError;
 use crate::runner::Language;
 
 /// Exit code when the sandbox itself cannot start (the reason goes to stderr).
@@ -25,8 +24,8 @@ Exit codes:
   N    the snippet's own exit code; 128+S when signal S killed it (137: a memory or
        output limit stopped it with SIGKILL; --json names the limit)
   124  the run hit its timeout (like timeout(1))
-  125  the sandbox could not start (not root, no seccomp, state directory not writable,
-       server unreachable or key refused); the reason is on stderr
+  125  the sandbox could not start (neither root nor user namespaces, no seccomp, state
+       directory not writable, server unreachable or key refused); the reason is on stderr
   2    bad input: unknown language, missing, unreadable or non-UTF-8 file, a snippet over
        16 MiB, an invalid option, a configuration error, an interpreter that does not run
 
@@ -236,10 +235,6 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         ));
     }
     config.max_workers = 1;
-    // Checked before anything touches the state directory, whose error would hide the cause.
-    if !nix::unistd::geteuid().is_root() {
-        return Err(DetectError::NotRoot.into());
-    }
     let engine = super::build_engine(config)?;
     let sink: Option<Sink> = (!args.json).then(|| {
         Arc::new(|stream: Stream, bytes: &[u8]| {

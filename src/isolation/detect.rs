@@ -31,9 +31,9 @@ pub struct Host {
 #[derive(Debug, thiserror::Error)]
 pub enum DetectError {
     #[error(
-        "the sandbox must run as root: each run gets its own unprivileged uid, private mounts and a cgroup, which only root can set up. Run it with sudo or as root (`sandbox run --server URL` runs snippets on a remote `sandbox serve` without root)"
+        "the sandbox must run as root, or without root in a user namespace, which this host refuses ({0}). Run it with sudo or as root for the full sandbox (its own uid per run and cgroups), or allow unprivileged user namespaces (sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone, or the AppArmor restriction on Ubuntu 24.04: kernel.apparmor_restrict_unprivileged_userns=0). `sandbox run --server URL` runs snippets on a remote `sandbox serve` without either"
     )]
-    NotRoot,
+    NotRoot(String),
     #[error(
         "seccomp filters are not available: {0}. Use a kernel built with CONFIG_SECCOMP_FILTER"
     )]
@@ -47,6 +47,14 @@ pub enum DetectError {
 /// The probe's own entry (`sandbox __probe <dir>`): try what a run will do, in this
 /// throw-away process.
 pub fn probe_main(mount_dir: &str) -> i32 {
+    if !nix::unistd::geteuid().is_root() {
+        // Rootless: everything below happens inside a user namespace of our own.
+        let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+        if let Err(e) = super::userns::enter(uid.as_raw(), gid.as_raw(), uid, gid) {
+            eprintln!("{e}");
+            return 1;
+        }
+    }
     let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWIPC
@@ -150,11 +158,8 @@ pub fn probe(mount_dir: &Path) -> Probe {
     let root = nix::unistd::geteuid().is_root();
     let exe = PathBuf::from("/proc/self/exe");
     let not_root = || Err::<(), String>("not root".into());
-    let namespaces = if root {
-        probe_namespaces(&exe, mount_dir)
-    } else {
-        not_root()
-    };
+    // Without root the same probe runs inside a user namespace (the rootless level).
+    let namespaces = probe_namespaces(&exe, mount_dir);
     let chroot = if root { probe_chroot() } else { not_root() };
     let seccomp = probe_seccomp();
     let self_cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
@@ -180,11 +185,18 @@ pub fn probe(mount_dir: &Path) -> Probe {
 /// testing or for operators who want chroot.
 pub fn decide(probe: Probe, force: Option<IsolationLevel>) -> Result<Host, DetectError> {
     let Probe { report, cgroup } = probe;
-    if !report.root {
-        return Err(DetectError::NotRoot);
-    }
     if let Err(e) = &report.seccomp {
         return Err(DetectError::NoSeccomp(e.clone()));
+    }
+    if !report.root {
+        return match &report.namespaces {
+            Ok(()) => Ok(Host {
+                level: IsolationLevel::Rootless,
+                cgroup: None,
+                report,
+            }),
+            Err(e) => Err(DetectError::NotRoot(e.clone())),
+        };
     }
     let level = match (force, &report.namespaces, &report.chroot) {
         (Some(IsolationLevel::Chroot), _, Ok(())) => IsolationLevel::Chroot,
@@ -206,4 +218,47 @@ pub fn decide(probe: Probe, force: Option<IsolationLevel>) -> Result<Host, Detec
 /// Detect once at start: `probe` then `decide`.
 pub fn detect(mount_dir: &Path, force: Option<IsolationLevel>) -> Result<Host, DetectError> {
     decide(probe(mount_dir), force)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe(root: bool, namespaces: Result<(), String>) -> Probe {
+        Probe {
+            report: HostReport {
+                root,
+                namespaces,
+                chroot: Err("not root".into()),
+                seccomp: Ok(()),
+                cgroup: Err("not root".into()),
+            },
+            cgroup: None,
+        }
+    }
+
+    #[test]
+    fn without_root_a_user_namespace_gives_the_rootless_level() {
+        let host = decide(probe(false, Ok(())), None).unwrap();
+        assert_eq!(host.level, IsolationLevel::Rootless);
+        assert!(host.cgroup.is_none());
+    }
+
+    #[test]
+    fn without_root_or_user_namespaces_the_error_says_what_to_do() {
+        let e = decide(
+            probe(false, Err("unshare: No space left on device".into())),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        for part in [
+            "No space left on device",
+            "sudo",
+            "user.max_user_namespaces",
+            "--server",
+        ] {
+            assert!(e.contains(part), "{part}: {e}");
+        }
+    }
 }

@@ -31,6 +31,7 @@ use super::seccomp::{self, FilterOptions};
 use super::spec::{IsolationLevel, SandboxSpec};
 use super::step::{Step, StepError, io_step, step};
 use super::sys;
+use super::userns;
 
 /// The descriptor the snippet is readable on inside the sandbox.
 pub const CODE_FD: i32 = 3;
@@ -96,7 +97,15 @@ fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
             message: e.to_string(),
         };
     }
-    if spec.level == IsolationLevel::Namespaces {
+    if spec.level == IsolationLevel::Rootless {
+        let outer = (nix::unistd::getuid(), nix::unistd::getgid());
+        if let Err(e) = userns::enter(spec.uid, spec.gid, outer.0, outer.1) {
+            return HelperReport::SetupFailed {
+                message: e.to_string(),
+            };
+        }
+    }
+    if spec.level.private_root() {
         // A new pid namespace applies to children only: the forked process is its pid 1,
         // and when it exits the kernel kills everything left in the namespace.
         if let Err(e) = unshare(CloneFlags::CLONE_NEWPID) {
@@ -310,7 +319,7 @@ fn child_setup(
     );
 
     match spec.level {
-        IsolationLevel::Namespaces => {
+        IsolationLevel::Namespaces | IsolationLevel::Rootless => {
             let mut flags =
                 CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
             if !spec.network {
@@ -386,7 +395,11 @@ fn child_setup(
     let exec_path = sys::empty_path(mmap_min_addr)
         .map_err(|e| StepError::new(Step::Seccomp, "exec path page", e.desc()))?;
     let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
-    setgroups(&[]).map_err(|e| StepError::new(Step::DropPrivileges, "setgroups", e.desc()))?;
+    // Rootless: the user namespace has setgroups disabled and no supplementary group
+    // mapped, so there is nothing to drop.
+    if spec.level != IsolationLevel::Rootless {
+        setgroups(&[]).map_err(|e| StepError::new(Step::DropPrivileges, "setgroups", e.desc()))?;
+    }
     setresgid(gid, gid, gid)
         .map_err(|e| StepError::new(Step::DropPrivileges, format!("gid {gid}"), e.desc()))?;
     setresuid(uid, uid, uid)

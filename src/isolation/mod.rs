@@ -10,3 +10,4 @@ pub mod spec;
 pub mod step;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod userns;

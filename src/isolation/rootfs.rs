@@ -7,6 +7,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sys::statvfs::{FsFlags, statvfs};
 use nix::unistd::{chdir, pivot_root};
 
 use super::spec::RootPlan;
@@ -40,6 +41,26 @@ fn make_dirs(path: &Path) -> Result<(), StepError> {
         .map_err(io_step(Step::CreateRoot, path))
 }
 
+/// The restrictions `path`'s mount already has. Inside a user namespace they are locked:
+/// a remount that dropped one would fail, so the read-only remount keeps them all.
+fn mount_restrictions(path: &Path) -> MsFlags {
+    let Ok(st) = statvfs(path) else {
+        return MsFlags::empty();
+    };
+    let f = st.flags();
+    [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ]
+    .into_iter()
+    .filter(|(st, _)| f.contains(*st))
+    .fold(MsFlags::empty(), |acc, (_, ms)| acc | ms)
+}
+
 fn bind_readonly(src: &Path, target: &Path, allow_dev: bool) -> Result<(), StepError> {
     mount(
         Some(src),
@@ -49,8 +70,11 @@ fn bind_readonly(src: &Path, target: &Path, allow_dev: bool) -> Result<(), StepE
         None::<&str>,
     )
     .map_err(step(Step::BindMount, src))?;
-    let mut flags =
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID;
+    let mut flags = MsFlags::MS_BIND
+        | MsFlags::MS_REMOUNT
+        | MsFlags::MS_RDONLY
+        | MsFlags::MS_NOSUID
+        | mount_restrictions(src);
     if !allow_dev {
         flags |= MsFlags::MS_NODEV;
     }
@@ -74,7 +98,8 @@ fn mount_point(root: &Path, src: &Path) -> Result<PathBuf, StepError> {
 }
 
 /// Build the root on `root_dir` and pivot into it. Runs in the child, after
-/// unshare(CLONE_NEWNS | CLONE_NEWPID ...) and fork, as root.
+/// unshare(CLONE_NEWNS | CLONE_NEWPID ...) and fork, as root (or, rootless, with every
+/// capability of its own user namespace).
 pub fn enter_private_root(
     root_dir: &Path,
     plan: &RootPlan,

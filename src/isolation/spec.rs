@@ -15,13 +15,25 @@ pub enum IsolationLevel {
     Namespaces,
     /// No namespaces (an unprivileged container): chroot into a copied root.
     Chroot,
+    /// Not root: a user namespace first (the caller's uid mapped to the run's uid, no
+    /// other), then the same namespaces and root as `Namespaces`. No cgroups: memory and
+    /// processes are limited by rlimits.
+    Rootless,
 }
 
 impl IsolationLevel {
+    /// Whether runs get their own mount namespace and pivot into a private root.
+    pub fn private_root(self) -> bool {
+        matches!(self, Self::Namespaces | Self::Rootless)
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             Self::Namespaces => "namespaces (mount, pid, ipc, uts, net) + pivot_root + seccomp",
             Self::Chroot => "chroot + setuid + seccomp (no namespaces on this host)",
+            Self::Rootless => {
+                "rootless: user namespace + mount, pid, ipc, uts, net + pivot_root + seccomp (one uid, rlimits instead of cgroups)"
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ use nix::errno::Errno;
 pub enum Step {
     ReadCode,
     JoinCgroup,
+    UserNamespace,
     Unshare,
     Fork,
     PrivateMounts,
@@ -34,6 +35,7 @@ impl fmt::Display for Step {
         let s = match self {
             Step::ReadCode => "reading the snippet",
             Step::JoinCgroup => "joining the run's cgroup",
+            Step::UserNamespace => "entering a user namespace (rootless)",
             Step::Unshare => "creating namespaces",
             Step::Fork => "forking the sandboxed process",
             Step::PrivateMounts => "making mounts private",

@@ -1,0 +1,183 @@
+//! Without root: `sandbox run` and `sandbox doctor` as an ordinary user (nobody), for
+//! real. Runs go into a user namespace of their own, then the same namespaces, root and
+//! seccomp filter as under root; rlimits stand in for cgroups.
+//!
+//! ```text
+//! $ (as nobody) sandbox run -l python3 -e 'print(1)'   -> 0, "1"
+//! $ (as nobody) sandbox doctor                         -> 0, "serve would isolate runs with: rootless ..."
+//! ```
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output};
+
+use common::{bin, stderr, stdout};
+use serde_json::Value;
+
+const NOBODY: u32 = 65534;
+
+/// A home of nobody's own (the rootless state directory goes there) and the system
+/// interpreters: the test's own ones may live where nobody cannot read.
+struct User {
+    home: tempfile::TempDir,
+}
+
+impl User {
+    fn new() -> Self {
+        let home = tempfile::Builder::new()
+            .prefix("rootless-home")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::os::unix::fs::chown(home.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+        Self { home }
+    }
+
+    fn sandbox(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .env_clear()
+            .env("HOME", self.home.path())
+            .env("PATH", "/usr/bin:/bin")
+            .env("PYTHON_PATH", "/usr/bin/python3")
+            .env("NODEJS_PATH", "/usr/bin/node")
+            .current_dir("/")
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .output()
+            .unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["run", "--json"];
+        all.extend_from_slice(args);
+        let o = self.sandbox(&all);
+        serde_json::from_str(stdout(&o).trim())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", stdout(&o), stderr(&o)))
+    }
+}
+
+#[test]
+fn a_user_without_root_runs_python_and_node() {
+    let u = User::new();
+    let o = u.sandbox(&[
+        "run",
+        "-l",
+        "python3",
+        "-e",
+        "import os\nstatus = open('/proc/self/status').read()\ncaps = [l for l in status.splitlines() if l.startswith('Cap')]\nprint(os.getuid(), os.getgid(), sorted(os.listdir('/')))\nprint(caps)",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    let first: Vec<&str> = out.lines().next().unwrap().splitn(3, ' ').collect();
+    let uid: u32 = first[0].parse().unwrap();
+    assert!((10000..11000).contains(&uid), "a pool uid inside: {out}");
+    assert_eq!(first[0], first[1], "{out}");
+    assert_eq!(
+        first[2], "['dev', 'etc', 'lib', 'lib64', 'proc', 'tmp', 'usr']",
+        "{out}"
+    );
+    // No capability left in any set: the namespace's were dropped at exec.
+    assert!(
+        out.contains("'CapInh:\\t0000000000000000', 'CapPrm:\\t0000000000000000', 'CapEff:\\t0000000000000000'"),
+        "{out}"
+    );
+    assert!(out.contains("'CapAmb:\\t0000000000000000'"), "{out}");
+
+    let o = u.sandbox(&["run", "-l", "nodejs", "-e", "console.log(6 * 7)"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "42\n");
+}
+
+#[test]
+fn rootless_runs_are_contained() {
+    let u = User::new();
+    std::fs::write(u.home.path().join("secret"), "mine").unwrap();
+    let home = u.home.path().display().to_string();
+    let code = format!(
+        r#"
+import os, socket
+def attempt(name, f):
+    try:
+        f()
+        print(name, "ok")
+    except OSError as e:
+        print(name, e.errno)
+attempt("fork", os.fork)
+attempt("exec", lambda: os.execv("/usr/bin/python3", ["python3", "-c", "1"]))
+attempt("socket", lambda: socket.socket())
+attempt("setuid0", lambda: os.setuid(0))
+attempt("write /usr", lambda: open("/usr/x", "w"))
+attempt("shadow", lambda: open("/etc/shadow"))
+attempt("home", lambda: open("{home}/secret"))
+attempt("kill 1 of the host", lambda: os.kill(1, 0))
+print("pids", sorted(p for p in os.listdir("/proc") if p.isdigit()))
+open("/tmp/rootless-trace", "w").write("x")
+"#
+    );
+    let o = u.sandbox(&["run", "-l", "python3", "-e", &code]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    for line in [
+        "fork 1",
+        "exec 1",
+        "socket 1",
+        "setuid0 1",
+        "write /usr 30",
+        "shadow 2",
+        "home 2",
+        "pids ['1']",
+    ] {
+        assert!(out.contains(&format!("{line}\n")), "{line}: {out}");
+    }
+    // pid 1 is the snippet itself: the host's init is out of sight.
+    assert!(out.contains("kill 1 of the host ok\n"), "{out}");
+    assert!(!std::path::Path::new("/tmp/rootless-trace").exists());
+}
+
+#[test]
+fn rootless_limits_hold() {
+    let u = User::new();
+    // (options, Python snippet, the limit `--json` must name)
+    let cases: [(&[&str], &str, &str); 3] = [
+        (&["--memory", "64"], "x = bytearray(256 << 20)", "memory"),
+        (
+            &[],
+            "import threading, time\nfor _ in range(500):\n    threading.Thread(target=time.sleep, args=(2,)).start()",
+            "processes",
+        ),
+        (
+            &["--max-output", "1000"],
+            "while True: print('x' * 100)",
+            "output",
+        ),
+    ];
+    for (options, code, limit) in cases {
+        let mut args = options.to_vec();
+        args.extend(["-l", "python3", "-e", code]);
+        let v = u.json(&args);
+        assert_eq!(v["limit"], limit, "{v}");
+    }
+    let o = u.sandbox(&["run", "--timeout", "1", "-l", "nodejs", "-e", "for(;;){}"]);
+    assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
+}
+
+#[test]
+fn doctor_as_a_user_names_the_rootless_level() {
+    let u = User::new();
+    let o = u.sandbox(&["doctor", "--json"]);
+    let v: Value = serde_json::from_str(stdout(&o).trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", stdout(&o), stderr(&o)));
+    assert_eq!(o.status.code(), Some(0), "{v:#}");
+    let privileges = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "privileges")
+        .unwrap();
+    assert_eq!(privileges["status"], "warning", "{privileges}");
+    assert!(
+        v["isolation"].as_str().unwrap().starts_with("rootless"),
+        "{v:#}"
+    );
+}
