@@ -12,7 +12,7 @@ mod common;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Output};
 
-use common::{bin, stderr, stdout};
+use common::{Server, bin, stderr, stdout};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
@@ -180,4 +180,42 @@ fn doctor_as_a_user_names_the_rootless_level() {
         v["isolation"].as_str().unwrap().starts_with("rootless"),
         "{v:#}"
     );
+}
+
+#[tokio::test]
+async fn serve_as_a_user_answers_with_warm_rootless_workers() {
+    let u = User::new();
+    let home = u.home.path().to_str().unwrap().to_string();
+    let s = Server::start_as(
+        NOBODY,
+        &[
+            ("HOME", &home),
+            ("PYTHON_PATH", "/usr/bin/python3"),
+            ("NODEJS_PATH", "/usr/bin/node"),
+            ("WARM_WORKERS", "1"),
+        ],
+    )
+    .await;
+    // More runs than warm workers: taken from the pool, then started on demand.
+    for _ in 0..3 {
+        let data = s
+            .python("import os\nprint(os.getuid() != 0, len(os.listdir('/proc')) < 80)")
+            .await;
+        assert_eq!(data["stdout"], "True True\n", "{data}");
+        let data = s
+            .run(
+                "nodejs",
+                "console.log(typeof require('child_process').execSync)",
+            )
+            .await;
+        assert_eq!(data["stdout"], "function\n", "{data}");
+        let data = s
+            .run(
+                "nodejs",
+                "try { require('child_process').execSync('id') } catch (e) { console.log(e.code) }",
+            )
+            .await;
+        assert_eq!(data["stdout"], "EPERM\n", "{data}");
+    }
+    assert!(s.healthy().await);
 }

@@ -160,24 +160,44 @@ pub fn init_tracing(
         stderr.boxed()
     });
     let mut guard = None;
-    if !log_path.as_os_str().is_empty() && std::fs::create_dir_all(log_path).is_ok() {
-        let (writer, g) = tracing_appender::non_blocking(tracing_appender::rolling::daily(
-            log_path,
-            "sandbox.log",
-        ));
-        let file = tracing_subscriber::fmt::layer()
-            .with_ansi(false)
-            .with_writer(writer);
-        layers.push(if json {
-            file.json().boxed()
-        } else {
-            file.boxed()
-        });
-        guard = Some(g);
+    let mut file_error = None;
+    let appender = (!log_path.as_os_str().is_empty()).then(|| {
+        std::fs::create_dir_all(log_path)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                tracing_appender::rolling::RollingFileAppender::builder()
+                    .rotation(tracing_appender::rolling::Rotation::DAILY)
+                    .filename_prefix("sandbox.log")
+                    .build(log_path)
+                    .map_err(|e| e.to_string())
+            })
+    });
+    match appender {
+        Some(Err(e)) => file_error = Some(e),
+        Some(Ok(appender)) => {
+            let (writer, g) = tracing_appender::non_blocking(appender);
+            let file = tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(writer);
+            layers.push(if json {
+                file.json().boxed()
+            } else {
+                file.boxed()
+            });
+            guard = Some(g);
+        }
+        None => {}
     }
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(layers)
         .try_init();
+    if let Some(e) = file_error {
+        tracing::warn!(
+            log_path = %log_path.display(),
+            error = %e,
+            "cannot write the log file; logging to stderr only (set log_path / LOG_PATH to a writable directory, or to \"\" for none)"
+        );
+    }
     guard
 }

@@ -31,18 +31,30 @@ pub struct Server {
 impl Server {
     /// Start with the embedded defaults plus `env` overrides.
     pub async fn start(env: &[(&str, &str)]) -> Self {
-        Self::start_with_stderr(env, Stdio::inherit()).await
+        Self::start_with_stderr(env, Stdio::inherit(), None).await
+    }
+
+    /// As user `uid` (and its own group), with only PATH and `env` in its environment.
+    pub async fn start_as(uid: u32, env: &[(&str, &str)]) -> Self {
+        Self::start_with_stderr(env, Stdio::inherit(), Some(uid)).await
     }
 
     /// Like `start`, with the server's log (stderr) written to `log`.
     pub async fn start_logging(env: &[(&str, &str)], log: &std::path::Path) -> Self {
         let file = std::fs::File::create(log).expect("log file");
-        Self::start_with_stderr(env, Stdio::from(file)).await
+        Self::start_with_stderr(env, Stdio::from(file), None).await
     }
 
-    async fn start_with_stderr(env: &[(&str, &str)], stderr: Stdio) -> Self {
+    async fn start_with_stderr(env: &[(&str, &str)], stderr: Stdio, user: Option<u32>) -> Self {
         let port = free_port();
         let mut cmd = Command::new(bin());
+        if let Some(uid) = user {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid)
+                .gid(uid)
+                .env_clear()
+                .env("PATH", "/usr/bin:/bin");
+        }
         cmd.arg("serve")
             .current_dir(std::env::temp_dir())
             .env("SANDBOX_PORT", port.to_string())
