@@ -34,30 +34,30 @@ case "$family" in
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq libseccomp-dev libseccomp2 pkg-config gcc libc6-dev make curl ca-certificates \
-      python3 python3-pip python3-jinja2 python3-requests python3-httpx nodejs >/dev/null
+      python3 python3-pip python3-jinja2 python3-requests python3-httpx nodejs nftables >/dev/null
     [ "$mode" = test ] && $SUDO apt-get install -y -qq docker.io iproute2 >/dev/null
     ;;
   *fedora*|*rhel*|*centos*)
     log "dnf: build and runtime packages"
     pm=$(command -v dnf || command -v yum)
     $SUDO "$pm" install -y libseccomp-devel pkgconf-pkg-config gcc make curl ca-certificates \
-      python3 python3-pip python3-jinja2 python3-requests python3-httpx nodejs
+      python3 python3-pip python3-jinja2 python3-requests python3-httpx nodejs nftables
     [ "$mode" = test ] && $SUDO "$pm" install -y moby-engine || true
     ;;
   *alpine*)
     log "apk: build and runtime packages"
     $SUDO apk add --no-cache libseccomp-dev pkgconf gcc musl-dev make curl ca-certificates bash \
-      python3 py3-pip py3-jinja2 py3-requests py3-httpx nodejs
+      python3 py3-pip py3-jinja2 py3-requests py3-httpx nodejs nftables
     [ "$mode" = test ] && $SUDO apk add --no-cache docker
     ;;
   *arch*)
     log "pacman: build and runtime packages"
     $SUDO pacman -Sy --needed --noconfirm libseccomp pkgconf gcc make curl ca-certificates \
-      python python-pip python-jinja python-requests python-httpx nodejs
+      python python-pip python-jinja python-requests python-httpx nodejs nftables
     [ "$mode" = test ] && $SUDO pacman -S --needed --noconfirm docker
     ;;
   *)
-    echo "install.sh: unsupported distribution '$family': install libseccomp (dev), pkg-config, gcc, python3 with jinja2/requests/httpx and nodejs by hand" >&2
+    echo "install.sh: unsupported distribution '$family': install libseccomp (dev), pkg-config, gcc, python3 with jinja2/requests/httpx, nodejs and nftables by hand" >&2
     exit 1
     ;;
 esac

@@ -8,10 +8,10 @@ FROM ${BASE_IMAGE}
 ARG TARGETARCH
 
 # Runtimes for the snippets: Python 3 with the libraries Dify's templates use,
-# Node.js, and libseccomp for the sandbox itself.
+# Node.js, libseccomp for the sandbox itself and nftables for its network guard.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      ca-certificates libseccomp2 \
+      ca-certificates libseccomp2 nftables \
       python3 python3-jinja2 python3-requests python3-httpx \
       nodejs \
  && rm -rf /var/lib/apt/lists/*

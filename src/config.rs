@@ -89,6 +89,7 @@ struct RawConfig {
     log_format: Option<String>,
     isolation: Option<String>,
     extra_syscalls: Option<Vec<serde_yaml::Value>>,
+    network_deny: Option<Vec<String>>,
 }
 
 const KNOWN_KEYS: &[&str] = &[
@@ -117,6 +118,7 @@ const KNOWN_KEYS: &[&str] = &[
     "log_format",
     "isolation",
     "extra_syscalls",
+    "network_deny",
 ];
 const KNOWN_APP_KEYS: &[&str] = &["port", "debug", "key"];
 const KNOWN_PROXY_KEYS: &[&str] = &["socks5", "http", "https"];
@@ -167,6 +169,9 @@ pub struct Config {
     pub metrics_auth: bool,
     /// `text` or `json` log lines.
     pub log_json: bool,
+    /// Destinations networked runs may not reach (loopback, link-local, cloud metadata by
+    /// default); empty = no guard.
+    pub network_deny: Vec<ipnet::IpNet>,
     /// Force the chroot level even where namespaces are available.
     pub force_chroot: bool,
     /// Keys found in the file that this version does not know (warned about, not fatal).
@@ -294,6 +299,7 @@ impl Config {
                 .unwrap_or(false),
             allowed_syscalls: syscalls,
             extra_syscalls: extra_syscalls(e.string("EXTRA_SYSCALLS"), raw.extra_syscalls)?,
+            network_deny: network_deny(e.string("NETWORK_DENY"), raw.network_deny)?,
             python_pip_mirror_url: e
                 .string("PIP_MIRROR_URL")
                 .or(raw.python_pip_mirror_url)
@@ -509,46 +515,100 @@ fn one_of(value: Option<String>, key: &str, allowed: &[&str]) -> Result<String, 
     }
 }
 
+/// What networked runs may not reach unless the operator says otherwise: the host's own
+/// services (loopback; 0.0.0.0 reaches them too), link-local addresses, where the cloud
+/// metadata services live (169.254.169.254, fd00:ec2::254).
+pub const DEFAULT_NETWORK_DENY: &[&str] = &[
+    "127.0.0.0/8",
+    "0.0.0.0/8",
+    "169.254.0.0/16",
+    "::1/128",
+    "fe80::/10",
+    "fd00:ec2::254/128",
+];
+
+/// `network_deny` from the environment (comma list; empty = none) or the file (list).
+fn network_deny(
+    env: Option<String>,
+    file: Option<Vec<String>>,
+) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    list_setting(
+        ("NETWORK_DENY", "network_deny"),
+        env,
+        file,
+        DEFAULT_NETWORK_DENY,
+        |item| {
+            // A bare address means just that address.
+            item.parse::<ipnet::IpNet>()
+                .or_else(|_| item.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    "expected an address or a CIDR block such as 169.254.0.0/16 or fe80::/10"
+                        .to_string()
+                })
+        },
+    )
+}
+
 /// `extra_syscalls` from the environment (comma list) or the file (list), by name or
 /// number, resolved now so a typo stops the server at start.
 fn extra_syscalls(
     env: Option<String>,
     file: Option<Vec<serde_yaml::Value>>,
 ) -> Result<Vec<i64>, ConfigError> {
-    let (tokens, from_env): (Vec<String>, bool) = match env {
-        Some(list) => (
+    let file = file.map(|items| {
+        items
+            .into_iter()
+            .map(|v| match v {
+                serde_yaml::Value::String(s) => s,
+                serde_yaml::Value::Number(n) => n.to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    });
+    list_setting(
+        ("EXTRA_SYSCALLS", "extra_syscalls"),
+        env,
+        file,
+        &[],
+        crate::isolation::seccomp::policy::resolve_token,
+    )
+}
+
+/// A list setting: the environment's comma list wins over the file's list, which wins
+/// over `default`; each item goes through `parse`, and a failure names the variable or
+/// key it came from.
+fn list_setting<T>(
+    (var, key): (&str, &str),
+    env: Option<String>,
+    file: Option<Vec<String>>,
+    default: &[&str],
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<T>, ConfigError> {
+    let (items, from_env): (Vec<String>, bool) = match (env, file) {
+        (Some(list), _) => (
             list.split(',')
                 .map(|t| t.trim().to_string())
                 .filter(|t| !t.is_empty())
                 .collect(),
             true,
         ),
-        None => (
-            file.unwrap_or_default()
-                .into_iter()
-                .map(|v| match v {
-                    serde_yaml::Value::String(s) => s,
-                    serde_yaml::Value::Number(n) => n.to_string(),
-                    other => format!("{other:?}"),
-                })
-                .collect(),
-            false,
-        ),
+        (None, Some(list)) => (list, false),
+        (None, None) => (default.iter().map(|s| s.to_string()).collect(), false),
     };
-    tokens
+    items
         .iter()
-        .map(|t| {
-            crate::isolation::seccomp::policy::resolve_token(t).map_err(|reason| {
+        .map(|item| {
+            parse(item).map_err(|reason| {
                 if from_env {
                     ConfigError::Env {
-                        var: "EXTRA_SYSCALLS".into(),
-                        value: t.clone(),
+                        var: var.into(),
+                        value: item.clone(),
                         reason,
                     }
                 } else {
                     ConfigError::Value {
-                        key: "extra_syscalls".into(),
-                        value: t.clone(),
+                        key: key.into(),
+                        value: item.clone(),
                         reason,
                     }
                 }
@@ -582,6 +642,46 @@ fn unknown_keys(value: &serde_yaml::Value) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn network_deny_defaults_parses_and_names_bad_values() {
+        let c = Config::from_yaml("", Path::new("c.yaml"), &env(&[])).expect("loads");
+        assert_eq!(c.network_deny.len(), DEFAULT_NETWORK_DENY.len());
+        assert!(
+            c.network_deny
+                .iter()
+                .any(|n| n.contains(&"169.254.169.254".parse::<std::net::IpAddr>().unwrap()))
+        );
+        let c = Config::from_yaml(
+            "network_deny: [10.0.0.0/8, 192.0.2.7]\n",
+            Path::new("c.yaml"),
+            &env(&[]),
+        )
+        .expect("loads");
+        assert_eq!(c.network_deny[1].to_string(), "192.0.2.7/32");
+        let c = Config::from_yaml("", Path::new("c.yaml"), &env(&[("NETWORK_DENY", "")]))
+            .expect("loads");
+        assert!(c.network_deny.is_empty());
+        let e = Config::from_yaml(
+            "",
+            Path::new("c.yaml"),
+            &env(&[("NETWORK_DENY", "127.0.0.0/8,localhost")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("NETWORK_DENY") && e.contains("localhost"), "{e}");
+        let e = Config::from_yaml(
+            "network_deny: [300.1.1.1/8]\n",
+            Path::new("c.yaml"),
+            &env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("network_deny") && e.contains("300.1.1.1/8"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn state_dir_defaults_by_privilege() {

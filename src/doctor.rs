@@ -71,6 +71,7 @@ enum Need {
     Python,
     Node,
     Docker,
+    Nftables,
 }
 
 impl PackageManager {
@@ -151,6 +152,8 @@ impl PackageManager {
             (Unknown, Python) => "Python 3",
             (Unknown, Node) => "Node.js",
             (Unknown, Docker) => "Docker",
+            (Unknown, Nftables) => "nftables",
+            (_, Nftables) => "nftables",
         }
     }
 
@@ -301,6 +304,53 @@ fn privileges_check(root: bool, user_namespaces: &Result<(), String>) -> Check {
             Status::Failed,
             format!("root but missing {}", missing.join(", ")),
             Some("in Docker keep the default capabilities (no --cap-drop ALL) and add SYS_ADMIN, or run --privileged".into()),
+        ),
+    }
+}
+
+/// Whether networked runs get the nftables guard: tried for real (a table created and
+/// deleted).
+fn network_guard_check(config: &Config, root: bool, pm: PackageManager) -> Check {
+    const NAME: &str = "network guard";
+    if !config.enable_network {
+        return ok(NAME, "enable_network is false: runs have no network at all");
+    }
+    if config.network_deny.is_empty() {
+        return check(
+            NAME,
+            Status::Warning,
+            "network_deny is empty: networked runs can reach the host's loopback services and cloud metadata",
+            Some("remove the empty network_deny / NETWORK_DENY to get the default list".into()),
+        );
+    }
+    if !root {
+        return check(
+            NAME,
+            Status::Warning,
+            "not root: no guard; networked runs reach whatever this user can",
+            Some("run as root (sudo sandbox ...)".into()),
+        );
+    }
+    let uids = (
+        crate::pool::UID_BASE,
+        crate::pool::UID_BASE + crate::pool::UID_COUNT - 1,
+    );
+    let denied = config
+        .network_deny
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    match crate::isolation::netguard::NetGuard::install(uids, &config.network_deny) {
+        Ok(_guard) => ok(
+            NAME,
+            format!("nftables rejects {denied} for networked runs"),
+        ),
+        Err(e) => check(
+            NAME,
+            Status::Warning,
+            e.to_string(),
+            Some(pm.install(Need::Nftables)),
         ),
     }
 }
@@ -702,6 +752,7 @@ pub fn run_checks(config_path: Option<&Path>) -> Report {
     checks.extend(isolation_checks(&host_report));
     checks.push(state);
     checks.extend(interpreter_checks(&config, pm));
+    checks.push(network_guard_check(&config, host_report.root, pm));
     checks.push(port_check(config.port));
     checks.extend(build_checks(pm));
     checks.push(docker_check(pm));

@@ -120,6 +120,9 @@ pub struct Engine {
     queued: std::sync::atomic::AtomicI64,
     /// Extra Python packages (None when Python is unavailable).
     pub deps: Option<Arc<crate::deps::Dependencies>>,
+    /// What networked runs may not reach: `Ok(None)` when nothing is guarded (no network,
+    /// or `network_deny` empty), `Err` with the reason when the guard could not be set.
+    pub net_guard: Result<Option<crate::isolation::netguard::NetGuard>, String>,
     /// Background work that must finish before the server exits: warm workers being
     /// started, clean-up after runs.
     tasks: tokio_util::task::TaskTracker,
@@ -199,6 +202,7 @@ impl Engine {
         runtimes: HashMap<Language, Result<Runtime, String>>,
         mount_dir: PathBuf,
         deps: Option<Arc<crate::deps::Dependencies>>,
+        net_guard: Result<Option<crate::isolation::netguard::NetGuard>, String>,
     ) -> Result<Self, PoolError> {
         let uids = UidPool::new(&config.state_dir)?;
         if let Some(cg) = &host.cgroup {
@@ -216,6 +220,7 @@ impl Engine {
             helper: PathBuf::from("/proc/self/exe"),
             queued: std::sync::atomic::AtomicI64::new(0),
             deps,
+            net_guard,
             tasks: tokio_util::task::TaskTracker::new(),
         })
     }

@@ -378,7 +378,8 @@ fn tmp_size_limits_the_private_tmp() {
 
 #[test]
 fn network_only_with_the_flag() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = common::host_address();
+    let listener = TcpListener::bind((host, 0)).unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for s in listener.incoming().flatten() {
@@ -387,7 +388,7 @@ fn network_only_with_the_flag() {
         }
     });
     let snippet = format!(
-        "import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=3)\nprint(s.recv(6).decode(), end='')"
+        "import socket\ns = socket.create_connection(('{host}', {port}), timeout=3)\nprint(s.recv(6).decode(), end='')"
     );
     let o = sandbox(&["run", "--network", "-l", "python3", "-e", &snippet], &[]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));

@@ -655,7 +655,10 @@ fn compose_replaces_difys_sandbox_service() {
     }
 
     let full = at(services, &["sandbox"]);
-    assert_eq!(strings(at(full, &["cap_add"])), ["SYS_ADMIN", "SYS_RAWIO"]);
+    assert_eq!(
+        strings(at(full, &["cap_add"])),
+        ["SYS_ADMIN", "SYS_RAWIO", "NET_ADMIN"]
+    );
     let opts: BTreeSet<String> = strings(at(full, &["security_opt"])).into_iter().collect();
     assert_eq!(
         opts,

@@ -39,6 +39,7 @@ const CHECKS: &[&str] = &[
     "python module requests",
     "python module httpx",
     "nodejs",
+    "network guard",
     "port",
     "pkg-config libseccomp",
     "gcc",
@@ -69,6 +70,7 @@ fn doctor_passes_on_this_host() {
         "state directory",
         "python",
         "nodejs",
+        "network guard",
         "port",
     ] {
         assert_eq!(find(&v, name)["status"], "ok", "{name}: {v:#}");

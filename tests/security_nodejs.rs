@@ -121,11 +121,12 @@ async fn host_files_and_other_processes_are_invisible() {
 
 #[tokio::test]
 async fn net_connect_without_network_is_refused() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = common::host_address();
+    let listener = std::net::TcpListener::bind((host, 0)).unwrap();
     let port = listener.local_addr().unwrap().port();
     let s = Server::start(&[]).await;
     let code = format!(
-        "const s = require('net').connect({port}, '127.0.0.1');\ns.on('connect', () => {{ console.log('connected'); s.end(); }});\ns.on('error', e => console.log('error', e.code));"
+        "const s = require('net').connect({port}, '{host}');\ns.on('connect', () => {{ console.log('connected'); s.end(); }});\ns.on('error', e => console.log('error', e.code));"
     );
     let data = node(&s, &code).await;
     assert_eq!(out(&data), "error EPERM\n", "{data}");

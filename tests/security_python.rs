@@ -201,11 +201,12 @@ for name, args in calls.items():
 
 #[tokio::test]
 async fn sockets_need_enable_network() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = common::host_address();
+    let listener = std::net::TcpListener::bind((host, 0)).unwrap();
     let port = listener.local_addr().unwrap().port();
     let s = Server::start(&[]).await;
     let code = format!(
-        "import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')"
+        "import socket\ns = socket.create_connection(('{host}', {port}), timeout=2)\nprint('connected')"
     );
     assert_eperm(&s, &code).await;
     let (_, env) = s

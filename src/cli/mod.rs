@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, ConfigError};
 use crate::engine::{Engine, discover_runtimes};
 use crate::isolation::detect;
+use crate::isolation::netguard::NetGuard;
 use crate::runner::DiscoveryError;
 
 /// Exit code for bad configuration or input (clap uses it too for bad arguments).
@@ -87,8 +88,9 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-/// Prepare the state directory, detect the host, discover interpreters.
-pub fn build_engine(config: Config) -> anyhow::Result<Engine> {
+/// Prepare the state directory, detect the host, discover interpreters; with
+/// `networked_runs`, guard what those runs may reach.
+pub fn build_engine(config: Config, networked_runs: bool) -> anyhow::Result<Engine> {
     let state = &config.state_dir;
     let mount_dir = state.join("rootfs");
     std::fs::create_dir_all(&mount_dir).with_context(|| {
@@ -129,13 +131,41 @@ pub fn build_engine(config: Config) -> anyhow::Result<Engine> {
                 .with_context(|| format!("cannot prepare the chroot root {}", dir.display()))?;
         }
     }
+    let net_guard = network_guard(&config, &host, networked_runs);
     Ok(Engine::new(
         Arc::new(config),
         host,
         runtimes,
         mount_dir,
         deps,
+        net_guard,
     )?)
+}
+
+/// The network guard, when runs may use the network and something is denied. Rootless
+/// runs cannot have one (no root for nftables, and their uid is the caller's).
+fn network_guard(
+    config: &Config,
+    host: &detect::Host,
+    networked_runs: bool,
+) -> Result<Option<NetGuard>, String> {
+    let rootless = host.level == crate::isolation::spec::IsolationLevel::Rootless;
+    if !rootless {
+        crate::isolation::netguard::remove_stale_tables();
+    }
+    if !networked_runs || !config.enable_network || config.network_deny.is_empty() {
+        return Ok(None);
+    }
+    if rootless {
+        return Err("not root: networked runs reach whatever the caller's user can".into());
+    }
+    let uids = (
+        crate::pool::UID_BASE,
+        crate::pool::UID_BASE + crate::pool::UID_COUNT - 1,
+    );
+    NetGuard::install(uids, &config.network_deny)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 /// Logs go to stderr and, when `log_path` is set and writable, to a daily file there;

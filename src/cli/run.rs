@@ -235,7 +235,12 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         ));
     }
     config.max_workers = 1;
-    let engine = super::build_engine(config)?;
+    let engine = super::build_engine(config, args.network)?;
+    if let Err(e) = &engine.net_guard {
+        eprintln!(
+            "sandbox: warning: no network guard ({e}): the run can reach the host's loopback services and cloud metadata addresses"
+        );
+    }
     let sink: Option<Sink> = (!args.json).then(|| {
         Arc::new(|stream: Stream, bytes: &[u8]| {
             // A closed terminal or pipe must not stop the run; its result still counts.

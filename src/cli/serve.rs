@@ -20,7 +20,8 @@ pub struct ServeArgs {
 pub fn execute(args: ServeArgs) -> anyhow::Result<()> {
     let config = super::load_config(args.config.as_deref())?;
     let _log_guard = super::init_tracing(config.debug, config.log_json, &config.log_path);
-    let engine = Arc::new(super::build_engine(config)?);
+    let networked = config.enable_network;
+    let engine = Arc::new(super::build_engine(config, networked)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -36,6 +37,18 @@ async fn serve(engine: Arc<crate::engine::Engine>) -> anyhow::Result<()> {
         None => {
             tracing::warn!("no writable cgroup: memory and process limits fall back to rlimits")
         }
+    }
+    match &engine.net_guard {
+        Ok(Some(guard)) => tracing::info!(
+            table = guard.table(),
+            denied = %config.network_deny.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "),
+            "network guard: networked runs cannot reach these addresses"
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(
+            error = %e,
+            "no network guard: networked runs can reach the host's loopback services and cloud metadata addresses"
+        ),
     }
     for lang in Language::ALL {
         match engine.runtime(lang) {

@@ -4,6 +4,7 @@ pub mod cgroup;
 pub mod chroot_root;
 pub mod detect;
 pub mod helper;
+pub mod netguard;
 pub mod rootfs;
 pub mod seccomp;
 pub mod spec;

@@ -14,6 +14,16 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_sandbox")
 }
 
+/// This host's address on its default route (not loopback, which the network guard
+/// refuses to networked runs). No packet is sent: connecting a UDP socket only picks
+/// the route.
+pub fn host_address() -> std::net::IpAddr {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+    s.connect("192.0.2.1:9")
+        .expect("this test needs a default route (any network)");
+    s.local_addr().expect("addr").ip()
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .expect("bind")
@@ -160,7 +170,19 @@ impl Server {
 }
 
 impl Drop for Server {
+    /// SIGTERM first, so the server removes what it set up on the host (its network
+    /// guard table); SIGKILL when it has not stopped within two seconds.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = nix_kill(self.child.id(), "TERM");
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
