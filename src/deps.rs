@@ -55,6 +55,13 @@ pub fn requirement_names(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Point `link` at `target` atomically: a new link at `tmp`, renamed over the old one.
+fn swap_link(link: &Path, tmp: &Path, target: &str) -> std::io::Result<()> {
+    let _ = fs::remove_file(tmp);
+    std::os::unix::fs::symlink(target, tmp)?;
+    fs::rename(tmp, link)
+}
+
 /// pip's index options for a mirror; a plain-http mirror is also trusted, as pip
 /// otherwise refuses it.
 pub fn mirror_args(mirror: &str) -> Vec<String> {
@@ -235,11 +242,8 @@ impl Dependencies {
                 for copy in &self.chroot_copies {
                     let inside = crate::isolation::rootfs::inside(copy, &dir);
                     let link = crate::isolation::rootfs::inside(copy, &self.current());
-                    let tmp = link.with_extension("new");
-                    let _ = fs::remove_file(&tmp);
                     crate::isolation::chroot_root::copy_tree(&dir, &inside)
-                        .and_then(|_| std::os::unix::fs::symlink(&name, &tmp))
-                        .and_then(|_| fs::rename(&tmp, &link))
+                        .and_then(|_| swap_link(&link, &link.with_extension("new"), &name))
                         .map_err(|source| DepsError::Dir {
                             path: inside.display().to_string(),
                             source,
@@ -295,13 +299,10 @@ impl Dependencies {
     /// Point `current` at `name` atomically (rename over the old link).
     fn switch_to(&self, name: &str) -> Result<(), DepsError> {
         let tmp = self.root.join(format!(".current-{}", std::process::id()));
-        let _ = fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(name, &tmp)
-            .and_then(|_| fs::rename(&tmp, self.current()))
-            .map_err(|source| DepsError::Dir {
-                path: self.current().display().to_string(),
-                source,
-            })
+        swap_link(&self.current(), &tmp, name).map_err(|source| DepsError::Dir {
+            path: self.current().display().to_string(),
+            source,
+        })
     }
 
     /// Keep the live generation and the one before it (runs that started on it may

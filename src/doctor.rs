@@ -331,17 +331,13 @@ fn network_guard_check(config: &Config, root: bool, pm: PackageManager) -> Check
             Some("run as root (sudo sandbox ...)".into()),
         );
     }
-    let uids = (
-        crate::pool::UID_BASE,
-        crate::pool::UID_BASE + crate::pool::UID_COUNT - 1,
-    );
     let denied = config
         .network_deny
         .iter()
         .map(|n| n.to_string())
         .collect::<Vec<_>>()
         .join(", ");
-    match crate::isolation::netguard::NetGuard::install(uids, &config.network_deny) {
+    match crate::isolation::netguard::NetGuard::install(&config.network_deny) {
         Ok(_guard) => ok(
             NAME,
             format!("nftables rejects {denied} for networked runs"),
@@ -356,11 +352,8 @@ fn network_guard_check(config: &Config, root: bool, pm: PackageManager) -> Check
 }
 
 /// Where the interpreter's one exec pointer can live (see `isolation::sys::empty_path`).
-fn exec_lock_check(root: bool) -> Check {
+fn exec_lock_check(root: bool, min: Option<u64>) -> Check {
     const CAP_SYS_RAWIO: u32 = 17;
-    let min = std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok());
     let rawio = effective_caps().is_some_and(|c| c & (1u64 << CAP_SYS_RAWIO) != 0);
     match min {
         Some(m) if m >= 4096 && root && rawio => ok(
@@ -747,7 +740,7 @@ pub fn run_checks(config_path: Option<&Path>) -> Report {
     let probe = detect::probe(&mount_dir);
     let host_report = probe.report.clone();
     checks.push(privileges_check(host_report.root, &host_report.namespaces));
-    checks.push(exec_lock_check(host_report.root));
+    checks.push(exec_lock_check(host_report.root, host_report.mmap_min_addr));
     checks.push(libseccomp_check(pm));
     checks.extend(isolation_checks(&host_report));
     checks.push(state);

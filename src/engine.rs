@@ -52,7 +52,7 @@ impl LimitHit {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct RunLimits {
     pub timeout: Duration,
     pub memory_mb: u64,
@@ -66,20 +66,17 @@ pub struct RunRequest {
     pub code: String,
     pub preload: String,
     pub network: bool,
-    pub limits: RunLimits,
     pub sink: Option<Sink>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct RunOutcome {
     pub stdout: String,
     pub stderr: String,
     pub exit_code: i32,
     pub error: String,
     pub limit: Option<LimitHit>,
-    #[serde(skip)]
     pub duration: Duration,
-    #[serde(skip)]
     pub uid: u32,
 }
 
@@ -112,10 +109,11 @@ pub struct Engine {
     pub host: Host,
     runtimes: HashMap<Language, Result<Runtime, String>>,
     uids: UidPool,
+    /// Every run's limits, from the configuration.
+    limits: RunLimits,
     workers: Arc<Semaphore>,
     counter: AtomicU64,
     mount_dir: PathBuf,
-    helper: PathBuf,
     pub(crate) warm: WarmPool<Worker>,
     queued: std::sync::atomic::AtomicI64,
     /// Extra Python packages (None when Python is unavailable).
@@ -129,6 +127,9 @@ pub struct Engine {
 }
 
 const RUN_PREFIX: &str = "sandbox-run-";
+
+/// The helper is this very binary (`sandbox __exec`).
+const HELPER: &str = "/proc/self/exe";
 
 /// Which warm workers a run can use: they differ in namespaces and seccomp rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -147,7 +148,9 @@ pub struct Worker {
     cgroup: Option<RunCgroup>,
     lease: UidLease,
     language: Language,
-    limits: RunLimits,
+    /// The run's private directory on the host, under the chroot level (which has no
+    /// private tmpfs to vanish with the run).
+    chroot_tmp: Option<PathBuf>,
 }
 
 impl Worker {
@@ -157,11 +160,11 @@ impl Worker {
 
     /// After the process tree is gone: remove the cgroup and private files, then give
     /// the uid back (dropping the lease last).
-    async fn release(mut self, chroot_tmp: Option<PathBuf>) {
+    async fn release(mut self) {
         if let Some(cg) = self.cgroup.take() {
             let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
         }
-        if let Some(dir) = chroot_tmp {
+        if let Some(dir) = self.chroot_tmp.take() {
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         }
     }
@@ -209,6 +212,13 @@ impl Engine {
             cg.remove_stale(RUN_PREFIX);
         }
         Ok(Self {
+            limits: RunLimits {
+                timeout: config.worker_timeout,
+                memory_mb: config.memory_limit_mb,
+                max_processes: config.max_processes,
+                max_output_bytes: config.max_output_bytes,
+                tmp_mb: config.tmp_size_mb,
+            },
             workers: Arc::new(Semaphore::new(config.max_workers)),
             warm: WarmPool::new(config.warm_workers),
             config,
@@ -217,7 +227,6 @@ impl Engine {
             uids,
             counter: AtomicU64::new(0),
             mount_dir,
-            helper: PathBuf::from("/proc/self/exe"),
             queued: std::sync::atomic::AtomicI64::new(0),
             deps,
             net_guard,
@@ -249,17 +258,6 @@ impl Engine {
     /// The copied root a language's runs chroot into (chroot level only).
     pub fn chroot_dir(&self, language: Language) -> PathBuf {
         chroot_dir(&self.config.state_dir, language)
-    }
-
-    pub fn default_limits(&self) -> RunLimits {
-        let c = &self.config;
-        RunLimits {
-            timeout: c.worker_timeout,
-            memory_mb: c.memory_limit_mb,
-            max_processes: c.max_processes,
-            max_output_bytes: c.max_output_bytes,
-            tmp_mb: c.tmp_size_mb,
-        }
     }
 
     /// Stop handing out worker slots (runs already executing finish, queued ones fail)
@@ -314,9 +312,7 @@ impl Engine {
             for key in self.warm.missing() {
                 let engine = Arc::clone(&self);
                 self.tasks.spawn(async move {
-                    let limits = engine.default_limits();
-                    let spawned = engine.spawn_worker(key.language, key.network, &limits);
-                    match spawned {
+                    match engine.spawn_worker(key.language, key.network) {
                         Ok(worker) => engine.warm.put(key, worker),
                         Err(e) => {
                             tracing::error!(error = %e, language = %key.language, "cannot start a warm worker");
@@ -346,12 +342,7 @@ impl Engine {
             language: req.language,
             network: req.network,
         };
-        let warm = if req.limits == self.default_limits() {
-            self.warm.take_or_wait(key).await
-        } else {
-            None
-        };
-        if let Some(worker) = warm {
+        if let Some(worker) = self.warm.take_or_wait(key).await {
             match self.run_worker(worker, &req).await {
                 // Killed while it waited: the snippet never ran, so running it on a fresh
                 // worker is safe.
@@ -359,7 +350,7 @@ impl Engine {
                 other => return other,
             }
         }
-        let worker = self.spawn_worker(req.language, req.network, &req.limits)?;
+        let worker = self.spawn_worker(req.language, req.network)?;
         match self.run_worker(worker, &req).await {
             Err(RunError::EndedBeforeCode) => Err(RunError::Setup(
                 "the interpreter exited before it could read the snippet; check that it starts \
@@ -371,13 +362,9 @@ impl Engine {
     }
 
     /// Start a sandbox and its interpreter; the snippet is sent later by `run_worker`.
-    fn spawn_worker(
-        &self,
-        language: Language,
-        network: bool,
-        limits: &RunLimits,
-    ) -> Result<Worker, RunError> {
+    fn spawn_worker(&self, language: Language, network: bool) -> Result<Worker, RunError> {
         let runtime = self.runtime(language)?;
+        let limits = &self.limits;
         let lease = self.uids.acquire()?;
         let run_no = self.counter.fetch_add(1, Ordering::Relaxed);
         let name = format!("{RUN_PREFIX}{}-{run_no}", std::process::id());
@@ -388,11 +375,13 @@ impl Engine {
             None => None,
         };
         let spec = self.spec(runtime, network, limits, lease.uid, cgroup.as_ref());
+        let chroot_tmp = (spec.level == IsolationLevel::Chroot)
+            .then(|| crate::isolation::rootfs::inside(&spec.root_dir, &spec.workdir));
         let spawned = (|| {
             let spec_json =
                 serde_json::to_string(&spec).map_err(|e| RunError::Setup(e.to_string()))?;
             let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(RunError::Spawn)?;
-            let mut child = tokio::process::Command::new(&self.helper)
+            let mut child = tokio::process::Command::new(HELPER)
                 .arg("__exec")
                 .arg(spec_json)
                 .env_clear()
@@ -415,7 +404,7 @@ impl Engine {
                 cgroup,
                 lease,
                 language,
-                limits: limits.clone(),
+                chroot_tmp,
             }),
             Err(e) => {
                 if let Some(cg) = cgroup {
@@ -489,6 +478,7 @@ impl Engine {
             workdir,
             argv: runtime.argv(l.memory_mb),
             env,
+            mmap_min_addr: self.host.report.mmap_min_addr,
         }
     }
 
@@ -496,16 +486,7 @@ impl Engine {
     async fn discard(&self, mut worker: Worker) {
         let _ = worker.child.start_kill();
         let _ = worker.child.wait().await;
-        let tmp = self.chroot_tmp(&worker);
-        worker.release(tmp).await;
-    }
-
-    /// The run's private directory under the chroot level (there is no private tmpfs).
-    fn chroot_tmp(&self, worker: &Worker) -> Option<PathBuf> {
-        (self.host.level == IsolationLevel::Chroot).then(|| {
-            self.chroot_dir(worker.language)
-                .join(format!("tmp/run-{}", worker.lease.uid))
-        })
+        worker.release().await;
     }
 
     /// Send the snippet to `worker`, collect its output under the limits, clean up.
@@ -515,7 +496,7 @@ impl Engine {
         req: &RunRequest,
     ) -> Result<RunOutcome, RunError> {
         let started = Instant::now();
-        let limits = worker.limits.clone();
+        let limits = &self.limits;
         let overflow = Arc::new(Notify::new());
         let cap = limits.max_output_bytes;
         let stdout = worker.stdout.take().map(|s| {
@@ -576,8 +557,7 @@ impl Engine {
         let uid = worker.uid();
         let language = worker.language;
         // The process tree is gone; the cgroup and uid are freed after the answer.
-        let tmp = self.chroot_tmp(&worker);
-        self.tasks.spawn(worker.release(tmp));
+        self.tasks.spawn(worker.release());
 
         let stderr_text = String::from_utf8_lossy(&err).into_owned();
         let mut exit_code = match (&report, limit) {
@@ -598,7 +578,7 @@ impl Engine {
         if limit == Some(LimitHit::Output) && exit_code == 0 {
             exit_code = 137;
         }
-        let mut error = describe_error(exit_code, &stderr_text, limit, &limits);
+        let mut error = describe_error(exit_code, &stderr_text, limit, limits);
         // Another limit stopped the run, but hitting pids.max on the way explains the
         // traceback the user sees ("can't start new thread"): say so too.
         if cgroup_pids && limit.is_some() && limit != Some(LimitHit::Processes) {
@@ -754,24 +734,32 @@ pub fn chroot_dir(state_dir: &std::path::Path, language: Language) -> PathBuf {
 pub fn discover_runtimes(
     config: &Config,
 ) -> Result<HashMap<Language, Result<Runtime, String>>, crate::runner::DiscoveryError> {
+    type Discover = fn(&str, &[PathBuf]) -> Result<Runtime, crate::runner::DiscoveryError>;
+    let languages: [(Language, Discover, &str, bool); 2] = [
+        (
+            Language::Python3,
+            python::discover,
+            &config.python_path,
+            config.python_path_explicit,
+        ),
+        (
+            Language::Nodejs,
+            nodejs::discover,
+            &config.nodejs_path,
+            config.nodejs_path_explicit,
+        ),
+    ];
     let mut map = HashMap::new();
-    let sys = &config.system_lib_requirements;
-    match python::discover(&config.python_path, sys) {
-        Ok(rt) => {
-            map.insert(Language::Python3, Ok(rt));
-        }
-        Err(e) if config.python_path_explicit => return Err(e),
-        Err(e) => {
-            map.insert(Language::Python3, Err(e.to_string()));
-        }
-    }
-    match nodejs::discover(&config.nodejs_path, sys) {
-        Ok(rt) => {
-            map.insert(Language::Nodejs, Ok(rt));
-        }
-        Err(e) if config.nodejs_path_explicit => return Err(e),
-        Err(e) => {
-            map.insert(Language::Nodejs, Err(e.to_string()));
+    for (language, discover, path, explicit) in languages {
+        match discover(path, &config.system_lib_requirements) {
+            Ok(rt) => {
+                map.insert(language, Ok(rt));
+            }
+            // A path the operator chose must work; a default one may be missing.
+            Err(e) if explicit => return Err(e),
+            Err(e) => {
+                map.insert(language, Err(e.to_string()));
+            }
         }
     }
     Ok(map)

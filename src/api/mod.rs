@@ -275,7 +275,6 @@ async fn run_admitted(
             code: req.code,
             preload,
             network: req.enable_network,
-            limits: state.engine.default_limits(),
             sink: None,
         })
         .instrument(span.clone())

@@ -80,7 +80,6 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     };
     let config = Config::load(chosen.as_deref(), &env)?;
     for key in &config.unknown_keys {
-        tracing::warn!(key = %key, "unknown configuration key ignored; check its spelling");
         eprintln!(
             "sandbox: warning: unknown configuration key `{key}` ignored; check its spelling"
         );
@@ -153,17 +152,13 @@ fn network_guard(
     if !rootless {
         crate::isolation::netguard::remove_stale_tables();
     }
-    if !networked_runs || !config.enable_network || config.network_deny.is_empty() {
+    if !networked_runs || config.network_deny.is_empty() {
         return Ok(None);
     }
     if rootless {
         return Err("not root: networked runs reach whatever the caller's user can".into());
     }
-    let uids = (
-        crate::pool::UID_BASE,
-        crate::pool::UID_BASE + crate::pool::UID_COUNT - 1,
-    );
-    NetGuard::install(uids, &config.network_deny)
+    NetGuard::install(&config.network_deny)
         .map(Some)
         .map_err(|e| e.to_string())
 }

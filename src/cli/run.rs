@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::engine::{LimitHit, RunRequest, Sink, Stream};
+use crate::engine::{LimitHit, RunOutcome, RunRequest, Sink, Stream};
 use crate::runner::Language;
 
 /// Exit code when the sandbox itself cannot start (the reason goes to stderr).
@@ -82,7 +82,7 @@ pub struct RunArgs {
 }
 
 /// The largest snippet accepted, like a server's request limit.
-const MAX_CODE_BYTES: u64 = 16 << 20;
+const MAX_CODE_BYTES: u64 = crate::api::MAX_BODY_BYTES as u64;
 /// Bounds that keep later arithmetic (ms, bytes) far from overflowing.
 const MAX_TIMEOUT_SECS: f64 = 86_400.0;
 const MAX_MEMORY_MB: i64 = 1 << 20;
@@ -257,24 +257,14 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let limits = engine.default_limits();
     let outcome = rt.block_on(engine.execute(RunRequest {
         language,
         code,
         preload: String::new(),
         network: args.network,
-        limits,
         sink,
     }))?;
-    let result = Outcome {
-        stdout: outcome.stdout,
-        stderr: outcome.stderr,
-        error: outcome.error,
-        exit_code: outcome.exit_code,
-        duration: outcome.duration,
-        limit: outcome.limit,
-    };
-    Ok(result.finish(args.json, true))
+    Ok(Outcome::from(outcome).finish(args.json, true))
 }
 
 /// A run's result, local or remote, and how `run` reports it.
@@ -285,6 +275,19 @@ struct Outcome {
     exit_code: i32,
     duration: Duration,
     limit: Option<LimitHit>,
+}
+
+impl From<RunOutcome> for Outcome {
+    fn from(o: RunOutcome) -> Self {
+        Self {
+            stdout: o.stdout,
+            stderr: o.stderr,
+            error: o.error,
+            exit_code: o.exit_code,
+            duration: o.duration,
+            limit: o.limit,
+        }
+    }
 }
 
 impl Outcome {
@@ -447,11 +450,12 @@ fn run_remote(
         }
         _ => {}
     }
-    let envelope: Value = serde_json::from_str(&text).map_err(|_| RemoteError::NotASandbox {
+    let not_a_sandbox = || RemoteError::NotASandbox {
         url: base.clone(),
         status,
         body: text.chars().take(200).collect(),
-    })?;
+    };
+    let envelope: Value = serde_json::from_str(&text).map_err(|_| not_a_sandbox())?;
     let message = envelope["message"].as_str().unwrap_or("").to_string();
     match envelope["code"].as_i64() {
         Some(0) => {}
@@ -462,25 +466,14 @@ fn run_remote(
             )));
         }
         Some(_) => return Err(RemoteError::Failed { url: base, message }.into()),
-        None => {
-            return Err(RemoteError::NotASandbox {
-                url: base,
-                status,
-                body: text.chars().take(200).collect(),
-            }
-            .into());
-        }
+        None => return Err(not_a_sandbox().into()),
     }
     let data = &envelope["data"];
     let field = |name: &str| data[name].as_str().unwrap_or("").to_string();
     let exit_code = data["exit_code"]
         .as_i64()
         .and_then(|c| i32::try_from(c).ok())
-        .ok_or_else(|| RemoteError::NotASandbox {
-            url: base.clone(),
-            status,
-            body: text.chars().take(200).collect(),
-        })?;
+        .ok_or_else(not_a_sandbox)?;
     let error = field("error");
     let result = Outcome {
         stdout: field("stdout"),

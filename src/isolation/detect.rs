@@ -18,13 +18,14 @@ pub struct HostReport {
     pub chroot: Result<(), String>,
     pub seccomp: Result<(), String>,
     pub cgroup: Result<String, String>,
+    /// vm.mmap_min_addr: where the exec lock's page can go (see `sys::empty_path`).
+    pub mmap_min_addr: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Host {
     pub level: IsolationLevel,
     pub cgroup: Option<CgroupDriver>,
-    #[allow(dead_code)]
     pub report: HostReport,
 }
 
@@ -174,6 +175,9 @@ pub fn probe(mount_dir: &Path) -> Probe {
         chroot,
         seccomp,
         cgroup: cgroup.as_ref().map(|d| d.describe()).map_err(Clone::clone),
+        mmap_min_addr: std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
+            .ok()
+            .and_then(|s| s.trim().parse().ok()),
     };
     Probe {
         report,
@@ -232,6 +236,7 @@ mod tests {
                 chroot: Err("not root".into()),
                 seccomp: Ok(()),
                 cgroup: Err("not root".into()),
+                mmap_min_addr: Some(65536),
             },
             cgroup: None,
         }

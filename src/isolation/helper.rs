@@ -128,21 +128,12 @@ fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
             };
         }
     };
-    // Read here, where the host's /proc is still visible.
-    let mmap_min_addr = std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok());
     match sys::fork() {
         Err(e) => setup_failed(Step::Fork, "fork", e),
         Ok(ForkResult::Child) => {
             drop(err_read);
             drop(code_ours);
-            let err = child(
-                spec,
-                OwnedFd::from(code_theirs),
-                err_write.as_raw_fd(),
-                mmap_min_addr,
-            );
+            let err = child(spec, OwnedFd::from(code_theirs), err_write.as_raw_fd());
             let mut pipe = File::from(err_write);
             let _ = pipe.write_all(err.to_string().as_bytes());
             sys::exit_now(126)
@@ -291,8 +282,8 @@ fn limit(resource: Resource, value: u64, name: &str) -> Result<(), StepError> {
 }
 
 /// Everything between fork and exec, in order. Returns only on failure.
-fn child(spec: &SandboxSpec, code: OwnedFd, err_fd: i32, mmap_min_addr: Option<u64>) -> StepError {
-    match child_setup(spec, code, err_fd, mmap_min_addr) {
+fn child(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> StepError {
+    match child_setup(spec, code, err_fd) {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -300,12 +291,7 @@ fn child(spec: &SandboxSpec, code: OwnedFd, err_fd: i32, mmap_min_addr: Option<u
 
 enum Never {}
 
-fn child_setup(
-    spec: &SandboxSpec,
-    code: OwnedFd,
-    err_fd: i32,
-    mmap_min_addr: Option<u64>,
-) -> Result<Never, StepError> {
+fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, StepError> {
     prctl::set_pdeathsig(Signal::SIGKILL)
         .map_err(step(Step::Descriptors, Path::new("pdeathsig")))?;
     // A session of its own: no controlling terminal, no process group shared with the
@@ -392,7 +378,7 @@ fn child_setup(
     }
 
     // Mapped while still root: the preferred page needs CAP_SYS_RAWIO (see sys::empty_path).
-    let exec_path = sys::empty_path(mmap_min_addr)
+    let exec_path = sys::empty_path(spec.mmap_min_addr)
         .map_err(|e| StepError::new(Step::Seccomp, "exec path page", e.desc()))?;
     let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
     // Rootless: the user namespace has setgroups disabled and no supplementary group

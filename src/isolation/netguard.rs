@@ -35,10 +35,13 @@ pub struct NetGuard {
 }
 
 impl NetGuard {
-    /// Reject traffic from sockets owned by `uids` (first, last) towards `deny`.
-    pub fn install(uids: (u32, u32), deny: &[IpNet]) -> Result<Self, NetGuardError> {
-        remove_stale_tables();
+    /// Reject traffic from sockets owned by the sandbox uids towards `deny`.
+    pub fn install(deny: &[IpNet]) -> Result<Self, NetGuardError> {
         let table = format!("{}{}", own_prefix(), std::process::id());
+        let uids = (
+            crate::pool::UID_BASE,
+            crate::pool::UID_BASE + crate::pool::UID_COUNT - 1,
+        );
         let script = ruleset(&table, uids, deny, &resolvers());
         nft(&["-f", "-"], Some(&script))?;
         Ok(Self { table })

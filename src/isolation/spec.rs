@@ -90,4 +90,6 @@ pub struct SandboxSpec {
     pub workdir: PathBuf,
     pub argv: Vec<String>,
     pub env: Vec<String>,
+    /// The host's vm.mmap_min_addr, found at start: the exec lock's page goes below it.
+    pub mmap_min_addr: Option<u64>,
 }
