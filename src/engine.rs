@@ -567,7 +567,7 @@ impl Engine {
             (Some(HelperReport::SetupFailed { message }), _) => {
                 return Err(RunError::Setup(message.clone()));
             }
-            (Some(HelperReport::EndedBeforeCode { .. }), _) => {
+            (Some(HelperReport::EndedBeforeCode), _) => {
                 return Err(RunError::EndedBeforeCode);
             }
             (None, _) => 137,

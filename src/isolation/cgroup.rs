@@ -208,16 +208,21 @@ pub struct RunCgroup {
 }
 
 impl RunCgroup {
+    /// The run's directories: one on v2 (memory and pids share it), two on v1.
+    fn dirs(&self) -> Vec<&Path> {
+        if self.v2 {
+            vec![&self.memory]
+        } else {
+            vec![&self.memory, &self.pids]
+        }
+    }
+
     /// The files the helper writes its pid into.
     pub fn procs_files(&self) -> Vec<PathBuf> {
-        if self.v2 {
-            vec![self.memory.join("cgroup.procs")]
-        } else {
-            vec![
-                self.memory.join("cgroup.procs"),
-                self.pids.join("cgroup.procs"),
-            ]
-        }
+        self.dirs()
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
     }
 
     fn counter(path: &Path, key: &str) -> u64 {
@@ -276,13 +281,9 @@ impl RunCgroup {
     /// finishes tearing the processes down).
     pub fn remove(self) {
         self.kill_all();
-        let mut dirs = vec![self.memory.clone()];
-        if !self.v2 {
-            dirs.push(self.pids.clone());
-        }
-        for dir in dirs {
+        for dir in self.dirs() {
             for attempt in 0..100 {
-                match fs::remove_dir(&dir) {
+                match fs::remove_dir(dir) {
                     Ok(()) => break,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => break,
                     Err(e) => {

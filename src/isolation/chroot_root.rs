@@ -9,7 +9,7 @@ use std::path::Path;
 
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 
-use super::rootfs::inside;
+use super::rootfs::{DEVICES, inside, make_dirs, recreate_symlinks};
 use super::spec::RootPlan;
 
 const MARKER: &str = ".sandbox-root";
@@ -23,39 +23,17 @@ pub fn prepare(dir: &Path, plan: &RootPlan) -> io::Result<()> {
     if dir.exists() {
         fs::remove_dir_all(dir)?;
     }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)?;
-    for (link, target) in &plan.symlinks {
-        let at = inside(dir, link);
-        if let Some(parent) = at.parent() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(parent)?;
-        }
-        if fs::symlink_metadata(&at).is_err() {
-            symlink(target, &at)?;
-        }
-    }
+    make_dirs(dir).map_err(io::Error::other)?;
+    recreate_symlinks(dir, plan).map_err(io::Error::other)?;
     for src in &plan.binds {
         copy_tree(src, &inside(dir, src))?;
     }
     let tmp = dir.join("tmp");
     fs::create_dir_all(&tmp)?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777))?;
-    let dev = dir.join("dev");
-    fs::create_dir_all(&dev)?;
-    // (name, major, minor) of the character devices a runtime needs.
-    for (name, major, minor) in [
-        ("null", 1, 3),
-        ("zero", 1, 5),
-        ("full", 1, 7),
-        ("random", 1, 8),
-        ("urandom", 1, 9),
-    ] {
-        let node = dev.join(name);
+    fs::create_dir_all(dir.join("dev"))?;
+    for &(path, major, minor) in DEVICES {
+        let node = inside(dir, Path::new(path));
         if mknod(
             &node,
             SFlag::S_IFCHR,
@@ -67,10 +45,8 @@ pub fn prepare(dir: &Path, plan: &RootPlan) -> io::Result<()> {
             tracing::warn!(node = %node.display(), "cannot create a device node (no CAP_MKNOD); runtimes that need it may fail");
         }
     }
-    fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/:/nonexistent\n").or_else(|_| {
-        fs::create_dir_all(dir.join("etc"))?;
-        fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/:/nonexistent\n")
-    })?;
+    fs::create_dir_all(dir.join("etc"))?;
+    fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/:/nonexistent\n")?;
     fs::write(dir.join(MARKER), stamp)
 }
 
@@ -79,10 +55,7 @@ pub fn prepare(dir: &Path, plan: &RootPlan) -> io::Result<()> {
 pub fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
     let meta = fs::symlink_metadata(src)?;
     if let Some(parent) = dst.parent() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(parent)?;
+        make_dirs(parent).map_err(io::Error::other)?;
     }
     let ft = meta.file_type();
     if ft.is_symlink() {

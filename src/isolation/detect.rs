@@ -1,7 +1,7 @@
 //! What this host lets the sandbox do, found once at start by trying it: namespaces and
 //! mounts (in a throw-away child process), chroot, seccomp, cgroups.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use nix::mount::{MsFlags, mount};
@@ -51,7 +51,7 @@ pub fn probe_main(mount_dir: &str) -> i32 {
     if !nix::unistd::geteuid().is_root() {
         // Rootless: everything below happens inside a user namespace of our own.
         let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
-        if let Err(e) = super::userns::enter(uid.as_raw(), gid.as_raw(), uid, gid) {
+        if let Err(e) = super::userns::enter(uid.as_raw(), gid.as_raw()) {
             eprintln!("{e}");
             return 1;
         }
@@ -88,12 +88,13 @@ pub fn probe_main(mount_dir: &str) -> i32 {
     0
 }
 
-fn probe_namespaces(exe: &Path, mount_dir: &Path) -> Result<(), String> {
-    let out = Command::new(exe)
-        .arg("__probe")
-        .arg(mount_dir)
+/// Run `sandbox <args>` (a hidden probe entry) in a throw-away process, so what it tries
+/// never touches this one; its stderr says why it failed.
+fn probe_in_child(args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    let out = Command::new("/proc/self/exe")
+        .args(args)
         .output()
-        .map_err(|e| format!("could not start the probe {}: {e}", exe.display()))?;
+        .map_err(|e| format!("could not start the probe /proc/self/exe: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
@@ -101,17 +102,13 @@ fn probe_namespaces(exe: &Path, mount_dir: &Path) -> Result<(), String> {
     }
 }
 
+fn probe_namespaces(mount_dir: &Path) -> Result<(), String> {
+    probe_in_child(&["__probe".as_ref(), mount_dir.as_os_str()])
+}
+
+/// chroot needs CAP_SYS_CHROOT.
 fn probe_chroot() -> Result<(), String> {
-    // chroot needs CAP_SYS_CHROOT; test it in a child so our own root stays.
-    let out = Command::new("/proc/self/exe")
-        .arg("__probe-chroot")
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
+    probe_in_child(&["__probe-chroot".as_ref()])
 }
 
 pub fn probe_chroot_main() -> i32 {
@@ -157,10 +154,9 @@ pub struct Probe {
 /// (empty) directory private roots are mounted on.
 pub fn probe(mount_dir: &Path) -> Probe {
     let root = nix::unistd::geteuid().is_root();
-    let exe = PathBuf::from("/proc/self/exe");
     let not_root = || Err::<(), String>("not root".into());
     // Without root the same probe runs inside a user namespace (the rootless level).
-    let namespaces = probe_namespaces(&exe, mount_dir);
+    let namespaces = probe_namespaces(mount_dir);
     let chroot = if root { probe_chroot() } else { not_root() };
     let seccomp = probe_seccomp();
     let self_cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();

@@ -53,10 +53,15 @@ pub enum HelperReport {
     },
     /// The interpreter ended before the whole snippet reached it (a warm worker killed
     /// while it waited, or an interpreter that could not even start).
-    EndedBeforeCode {
-        code: Option<i32>,
-        signal: Option<i32>,
-    },
+    EndedBeforeCode,
+}
+
+impl From<StepError> for HelperReport {
+    fn from(e: StepError) -> Self {
+        Self::SetupFailed {
+            message: e.to_string(),
+        }
+    }
 }
 
 /// Entry point of `sandbox __exec <spec-json>`. Returns the helper's exit code.
@@ -86,24 +91,17 @@ pub fn main(spec_json: &str) -> i32 {
 }
 
 fn setup_failed(step: Step, what: &str, e: nix::errno::Errno) -> HelperReport {
-    HelperReport::SetupFailed {
-        message: StepError::new(step, what, e.desc()).to_string(),
-    }
+    StepError::new(step, what, e.desc()).into()
 }
 
 fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
     if let Err(e) = join_cgroups(spec) {
-        return HelperReport::SetupFailed {
-            message: e.to_string(),
-        };
+        return e.into();
     }
-    if spec.level == IsolationLevel::Rootless {
-        let outer = (nix::unistd::getuid(), nix::unistd::getgid());
-        if let Err(e) = userns::enter(spec.uid, spec.gid, outer.0, outer.1) {
-            return HelperReport::SetupFailed {
-                message: e.to_string(),
-            };
-        }
+    if spec.level == IsolationLevel::Rootless
+        && let Err(e) = userns::enter(spec.uid, spec.gid)
+    {
+        return e.into();
     }
     if spec.level.private_root() {
         // A new pid namespace applies to children only: the forked process is its pid 1,
@@ -122,11 +120,7 @@ fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
     // writes one byte back: without that byte no user code ran.
     let (mut code_ours, code_theirs) = match UnixStream::pair() {
         Ok(p) => p,
-        Err(e) => {
-            return HelperReport::SetupFailed {
-                message: StepError::new(Step::ReadCode, "socketpair", e).to_string(),
-            };
-        }
+        Err(e) => return StepError::new(Step::ReadCode, "socketpair", e).into(),
     };
     match sys::fork() {
         Err(e) => setup_failed(Step::Fork, "fork", e),
@@ -158,20 +152,7 @@ fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
                 return HelperReport::SetupFailed { message };
             }
             if !delivered {
-                return match status {
-                    Ok(WaitStatus::Exited(_, code)) => HelperReport::EndedBeforeCode {
-                        code: Some(code),
-                        signal: None,
-                    },
-                    Ok(WaitStatus::Signaled(_, sig, _)) => HelperReport::EndedBeforeCode {
-                        code: None,
-                        signal: Some(sig as i32),
-                    },
-                    _ => HelperReport::EndedBeforeCode {
-                        code: None,
-                        signal: None,
-                    },
-                };
+                return HelperReport::EndedBeforeCode;
             }
             match status {
                 Ok(WaitStatus::Exited(_, code)) => HelperReport::Exited { code },
@@ -299,11 +280,6 @@ fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, 
     nix::unistd::setsid().map_err(step(Step::Descriptors, Path::new("setsid")))?;
     let argv = cstrings(&spec.argv, "argv")?;
     let env = cstrings(&spec.env, "environment")?;
-    let passwd = format!(
-        "root:x:0:0:root:/:/nonexistent\nsandbox:x:{}:{}:sandbox:/tmp:/nonexistent\n",
-        spec.uid, spec.gid
-    );
-
     match spec.level {
         IsolationLevel::Namespaces | IsolationLevel::Rootless => {
             let mut flags =
@@ -314,6 +290,10 @@ fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, 
             unshare(flags)
                 .map_err(|e| StepError::new(Step::Unshare, format!("{flags:?}"), e.desc()))?;
             sethostname("sandbox").map_err(step(Step::Hostname, Path::new("sandbox")))?;
+            let passwd = format!(
+                "root:x:0:0:root:/:/nonexistent\nsandbox:x:{}:{}:sandbox:/tmp:/nonexistent\n",
+                spec.uid, spec.gid
+            );
             rootfs::enter_private_root(&spec.root_dir, &spec.root, spec.limits.tmp_bytes, &passwd)?;
         }
         IsolationLevel::Chroot => {

@@ -13,13 +13,14 @@ use nix::unistd::{chdir, pivot_root};
 use super::spec::RootPlan;
 use super::step::{Step, StepError, io_step, step};
 
-/// Host device nodes exposed inside the root (bound, not created: no mknod needed).
-const DEVICES: &[&str] = &[
-    "/dev/null",
-    "/dev/zero",
-    "/dev/full",
-    "/dev/random",
-    "/dev/urandom",
+/// The character devices a runtime needs: (path, major, minor). A private root binds
+/// the host's nodes (no mknod needed); the chroot level's copied root creates them.
+pub const DEVICES: &[(&str, u64, u64)] = &[
+    ("/dev/null", 1, 3),
+    ("/dev/zero", 1, 5),
+    ("/dev/full", 1, 7),
+    ("/dev/random", 1, 8),
+    ("/dev/urandom", 1, 9),
 ];
 
 /// `path` (absolute, host) as it sits under `root`.
@@ -33,7 +34,7 @@ pub fn inside(root: &Path, path: &Path) -> PathBuf {
     out
 }
 
-fn make_dirs(path: &Path) -> Result<(), StepError> {
+pub fn make_dirs(path: &Path) -> Result<(), StepError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
@@ -80,6 +81,20 @@ fn bind_readonly(src: &Path, target: &Path, allow_dev: bool) -> Result<(), StepE
     }
     mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
         .map_err(step(Step::BindMount, target))
+}
+
+/// The plan's symbolic links, recreated under `root` with their parent directories.
+pub fn recreate_symlinks(root: &Path, plan: &RootPlan) -> Result<(), StepError> {
+    for (link, target) in &plan.symlinks {
+        let at = inside(root, link);
+        if let Some(parent) = at.parent() {
+            make_dirs(parent)?;
+        }
+        if fs::symlink_metadata(&at).is_err() {
+            symlink(target, &at).map_err(io_step(Step::CreateRoot, &at))?;
+        }
+    }
+    Ok(())
 }
 
 /// Create the mount point for `src` under `root`: a directory, or an empty file.
@@ -140,22 +155,14 @@ pub fn enter_private_root(
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777))
         .map_err(io_step(Step::MountTmp, &tmp))?;
 
-    for (link, target) in &plan.symlinks {
-        let at = inside(root_dir, link);
-        if let Some(parent) = at.parent() {
-            make_dirs(parent)?;
-        }
-        if fs::symlink_metadata(&at).is_err() {
-            symlink(target, &at).map_err(io_step(Step::CreateRoot, &at))?;
-        }
-    }
+    recreate_symlinks(root_dir, plan)?;
     let mut binds: Vec<&PathBuf> = plan.binds.iter().collect();
     binds.sort();
     for src in binds {
         let target = mount_point(root_dir, src)?;
         bind_readonly(src, &target, false)?;
     }
-    for dev in DEVICES {
+    for (dev, _, _) in DEVICES {
         let dev = Path::new(dev);
         if dev.exists() {
             let target = mount_point(root_dir, dev)?;

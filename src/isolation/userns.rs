@@ -2,20 +2,17 @@
 //! gid become the run's, and no other id exists inside.
 
 use nix::sched::{CloneFlags, unshare};
-use nix::unistd::{Gid, Uid};
+use nix::unistd::{getgid, getuid};
 
 use super::step::{Step, StepError};
 
-/// unshare(CLONE_NEWUSER) and map `inner_uid`/`inner_gid` to the caller's `outer` ids.
+/// unshare(CLONE_NEWUSER) and map `inner_uid`/`inner_gid` to the caller's own ids.
 /// Afterwards this process holds every capability inside the new namespace (enough to
 /// build the run's mounts) and none outside it; they are gone at exec, since the mapped
 /// uid is not 0. The process must be single-threaded.
-pub fn enter(
-    inner_uid: u32,
-    inner_gid: u32,
-    outer_uid: Uid,
-    outer_gid: Gid,
-) -> Result<(), StepError> {
+pub fn enter(inner_uid: u32, inner_gid: u32) -> Result<(), StepError> {
+    // Read before the unshare: inside, until the maps are written, they are unmapped.
+    let (outer_uid, outer_gid) = (getuid(), getgid());
     unshare(CloneFlags::CLONE_NEWUSER)
         .map_err(|e| StepError::new(Step::UserNamespace, "unshare(CLONE_NEWUSER)", e.desc()))?;
     // An unprivileged process may map only its own ids, and its gid only once

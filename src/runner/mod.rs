@@ -130,7 +130,6 @@ impl Runtime {
     }
 }
 
-/// Run `program args...` and return its stdout, or why it did not run.
 /// Run `program args...` and read the JSON line it prints, or say why it did not run.
 pub(crate) fn ask<T: serde::de::DeserializeOwned>(
     program: &str,

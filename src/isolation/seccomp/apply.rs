@@ -71,13 +71,8 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
         }
     }
     // The syscalls with fixed rules keep them whatever the operator's lists say.
-    let fixed: Vec<i32> = policy::FIXED
-        .iter()
-        .filter_map(|n| resolve(n))
-        .map(i32::from)
-        .collect();
     for &nr in opts.allowed_syscalls.iter().chain(opts.extra_syscalls) {
-        if fixed.contains(&(nr as i32)) {
+        if policy::is_fixed(nr) {
             continue;
         }
         let sc = ScmpSyscall::from(nr as i32);

@@ -220,6 +220,15 @@ pub const FIXED: &[&str] = &[
     "io_uring_register",
 ];
 
+/// Whether syscall number `nr` is one of the `FIXED` calls, whose rules no operator list
+/// may change.
+pub fn is_fixed(nr: i64) -> bool {
+    FIXED
+        .iter()
+        .filter_map(|n| libseccomp::ScmpSyscall::from_name(n).ok())
+        .any(|sc| i64::from(i32::from(sc)) == nr)
+}
+
 /// A syscall given by name or number, as its number on this architecture.
 pub fn resolve_token(token: &str) -> Result<i64, String> {
     let token = token.trim();
@@ -235,11 +244,7 @@ pub fn resolve_token(token: &str) -> Result<i64, String> {
             }
         },
     };
-    let fixed = FIXED
-        .iter()
-        .filter_map(|n| libseccomp::ScmpSyscall::from_name(n).ok())
-        .any(|sc| i64::from(i32::from(sc)) == nr);
-    if fixed {
+    if is_fixed(nr) {
         return Err(format!(
             "{token} cannot be allowed: the sandbox's no-exec, no-process and network rules depend on it"
         ));
