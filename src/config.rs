@@ -250,20 +250,13 @@ impl Config {
             Some(list) => parse_syscall_list(&list)?,
             None => raw.allowed_syscalls.unwrap_or_default(),
         };
-        let system_libs = match e.string("SYSTEM_LIB_REQUIREMENTS") {
-            Some(list) => list
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from)
-                .collect(),
-            None => raw
-                .system_lib_requirements
-                .unwrap_or_default()
-                .into_iter()
-                .map(PathBuf::from)
-                .collect(),
-        };
+        let system_libs = list_setting(
+            ("SYSTEM_LIB_REQUIREMENTS", "system_lib_requirements"),
+            e.string("SYSTEM_LIB_REQUIREMENTS"),
+            raw.system_lib_requirements,
+            &[],
+            |s| Ok(PathBuf::from(s)),
+        )?;
 
         let cfg = Config {
             port: e.parse("SANDBOX_PORT")?.or(raw.app.port).unwrap_or(8194),
@@ -438,6 +431,14 @@ fn default_state_dir(root: bool, e: &Env) -> PathBuf {
             PathBuf::from(home).join(".local/state/sandbox")
         }
         _ => PathBuf::from("/var/lib/sandbox"),
+    }
+}
+
+impl Config {
+    /// The empty directory private roots are mounted on (inside each run's own mount
+    /// namespace).
+    pub fn mount_dir(&self) -> PathBuf {
+        self.state_dir.join("rootfs")
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -41,13 +41,8 @@ pub struct Report {
     pub isolation: Option<String>,
     /// Why `serve` could not start, when it could not.
     pub isolation_error: Option<String>,
+    /// No check failed.
     pub ok: bool,
-}
-
-impl Report {
-    pub fn ok(&self) -> bool {
-        self.checks.iter().all(|c| c.status != Status::Failed)
-    }
 }
 
 /// The package manager fix hints are written for, from /etc/os-release.
@@ -152,7 +147,6 @@ impl PackageManager {
             (Unknown, Python) => "Python 3",
             (Unknown, Node) => "Node.js",
             (Unknown, Docker) => "Docker",
-            (Unknown, Nftables) => "nftables",
             (_, Nftables) => "nftables",
         }
     }
@@ -210,10 +204,10 @@ fn config_check(path: Option<&Path>) -> (Vec<Check>, Option<Config>) {
     let cwd = std::env::current_dir()
         .map(|d| d.display().to_string())
         .unwrap_or_else(|_| "?".into());
-    let origin = match path {
-        Some(p) => p.display().to_string(),
-        None if Path::new("conf/config.yaml").is_file() => format!("{cwd}/conf/config.yaml"),
-        None => format!("embedded defaults (no conf/config.yaml in {cwd})"),
+    let origin = match (path, crate::cli::config_path(path)) {
+        (Some(p), _) => p.display().to_string(),
+        (None, Some(default)) => format!("{cwd}/{}", default.display()),
+        (None, None) => format!("embedded defaults (no conf/config.yaml in {cwd})"),
     };
     match crate::cli::load_config(path) {
         Ok(config) => {
@@ -249,7 +243,7 @@ fn effective_caps() -> Option<u64> {
     u64::from_str_radix(hex.trim(), 16).ok()
 }
 
-fn privileges_check(root: bool, user_namespaces: &Result<(), String>) -> Check {
+fn privileges_check(root: bool, caps: u64, user_namespaces: &Result<(), String>) -> Check {
     const NEEDED: &[(u32, &str)] = &[
         (6, "CAP_SETGID"),
         (7, "CAP_SETUID"),
@@ -257,7 +251,6 @@ fn privileges_check(root: bool, user_namespaces: &Result<(), String>) -> Check {
         (18, "CAP_SYS_CHROOT"),
         (21, "CAP_SYS_ADMIN"),
     ];
-    let caps = effective_caps().unwrap_or(0);
     let missing: Vec<&str> = NEEDED
         .iter()
         .filter(|(bit, _)| caps & (1u64 << bit) == 0)
@@ -352,9 +345,9 @@ fn network_guard_check(config: &Config, root: bool, pm: PackageManager) -> Check
 }
 
 /// Where the interpreter's one exec pointer can live (see `isolation::sys::empty_path`).
-fn exec_lock_check(root: bool, min: Option<u64>) -> Check {
+fn exec_lock_check(root: bool, caps: u64, min: Option<u64>) -> Check {
     const CAP_SYS_RAWIO: u32 = 17;
-    let rawio = effective_caps().is_some_and(|c| c & (1u64 << CAP_SYS_RAWIO) != 0);
+    let rawio = caps & (1u64 << CAP_SYS_RAWIO) != 0;
     match min {
         Some(m) if m >= 4096 && root && rawio => ok(
             "exec lock",
@@ -488,9 +481,10 @@ fn isolation_checks(report: &detect::HostReport) -> Vec<Check> {
     checks
 }
 
-fn state_dir_check(state_dir: &Path) -> Check {
+fn state_dir_check(config: &Config) -> Check {
+    let state_dir = &config.state_dir;
     let fix = Some("set state_dir / SANDBOX_STATE_DIR to a directory root can write".to_string());
-    let mount_dir = state_dir.join("rootfs");
+    let mount_dir = config.mount_dir();
     if let Err(e) = std::fs::create_dir_all(&mount_dir) {
         return check(
             "state directory",
@@ -604,17 +598,8 @@ fn port_check(port: u16) -> Check {
     match TcpListener::bind(("0.0.0.0", port)) {
         Ok(_) => ok("port", format!("{port} is free")),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            let timeout = Duration::from_secs(2);
-            let is_sandbox = ("127.0.0.1", port)
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .and_then(|addr| TcpStream::connect_timeout(&addr, timeout).ok())
-                .is_some_and(|s| {
-                    let _ = s.set_read_timeout(Some(timeout));
-                    let _ = s.set_write_timeout(Some(timeout));
-                    http_ok(s, "/health")
-                });
+            let is_sandbox =
+                connect_tcp(&format!("127.0.0.1:{port}")).is_ok_and(|s| http_ok(s, "/health"));
             if is_sandbox {
                 check(
                     "port",
@@ -662,12 +647,28 @@ fn docker_endpoints() -> Vec<String> {
     v
 }
 
+/// How long a probe connection may take to connect, and each read or write.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connect to `hostport`, reads and writes bounded by `PROBE_TIMEOUT`.
+fn connect_tcp(hostport: &str) -> Result<TcpStream, String> {
+    let addr = hostport
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("cannot resolve {hostport}"))?;
+    let s =
+        TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).map_err(|e| format!("{hostport}: {e}"))?;
+    let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
+    let _ = s.set_write_timeout(Some(PROBE_TIMEOUT));
+    Ok(s)
+}
+
 fn docker_ping(endpoint: &str) -> Result<(), String> {
-    let timeout = Duration::from_secs(2);
     if let Some(path) = endpoint.strip_prefix("unix://") {
         let s = UnixStream::connect(path).map_err(|e| format!("{path}: {e}"))?;
-        let _ = s.set_read_timeout(Some(timeout));
-        let _ = s.set_write_timeout(Some(timeout));
+        let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
+        let _ = s.set_write_timeout(Some(PROBE_TIMEOUT));
         return if http_ok(s, "/_ping") {
             Ok(())
         } else {
@@ -675,15 +676,7 @@ fn docker_ping(endpoint: &str) -> Result<(), String> {
         };
     }
     if let Some(hostport) = endpoint.strip_prefix("tcp://") {
-        let addr = hostport
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| format!("cannot resolve {hostport}"))?;
-        let s =
-            TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{hostport}: {e}"))?;
-        let _ = s.set_read_timeout(Some(timeout));
-        let _ = s.set_write_timeout(Some(timeout));
+        let s = connect_tcp(hostport)?;
         return if http_ok(s, "/_ping") {
             Ok(())
         } else {
@@ -735,14 +728,22 @@ pub fn run_checks(config_path: Option<&Path>) -> Report {
             ok: false,
         };
     };
-    let mount_dir: PathBuf = config.state_dir.join("rootfs");
-    let state = state_dir_check(&config.state_dir);
-    let probe = detect::probe(&mount_dir);
-    let host_report = probe.report.clone();
-    checks.push(privileges_check(host_report.root, &host_report.namespaces));
-    checks.push(exec_lock_check(host_report.root, host_report.mmap_min_addr));
+    let state = state_dir_check(&config);
+    let probe = detect::probe(&config.mount_dir());
+    let host_report = &probe.report;
+    let caps = effective_caps().unwrap_or(0);
+    checks.push(privileges_check(
+        host_report.root,
+        caps,
+        &host_report.namespaces,
+    ));
+    checks.push(exec_lock_check(
+        host_report.root,
+        caps,
+        host_report.mmap_min_addr,
+    ));
     checks.push(libseccomp_check(pm));
-    checks.extend(isolation_checks(&host_report));
+    checks.extend(isolation_checks(host_report));
     checks.push(state);
     checks.extend(interpreter_checks(&config, pm));
     checks.push(network_guard_check(&config, host_report.root, pm));
@@ -758,16 +759,14 @@ pub fn run_checks(config_path: Option<&Path>) -> Report {
         Ok(host) => (Some(host.level.describe().to_string()), None),
         Err(e) => (None, Some(e.to_string())),
     };
-    let mut report = Report {
+    Report {
         distribution,
         package_manager: pm,
+        ok: checks.iter().all(|c| c.status != Status::Failed),
         checks,
         isolation,
         isolation_error,
-        ok: false,
-    };
-    report.ok = report.ok();
-    report
+    }
 }
 
 /// Human output: one line per check, its fix below it; colour only on a terminal.

@@ -42,7 +42,7 @@ pub fn execute(args: DoctorArgs) -> ExitCode {
     };
     // A closed pipe (doctor | head) must not turn into a panic.
     let _ = std::io::stdout().write_all(text.as_bytes());
-    if report.ok() {
+    if report.ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -68,16 +68,21 @@ pub fn exit_code_for(e: &anyhow::Error) -> u8 {
     if usage { EXIT_USAGE } else { 1 }
 }
 
+/// The configuration file in use: `--config`, else `conf/config.yaml` when present.
+pub fn config_path(path: Option<&Path>) -> Option<PathBuf> {
+    let default = PathBuf::from("conf/config.yaml");
+    match path {
+        Some(p) => Some(p.to_path_buf()),
+        None if default.is_file() => Some(default),
+        None => None,
+    }
+}
+
 /// Load the configuration: `--config`, else `conf/config.yaml` when present, else the
 /// embedded defaults; the process environment overrides either.
 pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     let env: HashMap<String, String> = Config::process_env();
-    let default = PathBuf::from("conf/config.yaml");
-    let chosen = match path {
-        Some(p) => Some(p.to_path_buf()),
-        None if default.is_file() => Some(default),
-        None => None,
-    };
+    let chosen = config_path(path);
     let config = Config::load(chosen.as_deref(), &env)?;
     for key in &config.unknown_keys {
         eprintln!(
@@ -91,7 +96,7 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
 /// `networked_runs`, guard what those runs may reach.
 pub fn build_engine(config: Config, networked_runs: bool) -> anyhow::Result<Engine> {
     let state = &config.state_dir;
-    let mount_dir = state.join("rootfs");
+    let mount_dir = config.mount_dir();
     std::fs::create_dir_all(&mount_dir).with_context(|| {
         format!(
             "cannot create the state directory {}: set state_dir / SANDBOX_STATE_DIR to a writable place",
