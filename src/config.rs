@@ -419,6 +419,30 @@ impl Config {
     }
 }
 
+/// The configuration file in use: `--config`, else `conf/config.yaml` when present.
+pub fn config_path(path: Option<&Path>) -> Option<PathBuf> {
+    let default = PathBuf::from("conf/config.yaml");
+    match path {
+        Some(p) => Some(p.to_path_buf()),
+        None if default.is_file() => Some(default),
+        None => None,
+    }
+}
+
+/// Load the configuration: `--config`, else `conf/config.yaml` when present, else the
+/// embedded defaults; the process environment overrides either.
+pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let env: HashMap<String, String> = Config::process_env();
+    let chosen = config_path(path);
+    let config = Config::load(chosen.as_deref(), &env)?;
+    for key in &config.unknown_keys {
+        eprintln!(
+            "sandbox: warning: unknown configuration key `{key}` ignored; check its spelling"
+        );
+    }
+    Ok(config)
+}
+
 /// Root keeps its state system-wide; a user (the rootless level) in its own home, as the
 /// XDG base directory convention places state.
 fn default_state_dir(root: bool, e: &Env) -> PathBuf {

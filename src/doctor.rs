@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::isolation::detect;
-use crate::runner::{nodejs, python};
+use crate::runtime::{nodejs, python};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -204,12 +204,12 @@ fn config_check(path: Option<&Path>) -> (Vec<Check>, Option<Config>) {
     let cwd = std::env::current_dir()
         .map(|d| d.display().to_string())
         .unwrap_or_else(|_| "?".into());
-    let origin = match (path, crate::cli::config_path(path)) {
+    let origin = match (path, crate::config::config_path(path)) {
         (Some(p), _) => p.display().to_string(),
         (None, Some(default)) => format!("{cwd}/{}", default.display()),
         (None, None) => format!("embedded defaults (no conf/config.yaml in {cwd})"),
     };
-    match crate::cli::load_config(path) {
+    match crate::config::load_config(path) {
         Ok(config) => {
             let mut checks = vec![ok("config", format!("{origin} parses"))];
             if !config.unknown_keys.is_empty() {

@@ -19,7 +19,7 @@ use crate::isolation::detect::Host;
 use crate::isolation::helper::HelperReport;
 use crate::isolation::spec::{IsolationLevel, Limits, SandboxSpec};
 use crate::pool::{Idle, PoolError, UidLease, UidPool, WarmPool};
-use crate::runner::{Language, Runtime, nodejs, python};
+use crate::runtime::{Language, Runtime, nodejs, python};
 
 /// Which stream a chunk of output came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -733,8 +733,8 @@ pub fn chroot_dir(state_dir: &std::path::Path, language: Language) -> PathBuf {
 /// explicitly and does not run is an error; one left to the default is only disabled.
 pub fn discover_runtimes(
     config: &Config,
-) -> Result<HashMap<Language, Result<Runtime, String>>, crate::runner::DiscoveryError> {
-    type Discover = fn(&str, &[PathBuf]) -> Result<Runtime, crate::runner::DiscoveryError>;
+) -> Result<HashMap<Language, Result<Runtime, String>>, crate::runtime::DiscoveryError> {
+    type Discover = fn(&str, &[PathBuf]) -> Result<Runtime, crate::runtime::DiscoveryError>;
     let languages: [(Language, Discover, &str, bool); 2] = [
         (
             Language::Python3,

@@ -11,7 +11,7 @@ mod engine;
 mod isolation;
 mod metrics;
 mod pool;
-mod runner;
+mod runtime;
 
 use std::process::ExitCode;
 

@@ -18,7 +18,7 @@ use tracing::Instrument;
 use crate::deps::Dependencies;
 use crate::engine::{Engine, LimitHit, RunRequest};
 use crate::metrics::{LanguageLabel, Metrics, PoolLabels};
-use crate::runner::Language;
+use crate::runtime::Language;
 
 pub struct AppState {
     pub engine: Arc<Engine>,

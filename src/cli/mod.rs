@@ -4,8 +4,7 @@ pub mod doctor;
 pub mod run;
 pub mod serve;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -13,10 +12,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, ConfigError};
+pub use crate::config::load_config;
 use crate::engine::{Engine, discover_runtimes};
 use crate::isolation::detect;
 use crate::isolation::netguard::NetGuard;
-use crate::runner::DiscoveryError;
+use crate::runtime::DiscoveryError;
 
 /// Exit code for bad configuration or input (clap uses it too for bad arguments).
 pub const EXIT_USAGE: u8 = 2;
@@ -68,30 +68,6 @@ pub fn exit_code_for(e: &anyhow::Error) -> u8 {
     if usage { EXIT_USAGE } else { 1 }
 }
 
-/// The configuration file in use: `--config`, else `conf/config.yaml` when present.
-pub fn config_path(path: Option<&Path>) -> Option<PathBuf> {
-    let default = PathBuf::from("conf/config.yaml");
-    match path {
-        Some(p) => Some(p.to_path_buf()),
-        None if default.is_file() => Some(default),
-        None => None,
-    }
-}
-
-/// Load the configuration: `--config`, else `conf/config.yaml` when present, else the
-/// embedded defaults; the process environment overrides either.
-pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
-    let env: HashMap<String, String> = Config::process_env();
-    let chosen = config_path(path);
-    let config = Config::load(chosen.as_deref(), &env)?;
-    for key in &config.unknown_keys {
-        eprintln!(
-            "sandbox: warning: unknown configuration key `{key}` ignored; check its spelling"
-        );
-    }
-    Ok(config)
-}
-
 /// Prepare the state directory, detect the host, discover interpreters; with
 /// `networked_runs`, guard what those runs may reach.
 pub fn build_engine(config: Config, networked_runs: bool) -> anyhow::Result<Engine> {
@@ -109,7 +85,7 @@ pub fn build_engine(config: Config, networked_runs: bool) -> anyhow::Result<Engi
     let host = detect::detect(&mount_dir, force)?;
     let mut runtimes = discover_runtimes(&config)?;
     // Extra Python packages live in the state directory and are bound into the root.
-    let deps = match runtimes.get_mut(&crate::runner::Language::Python3) {
+    let deps = match runtimes.get_mut(&crate::runtime::Language::Python3) {
         Some(Ok(python)) => {
             let mut deps = crate::deps::Dependencies::new(
                 python.program.clone(),
@@ -121,7 +97,7 @@ pub fn build_engine(config: Config, networked_runs: bool) -> anyhow::Result<Engi
             if host.level == crate::isolation::spec::IsolationLevel::Chroot {
                 deps.add_chroot_copy(crate::engine::chroot_dir(
                     state,
-                    crate::runner::Language::Python3,
+                    crate::runtime::Language::Python3,
                 ));
             }
             Some(Arc::new(deps))

@@ -12,7 +12,7 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use crate::engine::{LimitHit, RunOutcome, RunRequest, Sink, Stream};
-use crate::runner::Language;
+use crate::runtime::Language;
 
 /// Exit code when the sandbox itself cannot start (the reason goes to stderr).
 pub const EXIT_SANDBOX_FAILED: u8 = 125;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::api;
-use crate::runner::Language;
+use crate::runtime::Language;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
