@@ -127,10 +127,10 @@ impl Dependencies {
     pub fn new(
         python: PathBuf,
         requirements: PathBuf,
-        state_dir: &Path,
+        state: &crate::state::StateDir,
         mirror: String,
     ) -> Result<Self, DepsError> {
-        let root = state_dir.join("python-packages");
+        let root = state.python_packages();
         let dir_err = |source| DepsError::Dir {
             path: root.display().to_string(),
             source,

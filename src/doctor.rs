@@ -330,7 +330,10 @@ fn network_guard_check(config: &Config, root: bool, pm: PackageManager) -> Check
         .map(|n| n.to_string())
         .collect::<Vec<_>>()
         .join(", ");
-    match crate::isolation::netguard::NetGuard::install(&config.network_deny) {
+    match crate::isolation::netguard::NetGuard::install(
+        &config.network_deny,
+        crate::isolation::uids::SANDBOX_UIDS,
+    ) {
         Ok(_guard) => ok(
             NAME,
             format!("nftables rejects {denied} for networked runs"),

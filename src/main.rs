@@ -10,8 +10,8 @@ mod doctor;
 mod engine;
 mod isolation;
 mod metrics;
-mod pool;
 mod runtime;
+mod state;
 
 use std::process::ExitCode;
 

@@ -1,5 +1,6 @@
 //! The Dify sandbox HTTP API (see PROTOCOL.md): routes, auth, envelopes.
 
+pub mod envelope;
 mod request;
 
 use std::sync::Arc;
@@ -11,14 +12,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Serialize;
-use serde_json::{Value, json};
 use tracing::Instrument;
 
 use crate::deps::Dependencies;
-use crate::engine::{Engine, LimitHit, RunRequest};
+use crate::engine::{Engine, LimitHit, RunError, RunOutcome, RunRequest};
 use crate::metrics::{LanguageLabel, Metrics, PoolLabels};
 use crate::runtime::Language;
+use envelope::{DependencyList, Envelope, Nothing, RunData};
 
 pub struct AppState {
     pub engine: Arc<Engine>,
@@ -36,14 +36,6 @@ impl AppState {
             metrics: Metrics::new(),
         })
     }
-}
-
-/// The envelope every answer uses: `{"code", "message", "data"}`.
-#[derive(Debug, Serialize)]
-pub struct Envelope {
-    code: i32,
-    message: String,
-    data: Value,
 }
 
 /// An API failure: HTTP status plus the envelope's code and message.
@@ -90,23 +82,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (
             self.status,
-            Json(Envelope {
-                code: self.code,
-                message: self.message,
-                data: Value::Null,
-            }),
+            Json(Envelope::<()>::failure(self.code, self.message)),
         )
             .into_response()
     }
 }
 
-fn success(data: Value) -> Response {
-    Json(Envelope {
-        code: 0,
-        message: "success".into(),
-        data,
-    })
-    .into_response()
+fn success<T: serde::Serialize>(data: T) -> Response {
+    Json(Envelope::success(data)).into_response()
 }
 
 /// The largest request body accepted (the same limit `sandbox run` applies locally).
@@ -206,12 +189,12 @@ async fn run(
         }
     }
     result.map(|o| {
-        success(json!({
-            "stdout": o.stdout,
-            "stderr": o.stderr,
-            "error": o.error,
-            "exit_code": o.exit_code,
-        }))
+        success(RunData {
+            stdout: o.stdout,
+            stderr: o.stderr,
+            error: o.error,
+            exit_code: o.exit_code,
+        })
     })
 }
 
@@ -222,10 +205,7 @@ async fn run_admitted(
     headers: &HeaderMap,
     query: Option<String>,
     body: &[u8],
-) -> (
-    Option<Language>,
-    Result<crate::engine::RunOutcome, ApiError>,
-) {
+) -> (Option<Language>, Result<RunOutcome, ApiError>) {
     let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
@@ -251,14 +231,6 @@ async fn run_admitted(
         return (None, Err(ApiError::unsupported_language()));
     };
     let config = &state.engine.config;
-    if req.enable_network && !config.enable_network {
-        return (
-            Some(language),
-            Err(ApiError::bad_request(
-                "network is disabled, please enable it in the configuration",
-            )),
-        );
-    }
     let preload = if config.enable_preload {
         req.preload
     } else {
@@ -282,6 +254,9 @@ async fn run_admitted(
     let _entered = span.enter();
     match outcome {
         Ok(o) => (Some(language), Ok(o)),
+        Err(e @ RunError::NetworkDisabled) => {
+            (Some(language), Err(ApiError::bad_request(e.to_string())))
+        }
         Err(e) => {
             tracing::error!(error = %e, "run failed inside the sandbox");
             (Some(language), Err(ApiError::internal(e.to_string())))
@@ -315,7 +290,9 @@ async fn list_dependencies(
 ) -> Result<Response, ApiError> {
     require_python(&params)?;
     let deps = dependencies(&state)?;
-    Ok(success(json!({ "dependencies": deps.list() })))
+    Ok(success(DependencyList {
+        dependencies: deps.list(),
+    }))
 }
 
 /// Re-install the requirements (a new generation beside the old one) and list them.
@@ -328,7 +305,9 @@ async fn refresh_dependencies(
     deps.install(true)
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(success(json!({ "dependencies": deps.list() })))
+    Ok(success(DependencyList {
+        dependencies: deps.list(),
+    }))
 }
 
 async fn update_dependencies(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
@@ -336,7 +315,7 @@ async fn update_dependencies(State(state): State<Arc<AppState>>) -> Result<Respo
     deps.install(true)
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(success(json!({})))
+    Ok(success(Nothing {}))
 }
 
 /// Prometheus text; the gauges that mirror engine state are read at scrape time.

@@ -6,16 +6,12 @@ pub mod serve;
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, ConfigError};
+use crate::config::ConfigError;
 pub use crate::config::load_config;
-use crate::engine::{Engine, discover_runtimes};
-use crate::isolation::detect;
-use crate::isolation::netguard::NetGuard;
+use crate::engine::BuildError;
 use crate::runtime::DiscoveryError;
 
 /// Exit code for bad configuration or input (clap uses it too for bad arguments).
@@ -62,86 +58,14 @@ pub fn report(result: anyhow::Result<()>) -> ExitCode {
 }
 
 pub fn exit_code_for(e: &anyhow::Error) -> u8 {
-    let usage = e
-        .chain()
-        .any(|c| c.is::<ConfigError>() || c.is::<DiscoveryError>() || c.is::<run::UsageError>());
+    let usage = e.chain().any(|c| {
+        c.is::<ConfigError>()
+            || c.is::<DiscoveryError>()
+            || c.is::<run::UsageError>()
+            || c.downcast_ref::<BuildError>()
+                .is_some_and(BuildError::is_usage)
+    });
     if usage { EXIT_USAGE } else { 1 }
-}
-
-/// Prepare the state directory, detect the host, discover interpreters; with
-/// `networked_runs`, guard what those runs may reach.
-pub fn build_engine(config: Config, networked_runs: bool) -> anyhow::Result<Engine> {
-    let state = &config.state_dir;
-    let mount_dir = config.mount_dir();
-    std::fs::create_dir_all(&mount_dir).with_context(|| {
-        format!(
-            "cannot create the state directory {}: set state_dir / SANDBOX_STATE_DIR to a writable place",
-            mount_dir.display()
-        )
-    })?;
-    let force = config
-        .force_chroot
-        .then_some(crate::isolation::spec::IsolationLevel::Chroot);
-    let host = detect::detect(&mount_dir, force)?;
-    let mut runtimes = discover_runtimes(&config)?;
-    // Extra Python packages live in the state directory and are bound into the root.
-    let deps = match runtimes.get_mut(&crate::runtime::Language::Python3) {
-        Some(Ok(python)) => {
-            let mut deps = crate::deps::Dependencies::new(
-                python.program.clone(),
-                config.dependencies_path.clone(),
-                state,
-                config.python_pip_mirror_url.clone(),
-            )?;
-            python.add_package_dir(deps.root(), &deps.current());
-            if host.level == crate::isolation::spec::IsolationLevel::Chroot {
-                deps.add_chroot_copy(crate::engine::chroot_dir(
-                    state,
-                    crate::runtime::Language::Python3,
-                ));
-            }
-            Some(Arc::new(deps))
-        }
-        _ => None,
-    };
-    if host.level == crate::isolation::spec::IsolationLevel::Chroot {
-        for rt in runtimes.values().flatten() {
-            let dir = crate::engine::chroot_dir(state, rt.language);
-            crate::isolation::chroot_root::prepare(&dir, &rt.root)
-                .with_context(|| format!("cannot prepare the chroot root {}", dir.display()))?;
-        }
-    }
-    let net_guard = network_guard(&config, &host, networked_runs);
-    Ok(Engine::new(
-        Arc::new(config),
-        host,
-        runtimes,
-        mount_dir,
-        deps,
-        net_guard,
-    )?)
-}
-
-/// The network guard, when runs may use the network and something is denied. Rootless
-/// runs cannot have one (no root for nftables, and their uid is the caller's).
-fn network_guard(
-    config: &Config,
-    host: &detect::Host,
-    networked_runs: bool,
-) -> Result<Option<NetGuard>, String> {
-    let rootless = host.level == crate::isolation::spec::IsolationLevel::Rootless;
-    if !rootless {
-        crate::isolation::netguard::remove_stale_tables();
-    }
-    if !networked_runs || config.network_deny.is_empty() {
-        return Ok(None);
-    }
-    if rootless {
-        return Err("not root: networked runs reach whatever the caller's user can".into());
-    }
-    NetGuard::install(&config.network_deny)
-        .map(Some)
-        .map_err(|e| e.to_string())
 }
 
 /// Logs go to stderr and, when `log_path` is set and writable, to a daily file there;

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::api;
+use crate::engine::Engine;
 use crate::runtime::Language;
 
 #[derive(Debug, Args)]
@@ -20,8 +21,7 @@ pub struct ServeArgs {
 pub fn execute(args: ServeArgs) -> anyhow::Result<()> {
     let config = super::load_config(args.config.as_deref())?;
     let _log_guard = super::init_tracing(config.debug, config.log_json, &config.log_path);
-    let networked = config.enable_network;
-    let engine = Arc::new(super::build_engine(config, networked)?);
+    let engine = Arc::new(Engine::build(config)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -29,7 +29,7 @@ pub fn execute(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(serve(engine))
 }
 
-async fn serve(engine: Arc<crate::engine::Engine>) -> anyhow::Result<()> {
+async fn serve(engine: Arc<Engine>) -> anyhow::Result<()> {
     let config = engine.config.clone();
     tracing::info!(level = engine.host.level.describe(), "isolation");
     match &engine.host.cgroup {

@@ -9,7 +9,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
@@ -35,8 +35,12 @@ use super::userns;
 
 /// The descriptor the snippet is readable on inside the sandbox.
 pub const CODE_FD: i32 = 3;
-/// Where the child keeps the setup-error pipe until exec closes it.
+/// Where the child keeps the setup-error pipe until exec closes it: a number no step
+/// closes or reuses, so a step that fails after the descriptors are rearranged is
+/// still reported.
 const ERROR_FD: i32 = 1022;
+/// Where the snippet's socket waits while the low descriptors are cleared.
+const CODE_PARKING_FD: i32 = 1021;
 
 /// How a run ended, as the helper tells the server (one JSON line on its stdin socket).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,15 +126,16 @@ fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
         Ok(p) => p,
         Err(e) => return StepError::new(Step::ReadCode, "socketpair", e).into(),
     };
-    match sys::fork() {
+    // SAFETY: the helper is single-threaded: `main` runs it before anything could
+    // start a thread.
+    #[allow(unsafe_code)]
+    let forked = unsafe { sys::fork() };
+    match forked {
         Err(e) => setup_failed(Step::Fork, "fork", e),
         Ok(ForkResult::Child) => {
             drop(err_read);
             drop(code_ours);
-            let err = child(spec, OwnedFd::from(code_theirs), err_write.as_raw_fd());
-            let mut pipe = File::from(err_write);
-            let _ = pipe.write_all(err.to_string().as_bytes());
-            sys::exit_now(126)
+            child(spec, OwnedFd::from(code_theirs), err_write)
         }
         Ok(ForkResult::Parent { child }) => {
             drop(err_write);
@@ -262,17 +267,31 @@ fn limit(resource: Resource, value: u64, name: &str) -> Result<(), StepError> {
     setrlimit(resource, value, value).map_err(|e| StepError::new(Step::Rlimits, name, e.desc()))
 }
 
-/// Everything between fork and exec, in order. Returns only on failure.
-fn child(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> StepError {
-    match child_setup(spec, code, err_fd) {
+/// The forked child: jail itself step by step and exec the interpreter. A step that
+/// fails is written to the error pipe, which is moved first to where no later step
+/// closes it.
+fn child(spec: &SandboxSpec, code: OwnedFd, err: OwnedFd) -> ! {
+    let err = match sys::move_fd(err, ERROR_FD, true) {
+        Ok(moved) => moved,
+        Err((original, errno)) => {
+            let e = StepError::new(Step::Descriptors, "error pipe", errno.desc());
+            report_setup_error(original, &e)
+        }
+    };
+    match child_setup(spec, code) {
         Ok(never) => match never {},
-        Err(e) => e,
+        Err(e) => report_setup_error(err, &e),
     }
+}
+
+fn report_setup_error(pipe: OwnedFd, e: &StepError) -> ! {
+    let _ = File::from(pipe).write_all(e.to_string().as_bytes());
+    sys::exit_now(126)
 }
 
 enum Never {}
 
-fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, StepError> {
+fn child_setup(spec: &SandboxSpec, code: OwnedFd) -> Result<Never, StepError> {
     prctl::set_pdeathsig(Signal::SIGKILL)
         .map_err(step(Step::Descriptors, Path::new("pdeathsig")))?;
     // A session of its own: no controlling terminal, no process group shared with the
@@ -315,32 +334,37 @@ fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, 
     }
 
     // fd 0: /dev/null, fd 3: the snippet, fd 1/2 stay the server's pipes, 1022 the
-    // error pipe, 1023 the interpreter. The originals are left to close_range, so no
-    // descriptor is closed twice whatever numbers they happened to get.
-    sys::dup_onto(err_fd, ERROR_FD, true)
-        .map_err(step(Step::Descriptors, Path::new("error pipe")))?;
-    let devnull = open(
-        "/dev/null",
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(step(Step::Descriptors, Path::new("/dev/null")))?
-    .into_raw_fd();
-    sys::dup_onto(devnull, 0, false).map_err(step(Step::Descriptors, Path::new("stdin")))?;
-    sys::dup_onto(code.into_raw_fd(), CODE_FD, false)
-        .map_err(step(Step::Descriptors, Path::new("fd 3")))?;
+    // error pipe, 1023 the interpreter; nothing else survives.
+    let fd_step = |what: &'static str| {
+        move |(_, e): (OwnedFd, nix::errno::Errno)| {
+            StepError::new(Step::Descriptors, what, e.desc())
+        }
+    };
     let program = open(
         &spec.program,
         OFlag::O_RDONLY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map_err(step(Step::OpenInterpreter, &spec.program))?
-    .into_raw_fd();
-    sys::dup_onto(program, sys::EXEC_FD, true)
-        .map_err(step(Step::Descriptors, Path::new("exec fd")))?;
-    sys::close_range(CODE_FD as u32 + 1, ERROR_FD as u32 - 1)
-        .and_then(|_| sys::close_range(sys::EXEC_FD as u32 + 1, u32::MAX))
-        .map_err(step(Step::Descriptors, Path::new("close_range")))?;
+    .map_err(step(Step::OpenInterpreter, &spec.program))?;
+    let program = sys::move_fd(program, sys::EXEC_FD, true).map_err(fd_step("exec fd"))?;
+    let code = sys::move_fd(code, CODE_PARKING_FD, false).map_err(fd_step("snippet socket"))?;
+    // SAFETY: what this child keeps lives at CODE_PARKING_FD, ERROR_FD and EXEC_FD, above
+    // the ranges closed; every other descriptor is owned by frames this child never
+    // returns to (it execs or exits), so nothing closed here is used or dropped again.
+    #[allow(unsafe_code)]
+    let closed = unsafe {
+        sys::close_range(CODE_FD as u32, CODE_PARKING_FD as u32 - 1)
+            .and_then(|()| sys::close_range(sys::EXEC_FD as u32 + 1, u32::MAX))
+    };
+    closed.map_err(step(Step::Descriptors, Path::new("close_range")))?;
+    let _code = sys::move_fd(code, CODE_FD, false).map_err(fd_step("fd 3"))?;
+    let devnull = open(
+        "/dev/null",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(step(Step::Descriptors, Path::new("/dev/null")))?;
+    sys::redirect_stdin(devnull).map_err(step(Step::Descriptors, Path::new("stdin")))?;
     sys::reset_sigpipe().map_err(step(Step::Descriptors, Path::new("SIGPIPE")))?;
 
     let l = &spec.limits;
@@ -385,7 +409,7 @@ fn child_setup(spec: &SandboxSpec, code: OwnedFd, err_fd: i32) -> Result<Never, 
     })
     .map_err(|e| StepError::new(Step::Seccomp, "filter", e))?;
 
-    let errno = sys::execveat_exec_fd(exec_path, &argv, &env);
+    let errno = sys::execveat_exec_fd(&program, exec_path, &argv, &env);
     Err(StepError::new(
         Step::Exec,
         spec.program.display(),

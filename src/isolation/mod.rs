@@ -7,8 +7,10 @@ pub mod helper;
 pub mod netguard;
 pub mod rootfs;
 pub mod seccomp;
+pub mod snippet;
 pub mod spec;
 pub mod step;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod uids;
 pub mod userns;

@@ -35,13 +35,10 @@ pub struct NetGuard {
 }
 
 impl NetGuard {
-    /// Reject traffic from sockets owned by the sandbox uids towards `deny`.
-    pub fn install(deny: &[IpNet]) -> Result<Self, NetGuardError> {
+    /// Reject traffic from sockets owned by `uids` towards `deny`.
+    pub fn install(deny: &[IpNet], uids: std::ops::Range<u32>) -> Result<Self, NetGuardError> {
         let table = format!("{}{}", own_prefix(), std::process::id());
-        let uids = (
-            crate::pool::UID_BASE,
-            crate::pool::UID_BASE + crate::pool::UID_COUNT - 1,
-        );
+        let uids = (uids.start, uids.end.saturating_sub(1));
         let script = ruleset(&table, uids, deny, &resolvers());
         nft(&["-f", "-"], Some(&script))?;
         Ok(Self { table })

@@ -3,7 +3,7 @@
 //! the error it returns.
 
 use std::ffi::CString;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 use nix::unistd::ForkResult;
@@ -69,28 +69,59 @@ fn map_zero_page(addr: u64) -> bool {
     p != libc::MAP_FAILED && p as u64 == addr
 }
 
-/// fork(2) from the single-threaded helper.
-pub fn fork() -> Result<ForkResult, Errno> {
-    // SAFETY: only called from the `__exec` helper, which never starts a thread (it runs
-    // before any async runtime exists), so the child may call anything, not only
-    // async-signal-safe functions.
+/// fork(2).
+///
+/// # Safety
+/// The calling process must be single-threaded (the `__exec` helper, which runs before
+/// any async runtime exists): only then may the child call anything, not only
+/// async-signal-safe functions.
+pub unsafe fn fork() -> Result<ForkResult, Errno> {
+    // SAFETY: the caller guarantees a single-threaded process (see above).
     unsafe { nix::unistd::fork() }
 }
 
-/// dup3(2) `fd` onto the exact number `target` (replacing whatever is there).
-pub fn dup_onto(fd: RawFd, target: RawFd, cloexec: bool) -> Result<(), Errno> {
-    if fd == target {
-        return set_cloexec(fd, cloexec);
+/// Whether `fd` is an open descriptor of this process.
+fn is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only reads the descriptor's flags; an unused number gives EBADF.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+}
+
+/// Move `fd` to the exact number `target`, which must be free (so no other owner's
+/// descriptor can be replaced): the original number is closed and the descriptor is
+/// returned at its new number. On failure the descriptor comes back unchanged.
+pub fn move_fd(fd: OwnedFd, target: RawFd, cloexec: bool) -> Result<OwnedFd, (OwnedFd, Errno)> {
+    if fd.as_raw_fd() == target {
+        return match set_cloexec(target, cloexec) {
+            Ok(()) => Ok(fd),
+            Err(e) => Err((fd, e)),
+        };
+    }
+    if is_open(target) {
+        return Err((fd, Errno::EBUSY));
     }
     let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
-    // SAFETY: dup3 only manipulates the descriptor table; both numbers are plain ints
-    // and an invalid one yields EBADF, which is reported.
-    let rc = unsafe { libc::dup3(fd, target, flags) };
+    // SAFETY: dup3 only manipulates the descriptor table; `target` is free (checked
+    // above), so no descriptor anybody owns is replaced.
+    let rc = unsafe { libc::dup3(fd.as_raw_fd(), target, flags) };
+    match Errno::result(rc) {
+        // SAFETY: the kernel just created `target` for us and nobody else knows it.
+        Ok(_) => Ok(unsafe { OwnedFd::from_raw_fd(target) }),
+        Err(e) => Err((fd, e)),
+    }
+}
+
+/// Make `fd` the process's standard input (descriptor 0), closing its original number.
+/// Descriptor 0 is the process's own (std's stdin handle), never an `OwnedFd`, so
+/// replacing it invalidates no owner.
+pub fn redirect_stdin(fd: OwnedFd) -> Result<(), Errno> {
+    // SAFETY: dup3 onto 0 replaces only the standard input, which no OwnedFd owns
+    // (see above); an invalid descriptor gives EBADF, which is reported.
+    let rc = unsafe { libc::dup3(fd.as_raw_fd(), 0, 0) };
     Errno::result(rc).map(drop)
 }
 
 /// Set or clear FD_CLOEXEC on `fd`.
-pub fn set_cloexec(fd: RawFd, cloexec: bool) -> Result<(), Errno> {
+fn set_cloexec(fd: RawFd, cloexec: bool) -> Result<(), Errno> {
     let flag = if cloexec { libc::FD_CLOEXEC } else { 0 };
     // SAFETY: fcntl(F_SETFD) touches only the descriptor's flags.
     let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, flag) };
@@ -98,9 +129,14 @@ pub fn set_cloexec(fd: RawFd, cloexec: bool) -> Result<(), Errno> {
 }
 
 /// close_range(2): close every descriptor from `first` to `last` inclusive.
-pub fn close_range(first: u32, last: u32) -> Result<(), Errno> {
-    // SAFETY: closing descriptors the helper does not own any Rust object for; the
-    // caller only passes ranges that hold no descriptor it still uses.
+///
+/// # Safety
+/// No `OwnedFd` (or other owner) of a descriptor in the range may be used or dropped
+/// afterwards: its number would be closed under it, and could be reused by another
+/// descriptor. The helper's child calls it just before exec, holding what it keeps
+/// outside the range, and never returns to the frames that own the rest.
+pub unsafe fn close_range(first: u32, last: u32) -> Result<(), Errno> {
+    // SAFETY: the caller guarantees nobody uses the descriptors being closed.
     let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
     Errno::result(rc).map(drop)
 }
@@ -108,7 +144,15 @@ pub fn close_range(first: u32, last: u32) -> Result<(), Errno> {
 /// execveat(EXEC_FD, path, argv, envp, AT_EMPTY_PATH) with `path` from
 /// [`empty_path`]: run the interpreter opened on [`EXEC_FD`]. Returns only on
 /// failure.
-pub fn execveat_exec_fd(empty_path: u64, argv: &[CString], envp: &[CString]) -> Errno {
+pub fn execveat_exec_fd(
+    program: &OwnedFd,
+    empty_path: u64,
+    argv: &[CString],
+    envp: &[CString],
+) -> Errno {
+    if program.as_raw_fd() != EXEC_FD {
+        return Errno::EBADF;
+    }
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();

@@ -47,6 +47,18 @@ impl Language {
             Self::Nodejs => "nodejs",
         }
     }
+
+    /// Whether the end of a run's stderr is this runtime saying it ran out of memory
+    /// (what names the limit when no cgroup counts OOM kills).
+    pub fn reports_out_of_memory(self, stderr_tail: &str) -> bool {
+        match self {
+            Self::Python3 => stderr_tail.contains("MemoryError"),
+            Self::Nodejs => {
+                stderr_tail.contains("heap out of memory")
+                    || stderr_tail.contains("Reached heap limit")
+            }
+        }
+    }
 }
 
 impl fmt::Display for Language {
@@ -118,6 +130,16 @@ impl Runtime {
             .unwrap_or(self.search_path.len());
         self.search_path
             .insert(at, import_path.to_string_lossy().into_owned());
+    }
+
+    /// RLIMIT_AS for a run, when it is the memory limit: only without a cgroup, and
+    /// only for Python. V8 reserves far more address space than it uses, so Node is
+    /// limited by its heap flag instead (see `argv`).
+    pub fn address_space_limit(&self, memory_mb: u64, cgroup: bool) -> Option<u64> {
+        match (cgroup, self.language) {
+            (false, Language::Python3) => Some((memory_mb << 20).max(64 << 20)),
+            _ => None,
+        }
     }
 
     /// argv for a run. `memory_mb` sizes Node's heap so V8 fails cleanly before the

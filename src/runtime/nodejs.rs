@@ -12,15 +12,15 @@ use crate::isolation::spec::Profile;
 const DISCOVER: &str =
     "console.log(JSON.stringify({exec: process.execPath, version: process.version}))";
 
-/// `<preload length>\n<preload><code>` on fd 3; preload and code run as scripts in the
-/// main context, in that order.
-pub const BOOTSTRAP: &str = r#"'use strict';
+/// Reads the frame from fd 3 (see `isolation::snippet`), acknowledges it, then runs
+/// preload and code as scripts in the main context, in that order.
+const BOOTSTRAP: &str = r#"'use strict';
 {
   const fs = require('fs');
   const vm = require('vm');
   const d = fs.readFileSync(3);
   // Tells the sandbox the snippet arrived whole; nothing of it has run yet.
-  fs.writeSync(3, '.');
+  fs.writeSync(3, '__ACK__');
   fs.closeSync(3);
   const nl = d.indexOf(10);
   const n = Number(d.subarray(0, nl).toString());
@@ -70,6 +70,9 @@ pub fn argv(program: &Path, memory_mb: u64) -> Vec<String> {
         program.to_string_lossy().into_owned(),
         format!("--max-old-space-size={}", heap_mb(memory_mb)),
         "-e".into(),
-        BOOTSTRAP.into(),
+        BOOTSTRAP.replace(
+            "__ACK__",
+            &char::from(crate::isolation::snippet::ACK).to_string(),
+        ),
     ]
 }

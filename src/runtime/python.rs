@@ -19,15 +19,15 @@ print(json.dumps({"executable": sys.executable, "base_prefix": sys.base_prefix,
   "modules": mods}))
 "#;
 
-/// Runs inside the sandbox, before any user code: reads preload and code from fd 3
-/// (`<preload length>\n<preload><code>`), then runs them as `__main__`.
+/// Runs inside the sandbox, before any user code: reads the frame from fd 3 (see
+/// `isolation::snippet`), acknowledges it, then runs preload and code as `__main__`.
 pub const BOOTSTRAP: &str = r#"import sys
 sys.path[:] = __SYS_PATH__
 with open(3, "rb") as _f:
     _d = _f.read()
     # Tells the sandbox the snippet arrived whole; nothing of it has run yet. (posix is
     # built in and already loaded; os would cost an import.)
-    __import__("posix").write(3, b".")
+    __import__("posix").write(3, b"__ACK__")
 _h, _, _r = _d.partition(b"\n")
 _n = int(_h)
 _g = {"__name__": "__main__", "__builtins__": __builtins__, "__doc__": None}
@@ -91,7 +91,10 @@ pub fn discover(python: &str, system_files: &[PathBuf]) -> Result<Runtime, Disco
 /// start-up, yet every discovered path, site-packages included, stays importable.
 pub fn bootstrap(sys_path: &[String]) -> String {
     let list = serde_json::to_string(sys_path).unwrap_or_else(|_| "[]".into());
-    BOOTSTRAP.replace("__SYS_PATH__", &list)
+    BOOTSTRAP.replace("__SYS_PATH__", &list).replace(
+        "__ACK__",
+        &char::from(crate::isolation::snippet::ACK).to_string(),
+    )
 }
 
 pub fn argv(program: &Path, sys_path: &[String]) -> Vec<String> {

@@ -1,0 +1,91 @@
+//! How `sandbox run` reports a result, local or remote: the streams (unless they were
+//! already streamed), the sandbox's note, `--json`, and the exit code.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::EXIT_TIMEOUT;
+use crate::engine::outcome::EPERM_NOTE;
+use crate::engine::{LimitHit, RunOutcome};
+
+/// The `--json` line: the API's run fields plus the duration and the limit.
+#[derive(Serialize)]
+struct JsonResult<'a> {
+    stdout: &'a str,
+    stderr: &'a str,
+    error: &'a str,
+    exit_code: i32,
+    duration_ms: f64,
+    limit: Option<LimitHit>,
+}
+
+/// A run's result, local or remote, and how `run` reports it.
+pub(super) struct Outcome {
+    pub stdout: String,
+    pub stderr: String,
+    pub error: String,
+    pub exit_code: i32,
+    pub duration: Duration,
+    pub limit: Option<LimitHit>,
+}
+
+impl From<RunOutcome> for Outcome {
+    fn from(o: RunOutcome) -> Self {
+        Self {
+            stdout: o.stdout,
+            stderr: o.stderr,
+            error: o.error,
+            exit_code: o.exit_code,
+            duration: o.duration,
+            limit: o.limit,
+        }
+    }
+}
+
+impl Outcome {
+    /// Print the result (JSON, or the streams unless they were already streamed, plus the
+    /// sandbox's note) and pick the exit code.
+    pub fn finish(self, as_json: bool, streamed: bool) -> ExitCode {
+        if as_json {
+            let out = JsonResult {
+                stdout: &self.stdout,
+                stderr: &self.stderr,
+                error: &self.error,
+                exit_code: self.exit_code,
+                duration_ms: self.duration.as_secs_f64() * 1000.0,
+                limit: self.limit,
+            };
+            match serde_json::to_string(&out) {
+                Ok(line) => {
+                    let _ = writeln!(std::io::stdout(), "{line}");
+                }
+                Err(e) => eprintln!("sandbox: cannot encode the result as JSON: {e}"),
+            }
+        } else {
+            if !streamed {
+                let _ = std::io::stdout().write_all(self.stdout.as_bytes());
+                let _ = std::io::stdout().flush();
+                let _ = std::io::stderr().write_all(self.stderr.as_bytes());
+            }
+            if let Some(limit) = self.limit {
+                // The streams were shown; add only what the sandbox itself says.
+                let msg = if limit == LimitHit::Timeout {
+                    self.error.lines().next()
+                } else {
+                    self.error.lines().last()
+                };
+                eprintln!("sandbox: {}", msg.unwrap_or(limit.as_str()));
+            } else if let Some(note) = self.error.lines().last().filter(|l| *l == EPERM_NOTE) {
+                // The sandbox's explanation of an EPERM, after the snippet's own stderr.
+                eprintln!("{note}");
+            }
+        }
+        match self.limit {
+            Some(LimitHit::Timeout) => ExitCode::from(EXIT_TIMEOUT),
+            _ => ExitCode::from(u8::try_from(self.exit_code).unwrap_or(1)),
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! The engine: admits a run, finds it a fresh sandbox (a warm one when ready), runs the
+//! snippet and reports what happened. Shared by `serve` (through the HTTP API) and `run`
+//! (locally).
+//!
+//! - `build`: the composition root, `Engine::build(config)`.
+//! - `plan`: the pure function from host, runtime, limits and run to a `SandboxSpec`.
+//! - `worker`: one helper process and the protocol to talk to it.
+//! - `outcome`: which limit stopped a run, and the `error` text.
+//! - `warm`: the pool of warm, single-use workers.
+
+mod build;
+pub mod outcome;
+pub mod plan;
+pub mod warm;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+pub use build::BuildError;
+pub use outcome::{LimitHit, RunLimits, RunOutcome};
+use plan::PlanInput;
+pub use warm::PoolKey;
+use warm::WarmPool;
+use worker::Worker;
+pub use worker::{Sink, Stream};
+
+use crate::config::Config;
+use crate::deps::Dependencies;
+use crate::isolation::cgroup::CgroupError;
+use crate::isolation::detect::Host;
+use crate::isolation::netguard::NetGuard;
+use crate::isolation::spec::IsolationLevel;
+use crate::isolation::uids::{UidError, UidPool};
+use crate::isolation::{rootfs, snippet};
+use crate::runtime::{Language, Runtime};
+use crate::state::StateDir;
+
+/// Names of per-run cgroups: `<prefix><server pid>-<n>`.
+const RUN_PREFIX: &str = "sandbox-run-";
+
+pub struct RunRequest {
+    pub language: Language,
+    pub code: String,
+    pub preload: String,
+    pub network: bool,
+    pub sink: Option<Sink>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0} is not available on this server: {1}")]
+    LanguageUnavailable(Language, String),
+    #[error("network is disabled, please enable it in the configuration")]
+    NetworkDisabled,
+    #[error(transparent)]
+    Uid(#[from] UidError),
+    #[error(
+        "could not create the run's cgroup: {0}; run `sandbox doctor` to check the cgroup setup"
+    )]
+    Cgroup(#[from] CgroupError),
+    #[error(
+        "could not start the sandbox helper: {0}; the server re-executes itself through /proc/self/exe, which must be mounted"
+    )]
+    Spawn(std::io::Error),
+    #[error(
+        "the sandbox could not be set up: {0}; run `sandbox doctor` to see what this host allows"
+    )]
+    Setup(String),
+    #[error("the server is shutting down; retry on another instance")]
+    ShuttingDown,
+    #[error("the interpreter ended before the snippet reached it")]
+    EndedBeforeCode,
+}
+
+pub struct Engine {
+    pub config: Arc<Config>,
+    pub host: Host,
+    state: StateDir,
+    runtimes: HashMap<Language, Result<Runtime, String>>,
+    uids: UidPool,
+    /// Every run's limits, from the configuration.
+    limits: RunLimits,
+    workers: Arc<Semaphore>,
+    counter: AtomicU64,
+    warm: WarmPool<Worker>,
+    queued: AtomicI64,
+    /// Extra Python packages (None when Python is unavailable).
+    pub deps: Option<Arc<Dependencies>>,
+    /// What networked runs may not reach: `Ok(None)` when nothing is guarded (no network,
+    /// or `network_deny` empty), `Err` with the reason when the guard could not be set.
+    pub net_guard: Result<Option<NetGuard>, String>,
+    /// Background work that must finish before the server exits: warm workers being
+    /// started, clean-up after runs.
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Engine {
+    pub fn runtime(&self, language: Language) -> Result<&Runtime, RunError> {
+        match self.runtimes.get(&language) {
+            Some(Ok(rt)) => Ok(rt),
+            Some(Err(reason)) => Err(RunError::LanguageUnavailable(language, reason.clone())),
+            None => Err(RunError::LanguageUnavailable(
+                language,
+                "not configured".into(),
+            )),
+        }
+    }
+
+    /// Runs waiting for a worker slot.
+    pub fn queued(&self) -> i64 {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Warm workers ready, per language and network setting.
+    pub fn warm_ready(&self) -> Vec<(PoolKey, usize)> {
+        self.warm.ready()
+    }
+
+    /// Stop handing out worker slots (runs already executing finish, queued ones fail)
+    /// and kill the warm workers.
+    pub async fn close(&self) {
+        self.workers.close();
+        // Wait for workers being started and for the clean-up of finished runs, so no
+        // cgroup or private directory outlives the server.
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(15), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "some run clean-ups did not finish in 15 s; the next start removes what is left"
+            );
+        }
+        for worker in self.warm.drain() {
+            worker.discard().await;
+        }
+    }
+
+    /// Keep warm workers ready for the keys Dify uses (each language with the server's
+    /// network setting); other keys are added when first asked for.
+    pub fn start_warm_pool(self: &Arc<Self>) {
+        if self.warm.target() == 0 {
+            return;
+        }
+        for language in Language::ALL {
+            if self.runtime(language).is_ok() {
+                self.warm.want(PoolKey {
+                    language,
+                    network: self.config.enable_network,
+                });
+            }
+        }
+        let engine = Arc::clone(self);
+        tokio::spawn(async move { engine.tend_pool().await });
+    }
+
+    /// Refill the pool after each take and on a short timer, dropping workers whose
+    /// interpreter died while it waited.
+    async fn tend_pool(self: Arc<Self>) {
+        loop {
+            if self.workers.is_closed() {
+                return;
+            }
+            for dead in self.warm.remove_dead() {
+                tracing::warn!("a warm worker died while waiting; replacing it");
+                dead.discard().await;
+            }
+            for key in self.warm.missing() {
+                let engine = Arc::clone(&self);
+                self.tasks.spawn(async move {
+                    match engine.spawn_worker(key) {
+                        Ok(worker) => engine.warm.put(key, worker),
+                        Err(e) => {
+                            tracing::error!(error = %e, language = %key.language, "cannot start a warm worker");
+                            // Back off before the tender tries again.
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            engine.warm.spawn_failed(key);
+                        }
+                    }
+                });
+            }
+            tokio::select! {
+                _ = self.warm.wait_for_take() => {},
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {},
+            }
+        }
+    }
+
+    /// Whether this server runs `req` at all: its language works here, and it asks for
+    /// network only where the configuration allows it.
+    fn admit(&self, req: &RunRequest) -> Result<(), RunError> {
+        self.runtime(req.language)?;
+        if req.network && !self.config.enable_network {
+            return Err(RunError::NetworkDisabled);
+        }
+        Ok(())
+    }
+
+    /// Run one snippet: waits for a worker slot, then runs it in a fresh sandbox (a warm
+    /// one when the pool has it ready).
+    pub async fn execute(&self, req: RunRequest) -> Result<RunOutcome, RunError> {
+        self.admit(&req)?;
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let slot = self.workers.clone().acquire_owned().await;
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        let _slot = slot.map_err(|_| RunError::ShuttingDown)?;
+        let key = PoolKey {
+            language: req.language,
+            network: req.network,
+        };
+        if let Some(worker) = self.warm.take_or_wait(key).await {
+            match self.run_worker(worker, &req).await {
+                // Killed while it waited: the snippet never ran, so running it on a fresh
+                // worker is safe.
+                Err(RunError::EndedBeforeCode) => {}
+                other => return other,
+            }
+        }
+        let worker = self.spawn_worker(key)?;
+        match self.run_worker(worker, &req).await {
+            Err(RunError::EndedBeforeCode) => Err(RunError::Setup(
+                "the interpreter exited before it could read the snippet; check that it starts \
+                 within memory_limit_mb (sandbox doctor)"
+                    .into(),
+            )),
+            other => other,
+        }
+    }
+
+    /// Start a sandbox and its interpreter; the snippet is sent later by `run_worker`.
+    fn spawn_worker(&self, key: PoolKey) -> Result<Worker, RunError> {
+        let runtime = self.runtime(key.language)?;
+        let lease = self.uids.acquire()?;
+        let run_no = self.counter.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{RUN_PREFIX}{}-{run_no}", std::process::id());
+        let cgroup = match &self.host.cgroup {
+            Some(driver) => Some(driver.create_run(
+                &name,
+                self.limits.memory_mb << 20,
+                self.limits.max_processes,
+            )?),
+            None => None,
+        };
+        let spec = plan::plan(PlanInput {
+            level: self.host.level,
+            mmap_min_addr: self.host.report.mmap_min_addr,
+            state: &self.state,
+            runtime,
+            limits: &self.limits,
+            network: key.network,
+            uid: lease.uid,
+            cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
+            proxy: &self.config.proxy,
+            allowed_syscalls: &self.config.allowed_syscalls,
+            extra_syscalls: &self.config.extra_syscalls,
+        });
+        let chroot_tmp = (spec.level == IsolationLevel::Chroot)
+            .then(|| rootfs::inside(&spec.root_dir, &spec.workdir));
+        Worker::spawn(&spec, lease, cgroup, chroot_tmp)
+    }
+
+    /// Send the snippet to `worker`, collect its output under the limits, clean up.
+    async fn run_worker(
+        &self,
+        mut worker: Worker,
+        req: &RunRequest,
+    ) -> Result<RunOutcome, RunError> {
+        let started = Instant::now();
+        let frame = snippet::encode(&req.preload, &req.code);
+        let l = &self.limits;
+        let collected = worker
+            .run(&frame, l.timeout, l.max_output_bytes, req.sink.clone())
+            .await;
+        let uid = worker.uid();
+        // The process tree is gone; the cgroup and uid are freed after the answer.
+        self.tasks.spawn(worker.release());
+        let c = collected?;
+        let stderr = String::from_utf8_lossy(&c.stderr).into_owned();
+        let (exit_code, limit, error) = outcome::conclude(
+            c.ending,
+            c.stopped_for,
+            c.counters,
+            req.language,
+            &stderr,
+            l,
+        );
+        Ok(RunOutcome {
+            stdout: String::from_utf8_lossy(&c.stdout).into_owned(),
+            stderr,
+            exit_code,
+            error,
+            limit,
+            duration: started.elapsed(),
+            uid,
+        })
+    }
+}

@@ -1,0 +1,416 @@
+//! How a run ended, in words: which limit stopped it (if any) and the `error` text Dify
+//! shows. The sandbox's own notes are written and recognised here only, so a client
+//! that reads them back (`sandbox run --server`) cannot drift from what the server says.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::runtime::Language;
+
+/// The limit that stopped a run, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitHit {
+    Timeout,
+    Memory,
+    Output,
+    Processes,
+}
+
+/// Each limit's note starts with its own phrase; the timeout's note opens `error`
+/// instead of closing it.
+const PHRASES: [(LimitHit, &str); 4] = [
+    (LimitHit::Timeout, "timeout"),
+    (LimitHit::Memory, "memory limit exceeded"),
+    (LimitHit::Output, "output limit exceeded"),
+    (LimitHit::Processes, "process limit reached"),
+];
+
+impl LimitHit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Memory => "memory",
+            Self::Output => "output",
+            Self::Processes => "processes",
+        }
+    }
+
+    fn phrase(self) -> &'static str {
+        PHRASES
+            .iter()
+            .find(|(l, _)| *l == self)
+            .map_or("", |(_, p)| p)
+    }
+
+    /// The sandbox's sentence about this limit.
+    pub fn note(self, limits: &RunLimits) -> String {
+        format!("{}: {}", self.phrase(), self.detail(limits))
+    }
+
+    fn detail(self, limits: &RunLimits) -> String {
+        match self {
+            Self::Timeout => format!(
+                "the run took longer than {}s and was killed",
+                limits.timeout.as_secs_f64()
+            ),
+            Self::Memory => format!(
+                "the run used more than {} MB and was stopped",
+                limits.memory_mb
+            ),
+            Self::Output => format!(
+                "a stream passed {} bytes and the run was stopped",
+                limits.max_output_bytes
+            ),
+            Self::Processes => format!(
+                "at most {} processes and threads per run",
+                limits.max_processes
+            ),
+        }
+    }
+
+    /// The limit a run's answer names, read back from its `exit_code` and `error`
+    /// (what a client of the HTTP API has).
+    pub fn recognise(exit_code: i32, error: &str) -> Option<Self> {
+        if exit_code == -1 || error.starts_with(Self::Timeout.phrase()) {
+            return Some(Self::Timeout);
+        }
+        let last = error.lines().last().unwrap_or("");
+        PHRASES
+            .iter()
+            .find(|(l, p)| *l != Self::Timeout && last.starts_with(p))
+            .map(|(l, _)| *l)
+    }
+}
+
+/// Every run's limits, from the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunLimits {
+    pub timeout: Duration,
+    pub memory_mb: u64,
+    pub max_processes: u64,
+    pub max_output_bytes: usize,
+    pub tmp_mb: u64,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub stdout: String,
+    pub stderr: String,
+    pub exit_code: i32,
+    pub error: String,
+    pub limit: Option<LimitHit>,
+    pub duration: Duration,
+    pub uid: u32,
+}
+
+/// How the interpreter ended, as far as the helper and the server saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Exited(i32),
+    Signaled(i32),
+    /// No report: the helper was killed (timeout, output limit) or vanished.
+    Killed,
+}
+
+/// What the cgroup counted during the run (all false without a cgroup).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub oom_killed: bool,
+    pub pids_limit_hit: bool,
+}
+
+/// The exit code, the limit and the `error` text of a finished run. `limit` is what the
+/// server itself stopped the run for (timeout, output), if anything.
+pub fn conclude(
+    ending: Ending,
+    stopped_for: Option<LimitHit>,
+    counters: Counters,
+    language: Language,
+    stderr: &str,
+    limits: &RunLimits,
+) -> (i32, Option<LimitHit>, String) {
+    let mut exit_code = match (stopped_for, ending) {
+        (Some(LimitHit::Timeout), _) => -1,
+        (_, Ending::Exited(code)) => code,
+        (_, Ending::Signaled(signal)) => 128 + signal,
+        (_, Ending::Killed) => 137,
+    };
+    let mut limit = stopped_for;
+    if limit.is_none() && exit_code != 0 {
+        limit = classify_failure(counters, language, stderr);
+    }
+    if limit == Some(LimitHit::Output) && exit_code == 0 {
+        exit_code = 137;
+    }
+    let mut error = describe_error(exit_code, stderr, limit, limits);
+    // Another limit stopped the run, but hitting pids.max on the way explains the
+    // traceback the user sees ("can't start new thread"): say so too.
+    if counters.pids_limit_hit && limit.is_some() && limit != Some(LimitHit::Processes) {
+        let p = LimitHit::Processes;
+        error.push_str(&format!("\n{} as well: {}", p.phrase(), p.detail(limits)));
+    }
+    (exit_code, limit, error)
+}
+
+/// Which limit explains a failed run, from the cgroup's counters or the runtime's own
+/// words when no cgroup is available.
+fn classify_failure(counters: Counters, language: Language, stderr: &str) -> Option<LimitHit> {
+    if counters.oom_killed {
+        return Some(LimitHit::Memory);
+    }
+    if counters.pids_limit_hit {
+        return Some(LimitHit::Processes);
+    }
+    let tail = tail(stderr, 4096);
+    if language.reports_out_of_memory(tail) {
+        return Some(LimitHit::Memory);
+    }
+    if tail.contains("can't start new thread") || tail.contains("Resource temporarily unavailable")
+    {
+        return Some(LimitHit::Processes);
+    }
+    None
+}
+
+/// The last `n` bytes of `text` (or a little less, on a character boundary).
+fn tail(text: &str, n: usize) -> &str {
+    let mut start = text.len().saturating_sub(n);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+/// Dify's `error`: empty on success, else what ended the run, the whole stderr, and
+/// the sandbox's note.
+fn describe_error(
+    exit_code: i32,
+    stderr: &str,
+    limit: Option<LimitHit>,
+    limits: &RunLimits,
+) -> String {
+    if exit_code == 0 && limit.is_none() {
+        return String::new();
+    }
+    let mut msg = match limit {
+        Some(LimitHit::Timeout) => LimitHit::Timeout.note(limits),
+        _ => format!("process exited with code {exit_code}"),
+    };
+    if !stderr.is_empty() {
+        msg.push('\n');
+        msg.push_str(stderr);
+    }
+    let note = match limit {
+        Some(LimitHit::Timeout) => None,
+        Some(other) => Some(other.note(limits)),
+        None => eperm_note(stderr),
+    };
+    if let Some(note) = note {
+        if !msg.ends_with('\n') {
+            msg.push('\n');
+        }
+        msg.push_str(&note);
+    }
+    msg
+}
+
+/// The sentence that explains an EPERM in the snippet's own stderr.
+pub const EPERM_NOTE: &str = "sandbox: operation not permitted: the snippet tried something the sandbox forbids \
+     (running programs, creating processes, network without enable_network, or a blocked system call)";
+
+fn eperm_note(stderr: &str) -> Option<String> {
+    (stderr.contains("Operation not permitted") || stderr.contains("EPERM"))
+        .then(|| EPERM_NOTE.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> RunLimits {
+        RunLimits {
+            timeout: Duration::from_millis(1500),
+            memory_mb: 64,
+            max_processes: 8,
+            max_output_bytes: 1000,
+            tmp_mb: 4,
+        }
+    }
+
+    fn conclude_py(
+        ending: Ending,
+        stopped: Option<LimitHit>,
+        counters: Counters,
+        stderr: &str,
+    ) -> (i32, Option<LimitHit>, String) {
+        conclude(
+            ending,
+            stopped,
+            counters,
+            Language::Python3,
+            stderr,
+            &limits(),
+        )
+    }
+
+    #[test]
+    fn a_clean_exit_has_no_error() {
+        assert_eq!(
+            conclude_py(Ending::Exited(0), None, Counters::default(), "warning\n"),
+            (0, None, String::new())
+        );
+    }
+
+    #[test]
+    fn a_failure_carries_its_code_and_whole_stderr() {
+        let (code, limit, error) = conclude_py(
+            Ending::Exited(3),
+            None,
+            Counters::default(),
+            "Traceback\nValueError\n",
+        );
+        assert_eq!((code, limit), (3, None));
+        assert_eq!(error, "process exited with code 3\nTraceback\nValueError\n");
+    }
+
+    #[test]
+    fn a_timeout_is_minus_one_and_opens_the_error() {
+        let (code, limit, error) = conclude_py(
+            Ending::Killed,
+            Some(LimitHit::Timeout),
+            Counters::default(),
+            "partial\n",
+        );
+        assert_eq!((code, limit), (-1, Some(LimitHit::Timeout)));
+        assert!(
+            error.starts_with("timeout: the run took longer than 1.5s"),
+            "{error}"
+        );
+        assert!(error.ends_with("partial\n"), "{error}");
+    }
+
+    #[test]
+    fn the_cgroup_counters_name_memory_and_processes() {
+        let oom = Counters {
+            oom_killed: true,
+            pids_limit_hit: false,
+        };
+        let (code, limit, error) = conclude_py(Ending::Signaled(9), None, oom, "");
+        assert_eq!((code, limit), (137, Some(LimitHit::Memory)));
+        assert!(
+            error.ends_with("memory limit exceeded: the run used more than 64 MB and was stopped")
+        );
+        let pids = Counters {
+            oom_killed: false,
+            pids_limit_hit: true,
+        };
+        let (_, limit, error) = conclude_py(Ending::Exited(1), None, pids, "");
+        assert_eq!(limit, Some(LimitHit::Processes));
+        assert!(
+            error.ends_with("at most 8 processes and threads per run"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn without_a_cgroup_the_runtimes_words_name_the_limit() {
+        let none = Counters::default();
+        let (_, limit, _) = conclude_py(Ending::Exited(1), None, none, "MemoryError\n");
+        assert_eq!(limit, Some(LimitHit::Memory));
+        let (_, limit, _) = conclude(
+            Ending::Signaled(6),
+            None,
+            none,
+            Language::Nodejs,
+            "FATAL ERROR: Reached heap limit Allocation failed",
+            &limits(),
+        );
+        assert_eq!(limit, Some(LimitHit::Memory));
+        let (_, limit, _) = conclude_py(
+            Ending::Exited(1),
+            None,
+            none,
+            "RuntimeError: can't start new thread\n",
+        );
+        assert_eq!(limit, Some(LimitHit::Processes));
+        // Python's MemoryError means nothing in a Node run.
+        let (_, limit, _) = conclude(
+            Ending::Exited(1),
+            None,
+            none,
+            Language::Nodejs,
+            "MemoryError",
+            &limits(),
+        );
+        assert_eq!(limit, None);
+    }
+
+    #[test]
+    fn output_overflow_after_a_clean_exit_still_fails() {
+        let (code, limit, error) = conclude_py(
+            Ending::Exited(0),
+            Some(LimitHit::Output),
+            Counters::default(),
+            "",
+        );
+        assert_eq!((code, limit), (137, Some(LimitHit::Output)));
+        assert!(error.ends_with("a stream passed 1000 bytes and the run was stopped"));
+    }
+
+    #[test]
+    fn pids_max_on_the_way_to_another_limit_is_mentioned() {
+        let both = Counters {
+            oom_killed: true,
+            pids_limit_hit: true,
+        };
+        let (_, limit, error) = conclude_py(Ending::Signaled(9), None, both, "");
+        assert_eq!(limit, Some(LimitHit::Memory));
+        assert!(
+            error.ends_with(
+                "\nprocess limit reached as well: at most 8 processes and threads per run"
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn eperm_gets_the_sandboxs_explanation() {
+        let (_, limit, error) = conclude_py(
+            Ending::Exited(1),
+            None,
+            Counters::default(),
+            "PermissionError: [Errno 1] Operation not permitted",
+        );
+        assert_eq!(limit, None);
+        assert!(error.ends_with(EPERM_NOTE), "{error}");
+    }
+
+    #[test]
+    fn every_limit_is_recognised_from_what_it_renders() {
+        let l = limits();
+        for (limit, _) in PHRASES {
+            let (code, stopped) = match limit {
+                LimitHit::Timeout => (Ending::Killed, Some(limit)),
+                LimitHit::Output => (Ending::Exited(0), Some(limit)),
+                _ => (Ending::Signaled(9), None),
+            };
+            let counters = Counters {
+                oom_killed: limit == LimitHit::Memory,
+                pids_limit_hit: limit == LimitHit::Processes,
+            };
+            let (exit_code, got, error) =
+                conclude(code, stopped, counters, Language::Python3, "err\n", &l);
+            assert_eq!(got, Some(limit));
+            assert_eq!(
+                LimitHit::recognise(exit_code, &error),
+                Some(limit),
+                "{error}"
+            );
+        }
+        assert_eq!(LimitHit::recognise(3, "process exited with code 3\n"), None);
+        assert_eq!(LimitHit::recognise(0, ""), None);
+    }
+}

@@ -1,0 +1,123 @@
+//! The uid pool: every run executes as its own unprivileged uid, so concurrent runs
+//! cannot signal, trace or read each other, and RLIMIT_NPROC counts one run only.
+//! A uid is leased with flock on a file in a lease directory, so two servers sharing
+//! that directory never hand out the same uid either.
+
+use std::fs::{self, File, OpenOptions};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use nix::fcntl::{Flock, FlockArg};
+
+/// The uids runs execute as: 10000-10999, as in the original service.
+pub const SANDBOX_UIDS: Range<u32> = 10000..11000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UidError {
+    #[error(
+        "cannot create the uid lease directory {path}: {source}. Make the state directory writable (state_dir / SANDBOX_STATE_DIR)"
+    )]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("all {0} sandbox uids are in use; lower max_workers or wait for runs to finish")]
+    Exhausted(u32),
+}
+
+pub struct UidPool {
+    dir: PathBuf,
+    range: Range<u32>,
+    cursor: AtomicU32,
+}
+
+/// A leased uid; the lease ends when this is dropped.
+pub struct UidLease {
+    pub uid: u32,
+    _lock: Flock<File>,
+}
+
+impl UidPool {
+    /// Lease uids of `range`, with lock files in `dir`.
+    pub fn new(dir: &Path, range: Range<u32>) -> Result<Self, UidError> {
+        fs::create_dir_all(dir).map_err(|source| UidError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        // Start at a different place in each process so servers rarely contend.
+        let start = std::process::id() % range.len().max(1) as u32;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            range,
+            cursor: AtomicU32::new(start),
+        })
+    }
+
+    /// The uids this pool hands out.
+    pub fn range(&self) -> Range<u32> {
+        self.range.clone()
+    }
+
+    pub fn acquire(&self) -> Result<UidLease, UidError> {
+        let count = self.range.len() as u32;
+        for _ in 0..count {
+            let offset = self.cursor.fetch_add(1, Ordering::Relaxed) % count;
+            let uid = self.range.start + offset;
+            let path = self.dir.join(uid.to_string());
+            let Ok(file) = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+            else {
+                continue;
+            };
+            if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                return Ok(UidLease { uid, _lock: lock });
+            }
+        }
+        Err(UidError::Exhausted(count))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_are_exclusive_until_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = UidPool::new(dir.path(), 20000..20002).expect("pool");
+        let a = pool.acquire().expect("first");
+        let b = pool.acquire().expect("second");
+        assert_ne!(a.uid, b.uid);
+        assert!(matches!(pool.acquire(), Err(UidError::Exhausted(2))));
+        let freed = a.uid;
+        drop(a);
+        assert_eq!(pool.acquire().expect("after release").uid, freed);
+    }
+
+    #[test]
+    fn two_pools_on_one_directory_never_share_a_uid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p1 = UidPool::new(dir.path(), 20000..20003).expect("pool");
+        let p2 = UidPool::new(dir.path(), 20000..20003).expect("pool");
+        let leases: Vec<UidLease> = (0..3)
+            .map(|i| {
+                if i % 2 == 0 {
+                    p1.acquire()
+                } else {
+                    p2.acquire()
+                }
+                .expect("lease")
+            })
+            .collect();
+        let mut uids: Vec<u32> = leases.iter().map(|l| l.uid).collect();
+        uids.sort();
+        uids.dedup();
+        assert_eq!(uids.len(), 3);
+        assert!(p2.acquire().is_err());
+    }
+}

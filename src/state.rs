@@ -1,0 +1,65 @@
+//! The state directory's layout, in one place: what the server keeps on disk between
+//! runs and where. Everything below `state_dir` is named here and nowhere else.
+//!
+//! ```text
+//! <state_dir>/
+//!   rootfs/               empty mount point; each run mounts its private root here,
+//!                         inside its own mount namespace
+//!   root-<language>/      the copied root runs chroot into (chroot level only)
+//!   python-packages/      extra Python packages, one generation per install
+//!   uids/                 one lock file per sandbox uid (leases)
+//! ```
+
+use std::path::PathBuf;
+
+use crate::runtime::Language;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateDir(PathBuf);
+
+impl StateDir {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self(path.into())
+    }
+
+    /// The empty directory private roots are mounted on.
+    pub fn mount_point(&self) -> PathBuf {
+        self.0.join("rootfs")
+    }
+
+    /// The copied root a language's runs chroot into (chroot level only).
+    pub fn chroot_root(&self, language: Language) -> PathBuf {
+        self.0.join(format!("root-{language}"))
+    }
+
+    /// Lock files of the uid leases (see `isolation::uids`).
+    pub fn uid_leases(&self) -> PathBuf {
+        self.0.join("uids")
+    }
+
+    /// Extra Python packages (see `deps`).
+    pub fn python_packages(&self) -> PathBuf {
+        self.0.join("python-packages")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn every_place_lies_below_the_state_directory() {
+        let s = StateDir::new("/var/lib/sandbox");
+        assert_eq!(s.mount_point(), Path::new("/var/lib/sandbox/rootfs"));
+        assert_eq!(
+            s.chroot_root(Language::Python3),
+            Path::new("/var/lib/sandbox/root-python3")
+        );
+        assert_eq!(
+            s.python_packages(),
+            Path::new("/var/lib/sandbox/python-packages")
+        );
+    }
+}
