@@ -382,12 +382,6 @@ fn default_state_dir(root: bool, e: &Env) -> PathBuf {
 }
 
 impl Config {
-    /// The empty directory private roots are mounted on (inside each run's own mount
-    /// namespace).
-    pub fn mount_dir(&self) -> PathBuf {
-        self.state().mount_point()
-    }
-
     /// The state directory's layout.
     pub fn state(&self) -> crate::state::StateDir {
         crate::state::StateDir::new(&self.state_dir)

@@ -1,0 +1,151 @@
+//! The listening port and the Docker engine, probed with a minimal HTTP request.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use super::packages::{Need, PackageManager};
+use super::{Check, Status, check, ok};
+
+/// A minimal HTTP/1.0 GET over an already connected stream; true on a 200 answer.
+fn http_ok<S: Read + Write>(mut stream: S, path: &str) -> bool {
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 32];
+    let mut got = 0;
+    while got < head.len() {
+        match stream.read(&mut head[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    let head = String::from_utf8_lossy(&head[..got]);
+    head.starts_with("HTTP/1.") && head.split_whitespace().nth(1) == Some("200")
+}
+
+pub(super) fn port_check(port: u16) -> Check {
+    let fix = format!(
+        "stop what listens there (ss -ltnp 'sport = :{port}') or set app.port / SANDBOX_PORT"
+    );
+    match TcpListener::bind(("0.0.0.0", port)) {
+        Ok(_) => ok("port", format!("{port} is free")),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let is_sandbox =
+                connect_tcp(&format!("127.0.0.1:{port}")).is_ok_and(|s| http_ok(s, "/health"));
+            if is_sandbox {
+                check(
+                    "port",
+                    Status::Warning,
+                    format!(
+                        "{port} is in use by a server answering /health (a running sandbox serve?)"
+                    ),
+                    Some(fix),
+                )
+            } else {
+                check(
+                    "port",
+                    Status::Failed,
+                    format!("{port} is in use by another program"),
+                    Some(fix),
+                )
+            }
+        }
+        Err(e) => check(
+            "port",
+            Status::Failed,
+            format!("cannot listen on {port}: {e}"),
+            Some(fix),
+        ),
+    }
+}
+
+/// Where a Docker engine may listen: DOCKER_HOST, else the usual sockets.
+fn docker_endpoints() -> Vec<String> {
+    if let Ok(host) = std::env::var("DOCKER_HOST")
+        && !host.is_empty()
+    {
+        return vec![host];
+    }
+    let mut v = vec![
+        "unix:///var/run/docker.sock".to_string(),
+        "unix:///run/docker.sock".to_string(),
+    ];
+    if let Ok(dir) = std::env::var("XDG_RUNTIME_DIR") {
+        v.push(format!("unix://{dir}/docker.sock"));
+    }
+    if let Ok(home) = std::env::var("HOME") {
+        v.push(format!("unix://{home}/.docker/run/docker.sock"));
+    }
+    v
+}
+
+/// How long a probe connection may take to connect, and each read or write.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connect to `hostport`, reads and writes bounded by `PROBE_TIMEOUT`.
+fn connect_tcp(hostport: &str) -> Result<TcpStream, String> {
+    let addr = hostport
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("cannot resolve {hostport}"))?;
+    let s =
+        TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).map_err(|e| format!("{hostport}: {e}"))?;
+    let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
+    let _ = s.set_write_timeout(Some(PROBE_TIMEOUT));
+    Ok(s)
+}
+
+fn docker_ping(endpoint: &str) -> Result<(), String> {
+    if let Some(path) = endpoint.strip_prefix("unix://") {
+        let s = UnixStream::connect(path).map_err(|e| format!("{path}: {e}"))?;
+        let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
+        let _ = s.set_write_timeout(Some(PROBE_TIMEOUT));
+        return if http_ok(s, "/_ping") {
+            Ok(())
+        } else {
+            Err(format!("{path} did not answer /_ping"))
+        };
+    }
+    if let Some(hostport) = endpoint.strip_prefix("tcp://") {
+        let s = connect_tcp(hostport)?;
+        return if http_ok(s, "/_ping") {
+            Ok(())
+        } else {
+            Err(format!(
+                "{hostport} did not answer /_ping (TLS endpoints are not checked)"
+            ))
+        };
+    }
+    Err(format!("{endpoint}: only unix:// and tcp:// are checked"))
+}
+
+pub(super) fn docker_check(pm: PackageManager) -> Check {
+    let mut errors = Vec::new();
+    for endpoint in docker_endpoints() {
+        match docker_ping(&endpoint) {
+            Ok(()) => {
+                return ok(
+                    "docker",
+                    format!("engine answers at {endpoint} (for the xtask)"),
+                );
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    check(
+        "docker",
+        Status::Warning,
+        format!(
+            "no engine reachable (needed only for cargo xtask): {}",
+            errors.join("; ")
+        ),
+        Some(format!(
+            "{} && systemctl start docker, or set DOCKER_HOST",
+            pm.install(Need::Docker)
+        )),
+    )
+}
