@@ -1,11 +1,11 @@
 //! Project automation: `cargo xtask <command>`.
 //!
-//! Kept as a library as well so the end-to-end test can reuse engine
+//! Kept as a library as well so the end-to-end test can reuse Docker engine
 //! discovery when it prepares its builder image.
 
 pub mod archive;
 pub mod build_linux;
-pub mod engine;
+pub mod docker;
 pub mod images;
 pub mod progress;
 
@@ -114,7 +114,7 @@ fn absolute(p: PathBuf) -> Result<PathBuf> {
 }
 
 async fn connect() -> Result<(bollard::Docker, Option<Arch>)> {
-    let connected = engine::Discovery::from_process().connect().await?;
+    let connected = docker::Discovery::from_process().connect().await?;
     // An engine configured explicitly but not answering deserves a word,
     // since another one is used instead.
     for skipped in &connected.skipped {
