@@ -22,7 +22,8 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 
 use crate::archive::{self, Written};
-use crate::images::{Arch, BuilderImage, LABEL};
+use crate::common::{ArchChoice, absolute, arches, connect, workspace_root};
+use crate::images::{self, Arch, BuilderImage, LABEL};
 use crate::progress::Phase;
 
 /// Where the source tree is unpacked inside the container.
@@ -31,6 +32,76 @@ const SRC_DIR: &str = "/src";
 const TARGET_DIR: &str = "/cache/target";
 /// The package whose binaries are shipped.
 const PACKAGE: &str = "sandbox";
+
+/// Options of `cargo xtask build-linux`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Target architecture; defaults to the Docker engine's own.
+    #[arg(long, value_enum)]
+    arch: Option<ArchChoice>,
+    /// Output directory; binaries land in <OUT>/linux-<arch>/.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Builder image to use instead of building docker/builder.Dockerfile.
+    #[arg(long)]
+    image: Option<String>,
+    /// Base of docker/builder.Dockerfile (its RUST_IMAGE build argument).
+    #[arg(long, default_value = images::DEFAULT_RUST_IMAGE)]
+    base_image: String,
+    #[arg(long, value_enum, default_value = "release")]
+    profile: Profile,
+    /// Rebuild the builder image from scratch.
+    #[arg(long)]
+    no_cache: bool,
+    /// Source tree to build (default: this workspace).
+    #[arg(long, value_name = "DIR")]
+    source: Option<PathBuf>,
+}
+
+/// Builds every requested architecture, then prints where the binaries went.
+pub async fn run(args: Args) -> Result<()> {
+    let Args {
+        arch,
+        out,
+        image,
+        base_image,
+        profile,
+        no_cache,
+        source,
+    } = args;
+    let root = absolute(source.unwrap_or_else(workspace_root))?;
+    if !root.join("Cargo.toml").is_file() {
+        bail!(
+            "{} has no Cargo.toml; pass the workspace with --source",
+            root.display()
+        );
+    }
+    let out = absolute(out.unwrap_or_else(|| workspace_root().join("dist")))?;
+    let (docker, native) = connect().await?;
+    let mut all = Vec::new();
+    for arch in arches(arch, native)? {
+        let tools = workspace_root();
+        let builder_req = images::BuilderRequest {
+            root: &tools,
+            arch,
+            native,
+            explicit: image.as_deref(),
+            base: &base_image,
+            no_cache,
+        };
+        let builder = images::ensure_builder(&docker, &builder_req).await?;
+        let req = BuildRequest {
+            root: &root,
+            out: &out,
+            arch,
+            image: &builder,
+            profile,
+        };
+        all.extend(build(&docker, &req).await?);
+    }
+    print_summary(&all);
+    Ok(())
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Profile {
