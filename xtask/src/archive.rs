@@ -153,7 +153,7 @@ pub fn extract_single_file(tar_bytes: &[u8], dest: &Path) -> Result<Written> {
         return Ok(Written {
             path: dest.to_path_buf(),
             size,
-            sha256: crate::engine::hex(&hasher.finalize()),
+            sha256: crate::docker::hex(&hasher.finalize()),
         });
     }
     bail!(

@@ -242,7 +242,7 @@ async fn ensure_builder_inner(
             let mut hasher = Sha256::new();
             hasher.update(&dockerfile);
             hasher.update(base.as_bytes());
-            let digest = crate::engine::hex(&hasher.finalize());
+            let digest = crate::docker::hex(&hasher.finalize());
             let tag = format!("sandbox-builder:{}-{}", &digest[..12], arch.name());
             let present = local_image_arch(docker, &tag).await?;
             if present.is_none() || no_cache {

@@ -55,7 +55,7 @@ fn build_linux_end_to_end() {
         .build()
         .expect("tokio runtime");
 
-    let docker = match runtime.block_on(xtask::engine::Discovery::from_process().connect()) {
+    let docker = match runtime.block_on(xtask::docker::Discovery::from_process().connect()) {
         Ok(connected) => connected.docker,
         Err(e) => panic!(
             "{e}\n\nThis end-to-end test needs a running Docker engine: start one \
@@ -201,7 +201,7 @@ fn check_artifact(summary: &str, binary: &Path) {
         .unwrap_or_else(|| panic!("summary does not list {}:\n{summary}", binary.display()));
     let reported = line.split_whitespace().last().unwrap_or_default();
     let bytes = std::fs::read(binary).expect("read the built binary");
-    let actual = xtask::engine::hex(&Sha256::digest(&bytes));
+    let actual = xtask::docker::hex(&Sha256::digest(&bytes));
     assert_eq!(reported, actual, "sha256 in the summary: {line}");
     let sums = std::fs::read_to_string(binary.with_file_name("SHA256SUMS")).expect("SHA256SUMS");
     assert_eq!(sums, format!("{actual}  sandbox\n"));
@@ -233,7 +233,7 @@ async fn host_builder_image(docker: &Docker) -> String {
     for (name, version) in &packages {
         key.update(format!("{name}={version}\n"));
     }
-    let tag = &xtask::engine::hex(&key.finalize())[..16];
+    let tag = &xtask::docker::hex(&key.finalize())[..16];
     let image = format!("sandbox-test-builder:{tag}");
     if docker.inspect_image(&image).await.is_ok() {
         return image;
