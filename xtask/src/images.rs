@@ -111,9 +111,6 @@ pub async fn ensure_present(docker: &Docker, image: &str, arch: Arch, phase: &Ph
     Ok(())
 }
 
-/// Runs a classic (non-BuildKit) build from an in-memory context, printing
-/// the build's output above the spinner. The classic builder is used because
-/// every engine serves it over plain `POST /build`, with no session protocol.
 /// One image build from an in-memory context.
 pub struct BuildSpec<'a> {
     pub context: Vec<u8>,
@@ -127,6 +124,9 @@ pub struct BuildSpec<'a> {
     pub no_cache: bool,
 }
 
+/// Runs a classic (non-BuildKit) build from an in-memory context, printing
+/// the build's output above the spinner. The classic builder is used because
+/// every engine serves it over plain `POST /build`, with no session protocol.
 pub async fn build(docker: &Docker, spec: BuildSpec<'_>, phase: &Phase) -> Result<()> {
     let BuildSpec {
         context,
@@ -301,7 +301,7 @@ pub fn cargo_home(env: &[String]) -> String {
     }
 }
 
-/// Options of `cargo xtask image`.
+/// What goes into the production image and how it is tagged.
 pub struct ProductionImage<'a> {
     pub root: &'a Path,
     pub dist: &'a Path,
