@@ -54,6 +54,10 @@ pub(super) struct RawConfig {
     pub isolation: Option<String>,
     pub extra_syscalls: Option<Vec<serde_yaml::Value>>,
     pub network_deny: Option<Vec<String>>,
+    pub network_isolation: Option<String>,
+    pub network_subnet: Option<String>,
+    pub network_allow: Option<Vec<String>>,
+    pub network_dns: Option<Vec<String>>,
     /// Whatever the file holds beyond the keys above: warned about, not fatal.
     #[serde(flatten)]
     pub unknown: BTreeMap<String, serde_yaml::Value>,
