@@ -39,7 +39,7 @@ impl Metrics {
         let runs = Family::<RunLabels, Counter>::default();
         registry.register(
             "runs",
-            "Runs by language and outcome (ok, error, timeout, memory, output, processes, rejected, invalid, internal)",
+            "Runs by language and outcome (ok, error, timeout, memory, output, processes, disk, rejected, invalid, internal)",
             runs.clone(),
         );
         let duration = Family::<LanguageLabel, Histogram>::new_with_constructor(|| {

@@ -65,7 +65,11 @@ async fn concurrent_runs_keep_their_files_apart() {
 import os, time
 time.sleep(0.4)
 found = []
-for d in os.listdir('/tmp'):
+try:
+    names = os.listdir('/tmp')
+except OSError:
+    names = ['run-%d' % u for u in range(10000, 11000)]
+for d in names:
     try:
         found += os.listdir('/tmp/' + d)
     except OSError:
@@ -98,4 +102,80 @@ async fn limits_still_apply() {
         .await;
     assert_eq!(env["data"]["exit_code"], -1, "{env}");
     assert!(s.healthy().await);
+}
+
+#[tokio::test]
+async fn nothing_a_run_writes_outlives_it_or_reaches_another_run() {
+    let (s, state) = chroot_server(&[]).await;
+    // Everywhere a run might write outside its own directory.
+    let writer = r#"
+import os
+tried = []
+for d in ["/tmp", "/", "/etc", "/usr", "/dev", "/var/tmp", "/dev/shm", os.path.dirname(os.__file__)]:
+    try:
+        open(os.path.join(d, "leak"), "w").write("x")
+        tried.append(d)
+    except OSError:
+        pass
+open("mine", "w").write("mine")
+print(tried, oct(os.stat("mine").st_mode & 0o777), oct(os.stat(".").st_mode & 0o777))
+"#;
+    let w = s.python(writer).await;
+    assert_eq!(w["stdout"], "[] 0o600 0o700\n", "{w}");
+    let reader = r#"
+import os
+try:
+    print(os.listdir("/tmp"))
+except OSError as e:
+    print("listing /tmp:", e.errno)
+print(os.listdir("."))
+"#;
+    let r = s.python(reader).await;
+    assert_eq!(r["stdout"], "listing /tmp: 13\n[]\n", "{r}");
+    // On the host too: the run's directory is gone, nothing of it left in the root.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let tmp = state.path().join("root-python3/tmp");
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(
+        left.iter().all(|p| p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("run-"))),
+        "{left:?}"
+    );
+    for dir in left {
+        assert_eq!(
+            std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0),
+            0,
+            "{dir:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_disk_a_run_fills_is_bounded_and_named() {
+    let (s, _state) = chroot_server(&[("TMP_SIZE_MB", "8"), ("WORKER_TIMEOUT", "10")]).await;
+    // Many files, each below the per-file limit: only the watch on the directory's size
+    // can stop them.
+    let code = "chunk = b'x' * (1 << 20)\nfor i in range(64):\n    open('f%d' % i, 'wb').write(chunk)\nprint('wrote all')";
+    let data = s.python(code).await;
+    let error = data["error"].as_str().unwrap();
+    assert!(error.contains("disk limit reached"), "{data}");
+    assert!(
+        error.contains("at most 8 MB") && error.contains("tmp_size_mb"),
+        "{data}"
+    );
+    assert_ne!(data["stdout"], "wrote all\n", "{data}");
+    // One file past the size: the per-file limit answers, named the same way.
+    let data = s.python("open('big', 'wb').write(b'x' * (9 << 20))").await;
+    assert!(
+        data["error"]
+            .as_str()
+            .unwrap()
+            .contains("disk limit reached"),
+        "{data}"
+    );
 }

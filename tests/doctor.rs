@@ -39,7 +39,10 @@ const CHECKS: &[&str] = &[
     "python module requests",
     "python module httpx",
     "nodejs",
-    "network guard",
+    "network",
+    "ip_forward",
+    "resolver",
+    "veth",
     "port",
     "pkg-config libseccomp",
     "gcc",
@@ -70,11 +73,26 @@ fn doctor_passes_on_this_host() {
         "state directory",
         "python",
         "nodejs",
-        "network guard",
+        "network",
+        "ip_forward",
+        "resolver",
+        "veth",
         "port",
     ] {
         assert_eq!(find(&v, name)["status"], "ok", "{name}: {v:#}");
     }
+    // What networked runs get, tried for real.
+    assert!(
+        v["network"].as_str().unwrap().starts_with("isolated"),
+        "{v:#}"
+    );
+    assert!(
+        find(&v, "veth")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("created and removed"),
+        "{v:#}"
+    );
     assert!(
         find(&v, "python")["detail"]
             .as_str()
@@ -108,6 +126,7 @@ fn plain_output_is_one_line_per_check_without_colour_off_a_terminal() {
         text.contains("serve would isolate runs with: namespaces"),
         "{text}"
     );
+    assert!(text.contains("networked runs get: isolated"), "{text}");
     assert!(text.contains("all required checks passed"), "{text}");
 }
 

@@ -163,6 +163,44 @@ fn rootless_limits_hold() {
 }
 
 #[test]
+fn a_node_memory_bomb_outside_the_heap_ends_as_a_memory_limit() {
+    let u = User::new();
+    // Buffers live outside V8's heap: its heap flag does not see them, and RLIMIT_AS
+    // cannot be given to Node. The run's resident memory is watched instead.
+    let v = u.json(&[
+        "--memory",
+        "256",
+        "--timeout",
+        "20",
+        "-l",
+        "nodejs",
+        "-e",
+        "const b = []; for (;;) { const x = Buffer.alloc(16 << 20); x.fill(1); b.push(x); }",
+    ]);
+    assert_eq!(v["limit"], "memory", "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("memory limit exceeded"),
+        "{v}"
+    );
+    assert!(v["duration_ms"].as_f64().unwrap_or(1e9) < 15_000.0, "{v}");
+}
+
+#[test]
+fn networked_runs_without_root_are_refused_with_the_reason() {
+    let u = User::new();
+    let o = u.sandbox(&["run", "--network", "-l", "python3", "-e", "print(1)"]);
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("network_isolation: shared") && e.contains("root"),
+        "{e}"
+    );
+}
+
+#[test]
 fn doctor_as_a_user_names_the_rootless_level() {
     let u = User::new();
     let o = u.sandbox(&["doctor", "--json"]);

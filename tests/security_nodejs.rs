@@ -167,7 +167,8 @@ async fn a_memory_bomb_reports_the_memory_limit() {
 
 #[tokio::test]
 async fn an_output_flood_is_cut_at_the_limit() {
-    let s = Server::start(&[("MAX_OUTPUT_BYTES", "500000")]).await;
+    // A timeout well above the time a busy machine needs to fill the memory limit.
+    let s = Server::start(&[("MAX_OUTPUT_BYTES", "500000"), ("WORKER_TIMEOUT", "20")]).await;
     // Writes that let the event loop run reach the pipe: the output limit stops them.
     let data = node(
         &s,

@@ -13,6 +13,7 @@ pub mod network;
 pub mod outcome;
 pub mod plan;
 pub mod warm;
+mod watch;
 pub mod worker;
 
 use std::collections::HashMap;
@@ -27,8 +28,8 @@ pub use outcome::{LimitHit, RunLimits, RunOutcome};
 use plan::PlanInput;
 pub use warm::PoolKey;
 use warm::WarmPool;
-use worker::Worker;
 pub use worker::{Sink, Stream};
+use worker::{Watch, Worker};
 
 use crate::config::Config;
 use crate::deps::Dependencies;
@@ -294,8 +295,18 @@ impl Engine {
         let started = Instant::now();
         let frame = snippet::encode(&req.preload, &req.code);
         let l = &self.limits;
+        let watch = Watch {
+            memory_bytes: self.host.cgroup.is_none().then_some(l.memory_mb << 20),
+            disk_bytes: (self.host.level == IsolationLevel::Chroot).then_some(l.tmp_mb << 20),
+        };
         let collected = worker
-            .run(&frame, l.timeout, l.max_output_bytes, req.sink.clone())
+            .run(
+                &frame,
+                l.timeout,
+                l.max_output_bytes,
+                watch,
+                req.sink.clone(),
+            )
             .await;
         let uid = worker.uid();
         // The process tree is gone; the cgroup, network and uid are freed after the answer.

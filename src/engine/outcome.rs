@@ -16,16 +16,24 @@ pub enum LimitHit {
     Memory,
     Output,
     Processes,
+    Disk,
 }
 
 /// Each limit's note starts with its own phrase; the timeout's note opens `error`
 /// instead of closing it.
-const PHRASES: [(LimitHit, &str); 4] = [
+const PHRASES: [(LimitHit, &str); 5] = [
     (LimitHit::Timeout, "timeout"),
     (LimitHit::Memory, "memory limit exceeded"),
     (LimitHit::Output, "output limit exceeded"),
     (LimitHit::Processes, "process limit reached"),
+    (LimitHit::Disk, "disk limit reached"),
 ];
+
+/// SIGXFSZ: a file grew past RLIMIT_FSIZE (what Node dies of; Python ignores it and
+/// gets EFBIG instead).
+const SIGXFSZ: i32 = 25;
+/// SIGSYS: the seccomp filter's kill action.
+const SIGSYS: i32 = 31;
 
 impl LimitHit {
     pub fn as_str(self) -> &'static str {
@@ -34,6 +42,7 @@ impl LimitHit {
             Self::Memory => "memory",
             Self::Output => "output",
             Self::Processes => "processes",
+            Self::Disk => "disk",
         }
     }
 
@@ -66,6 +75,10 @@ impl LimitHit {
             Self::Processes => format!(
                 "at most {} processes and threads per run",
                 limits.max_processes
+            ),
+            Self::Disk => format!(
+                "/tmp holds at most {} MB per run (tmp_size_mb); writing past it fails with \"No space left on device\" or \"File too large\"",
+                limits.tmp_mb
             ),
         }
     }
@@ -140,12 +153,16 @@ pub fn conclude(
     };
     let mut limit = stopped_for;
     if limit.is_none() && exit_code != 0 {
-        limit = classify_failure(counters, language, stderr);
+        limit = classify_failure(counters, language, stderr, ending);
     }
     if limit == Some(LimitHit::Output) && exit_code == 0 {
         exit_code = 137;
     }
     let mut error = describe_error(exit_code, stderr, limit, limits);
+    if limit.is_none() && ending == Ending::Signaled(SIGSYS) {
+        error.push('\n');
+        error.push_str(SECCOMP_KILL_NOTE);
+    }
     // Another limit stopped the run, but hitting pids.max on the way explains the
     // traceback the user sees ("can't start new thread"): say so too.
     if counters.pids_limit_hit && limit.is_some() && limit != Some(LimitHit::Processes) {
@@ -157,7 +174,12 @@ pub fn conclude(
 
 /// Which limit explains a failed run, from the cgroup's counters or the runtime's own
 /// words when no cgroup is available.
-fn classify_failure(counters: Counters, language: Language, stderr: &str) -> Option<LimitHit> {
+fn classify_failure(
+    counters: Counters,
+    language: Language,
+    stderr: &str,
+    ending: Ending,
+) -> Option<LimitHit> {
     if counters.oom_killed {
         return Some(LimitHit::Memory);
     }
@@ -171,6 +193,14 @@ fn classify_failure(counters: Counters, language: Language, stderr: &str) -> Opt
     if tail.contains("can't start new thread") || tail.contains("Resource temporarily unavailable")
     {
         return Some(LimitHit::Processes);
+    }
+    if ending == Ending::Signaled(SIGXFSZ)
+        || tail.contains("No space left on device")
+        || tail.contains("File too large")
+        || tail.contains("ENOSPC")
+        || tail.contains("EFBIG")
+    {
+        return Some(LimitHit::Disk);
     }
     None
 }
@@ -216,6 +246,9 @@ fn describe_error(
     }
     msg
 }
+
+/// The sentence that explains a run the seccomp filter killed (exit code 159).
+pub const SECCOMP_KILL_NOTE: &str = "sandbox: killed by the seccomp filter (SIGSYS): the snippet made a system call through an ABI the sandbox refuses outright (x32, or 32-bit int 0x80 calls)";
 
 /// The sentence that explains an EPERM in the snippet's own stderr.
 pub const EPERM_NOTE: &str = "sandbox: operation not permitted: the snippet tried something the sandbox forbids \
@@ -377,6 +410,33 @@ mod tests {
     }
 
     #[test]
+    fn a_full_tmp_names_tmp_size_mb() {
+        for (ending, stderr) in [
+            (
+                Ending::Exited(1),
+                "OSError: [Errno 28] No space left on device",
+            ),
+            (Ending::Exited(1), "OSError: [Errno 27] File too large"),
+            (Ending::Signaled(25), ""),
+        ] {
+            let (_, limit, error) = conclude_py(ending, None, Counters::default(), stderr);
+            assert_eq!(limit, Some(LimitHit::Disk), "{stderr}");
+            assert!(
+                error.ends_with("disk limit reached: /tmp holds at most 4 MB per run (tmp_size_mb); writing past it fails with \"No space left on device\" or \"File too large\""),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_seccomp_kill_is_named() {
+        let (code, limit, error) = conclude_py(Ending::Signaled(31), None, Counters::default(), "");
+        assert_eq!((code, limit), (159, None));
+        assert!(error.starts_with("process exited with code 159"), "{error}");
+        assert!(error.ends_with(SECCOMP_KILL_NOTE), "{error}");
+    }
+
+    #[test]
     fn eperm_gets_the_sandboxs_explanation() {
         let (_, limit, error) = conclude_py(
             Ending::Exited(1),
@@ -395,6 +455,7 @@ mod tests {
             let (code, stopped) = match limit {
                 LimitHit::Timeout => (Ending::Killed, Some(limit)),
                 LimitHit::Output => (Ending::Exited(0), Some(limit)),
+                LimitHit::Disk => (Ending::Signaled(25), None),
                 _ => (Ending::Signaled(9), None),
             };
             let counters = Counters {

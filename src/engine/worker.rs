@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use super::RunError;
 use super::outcome::{Counters, Ending, LimitHit};
 use super::warm::Idle;
+use super::watch;
 use crate::isolation::cgroup::RunCgroup;
 use crate::isolation::channel;
 use crate::isolation::helper::HelperReport;
@@ -50,6 +51,15 @@ pub struct Worker {
     /// The run's private directory on the host, under the chroot level (which has no
     /// private tmpfs to vanish with the run).
     chroot_tmp: Option<PathBuf>,
+}
+
+/// The limits a worker enforces by watching (see `watch`), where the kernel does not.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Watch {
+    /// Resident memory of the run's processes (no cgroup).
+    pub memory_bytes: Option<u64>,
+    /// The size of the run's private directory (the chroot level).
+    pub disk_bytes: Option<u64>,
 }
 
 /// What a run left behind, before it is put into words (see `outcome::conclude`).
@@ -129,6 +139,7 @@ impl Worker {
         frame: &[u8],
         timeout: Duration,
         cap: usize,
+        watch: Watch,
         sink: Option<Sink>,
     ) -> Result<Collected, RunError> {
         let overflow = Arc::new(Notify::new());
@@ -161,11 +172,25 @@ impl Worker {
             let _ = status_rd.read_to_string(&mut text).await;
             serde_json::from_str::<HelperReport>(text.trim()).ok()
         };
+        let memory = async {
+            match (watch.memory_bytes, self.child.id()) {
+                (Some(limit), Some(helper)) => watch::memory_over(helper, limit).await,
+                _ => std::future::pending().await,
+            }
+        };
+        let disk = async {
+            match (watch.disk_bytes, &self.chroot_tmp) {
+                (Some(limit), Some(dir)) => watch::disk_over(dir.clone(), limit).await,
+                _ => std::future::pending().await,
+            }
+        };
         let mut stopped_for = None;
         let report = tokio::select! {
             r = talk => r,
             _ = tokio::time::sleep(timeout) => { stopped_for = Some(LimitHit::Timeout); None }
             _ = overflow.notified() => { stopped_for = Some(LimitHit::Output); None }
+            _ = memory => { stopped_for = Some(LimitHit::Memory); None }
+            _ = disk => { stopped_for = Some(LimitHit::Disk); None }
         };
         if stopped_for.is_some() {
             self.kill_tree();

@@ -13,10 +13,15 @@ use super::rootfs::{DEVICES, inside, make_dirs, recreate_symlinks};
 use super::spec::RootPlan;
 
 const MARKER: &str = ".sandbox-root";
+/// Changes when the layout below does, so older roots are rebuilt.
+const LAYOUT: &str = "2";
 
 /// (Re)build `dir` from `plan` unless it already holds this exact plan.
 pub fn prepare(dir: &Path, plan: &RootPlan) -> io::Result<()> {
-    let stamp = serde_json::to_string(plan).map_err(io::Error::other)?;
+    let stamp = format!(
+        "{LAYOUT} {}",
+        serde_json::to_string(plan).map_err(io::Error::other)?
+    );
     if fs::read_to_string(dir.join(MARKER)).ok().as_deref() == Some(stamp.as_str()) {
         return Ok(());
     }
@@ -28,9 +33,13 @@ pub fn prepare(dir: &Path, plan: &RootPlan) -> io::Result<()> {
     for src in &plan.binds {
         copy_tree(src, &inside(dir, src))?;
     }
+    // Runs may enter /tmp but neither list nor create anything in it: each writes only
+    // in its own directory there (made by the helper, 0700), which goes when the run
+    // ends. Nothing else in the root is writable by them (copies keep no group or other
+    // write bits).
     let tmp = dir.join("tmp");
     fs::create_dir_all(&tmp)?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o711))?;
     fs::create_dir_all(dir.join("dev"))?;
     for &(path, major, minor) in DEVICES {
         let node = inside(dir, Path::new(path));

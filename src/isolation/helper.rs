@@ -351,6 +351,8 @@ fn child_setup(
             .map_err(step(Step::MountTmp, dir))?;
             std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
                 .map_err(io_step(Step::MountTmp, dir))?;
+            // What the run creates is its own alone, even if a path leaked out.
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
         }
     }
 

@@ -117,6 +117,62 @@ fn mount_point(root: &Path, src: &Path) -> Result<PathBuf, StepError> {
     Ok(target)
 }
 
+/// Files of /proc that tell a run about the host, not about itself: the kernel's
+/// command line (secrets and infrastructure flags live there), memory, keys, timers,
+/// scheduler and interrupt state. Shown empty. (The masked paths of container runtimes,
+/// and a few more.)
+const MASKED_PROC_FILES: &[&str] = &[
+    "cmdline",
+    "kcore",
+    "keys",
+    "key-users",
+    "kallsyms",
+    "modules",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "latency_stats",
+    "interrupts",
+    "softirqs",
+    "sysrq-trigger",
+];
+
+/// Directories of /proc about the host's hardware and drivers: shown empty.
+const MASKED_PROC_DIRS: &[&str] = &["acpi", "asound", "scsi", "bus", "irq", "driver", "fs"];
+
+/// Cover the masked paths of the run's fresh /proc: /dev/null over files, an empty
+/// read-only tmpfs over directories. Paths this kernel lacks are skipped.
+fn mask_proc(root_dir: &Path, proc_dir: &Path) -> Result<(), StepError> {
+    let null = inside(root_dir, Path::new("/dev/null"));
+    for name in MASKED_PROC_FILES {
+        let target = proc_dir.join(name);
+        if target.exists() {
+            mount(
+                Some(&null),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(step(Step::MountProc, &target))?;
+        }
+    }
+    for name in MASKED_PROC_DIRS {
+        let target = proc_dir.join(name);
+        if target.is_dir() {
+            mount(
+                Some("tmpfs"),
+                &target,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=0"),
+            )
+            .map_err(step(Step::MountProc, &target))?;
+        }
+    }
+    Ok(())
+}
+
 /// Build the root on `root_dir` and pivot into it. Runs in the child, after
 /// unshare(CLONE_NEWNS | CLONE_NEWPID ...) and fork, as root (or, rootless, with every
 /// capability of its own user namespace).
@@ -204,6 +260,7 @@ pub fn enter_private_root(
         None::<&str>,
     )
     .map_err(step(Step::MountProc, &proc_dir))?;
+    mask_proc(root_dir, &proc_dir)?;
 
     // pivot_root(".", ".") stacks the old root on top of the new one; detaching it
     // leaves only the new root visible.

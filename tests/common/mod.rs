@@ -185,11 +185,11 @@ impl Server {
 
 impl Drop for Server {
     /// SIGTERM first, so the server removes what it set up on the host (its network
-    /// guard table); SIGKILL when it has not stopped within two seconds.
+    /// table, runs' interfaces); SIGKILL when it has not stopped within ten seconds.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = nix_kill(self.child.id(), "TERM");
-            let deadline = Instant::now() + Duration::from_secs(2);
+            let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = self.child.try_wait() {
                     return;
