@@ -54,6 +54,9 @@ pub(super) struct RawConfig {
     pub isolation: Option<String>,
     pub extra_syscalls: Option<Vec<serde_yaml::Value>>,
     pub network_deny: Option<Vec<String>>,
+    pub header_read_timeout: Option<u64>,
+    pub keepalive_timeout: Option<u64>,
+    pub max_connections: Option<usize>,
     /// Whatever the file holds beyond the keys above: warned about, not fatal.
     #[serde(flatten)]
     pub unknown: BTreeMap<String, serde_yaml::Value>,
