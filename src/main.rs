@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     // anything starts a thread (the helper forks).
     let args: Vec<String> = std::env::args().collect();
     match (args.get(1).map(String::as_str), args.get(2)) {
-        (Some("__exec"), Some(spec)) => return exit(isolation::helper::main(spec)),
+        (Some("__exec"), _) => return exit(isolation::helper::main()),
         (Some("__probe"), Some(dir)) => return exit(isolation::detect::probe_main(dir)),
         (Some("__probe-chroot"), _) => return exit(isolation::detect::probe_chroot_main()),
         _ => {}

@@ -8,6 +8,7 @@ use clap::Args;
 
 use crate::api;
 use crate::engine::Engine;
+use crate::engine::network::RunNetwork;
 use crate::runtime::Language;
 
 #[derive(Debug, Args)]
@@ -31,12 +32,14 @@ pub fn execute(args: ServeArgs) -> anyhow::Result<()> {
             1024
         }
     };
-    let engine = Arc::new(Engine::build(config)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(engine, nofile))
+    runtime.block_on(async {
+        let engine = Arc::new(Engine::build(config).await?);
+        serve(engine, nofile).await
+    })
 }
 
 async fn serve(engine: Arc<Engine>, nofile: u64) -> anyhow::Result<()> {
@@ -48,18 +51,7 @@ async fn serve(engine: Arc<Engine>, nofile: u64) -> anyhow::Result<()> {
             tracing::warn!("no writable cgroup: memory and process limits fall back to rlimits")
         }
     }
-    match &engine.net_guard {
-        Ok(Some(guard)) => tracing::info!(
-            table = guard.table(),
-            denied = %config.network_deny.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "),
-            "network guard: networked runs cannot reach these addresses"
-        ),
-        Ok(None) => {}
-        Err(e) => tracing::warn!(
-            error = %e,
-            "no network guard: networked runs can reach the host's loopback services and cloud metadata addresses"
-        ),
-    }
+    log_network(&engine.network);
     for lang in Language::ALL {
         match engine.runtime(lang) {
             Ok(rt) => {
@@ -124,4 +116,24 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
     }
     tracing::info!("shutting down: draining in-flight runs");
+}
+
+/// The network level, loudly when runs share the host's network or get none.
+fn log_network(network: &RunNetwork) {
+    let level = network.describe();
+    match network {
+        RunNetwork::Off | RunNetwork::Isolated(_) => tracing::info!(%level, "network"),
+        RunNetwork::Host {
+            guard: Some(_),
+            requested: false,
+        } => tracing::info!(%level, "network"),
+        RunNetwork::Host { .. } => tracing::warn!(
+            %level,
+            "network: NETWORKED RUNS SHARE THIS HOST'S NETWORK (network_isolation: shared)"
+        ),
+        RunNetwork::Unavailable(_) => tracing::error!(
+            %level,
+            "network: NETWORKED RUNS ARE REFUSED until this is fixed"
+        ),
+    }
 }

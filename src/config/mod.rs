@@ -2,6 +2,7 @@
 //! `Config`. The environment is passed in as a map so tests need not touch the process
 //! environment. `serde_yaml` is used here only.
 
+mod network;
 mod raw;
 mod values;
 
@@ -11,7 +12,8 @@ use std::time::Duration;
 
 use raw::RawConfig;
 
-use values::{Env, extra_syscalls, list_setting, network_deny, one_of, parse_syscall_list};
+pub use network::{AllowRule, NetworkIsolation, NetworkSettings};
+use values::{Env, extra_syscalls, list_setting, one_of, parse_syscall_list};
 
 /// The key Dify and the original sandbox ship with: public, so only fit for a port that
 /// nobody else can reach.
@@ -100,9 +102,8 @@ pub struct Config {
     pub metrics_auth: bool,
     /// `text` or `json` log lines.
     pub log_json: bool,
-    /// Destinations networked runs may not reach (loopback, link-local, cloud metadata by
-    /// default); empty = no guard.
-    pub network_deny: Vec<ipnet::IpNet>,
+    /// How networked runs are isolated and what they may reach.
+    pub network: NetworkSettings,
     /// Force the chroot level even where namespaces are available.
     pub force_chroot: bool,
     /// How long a client may take to send a request's headers, from connecting or from
@@ -227,7 +228,16 @@ impl Config {
                 .unwrap_or(false),
             allowed_syscalls: syscalls,
             extra_syscalls: extra_syscalls(e.string("EXTRA_SYSCALLS"), raw.extra_syscalls)?,
-            network_deny: network_deny(e.string("NETWORK_DENY"), raw.network_deny)?,
+            network: network::settings(
+                network::RawNetwork {
+                    isolation: raw.network_isolation,
+                    subnet: raw.network_subnet,
+                    deny: raw.network_deny,
+                    allow: raw.network_allow,
+                    dns: raw.network_dns,
+                },
+                &e,
+            )?,
             python_pip_mirror_url: e
                 .string("PIP_MIRROR_URL")
                 .or(raw.python_pip_mirror_url)

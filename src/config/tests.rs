@@ -2,15 +2,17 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::values::{DEFAULT_NETWORK_DENY, Env};
+use super::network::DEFAULT_NETWORK_DENY;
+use super::values::Env;
 use super::*;
 
 #[test]
 fn network_deny_defaults_parses_and_names_bad_values() {
     let c = Config::from_yaml("", Path::new("c.yaml"), &env(&[])).expect("loads");
-    assert_eq!(c.network_deny.len(), DEFAULT_NETWORK_DENY.len());
+    assert_eq!(c.network.deny.len(), DEFAULT_NETWORK_DENY.len());
     assert!(
-        c.network_deny
+        c.network
+            .deny
             .iter()
             .any(|n| n.contains(&"169.254.169.254".parse::<std::net::IpAddr>().unwrap()))
     );
@@ -20,10 +22,10 @@ fn network_deny_defaults_parses_and_names_bad_values() {
         &env(&[]),
     )
     .expect("loads");
-    assert_eq!(c.network_deny[1].to_string(), "192.0.2.7/32");
+    assert_eq!(c.network.deny[1].to_string(), "192.0.2.7/32");
     let c =
         Config::from_yaml("", Path::new("c.yaml"), &env(&[("NETWORK_DENY", "")])).expect("loads");
-    assert!(c.network_deny.is_empty());
+    assert!(c.network.deny.is_empty());
     let e = env_error(&[("NETWORK_DENY", "127.0.0.0/8,localhost")]);
     assert!(e.contains("NETWORK_DENY") && e.contains("localhost"), "{e}");
     let e = Config::from_yaml(

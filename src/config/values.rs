@@ -83,40 +83,6 @@ pub(super) fn one_of(
     }
 }
 
-/// What networked runs may not reach unless the operator says otherwise: the host's own
-/// services (loopback; 0.0.0.0 reaches them too), link-local addresses, where the cloud
-/// metadata services live (169.254.169.254, fd00:ec2::254).
-pub const DEFAULT_NETWORK_DENY: &[&str] = &[
-    "127.0.0.0/8",
-    "0.0.0.0/8",
-    "169.254.0.0/16",
-    "::1/128",
-    "fe80::/10",
-    "fd00:ec2::254/128",
-];
-
-/// `network_deny` from the environment (comma list; empty = none) or the file (list).
-pub(super) fn network_deny(
-    env: Option<String>,
-    file: Option<Vec<String>>,
-) -> Result<Vec<ipnet::IpNet>, ConfigError> {
-    list_setting(
-        ("NETWORK_DENY", "network_deny"),
-        env,
-        file,
-        DEFAULT_NETWORK_DENY,
-        |item| {
-            // A bare address means just that address.
-            item.parse::<ipnet::IpNet>()
-                .or_else(|_| item.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                .map_err(|_| {
-                    "expected an address or a CIDR block such as 169.254.0.0/16 or fe80::/10"
-                        .to_string()
-                })
-        },
-    )
-}
-
 /// `extra_syscalls` from the environment (comma list) or the file (list), by name or
 /// number, resolved now so a typo stops the server at start.
 pub(super) fn extra_syscalls(

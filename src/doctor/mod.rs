@@ -27,7 +27,7 @@ use host::{
     state_dir_check,
 };
 use interpreters::interpreter_checks;
-use network::network_guard_check;
+use network::network_checks;
 use packages::PackageManager;
 use services::{docker_check, port_check};
 
@@ -58,6 +58,8 @@ pub(crate) struct Report {
     isolation: Option<String>,
     /// Why `serve` could not start, when it could not.
     isolation_error: Option<String>,
+    /// What networked runs get, in words (`None` when the host could not be judged).
+    network: Option<String>,
     /// No check failed.
     pub(crate) ok: bool,
 }
@@ -85,6 +87,7 @@ pub(crate) fn run_checks(config_path: Option<&Path>) -> Report {
             checks,
             isolation: None,
             isolation_error: Some("the configuration does not load".into()),
+            network: None,
             ok: false,
         };
     };
@@ -107,16 +110,18 @@ pub(crate) fn run_checks(config_path: Option<&Path>) -> Report {
     checks.extend(isolation_checks(host_report));
     checks.push(state);
     checks.extend(interpreter_checks(&config, pm));
-    checks.push(network_guard_check(&config, host_report.root, pm));
-    checks.push(port_check(config.port));
-    checks.extend(build_checks(pm));
-    checks.push(docker_check(pm));
-    let (isolation, isolation_error) = match detect::decide(
+    let decided = detect::decide(
         probe,
         config
             .force_chroot
             .then_some(crate::isolation::spec::IsolationLevel::Chroot),
-    ) {
+    );
+    let (network_checks, network) = network_checks(&config, decided.as_ref().ok(), pm);
+    checks.extend(network_checks);
+    checks.push(port_check(config.port));
+    checks.extend(build_checks(pm));
+    checks.push(docker_check(pm));
+    let (isolation, isolation_error) = match decided {
         Ok(host) => (Some(host.level.describe().to_string()), None),
         Err(e) => (None, Some(e.to_string())),
     };
@@ -127,5 +132,6 @@ pub(crate) fn run_checks(config_path: Option<&Path>) -> Report {
         checks,
         isolation,
         isolation_error,
+        network,
     }
 }

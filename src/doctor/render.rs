@@ -41,6 +41,9 @@ pub(crate) fn render(report: &Report, colour: bool) -> String {
         (None, Some(e)) => out.push_str(&format!("serve could not start here: {e}\n")),
         (None, None) => out.push_str("serve could not start here\n"),
     }
+    if let Some(network) = &report.network {
+        out.push_str(&format!("networked runs get: {network}\n"));
+    }
     let failed = report
         .checks
         .iter()
@@ -73,6 +76,7 @@ mod tests {
             ],
             isolation: None,
             isolation_error: Some("not root".into()),
+            network: None,
             ok: false,
         };
         let plain = render(&report, false);

@@ -9,14 +9,14 @@ use std::sync::atomic::{AtomicI64, AtomicU64};
 
 use tokio::sync::Semaphore;
 
+use super::network::RunNetwork;
 use super::outcome::RunLimits;
 use super::warm::WarmPool;
 use super::{Engine, RUN_PREFIX};
 use crate::config::Config;
 use crate::deps::{Dependencies, DepsError};
 use crate::isolation::chroot_root;
-use crate::isolation::detect::{self, DetectError, Host};
-use crate::isolation::netguard::{self, NetGuard};
+use crate::isolation::detect::{self, DetectError};
 use crate::isolation::spec::IsolationLevel;
 use crate::isolation::uids::{SANDBOX_UIDS, UidError, UidPool};
 use crate::runtime::{DiscoveryError, Language, Runtime, nodejs, python};
@@ -57,8 +57,9 @@ impl BuildError {
 
 impl Engine {
     /// Everything a server or a local run needs, from `config`. Networked runs are
-    /// prepared only when `config.enable_network` is set.
-    pub fn build(config: Config) -> Result<Self, BuildError> {
+    /// prepared only when `config.enable_network` is set. Must run inside a tokio
+    /// runtime (the network's netlink connection and DNS relay live on it).
+    pub async fn build(config: Config) -> Result<Self, BuildError> {
         let state = config.state();
         let mount_point = state.mount_point();
         std::fs::create_dir_all(&mount_point).map_err(|source| BuildError::StateDir {
@@ -94,7 +95,8 @@ impl Engine {
             }
         }
         let uids = UidPool::new(&state.uid_leases(), SANDBOX_UIDS)?;
-        let net_guard = network_guard(&config, &host, &uids);
+        let network =
+            RunNetwork::build(&config, &host, uids.range(), |uid| uids.is_held(uid)).await;
         if let Some(cg) = &host.cgroup {
             cg.remove_stale(RUN_PREFIX);
         }
@@ -116,7 +118,7 @@ impl Engine {
             counter: AtomicU64::new(0),
             queued: AtomicI64::new(0),
             deps,
-            net_guard,
+            network,
             tasks: tokio_util::task::TaskTracker::new(),
         })
     }
@@ -156,22 +158,4 @@ fn discover_runtimes(
         }
     }
     Ok(map)
-}
-
-/// The network guard, when runs may use the network and something is denied. Rootless
-/// runs cannot have one (no root for nftables, and their uid is the caller's).
-fn network_guard(config: &Config, host: &Host, uids: &UidPool) -> Result<Option<NetGuard>, String> {
-    let rootless = host.level == IsolationLevel::Rootless;
-    if !rootless {
-        netguard::remove_stale_tables();
-    }
-    if !config.enable_network || config.network_deny.is_empty() {
-        return Ok(None);
-    }
-    if rootless {
-        return Err("not root: networked runs reach whatever the caller's user can".into());
-    }
-    NetGuard::install(&config.network_deny, uids.range())
-        .map(Some)
-        .map_err(|e| e.to_string())
 }

@@ -9,6 +9,7 @@
 //! - `warm`: the pool of warm, single-use workers.
 
 mod build;
+pub mod network;
 pub mod outcome;
 pub mod plan;
 pub mod warm;
@@ -33,7 +34,6 @@ use crate::config::Config;
 use crate::deps::Dependencies;
 use crate::isolation::cgroup::CgroupError;
 use crate::isolation::detect::Host;
-use crate::isolation::netguard::NetGuard;
 use crate::isolation::spec::IsolationLevel;
 use crate::isolation::uids::{UidError, UidPool};
 use crate::isolation::{rootfs, snippet};
@@ -57,6 +57,8 @@ pub enum RunError {
     LanguageUnavailable(Language, String),
     #[error("network is disabled, please enable it in the configuration")]
     NetworkDisabled,
+    #[error("this server cannot give runs a network: {0}")]
+    NetworkUnavailable(String),
     #[error(transparent)]
     Uid(#[from] UidError),
     #[error(
@@ -91,9 +93,8 @@ pub struct Engine {
     queued: AtomicI64,
     /// Extra Python packages (None when Python is unavailable).
     pub deps: Option<Arc<Dependencies>>,
-    /// What networked runs may not reach: `Ok(None)` when nothing is guarded (no network,
-    /// or `network_deny` empty), `Err` with the reason when the guard could not be set.
-    pub net_guard: Result<Option<NetGuard>, String>,
+    /// How networked runs reach the network.
+    pub network: network::RunNetwork,
     /// Background work that must finish before the server exits: warm workers being
     /// started, clean-up after runs.
     tasks: tokio_util::task::TaskTracker,
@@ -147,12 +148,11 @@ impl Engine {
         if self.warm.target() == 0 {
             return;
         }
+        // Networked workers only where networked runs can be served.
+        let network = self.config.enable_network && self.network.available();
         for language in Language::ALL {
             if self.runtime(language).is_ok() {
-                self.warm.want(PoolKey {
-                    language,
-                    network: self.config.enable_network,
-                });
+                self.warm.want(PoolKey { language, network });
             }
         }
         let engine = Arc::clone(self);
@@ -173,7 +173,7 @@ impl Engine {
             for key in self.warm.missing() {
                 let engine = Arc::clone(&self);
                 self.tasks.spawn(async move {
-                    match engine.spawn_worker(key) {
+                    match engine.spawn_worker(key).await {
                         Ok(worker) => engine.warm.put(key, worker),
                         Err(e) => {
                             tracing::error!(error = %e, language = %key.language, "cannot start a warm worker");
@@ -198,6 +198,9 @@ impl Engine {
         if req.network && !self.config.enable_network {
             return Err(RunError::NetworkDisabled);
         }
+        if let (true, network::RunNetwork::Unavailable(reason)) = (req.network, &self.network) {
+            return Err(RunError::NetworkUnavailable(reason.clone()));
+        }
         Ok(())
     }
 
@@ -221,7 +224,7 @@ impl Engine {
                 other => return other,
             }
         }
-        let worker = self.spawn_worker(key)?;
+        let worker = self.spawn_worker(key).await?;
         match self.run_worker(worker, &req).await {
             Err(RunError::EndedBeforeCode) => Err(RunError::Setup(
                 "the interpreter exited before it could read the snippet; check that it starts \
@@ -233,7 +236,7 @@ impl Engine {
     }
 
     /// Start a sandbox and its interpreter; the snippet is sent later by `run_worker`.
-    fn spawn_worker(&self, key: PoolKey) -> Result<Worker, RunError> {
+    async fn spawn_worker(&self, key: PoolKey) -> Result<Worker, RunError> {
         let runtime = self.runtime(key.language)?;
         let lease = self.uids.acquire()?;
         let run_no = self.counter.fetch_add(1, Ordering::Relaxed);
@@ -246,22 +249,40 @@ impl Engine {
             )?),
             None => None,
         };
+        let net = match self
+            .network
+            .prepare(lease.uid, key.network, &self.config.proxy)
+            .await
+        {
+            Ok(net) => net,
+            Err(e) => {
+                if let Some(cg) = cgroup {
+                    cg.remove();
+                }
+                return Err(e);
+            }
+        };
         let spec = plan::plan(PlanInput {
             level: self.host.level,
             mmap_min_addr: self.host.report.mmap_min_addr,
             state: &self.state,
             runtime,
             limits: &self.limits,
-            network: key.network,
+            network: net.setup,
+            resolv_conf: net.resolv_conf,
             uid: lease.uid,
             cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
-            proxy: &self.config.proxy,
+            proxy: &net.proxy,
             allowed_syscalls: &self.config.allowed_syscalls,
             extra_syscalls: &self.config.extra_syscalls,
         });
         let chroot_tmp = (spec.level == IsolationLevel::Chroot)
             .then(|| rootfs::inside(&spec.root_dir, &spec.workdir));
-        Worker::spawn(&spec, lease, cgroup, chroot_tmp)
+        let (netns, net_lease) = match net.netns {
+            Some(n) => (Some(n.fd), Some(n.lease)),
+            None => (None, None),
+        };
+        Worker::spawn(&spec, netns, lease, net_lease, cgroup, chroot_tmp)
     }
 
     /// Send the snippet to `worker`, collect its output under the limits, clean up.
@@ -277,7 +298,7 @@ impl Engine {
             .run(&frame, l.timeout, l.max_output_bytes, req.sink.clone())
             .await;
         let uid = worker.uid();
-        // The process tree is gone; the cgroup and uid are freed after the answer.
+        // The process tree is gone; the cgroup, network and uid are freed after the answer.
         self.tasks.spawn(worker.release());
         let c = collected?;
         let stderr = String::from_utf8_lossy(&c.stderr).into_owned();

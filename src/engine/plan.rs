@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use super::outcome::RunLimits;
 use crate::config::Proxy;
-use crate::isolation::spec::{IsolationLevel, Limits, SandboxSpec};
+use crate::isolation::spec::{IsolationLevel, Limits, NetworkSetup, SandboxSpec};
 use crate::runtime::Runtime;
 use crate::state::StateDir;
 
@@ -23,10 +23,13 @@ pub struct PlanInput<'a> {
     pub state: &'a StateDir,
     pub runtime: &'a Runtime,
     pub limits: &'a RunLimits,
-    pub network: bool,
+    pub network: NetworkSetup,
+    /// The run's own /etc/resolv.conf, when its network needs one.
+    pub resolv_conf: Option<String>,
     pub uid: u32,
     /// The run cgroup's `cgroup.procs` files; empty when the host has no usable cgroup.
     pub cgroup_procs: Vec<PathBuf>,
+    /// The proxies as this run reaches them (a loopback proxy through its gateway).
     pub proxy: &'a Proxy,
     pub allowed_syscalls: &'a [i64],
     pub extra_syscalls: &'a [i64],
@@ -48,8 +51,19 @@ pub fn plan(p: PlanInput<'_>) -> SandboxSpec {
         "LANG=C.UTF-8".to_string(),
     ];
     env.extend(p.runtime.env.iter().cloned());
-    if p.network {
+    if p.network.networked() {
         env.extend(proxy_env(p.proxy));
+    }
+    let mut root_files = vec![(
+        PathBuf::from("/etc/passwd"),
+        format!(
+            "root:x:0:0:root:/:/nonexistent\nsandbox:x:{uid}:{uid}:sandbox:{home}:/nonexistent\n",
+            uid = p.uid,
+            home = workdir.display()
+        ),
+    )];
+    if let Some(text) = p.resolv_conf {
+        root_files.push((PathBuf::from("/etc/resolv.conf"), text));
     }
     let l = p.limits;
     let cgroup = !p.cgroup_procs.is_empty();
@@ -60,6 +74,7 @@ pub fn plan(p: PlanInput<'_>) -> SandboxSpec {
         uid: p.uid,
         gid: p.uid,
         network: p.network,
+        root_files,
         limits: Limits {
             address_space_bytes: p.runtime.address_space_limit(l.memory_mb, cgroup),
             max_processes: l.max_processes,
@@ -138,7 +153,7 @@ mod tests {
     struct Case {
         level: IsolationLevel,
         language: Language,
-        network: bool,
+        network: NetworkSetup,
         cgroup: bool,
     }
 
@@ -158,6 +173,7 @@ mod tests {
             runtime: &rt,
             limits: &l,
             network: c.network,
+            resolv_conf: (c.network == NetworkSetup::Own).then(|| "nameserver 10.213.0.1\n".into()),
             uid: 10007,
             cgroup_procs: if c.cgroup {
                 vec![PathBuf::from("/sys/fs/cgroup/run/cgroup.procs")]
@@ -179,7 +195,7 @@ mod tests {
         let spec = plan_for(Case {
             level: IsolationLevel::Namespaces,
             language: Language::Python3,
-            network: false,
+            network: NetworkSetup::Offline,
             cgroup: true,
         });
         assert_eq!(spec.root_dir, Path::new("/state/rootfs"));
@@ -191,6 +207,14 @@ mod tests {
         assert_eq!(spec.limits.max_processes, 16);
         assert_eq!(spec.extra_syscalls, vec![309]);
         assert!(env_has(&spec, "EXTRA=1"), "the runtime's own variables");
+        assert_eq!(
+            spec.root_files[0],
+            (
+                PathBuf::from("/etc/passwd"),
+                "root:x:0:0:root:/:/nonexistent\nsandbox:x:10007:10007:sandbox:/tmp:/nonexistent\n"
+                    .into()
+            )
+        );
     }
 
     #[test]
@@ -198,7 +222,7 @@ mod tests {
         let spec = plan_for(Case {
             level: IsolationLevel::Chroot,
             language: Language::Nodejs,
-            network: false,
+            network: NetworkSetup::Offline,
             cgroup: false,
         });
         assert_eq!(spec.root_dir, Path::new("/state/root-nodejs"));
@@ -211,7 +235,7 @@ mod tests {
         let offline = plan_for(Case {
             level: IsolationLevel::Namespaces,
             language: Language::Python3,
-            network: false,
+            network: NetworkSetup::Offline,
             cgroup: true,
         });
         assert!(
@@ -223,10 +247,23 @@ mod tests {
         let online = plan_for(Case {
             level: IsolationLevel::Namespaces,
             language: Language::Python3,
-            network: true,
+            network: NetworkSetup::Own,
             cgroup: true,
         });
-        assert!(online.network);
+        assert!(online.network.networked());
+        assert!(
+            online.root_files.contains(&(
+                PathBuf::from("/etc/resolv.conf"),
+                "nameserver 10.213.0.1\n".into()
+            )),
+            "a run of its own network resolves through its gateway"
+        );
+        assert!(
+            !offline
+                .root_files
+                .iter()
+                .any(|(p, _)| p.ends_with("resolv.conf"))
+        );
         assert!(env_has(&online, "HTTP_PROXY=http://proxy:3128"));
         assert!(env_has(&online, "http_proxy=http://proxy:3128"));
         assert!(
@@ -241,7 +278,7 @@ mod tests {
             plan_for(Case {
                 level: IsolationLevel::Namespaces,
                 language,
-                network: false,
+                network: NetworkSetup::Offline,
                 cgroup,
             })
         };
@@ -269,7 +306,7 @@ mod tests {
         let spec = plan_for(Case {
             level: IsolationLevel::Rootless,
             language: Language::Python3,
-            network: false,
+            network: NetworkSetup::Offline,
             cgroup: false,
         });
         assert_eq!(spec.root_dir, Path::new("/state/rootfs"));

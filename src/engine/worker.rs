@@ -2,7 +2,7 @@
 //! for the snippet, and the protocol to talk to it (send the frame, read the capped
 //! output, read the helper's report).
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -15,7 +15,9 @@ use super::RunError;
 use super::outcome::{Counters, Ending, LimitHit};
 use super::warm::Idle;
 use crate::isolation::cgroup::RunCgroup;
+use crate::isolation::channel;
 use crate::isolation::helper::HelperReport;
+use crate::isolation::net::netns::NetLease;
 use crate::isolation::spec::SandboxSpec;
 use crate::isolation::uids::UidLease;
 
@@ -42,6 +44,8 @@ pub struct Worker {
     stdout: Option<tokio::process::ChildStdout>,
     stderr: Option<tokio::process::ChildStderr>,
     cgroup: Option<RunCgroup>,
+    /// The run's network on the host (its own namespace's veth pair).
+    network: Option<NetLease>,
     lease: UidLease,
     /// The run's private directory on the host, under the chroot level (which has no
     /// private tmpfs to vanish with the run).
@@ -59,21 +63,27 @@ pub struct Collected {
 }
 
 impl Worker {
-    /// Start the helper for `spec`; the interpreter waits for its snippet from then on.
-    /// The cgroup and lease are the worker's from here: they are freed with it.
+    /// Start the helper for `spec` (and `netns`, the run's own network namespace); the
+    /// interpreter waits for its snippet from then on. The cgroup, network and leases are
+    /// the worker's from here: they are freed with it.
     pub fn spawn(
         spec: &SandboxSpec,
+        netns: Option<OwnedFd>,
         lease: UidLease,
+        network: Option<NetLease>,
         cgroup: Option<RunCgroup>,
         chroot_tmp: Option<PathBuf>,
     ) -> Result<Self, RunError> {
         let started = (|| {
-            let spec_json =
-                serde_json::to_string(spec).map_err(|e| RunError::Setup(e.to_string()))?;
+            let spec_json = serde_json::to_vec(spec).map_err(|e| RunError::Setup(e.to_string()))?;
             let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(RunError::Spawn)?;
+            // Sent before the helper starts: the socket's buffer holds it, and the spec
+            // never appears on a command line.
+            channel::send_spec(&ours, &spec_json, netns.as_ref().map(|f| f.as_fd()))
+                .map_err(RunError::Spawn)?;
+            drop(netns);
             let child = tokio::process::Command::new(HELPER)
                 .arg("__exec")
-                .arg(spec_json)
                 .env_clear()
                 .stdin(Stdio::from(OwnedFd::from(theirs)))
                 .stdout(Stdio::piped())
@@ -92,12 +102,16 @@ impl Worker {
                 child,
                 channel,
                 cgroup,
+                network,
                 lease,
                 chroot_tmp,
             }),
             Err(e) => {
                 if let Some(cg) = cgroup {
                     cg.remove();
+                }
+                if let Some(net) = network {
+                    tokio::spawn(net.release());
                 }
                 Err(e)
             }
@@ -193,11 +207,14 @@ impl Worker {
         }
     }
 
-    /// After the process tree is gone: remove the cgroup and private files, then give
-    /// the uid back (dropping the lease last).
+    /// After the process tree is gone: remove the cgroup, the network and private files,
+    /// then give the uid back (dropping the lease last).
     pub async fn release(mut self) {
         if let Some(cg) = self.cgroup.take() {
             let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
+        }
+        if let Some(net) = self.network.take() {
+            net.release().await;
         }
         if let Some(dir) = self.chroot_tmp.take() {
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
@@ -220,6 +237,12 @@ impl Drop for Worker {
         if let Some(cg) = self.cgroup.take() {
             let _ = self.child.start_kill();
             std::thread::spawn(move || cg.remove());
+        }
+        if let Some(net) = self.network.take() {
+            let _ = self.child.start_kill();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(net.release());
+            }
         }
     }
 }

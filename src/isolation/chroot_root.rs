@@ -24,7 +24,7 @@ pub fn prepare(dir: &Path, plan: &RootPlan) -> io::Result<()> {
         fs::remove_dir_all(dir)?;
     }
     make_dirs(dir).map_err(io::Error::other)?;
-    recreate_symlinks(dir, plan).map_err(io::Error::other)?;
+    recreate_symlinks(dir, plan, &[]).map_err(io::Error::other)?;
     for src in &plan.binds {
         copy_tree(src, &inside(dir, src))?;
     }

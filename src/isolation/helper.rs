@@ -15,7 +15,7 @@ use std::path::Path;
 
 use nix::fcntl::{OFlag, open};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sched::{CloneFlags, unshare};
+use nix::sched::{CloneFlags, setns, unshare};
 use nix::sys::prctl;
 use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::Signal;
@@ -26,9 +26,10 @@ use nix::unistd::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::channel;
 use super::rootfs;
-use super::seccomp::{self, FilterOptions};
-use super::spec::{IsolationLevel, SandboxSpec};
+use super::seccomp::{self, FilterOptions, SocketPolicy};
+use super::spec::{IsolationLevel, NetworkSetup, SandboxSpec};
 use super::step::{Step, StepError, io_step, step};
 use super::sys;
 use super::userns;
@@ -68,8 +69,9 @@ impl From<StepError> for HelperReport {
     }
 }
 
-/// Entry point of `sandbox __exec <spec-json>`. Returns the helper's exit code.
-pub fn main(spec_json: &str) -> i32 {
+/// Entry point of `sandbox __exec`: the spec comes first on stdin (see `channel`).
+/// Returns the helper's exit code.
+pub fn main() -> i32 {
     let mut channel = match std::io::stdin().as_fd().try_clone_to_owned() {
         Ok(fd) => UnixStream::from(fd),
         Err(e) => {
@@ -77,11 +79,13 @@ pub fn main(spec_json: &str) -> i32 {
             return 125;
         }
     };
-    let report = match serde_json::from_str::<SandboxSpec>(spec_json) {
-        Ok(spec) => run(&spec, &mut channel),
-        Err(e) => HelperReport::SetupFailed {
-            message: format!("invalid helper spec: {e}"),
-        },
+    let report = match channel::recv_spec(&channel).and_then(|(json, netns)| {
+        serde_json::from_slice::<SandboxSpec>(&json)
+            .map(|spec| (spec, netns))
+            .map_err(|e| format!("invalid helper spec: {e}"))
+    }) {
+        Ok((spec, netns)) => run(&spec, netns, &mut channel),
+        Err(message) => HelperReport::SetupFailed { message },
     };
     let mut line = serde_json::to_string(&report).unwrap_or_else(|_| "{}".to_string());
     line.push('\n');
@@ -98,7 +102,14 @@ fn setup_failed(step: Step, what: &str, e: nix::errno::Errno) -> HelperReport {
     StepError::new(step, what, e.desc()).into()
 }
 
-fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
+fn run(spec: &SandboxSpec, netns: Option<OwnedFd>, channel: &mut UnixStream) -> HelperReport {
+    let netns = match (spec.network, netns) {
+        (NetworkSetup::Own, None) => {
+            return StepError::new(Step::Network, "the run's namespace", "not received").into();
+        }
+        (NetworkSetup::Own, fd) => fd,
+        _ => None,
+    };
     if let Err(e) = join_cgroups(spec) {
         return e.into();
     }
@@ -135,7 +146,7 @@ fn run(spec: &SandboxSpec, channel: &mut UnixStream) -> HelperReport {
         Ok(ForkResult::Child) => {
             drop(err_read);
             drop(code_ours);
-            child(spec, OwnedFd::from(code_theirs), err_write)
+            child(spec, netns, OwnedFd::from(code_theirs), err_write)
         }
         Ok(ForkResult::Parent { child }) => {
             drop(err_write);
@@ -270,7 +281,7 @@ fn limit(resource: Resource, value: u64, name: &str) -> Result<(), StepError> {
 /// The forked child: jail itself step by step and exec the interpreter. A step that
 /// fails is written to the error pipe, which is moved first to where no later step
 /// closes it.
-fn child(spec: &SandboxSpec, code: OwnedFd, err: OwnedFd) -> ! {
+fn child(spec: &SandboxSpec, netns: Option<OwnedFd>, code: OwnedFd, err: OwnedFd) -> ! {
     let err = match sys::move_fd(err, ERROR_FD, true) {
         Ok(moved) => moved,
         Err((original, errno)) => {
@@ -278,7 +289,7 @@ fn child(spec: &SandboxSpec, code: OwnedFd, err: OwnedFd) -> ! {
             report_setup_error(original, &e)
         }
     };
-    match child_setup(spec, code) {
+    match child_setup(spec, netns, code) {
         Ok(never) => match never {},
         Err(e) => report_setup_error(err, &e),
     }
@@ -291,7 +302,11 @@ fn report_setup_error(pipe: OwnedFd, e: &StepError) -> ! {
 
 enum Never {}
 
-fn child_setup(spec: &SandboxSpec, code: OwnedFd) -> Result<Never, StepError> {
+fn child_setup(
+    spec: &SandboxSpec,
+    netns: Option<OwnedFd>,
+    code: OwnedFd,
+) -> Result<Never, StepError> {
     prctl::set_pdeathsig(Signal::SIGKILL)
         .map_err(step(Step::Descriptors, Path::new("pdeathsig")))?;
     // A session of its own: no controlling terminal, no process group shared with the
@@ -303,17 +318,23 @@ fn child_setup(spec: &SandboxSpec, code: OwnedFd) -> Result<Never, StepError> {
         IsolationLevel::Namespaces | IsolationLevel::Rootless => {
             let mut flags =
                 CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
-            if !spec.network {
+            if spec.network == NetworkSetup::Offline {
                 flags |= CloneFlags::CLONE_NEWNET;
             }
             unshare(flags)
                 .map_err(|e| StepError::new(Step::Unshare, format!("{flags:?}"), e.desc()))?;
+            if let Some(ns) = &netns {
+                setns(ns, CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| StepError::new(Step::Network, "setns", e.desc()))?;
+            }
+            drop(netns);
             sethostname("sandbox").map_err(step(Step::Hostname, Path::new("sandbox")))?;
-            let passwd = format!(
-                "root:x:0:0:root:/:/nonexistent\nsandbox:x:{}:{}:sandbox:/tmp:/nonexistent\n",
-                spec.uid, spec.gid
-            );
-            rootfs::enter_private_root(&spec.root_dir, &spec.root, spec.limits.tmp_bytes, &passwd)?;
+            rootfs::enter_private_root(
+                &spec.root_dir,
+                &spec.root,
+                spec.limits.tmp_bytes,
+                &spec.root_files,
+            )?;
         }
         IsolationLevel::Chroot => {
             chroot(&spec.root_dir).map_err(step(Step::Chroot, &spec.root_dir))?;
@@ -402,7 +423,7 @@ fn child_setup(spec: &SandboxSpec, code: OwnedFd) -> Result<Never, StepError> {
     prctl::set_no_new_privs().map_err(|e| StepError::new(Step::NoNewPrivs, "prctl", e.desc()))?;
     seccomp::apply(&FilterOptions {
         profile: spec.profile,
-        network: spec.network,
+        sockets: SocketPolicy::for_network(spec.network),
         allowed_syscalls: &spec.allowed_syscalls,
         extra_syscalls: &spec.extra_syscalls,
         exec_path,

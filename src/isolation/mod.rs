@@ -1,10 +1,11 @@
 //! Everything that jails a run. `sys` is the only module allowed `unsafe`.
 
 pub mod cgroup;
+pub mod channel;
 pub mod chroot_root;
 pub mod detect;
 pub mod helper;
-pub mod netguard;
+pub mod net;
 pub mod rootfs;
 pub mod seccomp;
 pub mod snippet;

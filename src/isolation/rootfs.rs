@@ -83,9 +83,14 @@ fn bind_readonly(src: &Path, target: &Path, allow_dev: bool) -> Result<(), StepE
         .map_err(step(Step::BindMount, target))
 }
 
-/// The plan's symbolic links, recreated under `root` with their parent directories.
-pub fn recreate_symlinks(root: &Path, plan: &RootPlan) -> Result<(), StepError> {
-    for (link, target) in &plan.symlinks {
+/// The plan's symbolic links, recreated under `root` with their parent directories;
+/// those at a path in `except` are left out.
+pub fn recreate_symlinks(root: &Path, plan: &RootPlan, except: &[&Path]) -> Result<(), StepError> {
+    for (link, target) in plan
+        .symlinks
+        .iter()
+        .filter(|(l, _)| !except.contains(&l.as_path()))
+    {
         let at = inside(root, link);
         if let Some(parent) = at.parent() {
             make_dirs(parent)?;
@@ -119,7 +124,7 @@ pub fn enter_private_root(
     root_dir: &Path,
     plan: &RootPlan,
     tmp_bytes: u64,
-    passwd: &str,
+    files: &[(PathBuf, String)],
 ) -> Result<(), StepError> {
     // Nothing we mount may propagate back to the host.
     mount(
@@ -155,8 +160,14 @@ pub fn enter_private_root(
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777))
         .map_err(io_step(Step::MountTmp, &tmp))?;
 
-    recreate_symlinks(root_dir, plan)?;
-    let mut binds: Vec<&PathBuf> = plan.binds.iter().collect();
+    // The generated files take the place of whatever the plan has at their paths.
+    let generated: Vec<&Path> = files.iter().map(|(p, _)| p.as_path()).collect();
+    recreate_symlinks(root_dir, plan, &generated)?;
+    let mut binds: Vec<&PathBuf> = plan
+        .binds
+        .iter()
+        .filter(|b| !generated.contains(&b.as_path()))
+        .collect();
     binds.sort();
     for src in binds {
         let target = mount_point(root_dir, src)?;
@@ -170,11 +181,16 @@ pub fn enter_private_root(
         }
     }
 
-    let etc = inside(root_dir, Path::new("/etc"));
-    make_dirs(&etc)?;
-    let passwd_path = etc.join("passwd");
-    if fs::symlink_metadata(&passwd_path).is_err() {
-        fs::write(&passwd_path, passwd).map_err(io_step(Step::CreateRoot, &passwd_path))?;
+    for (path, text) in files {
+        // A directory bound over the file's place is read-only: it keeps the host's.
+        if plan.binds.iter().any(|b| path.starts_with(b) && b != path) {
+            continue;
+        }
+        let at = inside(root_dir, path);
+        if let Some(parent) = at.parent() {
+            make_dirs(parent)?;
+        }
+        fs::write(&at, text).map_err(io_step(Step::CreateRoot, &at))?;
     }
 
     let proc_dir = inside(root_dir, Path::new("/proc"));

@@ -1,6 +1,7 @@
 //! What the server hands to the `__exec` helper: everything needed to jail one run.
-//! Plain data, serialised as JSON on the helper's command line; the snippet itself
-//! never travels here (it comes through the helper's stdin).
+//! Plain data, sent as JSON over the helper's stdin socket before anything else (never
+//! on its command line, where any user of the host could read it with `ps`); the
+//! snippet itself comes later on the same socket.
 
 use std::path::PathBuf;
 
@@ -10,8 +11,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IsolationLevel {
-    /// mount, pid, ipc, uts (and net when the run has no network) namespaces, a
-    /// read-only bind-mounted root, pivot_root.
+    /// mount, pid, ipc, uts and net namespaces, a read-only bind-mounted root,
+    /// pivot_root.
     Namespaces,
     /// No namespaces (an unprivileged container): chroot into a copied root.
     Chroot,
@@ -35,6 +36,25 @@ impl IsolationLevel {
                 "rootless: user namespace + mount, pid, ipc, uts, net + pivot_root + seccomp (one uid, rlimits instead of cgroups)"
             }
         }
+    }
+}
+
+/// The network namespace a run's processes live in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkSetup {
+    /// An empty namespace of its own (no network): loopback only, down.
+    Offline,
+    /// A namespace of its own prepared by the server (a veth pair to the host); its
+    /// descriptor comes with the spec.
+    Own,
+    /// The server's own network namespace (the chroot level, or shared by request).
+    Host,
+}
+
+impl NetworkSetup {
+    pub fn networked(self) -> bool {
+        !matches!(self, Self::Offline)
     }
 }
 
@@ -74,7 +94,10 @@ pub struct SandboxSpec {
     pub root: RootPlan,
     pub uid: u32,
     pub gid: u32,
-    pub network: bool,
+    pub network: NetworkSetup,
+    /// Files written into the private root (over what the plan binds at the same
+    /// place): `/etc/passwd`, a networked run's `/etc/resolv.conf`.
+    pub root_files: Vec<(PathBuf, String)>,
     pub limits: Limits,
     /// `cgroup.procs` files the helper writes its pid into before anything else.
     pub cgroup_procs: Vec<PathBuf>,

@@ -60,6 +60,15 @@ impl UidPool {
         self.range.clone()
     }
 
+    /// Whether some process (this one included) holds the lease of `uid`.
+    pub fn is_held(&self, uid: u32) -> bool {
+        let path = self.dir.join(uid.to_string());
+        let Ok(file) = OpenOptions::new().write(true).open(&path) else {
+            return false;
+        };
+        Flock::lock(file, FlockArg::LockExclusiveNonblock).is_err()
+    }
+
     pub fn acquire(&self) -> Result<UidLease, UidError> {
         let count = self.range.len() as u32;
         for _ in 0..count {

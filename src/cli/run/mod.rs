@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
+use crate::engine::network::RunNetwork;
 use crate::engine::{Engine, RunError, RunRequest, Sink, Stream};
 use input::read_code;
 use remote::run_remote;
@@ -175,12 +176,6 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     // Without --network nothing of the network needs preparing.
     config.enable_network &= args.network;
     config.max_workers = 1;
-    let engine = Engine::build(config)?;
-    if let Err(e) = &engine.net_guard {
-        eprintln!(
-            "sandbox: warning: no network guard ({e}): the run can reach the host's loopback services and cloud metadata addresses"
-        );
-    }
     let sink: Option<Sink> = (!args.json).then(|| {
         Arc::new(|stream: Stream, bytes: &[u8]| {
             // A closed terminal or pipe must not stop the run; its result still counts.
@@ -197,6 +192,13 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let engine = rt.block_on(Engine::build(config))?;
+    if let (true, RunNetwork::Host { guard: None, .. }) = (args.network, &engine.network) {
+        eprintln!(
+            "sandbox: warning: the run shares this host's network unguarded ({})",
+            engine.network.describe()
+        );
+    }
     let outcome = rt
         .block_on(engine.execute(RunRequest {
             language,

@@ -5,7 +5,7 @@ use libseccomp::{
 };
 
 use super::policy;
-use crate::isolation::spec::Profile;
+use crate::isolation::spec::{NetworkSetup, Profile};
 use crate::isolation::sys;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,10 +22,45 @@ pub enum SeccompApplyError {
     Load(#[source] SeccompError),
 }
 
+/// Which sockets a run may create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketPolicy {
+    /// IPv4 and IPv6 sockets (runs with network).
+    pub inet: bool,
+    /// `socket(AF_UNIX)`: only in a network namespace of the run's own, since abstract
+    /// Unix socket names belong to the network namespace.
+    pub unix: bool,
+    /// `socketpair()` of stream sockets only: in the host's network namespace a datagram
+    /// pair could `sendto` any abstract name of the host.
+    pub stream_pairs_only: bool,
+}
+
+impl SocketPolicy {
+    pub fn for_network(network: NetworkSetup) -> Self {
+        match network {
+            NetworkSetup::Offline => Self {
+                inet: false,
+                unix: true,
+                stream_pairs_only: false,
+            },
+            NetworkSetup::Own => Self {
+                inet: true,
+                unix: true,
+                stream_pairs_only: false,
+            },
+            NetworkSetup::Host => Self {
+                inet: true,
+                unix: false,
+                stream_pairs_only: true,
+            },
+        }
+    }
+}
+
 /// What the filter must allow beyond the profile's table.
 pub struct FilterOptions<'a> {
     pub profile: Profile,
-    pub network: bool,
+    pub sockets: SocketPolicy,
     /// Non-empty: replaces the plain allow-lists (the operator's `allowed_syscalls`).
     pub allowed_syscalls: &'a [i64],
     /// Added to whichever plain allow-list applies (the operator's `extra_syscalls`).
@@ -80,22 +115,18 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
             .map_err(rule_err(&format!("syscall number {nr}")))?;
     }
 
-    if opts.network {
-        for (name, _why) in policy::NETWORK {
-            allow(&mut ctx, name)?;
-        }
+    for (name, _why) in policy::SOCKETS {
+        allow(&mut ctx, name)?;
     }
-    // Which socket families `socket()` may create. With network: IP only. A run with
-    // network shares the host's network namespace, where AF_UNIX would reach the host's
-    // abstract sockets (container runtimes listen on some) and AF_NETLINK its routing
-    // and audit interfaces. Without network: AF_UNIX only, inside an empty namespace.
-    let families: &[i32] = if opts.network {
-        &[libc::AF_INET, libc::AF_INET6]
-    } else {
-        &[libc::AF_UNIX]
-    };
+    let mut families = Vec::new();
+    if opts.sockets.unix {
+        families.push(libc::AF_UNIX);
+    }
+    if opts.sockets.inet {
+        families.extend([libc::AF_INET, libc::AF_INET6]);
+    }
     if let Some(socket) = resolve("socket") {
-        for &family in families {
+        for family in families {
             ctx.add_rule_conditional(
                 ScmpAction::Allow,
                 socket,
@@ -103,6 +134,24 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
             )
             .map_err(rule_err("socket"))?;
         }
+    }
+    // socketpair() makes AF_UNIX pairs only (asyncio's self-pipe, libuv's signal pipe).
+    if let Some(socketpair) = resolve("socketpair") {
+        let mut conditions = vec![ScmpArgCompare::new(
+            0,
+            ScmpCompareOp::Equal,
+            libc::AF_UNIX as u64,
+        )];
+        if opts.sockets.stream_pairs_only {
+            // The type's low bits; SOCK_CLOEXEC and SOCK_NONBLOCK ride above them.
+            conditions.push(ScmpArgCompare::new(
+                1,
+                ScmpCompareOp::MaskedEqual(0xf),
+                libc::SOCK_STREAM as u64,
+            ));
+        }
+        ctx.add_rule_conditional(ScmpAction::Allow, socketpair, &conditions)
+            .map_err(rule_err("socketpair"))?;
     }
 
     for (name, _why) in policy::ENOSYS {
@@ -200,7 +249,7 @@ mod tests {
             .iter()
             .chain(policy::NODEJS)
             .chain(policy::PYTHON)
-            .chain(policy::NETWORK)
+            .chain(policy::SOCKETS)
             .chain(policy::ENOSYS)
         {
             assert!(!why.is_empty(), "{name} has no reason");
@@ -243,7 +292,7 @@ mod tests {
             .iter()
             .chain(policy::NODEJS)
             .chain(policy::PYTHON)
-            .chain(policy::NETWORK)
+            .chain(policy::SOCKETS)
         {
             assert!(
                 !forbidden.contains(name),
@@ -255,10 +304,10 @@ mod tests {
     #[test]
     fn filters_build_for_every_profile() {
         for profile in [Profile::Python, Profile::Nodejs] {
-            for network in [false, true] {
+            for network in [NetworkSetup::Offline, NetworkSetup::Own, NetworkSetup::Host] {
                 let opts = FilterOptions {
                     profile,
-                    network,
+                    sockets: SocketPolicy::for_network(network),
                     allowed_syscalls: &[],
                     extra_syscalls: &[],
                     exec_path: 0x1000,
@@ -269,7 +318,7 @@ mod tests {
         let custom = [0i64, 1, 60, 231];
         build(&FilterOptions {
             profile: Profile::Python,
-            network: false,
+            sockets: SocketPolicy::for_network(NetworkSetup::Offline),
             allowed_syscalls: &custom,
             extra_syscalls: &[239],
             exec_path: 0x1000,

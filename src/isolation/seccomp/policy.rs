@@ -156,7 +156,6 @@ pub const NODEJS: &[(&str, &str)] = &[
         "V8 code space; cannot be executed because RLIMIT_NOFILE keeps it below the exec descriptor",
     ),
     ("statx", "fs.stat"),
-    ("socketpair", "libuv's internal signal pipe"),
 ];
 
 /// Extra syscalls the Python runtime uses beyond the common set.
@@ -166,12 +165,12 @@ pub const PYTHON: &[(&str, &str)] = &[
     ("epoll_wait", "selectors/asyncio"),
     ("epoll_pwait", "selectors/asyncio"),
     ("eventfd2", "asyncio wakeups"),
-    ("socketpair", "asyncio self-pipe (AF_UNIX pair; no network)"),
 ];
 
-/// Socket syscalls, allowed only when the run enables network. `socket()` itself is
-/// allowed per address family (see apply.rs).
-pub const NETWORK: &[(&str, &str)] = &[
+/// Socket syscalls. Every run may use them, on what it may create: `socket()` and
+/// `socketpair()` are allowed per address family and type (see apply.rs), and a run
+/// without network has only an empty namespace of its own to use them in.
+pub const SOCKETS: &[(&str, &str)] = &[
     ("connect", "outbound connections"),
     ("bind", "local ports"),
     ("listen", "servers on loopback"),
@@ -205,7 +204,7 @@ pub const ENOSYS: &[(&str, &str)] = &[
 
 /// System calls whose rules are fixed: `allowed_syscalls` and `extra_syscalls` cannot
 /// open them, because the jail depends on them (no exec, no processes, no raising
-/// limits, network by family, no io_uring around seccomp).
+/// limits, sockets by family, no io_uring around seccomp).
 pub const FIXED: &[&str] = &[
     "execve",
     "execveat",
@@ -215,6 +214,7 @@ pub const FIXED: &[&str] = &[
     "clone3",
     "prlimit64",
     "socket",
+    "socketpair",
     "io_uring_setup",
     "io_uring_enter",
     "io_uring_register",

@@ -1,0 +1,220 @@
+//! The network settings of runs: how networked runs are isolated, the addresses they
+//! get, and what they may and may not reach.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::{IpNet, Ipv4Net};
+
+use super::ConfigError;
+use super::values::{Env, list_setting, one_of};
+
+/// How networked runs reach the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkIsolation {
+    /// The strongest the host allows: a network namespace of its own per run, joined to
+    /// the host by a veth pair and NAT; refused when that cannot be set up.
+    Auto,
+    /// The host's own network namespace, as the original service does (asked for
+    /// explicitly; logged loudly).
+    Shared,
+}
+
+/// A destination networked runs may reach when an allow-list is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowRule {
+    pub net: IpNet,
+    /// A port or an inclusive range; `None` for every port.
+    pub ports: Option<(u16, u16)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSettings {
+    pub isolation: NetworkIsolation,
+    /// Where runs' own addresses come from: a /30 per sandbox uid.
+    pub subnet: Ipv4Net,
+    /// What networked runs may not reach, on top of what is always denied (the host's
+    /// own addresses, loopback, link-local and multicast).
+    pub deny: Vec<IpNet>,
+    /// When not empty, the only destinations networked runs may reach (proxies and DNS
+    /// excepted).
+    pub allow: Vec<AllowRule>,
+    /// The resolvers runs' DNS queries are relayed to; empty: those of /etc/resolv.conf.
+    pub dns: Vec<IpAddr>,
+}
+
+/// What networked runs may not reach unless the operator says otherwise: the host's own
+/// services (loopback; 0.0.0.0 reaches them too), link-local addresses, where the cloud
+/// metadata services live (169.254.169.254, fd00:ec2::254).
+pub const DEFAULT_NETWORK_DENY: &[&str] = &[
+    "127.0.0.0/8",
+    "0.0.0.0/8",
+    "169.254.0.0/16",
+    "::1/128",
+    "fe80::/10",
+    "fd00:ec2::254/128",
+];
+
+/// Runs' addresses: rarely routed anywhere, and big enough for a /30 per sandbox uid.
+pub const DEFAULT_NETWORK_SUBNET: &str = "10.213.0.0/20";
+
+/// Addresses for 1000 uids, four each.
+const SMALLEST_SUBNET_PREFIX: u8 = 20;
+
+pub(super) struct RawNetwork {
+    pub isolation: Option<String>,
+    pub subnet: Option<String>,
+    pub deny: Option<Vec<String>>,
+    pub allow: Option<Vec<String>>,
+    pub dns: Option<Vec<String>>,
+}
+
+pub(super) fn settings(raw: RawNetwork, e: &Env) -> Result<NetworkSettings, ConfigError> {
+    let isolation = match one_of(
+        e.string("NETWORK_ISOLATION").or(raw.isolation),
+        "network_isolation",
+        &["auto", "shared"],
+    )?
+    .as_str()
+    {
+        "shared" => NetworkIsolation::Shared,
+        _ => NetworkIsolation::Auto,
+    };
+    let subnet_text = e
+        .string("NETWORK_SUBNET")
+        .or(raw.subnet)
+        .unwrap_or_else(|| DEFAULT_NETWORK_SUBNET.to_string());
+    let subnet = parse_subnet(&subnet_text).map_err(|reason| ConfigError::Value {
+        key: "network_subnet".into(),
+        value: subnet_text.clone(),
+        reason,
+    })?;
+    Ok(NetworkSettings {
+        isolation,
+        subnet,
+        deny: list_setting(
+            ("NETWORK_DENY", "network_deny"),
+            e.string("NETWORK_DENY"),
+            raw.deny,
+            DEFAULT_NETWORK_DENY,
+            parse_net,
+        )?,
+        allow: list_setting(
+            ("NETWORK_ALLOW", "network_allow"),
+            e.string("NETWORK_ALLOW"),
+            raw.allow,
+            &[],
+            parse_allow,
+        )?,
+        dns: list_setting(
+            ("NETWORK_DNS", "network_dns"),
+            e.string("NETWORK_DNS"),
+            raw.dns,
+            &[],
+            |s| {
+                s.parse::<IpAddr>()
+                    .map_err(|_| "expected a resolver's address such as 10.0.0.2".to_string())
+            },
+        )?,
+    })
+}
+
+fn parse_subnet(text: &str) -> Result<Ipv4Net, String> {
+    let net: Ipv4Net = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected an IPv4 block such as {DEFAULT_NETWORK_SUBNET}"))?;
+    if net.prefix_len() > SMALLEST_SUBNET_PREFIX {
+        return Err(format!(
+            "a /{} is too small: runs need a /30 each for 1000 uids, a /{SMALLEST_SUBNET_PREFIX} or larger",
+            net.prefix_len()
+        ));
+    }
+    if net.network() == Ipv4Addr::UNSPECIFIED || net.addr().is_loopback() {
+        return Err("choose a private block that no route of this host uses".into());
+    }
+    Ok(net.trunc())
+}
+
+/// An address (just that address) or a CIDR block.
+fn parse_net(item: &str) -> Result<IpNet, String> {
+    item.parse::<IpNet>()
+        .or_else(|_| item.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            "expected an address or a CIDR block such as 169.254.0.0/16 or fe80::/10".to_string()
+        })
+}
+
+/// `NET`, `NET:PORT` or `NET:FIRST-LAST`, with NET an IPv4 address or block (runs
+/// have IPv4 only).
+fn parse_allow(item: &str) -> Result<AllowRule, String> {
+    let usage = "expected an IPv4 address or block, optionally with :PORT or :FIRST-LAST, such as 203.0.113.0/24:443";
+    let (net, ports) = match item.rsplit_once(':') {
+        Some((net, ports)) => (net, Some(ports)),
+        None => (item, None),
+    };
+    let net = parse_net(net).map_err(|_| usage.to_string())?;
+    if !matches!(net, IpNet::V4(_)) {
+        return Err(format!("{usage}; runs have no IPv6"));
+    }
+    let ports = match ports {
+        None => None,
+        Some(p) => {
+            let (first, last) = p.split_once('-').unwrap_or((p, p));
+            let parse = |s: &str| s.trim().parse::<u16>().map_err(|_| usage.to_string());
+            let (first, last) = (parse(first)?, parse(last)?);
+            if first == 0 || first > last {
+                return Err(usage.to_string());
+            }
+            Some((first, last))
+        }
+    };
+    Ok(AllowRule { net, ports })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_rules_take_addresses_blocks_and_ports() {
+        assert_eq!(
+            parse_allow("203.0.113.0/24").unwrap(),
+            AllowRule {
+                net: "203.0.113.0/24".parse().unwrap(),
+                ports: None
+            }
+        );
+        assert_eq!(
+            parse_allow("198.51.100.7:443").unwrap().ports,
+            Some((443, 443))
+        );
+        assert_eq!(
+            parse_allow("10.0.0.0/8:8000-8100").unwrap().ports,
+            Some((8000, 8100))
+        );
+        for bad in [
+            "example.com",
+            "10.0.0.0/8:0",
+            "10.0.0.1:9-8",
+            "::1",
+            "1.2.3.4:x",
+        ] {
+            assert!(parse_allow(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_subnet_must_hold_every_uid() {
+        assert_eq!(
+            parse_subnet("10.213.5.0/20").unwrap(),
+            "10.213.0.0/20".parse::<Ipv4Net>().unwrap()
+        );
+        assert!(
+            parse_subnet("10.213.0.0/24")
+                .unwrap_err()
+                .contains("too small")
+        );
+        assert!(parse_subnet("127.0.0.0/8").is_err());
+        assert!(parse_subnet("fd00::/64").is_err());
+    }
+}

@@ -1,0 +1,95 @@
+//! The start of the worker channel (the helper's stdin socket): the spec, framed as a
+//! little-endian `u32` length and that many bytes of JSON, with the run's network
+//! namespace passed alongside (SCM_RIGHTS) when it has one. The snippet follows later on
+//! the same socket (see `snippet`), and the helper's report goes back on it.
+
+use std::io::{IoSlice, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+
+use super::sys;
+
+/// A spec larger than this is refused: nothing legitimate comes close.
+const MAX_SPEC_BYTES: usize = 16 << 20;
+
+/// Send `spec` (JSON) and `fd` on a blocking socket.
+pub fn send_spec(
+    socket: &UnixStream,
+    spec: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+) -> std::io::Result<()> {
+    let len = u32::try_from(spec.len())
+        .map_err(|_| std::io::Error::other("the spec is too large"))?
+        .to_le_bytes();
+    let fds: Vec<i32> = fd.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&fds)]
+    };
+    // The descriptor rides on the length; the rest is an ordinary stream.
+    let sent = sendmsg::<()>(
+        socket.as_raw_fd(),
+        &[IoSlice::new(&len)],
+        &cmsgs,
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    if sent != len.len() {
+        return Err(std::io::Error::other("the spec's length was cut short"));
+    }
+    std::io::Write::write_all(&mut &*socket, spec)
+}
+
+/// Receive what `send_spec` sent: the spec's bytes and the descriptor, if any.
+pub fn recv_spec(socket: &UnixStream) -> Result<(Vec<u8>, Option<OwnedFd>), String> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    let mut fd = None;
+    while got < len.len() {
+        let (n, passed) = sys::recv_with_fd(socket.as_fd(), &mut len[got..])
+            .map_err(|e| format!("reading the spec's length: {}", e.desc()))?;
+        if n == 0 {
+            return Err("the server closed the channel before sending the spec".into());
+        }
+        fd = fd.or(passed);
+        got += n;
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_SPEC_BYTES {
+        return Err(format!("a spec of {len} bytes is refused"));
+    }
+    let mut spec = vec![0u8; len];
+    (&*socket)
+        .read_exact(&mut spec)
+        .map_err(|e| format!("reading the spec: {e}"))?;
+    Ok((spec, fd))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn the_spec_and_its_descriptor_arrive_together_and_the_stream_goes_on() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        let file = std::fs::File::open("/proc/self/exe").expect("a file to pass");
+        send_spec(&a, b"{\"x\":1}", Some(file.as_fd())).expect("send");
+        (&a).write_all(b"snippet").expect("more");
+        let (spec, fd) = recv_spec(&b).expect("receive");
+        assert_eq!(spec, b"{\"x\":1}");
+        let fd = fd.expect("the descriptor");
+        let same = |f: &std::fs::File| std::os::unix::fs::MetadataExt::ino(&f.metadata().unwrap());
+        assert_eq!(same(&std::fs::File::from(fd)), same(&file));
+        let mut rest = [0u8; 7];
+        (&b).read_exact(&mut rest).expect("the rest");
+        assert_eq!(&rest, b"snippet");
+        send_spec(&a, b"{}", None).expect("send without a descriptor");
+        assert!(recv_spec(&b).expect("receive").1.is_none());
+    }
+}

@@ -1,0 +1,289 @@
+//! A networked run's network namespace: created by the server before the run's helper
+//! starts (so it costs the request nothing), joined to the host by a veth pair whose
+//! host end is `sbx<uid>`, with the run's address, a default route through its gateway,
+//! a loopback of its own and no IPv6. The helper's child joins it with setns(2); it is
+//! destroyed with the last process in it, and its host end is deleted explicitly when
+//! the run is released.
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
+use std::ops::Range;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use nix::sched::{CloneFlags, unshare};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use super::addressing::{IFNAME_PREFIX, RUN_PREFIX_LEN, RunAddress, uid_of_interface};
+use super::conntrack;
+
+/// The run's end of its veth pair.
+const RUN_IFNAME: &str = "eth0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("uid {0} has no address in network_subnet; widen network_subnet")]
+    NoAddress(u32),
+    #[error("cannot create a network namespace: {0}")]
+    Namespace(String),
+    #[error("{step} failed: {source}")]
+    Netlink {
+        step: &'static str,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("{0} is missing after it was created")]
+    Missing(String),
+    #[error("cannot set {path}: {source}")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn netlink(step: &'static str) -> impl FnOnce(rtnetlink::Error) -> NetnsError {
+    move |source| NetnsError::Netlink { step, source }
+}
+
+/// A prepared namespace, waiting for its run.
+pub struct RunNetns {
+    /// The namespace itself (`/proc/<tid>/ns/net` of the thread that made it).
+    pub fd: OwnedFd,
+    /// What the run's network holds on the host, until released.
+    pub lease: NetLease,
+}
+
+/// A run's veth pair and conntrack entries on the host: `release` removes them.
+pub struct NetLease {
+    host: Handle,
+    pub address: RunAddress,
+}
+
+impl NetLease {
+    /// Undo what the run's network left on the host: its veth pair (deleting the host
+    /// end deletes both) and its conntrack entries. Call once every process of the run
+    /// is gone.
+    pub async fn release(self) {
+        remove_link(&self.host, &self.address.host_if).await;
+        let mark = self.address.ct_mark;
+        let flushed = tokio::task::spawn_blocking(move || conntrack::flush_mark(mark)).await;
+        if let Ok(Err(e)) = flushed {
+            tracing::warn!(error = %e, uid = self.address.uid, "cannot forget a run's connections");
+        }
+    }
+}
+
+/// Makes and removes runs' namespaces through the host's rtnetlink.
+pub struct Plumbing {
+    host: Handle,
+    subnet: Ipv4Net,
+    uids: Range<u32>,
+}
+
+impl Plumbing {
+    /// Must run inside a tokio runtime: the host's netlink connection is spawned on it.
+    pub fn new(subnet: Ipv4Net, uids: Range<u32>) -> Result<Self, NetnsError> {
+        let (connection, host, _) = rtnetlink::new_connection()
+            .map_err(|e| NetnsError::Namespace(format!("netlink socket: {e}")))?;
+        tokio::spawn(connection);
+        Ok(Self { host, subnet, uids })
+    }
+
+    pub fn address_of(&self, uid: u32) -> Result<RunAddress, NetnsError> {
+        RunAddress::of(uid, &self.uids, self.subnet).ok_or(NetnsError::NoAddress(uid))
+    }
+
+    /// A namespace for the run of `uid`, plumbed and ready.
+    pub async fn create(&self, uid: u32) -> Result<RunNetns, NetnsError> {
+        let address = self.address_of(uid)?;
+        // A previous run of this uid whose namespace the kernel has not destroyed yet.
+        self.remove_link(&address.host_if).await;
+        let (fd, inside) = new_namespace().await?;
+        match self.plumb(&fd, &inside, &address).await {
+            Ok(()) => Ok(RunNetns {
+                fd,
+                lease: NetLease {
+                    host: self.host.clone(),
+                    address,
+                },
+            }),
+            Err(e) => {
+                self.remove_link(&address.host_if).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn plumb(&self, ns: &OwnedFd, inside: &Handle, a: &RunAddress) -> Result<(), NetnsError> {
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(RUN_IFNAME)
+            .setns_by_fd(ns.as_raw_fd())
+            .build();
+        let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(a.host_if.clone())
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        self.host
+            .link()
+            .add(veth)
+            .execute()
+            .await
+            .map_err(netlink("creating the veth pair"))?;
+        let host_end = index_of(&self.host, &a.host_if).await?;
+        // route_localnet: the gateway's DNS and loopback proxies are translated to
+        // 127.0.0.1, which the kernel otherwise refuses from a non-loopback interface.
+        let conf = format!("/proc/sys/net/ipv4/conf/{}/route_localnet", a.host_if);
+        sysctl(&conf, "1")?;
+        let _ = sysctl(
+            &format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", a.host_if),
+            "1",
+        );
+        self.host
+            .address()
+            .add(host_end, IpAddr::V4(a.gateway), RUN_PREFIX_LEN)
+            .execute()
+            .await
+            .map_err(netlink("addressing the host end"))?;
+        self.host
+            .link()
+            .set(LinkUnspec::new_with_index(host_end).up().build())
+            .execute()
+            .await
+            .map_err(netlink("bringing the host end up"))?;
+
+        let lo = index_of(inside, "lo").await?;
+        let eth = index_of(inside, RUN_IFNAME).await?;
+        inside
+            .link()
+            .set(LinkUnspec::new_with_index(lo).up().build())
+            .execute()
+            .await
+            .map_err(netlink("bringing the run's loopback up"))?;
+        inside
+            .address()
+            .add(eth, IpAddr::V4(a.address), RUN_PREFIX_LEN)
+            .execute()
+            .await
+            .map_err(netlink("addressing the run's end"))?;
+        inside
+            .link()
+            .set(LinkUnspec::new_with_index(eth).up().build())
+            .execute()
+            .await
+            .map_err(netlink("bringing the run's end up"))?;
+        inside
+            .route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .gateway(a.gateway)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(netlink("adding the run's default route"))?;
+        Ok(())
+    }
+
+    async fn remove_link(&self, name: &str) {
+        remove_link(&self.host, name).await;
+    }
+
+    /// Run interfaces on the host, by uid.
+    pub async fn run_interfaces(&self) -> Vec<u32> {
+        let mut links = self.host.link().get().execute();
+        let mut uids = Vec::new();
+        while let Ok(Some(link)) = links.try_next().await {
+            let name = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            });
+            if let Some(uid) = name.as_deref().and_then(uid_of_interface) {
+                uids.push(uid);
+            }
+        }
+        uids
+    }
+
+    /// Remove the interfaces and connections of runs whose uid nobody holds any more (a
+    /// server killed before it could clean up).
+    pub async fn remove_stale(&self, held: impl Fn(u32) -> bool) -> usize {
+        let mut removed = 0;
+        for uid in self.run_interfaces().await {
+            if held(uid) {
+                continue;
+            }
+            if let Ok(address) = self.address_of(uid) {
+                NetLease {
+                    host: self.host.clone(),
+                    address,
+                }
+                .release()
+                .await;
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+/// Whether `name` is a run's host end.
+pub fn is_run_interface(name: &str) -> bool {
+    name.starts_with(IFNAME_PREFIX) && uid_of_interface(name).is_some()
+}
+
+async fn remove_link(host: &Handle, name: &str) {
+    if let Ok(index) = index_of(host, name).await {
+        let _ = host.link().del(index).execute().await;
+    }
+}
+
+async fn index_of(handle: &Handle, name: &str) -> Result<u32, NetnsError> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(link)) => Ok(link.header.index),
+        _ => Err(NetnsError::Missing(name.to_string())),
+    }
+}
+
+fn sysctl(path: &str, value: &str) -> Result<(), NetnsError> {
+    std::fs::write(path, value).map_err(|source| NetnsError::Sysctl {
+        path: path.to_string(),
+        source,
+    })
+}
+
+/// A fresh network namespace and a netlink handle inside it. Made on a thread of its own
+/// that ends right after: a namespace is a per-thread property, and no thread of the
+/// async runtime may be left in it.
+async fn new_namespace() -> Result<(OwnedFd, Handle), NetnsError> {
+    let runtime = tokio::runtime::Handle::current();
+    let made = tokio::task::spawn_blocking(move || {
+        std::thread::spawn(move || {
+            unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare: {}", e.desc()))?;
+            // Runs have IPv4 only: no link-local IPv6 address to reach the host end by.
+            for key in ["all", "default"] {
+                let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/disable_ipv6"), "1");
+            }
+            let fd: OwnedFd = File::open("/proc/thread-self/ns/net")
+                .map_err(|e| format!("/proc/thread-self/ns/net: {e}"))?
+                .into();
+            // The socket belongs to the namespace it is created in: this one. It is
+            // registered with the server's runtime, which drives it from then on.
+            let _runtime = runtime.enter();
+            let (connection, handle, _) =
+                rtnetlink::new_connection().map_err(|e| format!("netlink socket: {e}"))?;
+            Ok::<_, String>((fd, connection, handle))
+        })
+        .join()
+        .map_err(|_| "the namespace thread panicked".to_string())?
+    })
+    .await
+    .map_err(|e| NetnsError::Namespace(e.to_string()))?
+    .map_err(NetnsError::Namespace)?;
+    let (fd, connection, handle) = made;
+    tokio::spawn(connection);
+    Ok((fd, handle))
+}
