@@ -7,12 +7,18 @@
 //!                         inside its own mount namespace
 //!   root-<language>/      the copied root runs chroot into (chroot level only)
 //!   python-packages/      extra Python packages, one generation per install
-//!   uids/                 one lock file per sandbox uid (leases)
+//!   uids/                 uid leases, without root only (see `uid_leases`)
 //! ```
+//!
+//! As root, uid leases live in `/run/sandbox/uids` whatever `state_dir` says: every
+//! server on the host must see every lease, or two of them would hand out one uid.
 
 use std::path::PathBuf;
 
 use crate::runtime::Language;
+
+/// Where root's servers lease sandbox uids, shared by all of them on the host.
+pub const HOST_UID_LEASES: &str = "/run/sandbox/uids";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateDir(PathBuf);
@@ -32,9 +38,15 @@ impl StateDir {
         self.0.join(format!("root-{language}"))
     }
 
-    /// Lock files of the uid leases (see `isolation::uids`).
-    pub fn uid_leases(&self) -> PathBuf {
-        self.0.join("uids")
+    /// Lock files of the uid leases (see `isolation::uids`): host-wide as root; without
+    /// root a run's uid exists only inside its own user namespace, so the state
+    /// directory will do.
+    pub fn uid_leases(&self, root: bool) -> PathBuf {
+        if root {
+            PathBuf::from(HOST_UID_LEASES)
+        } else {
+            self.0.join("uids")
+        }
     }
 
     /// Extra Python packages (see `deps`).
@@ -61,5 +73,7 @@ mod tests {
             s.python_packages(),
             Path::new("/var/lib/sandbox/python-packages")
         );
+        assert_eq!(s.uid_leases(true), Path::new("/run/sandbox/uids"));
+        assert_eq!(s.uid_leases(false), Path::new("/var/lib/sandbox/uids"));
     }
 }

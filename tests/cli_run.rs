@@ -378,21 +378,15 @@ fn tmp_size_limits_the_private_tmp() {
 
 #[test]
 fn network_only_with_the_flag() {
-    let host = common::host_address();
-    let listener = TcpListener::bind((host, 0)).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in listener.incoming().flatten() {
-            let mut s = s;
-            let _ = s.write_all(b"hello\n");
-        }
-    });
+    common::netlab::lab();
     let snippet = format!(
-        "import socket\ns = socket.create_connection(('{host}', {port}), timeout=3)\nprint(s.recv(6).decode(), end='')"
+        "import socket\ns = socket.create_connection(('{}', {}), timeout=3)\ns.send(b'cli')\nprint(s.recv(16).decode())",
+        common::netlab::EXT,
+        common::netlab::TCP_PORT
     );
     let o = sandbox(&["run", "--network", "-l", "python3", "-e", &snippet], &[]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert_eq!(stdout(&o), "hello\n");
+    assert_eq!(stdout(&o), "pong:cli\n");
     let o = sandbox(&["run", "-l", "python3", "-e", &snippet], &[]);
     assert_ne!(code(&o), 0, "connected without --network");
     // The operator's enable_network: false wins.

@@ -529,6 +529,15 @@ fn isolation_levels_differ_only_in_their_security_context() {
         ),
         "chroot"
     );
+    // Without CAP_NET_ADMIN, networked runs are refused unless explicitly shared.
+    assert_eq!(
+        str_at(
+            &env_of(container(&fallback))["NETWORK_ISOLATION"],
+            &["value"]
+        ),
+        "shared"
+    );
+    assert!(!env_of(container(&full)).contains_key("NETWORK_ISOLATION"));
 
     // Everything else is the same, so the two files cannot drift apart.
     let strip = |d: &Value| {
@@ -536,7 +545,12 @@ fn isolation_levels_differ_only_in_their_security_context() {
         let c = &mut d["spec"]["template"]["spec"]["containers"][0];
         c.as_mapping_mut().unwrap().remove("securityContext");
         let env = c["env"].as_sequence_mut().unwrap();
-        env.retain(|e| e["name"].as_str() != Some("SANDBOX_ISOLATION"));
+        env.retain(|e| {
+            !matches!(
+                e["name"].as_str(),
+                Some("SANDBOX_ISOLATION" | "NETWORK_ISOLATION")
+            )
+        });
         d
     };
     assert_eq!(strip(&full), strip(&fallback));
@@ -665,6 +679,11 @@ fn compose_replaces_difys_sandbox_service() {
         BTreeSet::from(["seccomp=unconfined".into(), "apparmor=unconfined".into()])
     );
     assert_eq!(str_at(full, &["cgroup"]), "host");
+    // Runs' own networks are forwarded through the container.
+    assert_eq!(
+        at(full, &["sysctls", "net.ipv4.ip_forward"]).as_u64(),
+        Some(1)
+    );
     assert!(
         strings(at(full, &["volumes"])).contains(&"/sys/fs/cgroup:/sys/fs/cgroup:rw".to_string())
     );
@@ -677,7 +696,15 @@ fn compose_replaces_difys_sandbox_service() {
         );
     }
     assert_eq!(strings(at(fallback, &["profiles"])), ["fallback"]);
-    assert_eq!(at(full, &["environment"]), at(fallback, &["environment"]));
+    // The same environment, but for runs sharing the container's network, which the
+    // fallback cannot do otherwise.
+    let mut shared = at(full, &["environment"]).clone();
+    shared
+        .as_mapping_mut()
+        .unwrap()
+        .insert("NETWORK_ISOLATION".into(), "shared".into());
+    assert_eq!(at(fallback, &["environment"]), &shared);
+    assert!(full.get("sysctls").is_some() && fallback.get("sysctls").is_none());
 }
 
 fn free_port() -> u16 {

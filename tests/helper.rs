@@ -1,5 +1,6 @@
-//! The `__exec` helper on its own, as the server drives it: a spec on its command line,
-//! the worker channel on its stdin, one JSON report back. A setup step that fails late
+//! The `__exec` helper on its own, as the server drives it: the worker channel on its
+//! stdin, the spec first on it (a little-endian u32 length, then JSON), one JSON report
+//! back. A setup step that fails late
 //! (after the descriptors are rearranged) must still name itself.
 
 mod common;
@@ -15,17 +16,19 @@ use serde_json::{Value, json};
 /// Run the helper on `spec` and return its report; the channel gets no snippet.
 fn helper_report(spec: &Value) -> Value {
     let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let json = spec.to_string();
+    let mut framed = (json.len() as u32).to_le_bytes().to_vec();
+    framed.extend_from_slice(json.as_bytes());
+    (&ours).write_all(&framed).expect("send the spec");
     let mut child = Command::new(common::bin())
         .arg("__exec")
-        .arg(spec.to_string())
         .env_clear()
         .stdin(Stdio::from(OwnedFd::from(theirs)))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the helper");
-    let mut writer = ours.try_clone().expect("clone");
-    let _ = writer.flush();
+    let writer = ours.try_clone().expect("clone");
     let mut line = String::new();
     BufReader::new(&ours)
         .read_line(&mut line)
@@ -48,7 +51,7 @@ fn a_non_executable_interpreter_is_reported_by_the_exec_step() {
         "level": "namespaces",
         "root_dir": mount_point.path(),
         "root": {"binds": [program], "symlinks": []},
-        "uid": 10999, "gid": 10999, "network": false,
+        "uid": 10999, "gid": 10999, "network": "offline", "root_files": [],
         "limits": {"address_space_bytes": null, "max_processes": 16, "tmp_bytes": 1 << 20,
                    "cpu_seconds": 5, "open_files": 64},
         "cgroup_procs": [], "profile": "python",
@@ -76,7 +79,7 @@ fn an_interpreter_missing_from_the_root_is_reported_by_the_open_step() {
         "level": "namespaces",
         "root_dir": mount_point.path(),
         "root": {"binds": [], "symlinks": []},
-        "uid": 10999, "gid": 10999, "network": false,
+        "uid": 10999, "gid": 10999, "network": "offline", "root_files": [],
         "limits": {"address_space_bytes": null, "max_processes": 16, "tmp_bytes": 1 << 20,
                    "cpu_seconds": 5, "open_files": 64},
         "cgroup_procs": [], "profile": "python",

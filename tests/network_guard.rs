@@ -1,18 +1,19 @@
-//! The network guard, for real: with network, runs still cannot reach the host's own
-//! services on loopback nor the cloud metadata address, while the same connection
-//! succeeds once the guard is turned off; the nftables table lives exactly as long as
-//! the server.
+//! Runs that share the host's network (the chroot level, which cannot make namespaces,
+//! and `network_isolation: shared`, asked for explicitly) are kept off the host by the
+//! uid guard: every address of the host, loopback and metadata refused, the outside
+//! reachable, `network_deny` honoured; the guard's table lives exactly as long as its
+//! server.
 
 mod common;
 
 use std::net::TcpListener;
 use std::process::Command;
 
+use common::netlab::{self, EXT, TCP_PORT};
 use common::{Server, sandbox, stderr, stdout};
 use serde_json::json;
 
-/// Every server's table applies to every sandbox uid on the host (the union of their
-/// lists), so the tests of this file take turns.
+/// Every guard applies to every sandbox uid of the host: the tests take turns.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A snippet that tries `addrs` and prints one line each: `ok` or the errno.
@@ -43,44 +44,60 @@ async fn networked(s: &Server, code: &str) -> String {
         .run_json(json!({"language": "python3", "code": code, "enable_network": true}))
         .await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(body["code"], 0, "{body}");
     body["data"]["stdout"].as_str().unwrap().to_string()
 }
 
-#[tokio::test]
-async fn networked_runs_cannot_reach_loopback_or_metadata_unless_allowed() {
-    let _turn = SERIAL.lock().await;
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+/// A listener on all of the host's addresses, and the lines a guarded run prints for it.
+fn host_targets() -> (TcpListener, String, String) {
+    let listener = TcpListener::bind("0.0.0.0:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let code = connect_code(&[("127.0.0.1", port), ("169.254.169.254", 80)]);
-
-    let guarded = Server::start(&[]).await;
-    let out = networked(&guarded, &code).await;
-    // 111: ECONNREFUSED, the guard's reject.
-    assert_eq!(out, "127.0.0.1 111\n169.254.169.254 111\n");
-    let table = format!("{}{}", own_prefix(), guarded.pid());
-    assert!(table_exists(&table), "{table} while serving");
-    guarded.terminate();
-    assert!(!table_exists(&table), "{table} after the server stopped");
-
-    // The same connection with the guard off: it was the guard that refused it.
-    let open = Server::start(&[("NETWORK_DENY", "")]).await;
-    let out = networked(&open, &code).await;
-    assert!(out.starts_with("127.0.0.1 ok\n"), "{out}");
-    drop(listener);
+    let host = common::host_address().to_string();
+    let ext = EXT.to_string();
+    let code = connect_code(&[
+        (&ext, TCP_PORT),
+        (&host, port),
+        ("127.0.0.1", port),
+        ("169.254.169.254", 80),
+    ]);
+    // 111: ECONNREFUSED, the guard's reset.
+    let expected = format!("{ext} ok\n{host} 111\n127.0.0.1 111\n169.254.169.254 111\n");
+    (listener, code, expected)
 }
 
 #[tokio::test]
-async fn network_deny_takes_the_operators_list() {
+async fn the_chroot_level_reaches_the_outside_and_nothing_of_the_host() {
     let _turn = SERIAL.lock().await;
-    let a = TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = TcpListener::bind("127.0.0.2:0").unwrap();
-    let (pa, pb) = (
-        a.local_addr().unwrap().port(),
-        b.local_addr().unwrap().port(),
-    );
-    let s = Server::start(&[("NETWORK_DENY", "127.0.0.2/32")]).await;
-    let out = networked(&s, &connect_code(&[("127.0.0.1", pa), ("127.0.0.2", pb)])).await;
-    assert_eq!(out, "127.0.0.1 ok\n127.0.0.2 111\n");
+    netlab::lab();
+    let state = tempfile::Builder::new()
+        .prefix("sandbox-guard-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let s = Server::start(&[
+        ("SANDBOX_ISOLATION", "chroot"),
+        ("SANDBOX_STATE_DIR", state.path().to_str().unwrap()),
+    ])
+    .await;
+    let (_listener, code, expected) = host_targets();
+    assert_eq!(networked(&s, &code).await, expected);
+    let table = format!("{}{}", own_prefix(), s.pid());
+    assert!(table_exists(&table), "{table} while serving");
+    s.terminate();
+    assert!(!table_exists(&table), "{table} after the server stopped");
+}
+
+#[tokio::test]
+async fn shared_by_request_is_guarded_the_same_and_takes_network_deny() {
+    let _turn = SERIAL.lock().await;
+    netlab::lab();
+    let s = Server::start(&[("NETWORK_ISOLATION", "shared")]).await;
+    let (_listener, code, expected) = host_targets();
+    assert_eq!(networked(&s, &code).await, expected);
+    drop(s);
+    let ext = EXT.to_string();
+    let s = Server::start(&[("NETWORK_ISOLATION", "shared"), ("NETWORK_DENY", &ext)]).await;
+    let out = networked(&s, &connect_code(&[(&ext, TCP_PORT)])).await;
+    assert_eq!(out, format!("{ext} 111\n"));
 }
 
 #[tokio::test]
@@ -107,12 +124,11 @@ async fn a_table_left_by_a_dead_server_is_removed_at_start() {
 }
 
 #[test]
-fn sandbox_run_with_network_is_guarded_too() {
+fn sandbox_run_with_network_reaches_the_outside_and_not_the_host() {
     let _turn = SERIAL.blocking_lock();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let code = connect_code(&[("127.0.0.1", port)]);
+    netlab::lab();
+    let (_listener, code, expected) = host_targets();
     let o = sandbox(&["run", "--network", "-l", "python3", "-e", &code], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert_eq!(stdout(&o), "127.0.0.1 111\n");
+    assert_eq!(stdout(&o), expected);
 }

@@ -121,9 +121,8 @@ async fn host_files_and_other_processes_are_invisible() {
 
 #[tokio::test]
 async fn net_connect_without_network_is_refused() {
-    let host = common::host_address();
-    let listener = std::net::TcpListener::bind((host, 0)).unwrap();
-    let port = listener.local_addr().unwrap().port();
+    common::netlab::lab();
+    let (host, port) = (common::netlab::EXT, common::netlab::TCP_PORT);
     let s = Server::start(&[]).await;
     let code = format!(
         "const s = require('net').connect({port}, '{host}');\ns.on('connect', () => {{ console.log('connected'); s.end(); }});\ns.on('error', e => console.log('error', e.code));"

@@ -39,7 +39,13 @@ pub(super) fn network_checks(
         }
     };
     runtime.block_on(async {
-        let uids = UidPool::new(&config.state().uid_leases(), SANDBOX_UIDS).ok();
+        let uids = UidPool::new(
+            &config
+                .state()
+                .uid_leases(host.level != IsolationLevel::Rootless),
+            SANDBOX_UIDS,
+        )
+        .ok();
         let held = |uid| uids.as_ref().is_none_or(|p| p.is_held(uid));
         let network = RunNetwork::build(config, host, SANDBOX_UIDS, held).await;
         let level = network.describe();

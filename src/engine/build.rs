@@ -94,7 +94,8 @@ impl Engine {
                     .map_err(|source| BuildError::ChrootRoot { path, source })?;
             }
         }
-        let uids = UidPool::new(&state.uid_leases(), SANDBOX_UIDS)?;
+        let root = host.level != IsolationLevel::Rootless;
+        let uids = UidPool::new(&state.uid_leases(root), SANDBOX_UIDS)?;
         let network =
             RunNetwork::build(&config, &host, uids.range(), |uid| uids.is_held(uid)).await;
         if let Some(cg) = &host.cgroup {

@@ -13,6 +13,7 @@ use std::ops::Range;
 use super::RunError;
 use crate::config::{Config, NetworkIsolation, Proxy};
 use crate::isolation::detect::Host;
+use crate::isolation::net::addressing::{IFNAME_PREFIX, server_tag};
 use crate::isolation::net::dns::DnsRelay;
 use crate::isolation::net::forwarding::{self, Forwarding};
 use crate::isolation::net::guard::{self, GuardRules, NetGuard};
@@ -253,6 +254,15 @@ impl Isolated {
             })
             .collect();
         let name = Table::name_for(ISOLATED_TABLE_PREFIX);
+        let tag = server_tag(std::process::id(), |t| {
+            std::fs::read_dir("/sys/class/net").is_ok_and(|d| {
+                d.flatten().any(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("{IFNAME_PREFIX}{t}"))
+                })
+            })
+        });
         let forwarding = Forwarding::prepare(&name, || nft::others_alive(ISOLATED_TABLE_PREFIX))
             .map_err(|e| e.to_string())?;
         if forwarding.switched_on {
@@ -262,6 +272,7 @@ impl Isolated {
         }
         let script = ruleset::isolated(&ruleset::Isolated {
             table: &name,
+            tag: &tag,
             subnet: n.subnet,
             uids: uids.clone(),
             relay_port: relay.port(),
@@ -271,7 +282,7 @@ impl Isolated {
             confine_forwarding: forwarding.switched_on,
         });
         let table = Table::install(name, &script).map_err(|e| e.to_string())?;
-        let plumbing = Plumbing::new(n.subnet, uids).map_err(|e| e.to_string())?;
+        let plumbing = Plumbing::new(n.subnet, uids, tag).map_err(|e| e.to_string())?;
         let stale = plumbing.remove_stale(held).await;
         if stale > 0 {
             tracing::info!(

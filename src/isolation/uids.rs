@@ -1,7 +1,8 @@
 //! The uid pool: every run executes as its own unprivileged uid, so concurrent runs
 //! cannot signal, trace or read each other, and RLIMIT_NPROC counts one run only.
 //! A uid is leased with flock on a file in a lease directory, so two servers sharing
-//! that directory never hand out the same uid either.
+//! that directory never hand out the same uid either; and a uid some live process runs
+//! as (one this pool does not know about) is skipped.
 
 use std::fs::{self, File, OpenOptions};
 use std::ops::Range;
@@ -71,9 +72,13 @@ impl UidPool {
 
     pub fn acquire(&self) -> Result<UidLease, UidError> {
         let count = self.range.len() as u32;
+        let busy = uids_of_live_processes();
         for _ in 0..count {
             let offset = self.cursor.fetch_add(1, Ordering::Relaxed) % count;
             let uid = self.range.start + offset;
+            if busy.contains(&uid) {
+                continue;
+            }
             let path = self.dir.join(uid.to_string());
             let Ok(file) = OpenOptions::new()
                 .create(true)
@@ -91,6 +96,26 @@ impl UidPool {
     }
 }
 
+/// The uids processes visible in /proc run as (a process's directory belongs to its
+/// effective uid).
+fn uids_of_live_processes() -> std::collections::HashSet<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Default::default();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.uid())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +131,15 @@ mod tests {
         let freed = a.uid;
         drop(a);
         assert_eq!(pool.acquire().expect("after release").uid, freed);
+    }
+
+    #[test]
+    fn a_uid_a_live_process_runs_as_is_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // This test's own uid is a live process's uid.
+        let me = nix::unistd::geteuid().as_raw();
+        let pool = UidPool::new(dir.path(), me..me + 2).expect("pool");
+        assert_eq!(pool.acquire().expect("the other uid").uid, me + 1);
     }
 
     #[test]

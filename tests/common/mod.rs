@@ -2,6 +2,8 @@
 //! port, and a small client for its API. The tests run as root, for real.
 #![allow(dead_code)]
 
+pub mod netlab;
+
 use std::net::TcpListener;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -247,7 +249,7 @@ async fn post(client: &reqwest::Client, url: String, body: Value) -> (u16, Value
     )
 }
 
-fn nix_kill(pid: u32, sig: &str) -> std::io::Result<Output> {
+pub fn nix_kill(pid: u32, sig: &str) -> std::io::Result<Output> {
     Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())

@@ -81,19 +81,26 @@ pub struct Plumbing {
     host: Handle,
     subnet: Ipv4Net,
     uids: Range<u32>,
+    /// This server's tag in its runs' interface names.
+    tag: String,
 }
 
 impl Plumbing {
     /// Must run inside a tokio runtime: the host's netlink connection is spawned on it.
-    pub fn new(subnet: Ipv4Net, uids: Range<u32>) -> Result<Self, NetnsError> {
+    pub fn new(subnet: Ipv4Net, uids: Range<u32>, tag: String) -> Result<Self, NetnsError> {
         let (connection, host, _) = rtnetlink::new_connection()
             .map_err(|e| NetnsError::Namespace(format!("netlink socket: {e}")))?;
         tokio::spawn(connection);
-        Ok(Self { host, subnet, uids })
+        Ok(Self {
+            host,
+            subnet,
+            uids,
+            tag,
+        })
     }
 
     pub fn address_of(&self, uid: u32) -> Result<RunAddress, NetnsError> {
-        RunAddress::of(uid, &self.uids, self.subnet).ok_or(NetnsError::NoAddress(uid))
+        RunAddress::of(uid, &self.uids, self.subnet, &self.tag).ok_or(NetnsError::NoAddress(uid))
     }
 
     /// A namespace for the run of `uid`, plumbed and ready.
@@ -191,8 +198,8 @@ impl Plumbing {
         remove_link(&self.host, name).await;
     }
 
-    /// Run interfaces on the host, by uid.
-    pub async fn run_interfaces(&self) -> Vec<u32> {
+    /// Run interfaces on the host (of every server): (name, uid).
+    pub async fn run_interfaces(&self) -> Vec<(String, u32)> {
         let mut links = self.host.link().get().execute();
         let mut uids = Vec::new();
         while let Ok(Some(link)) = links.try_next().await {
@@ -200,8 +207,10 @@ impl Plumbing {
                 LinkAttribute::IfName(n) => Some(n.clone()),
                 _ => None,
             });
-            if let Some(uid) = name.as_deref().and_then(uid_of_interface) {
-                uids.push(uid);
+            if let Some(name) = name
+                && let Some(uid) = uid_of_interface(&name)
+            {
+                uids.push((name, uid));
             }
         }
         uids
@@ -211,11 +220,12 @@ impl Plumbing {
     /// server killed before it could clean up).
     pub async fn remove_stale(&self, held: impl Fn(u32) -> bool) -> usize {
         let mut removed = 0;
-        for uid in self.run_interfaces().await {
+        for (name, uid) in self.run_interfaces().await {
             if held(uid) {
                 continue;
             }
-            if let Ok(address) = self.address_of(uid) {
+            if let Ok(mut address) = self.address_of(uid) {
+                address.host_if = name;
                 NetLease {
                     host: self.host.clone(),
                     address,

@@ -45,6 +45,8 @@ pub enum ProxyRoute {
 /// What the isolated ruleset depends on.
 pub struct Isolated<'a> {
     pub table: &'a str,
+    /// This server's tag: its runs' interfaces are `sbx<tag>...`.
+    pub tag: &'a str,
     pub subnet: Ipv4Net,
     pub uids: Range<u32>,
     /// The DNS relay's port on 127.0.0.1 (UDP and TCP).
@@ -59,7 +61,9 @@ pub struct Isolated<'a> {
 
 /// The table for runs in network namespaces of their own.
 pub fn isolated(r: &Isolated<'_>) -> String {
-    let runs = format!("\"{IFNAME_PREFIX}*\"");
+    // This server's runs, and every server's.
+    let runs = format!("\"{IFNAME_PREFIX}{}*\"", r.tag);
+    let all = format!("\"{IFNAME_PREFIX}*\"");
     let deny = format!("meta mark set meta mark | {DENY_MARK:#x} return");
     let marks: Vec<String> = r
         .uids
@@ -68,7 +72,7 @@ pub fn isolated(r: &Isolated<'_>) -> String {
         .map(|(i, uid)| {
             format!(
                 "\"{}\" : {:#x}",
-                interface_name(uid),
+                interface_name(r.tag, uid),
                 CT_MARK_PREFIX | i as u32
             )
         })
@@ -146,13 +150,13 @@ pub fn isolated(r: &Isolated<'_>) -> String {
     to_host.push("jump refuse".into());
 
     let mut forward = vec![
-        format!("iifname {runs} oifname {runs} jump refuse"),
+        format!("iifname {runs} oifname {all} jump refuse"),
         format!("iifname {runs} meta mark & {DENY_MARK:#x} == {DENY_MARK:#x} jump refuse"),
         format!("oifname {runs} ct state established,related accept"),
         format!("oifname {runs} drop"),
     ];
     if r.confine_forwarding {
-        forward.push(format!("iifname != {runs} drop"));
+        forward.push(format!("iifname != {all} oifname != {all} drop"));
     }
 
     let mut t = String::new();
@@ -192,7 +196,7 @@ pub fn isolated(r: &Isolated<'_>) -> String {
         &mut t,
         "run_post",
         Some("nat hook postrouting priority 100"),
-        &[format!("iifname {runs} oifname != {runs} masquerade")],
+        &[format!("iifname {runs} oifname != {all} masquerade")],
     );
     chain(&mut t, "refuse", None, &refuse());
     t.push_str("}\n");
@@ -351,6 +355,7 @@ mod tests {
             .collect();
         isolated(&Isolated {
             table: "sandbox_net_1_2",
+            tag: "0a1",
             subnet: "10.213.0.0/20".parse().unwrap(),
             uids: 10000..10003,
             relay_port: 40053,
@@ -368,7 +373,7 @@ mod tests {
     fn runs_cannot_spoof_and_their_connections_carry_their_mark() {
         let t = isolated_text(&[], false);
         assert!(t.contains(
-            "elements = { \"sbx10000\" : 0x5b000000, \"sbx10001\" : 0x5b000001, \"sbx10002\" : 0x5b000002 }"
+            "elements = { \"sbx0a110000\" : 0x5b000000, \"sbx0a110001\" : 0x5b000001, \"sbx0a110002\" : 0x5b000002 }"
         ));
         let spoof = position(&t, "fib saddr . iif oif missing drop");
         assert!(position(&t, "ip saddr != 10.213.0.0/20 drop") < spoof);
@@ -400,15 +405,22 @@ mod tests {
     fn loopback_metadata_other_runs_and_denied_blocks_are_refused() {
         let t = isolated_text(&[], false);
         assert!(t.contains(
-            "ip daddr { 0.0.0.0/8, 10.9.0.0/16, 10.213.0.0/20, 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/4, 240.0.0.0/4 } meta mark set meta mark | 0x10000000 return"
+            "ip daddr { 0.0.0.0/8, 10.9.0.0/16, 10.213.0.0/20, 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/3 } meta mark set meta mark | 0x10000000 return"
         ), "{t}");
         assert!(!t.contains("::1"), "runs have no IPv6: {t}");
-        assert!(t.contains("iifname \"sbx*\" oifname \"sbx*\" jump refuse"));
-        assert!(t.contains("oifname \"sbx*\" ct state established,related accept"));
-        assert!(t.contains("iifname \"sbx*\" oifname != \"sbx*\" masquerade"));
+        assert!(
+            t.contains("iifname \"sbx0a1*\" oifname \"sbx*\" jump refuse"),
+            "to any run"
+        );
+        assert!(t.contains("oifname \"sbx0a1*\" ct state established,related accept"));
+        assert!(t.contains("iifname \"sbx0a1*\" oifname != \"sbx*\" masquerade"));
+        assert!(
+            t.contains("iifname \"sbx0a1*\" jump from_run"),
+            "this server's runs only"
+        );
         // Without an allow-list, whatever is not denied is reachable.
         assert!(!t.contains("from_run {\n    meta mark set"));
-        assert!(!t.contains("iifname != \"sbx*\" drop"));
+        assert!(!t.contains("iifname != \"sbx*\" oifname != \"sbx*\" drop"));
     }
 
     #[test]
@@ -432,7 +444,7 @@ mod tests {
         let last = position(&t, "    meta mark set meta mark | 0x10000000 return\n  }");
         assert!(first < second && second < last, "{t}");
         assert!(
-            t.contains("iifname != \"sbx*\" drop"),
+            t.contains("iifname != \"sbx*\" oifname != \"sbx*\" drop"),
             "forwarding stays confined"
         );
     }

@@ -1,0 +1,529 @@
+//! Networked runs in networks of their own, tried as an attacker would, as root on the
+//! real kernel: a run reaches a stand-in external host (by name, TCP and UDP) and
+//! nothing of the host it runs on (any of its addresses, loopback, metadata, its abstract
+//! Unix sockets, its sockets in /proc/net), nor another run; the configured proxies stay
+//! reachable; when the plumbing cannot be made, networked runs are refused and nothing
+//! is left behind; a server's network goes with it, even when it is killed.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, TcpListener, UdpSocket};
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::Duration;
+
+use common::netlab::{self, EXT, TCP_PORT, UDP_PORT};
+use common::{Server, nix_kill};
+use serde_json::{Value, json};
+
+/// The tests take turns: some count the host's interfaces, tables and connections, which
+/// every server's warm workers change.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn lab_server(extra: &[(&str, &str)]) -> Server {
+    netlab::lab();
+    let mut env = vec![("NETWORK_DNS", "198.51.100.2")];
+    env.extend_from_slice(extra);
+    Server::start(&env).await
+}
+
+async fn networked(s: &Server, language: &str, code: &str) -> Value {
+    let (status, body) = s
+        .run_json(json!({"language": language, "code": code, "enable_network": true}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["code"], 0, "{body}");
+    body["data"].clone()
+}
+
+fn out(d: &Value) -> String {
+    d["stdout"].as_str().unwrap_or_default().to_string()
+}
+
+/// Python that tries each `(host, port, proto[, source])` and prints one line each:
+/// `ok <reply>` or `err <errno>`.
+const TRY: &str = r#"
+import socket, sys
+def attempt(host, port, proto, source=None):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    try:
+        s = socket.socket(family, kind)
+        s.settimeout(2)
+        if source:
+            s.bind((source, 0))
+        s.connect((host, port))
+        s.send(b"probe")
+        return "ok " + s.recv(100).decode(errors="replace")
+    except OSError as e:
+        return "err %s" % (e.errno if e.errno is not None else type(e).__name__)
+for t in TARGETS:
+    print(*t[:3], attempt(*t))
+"#;
+
+fn try_code(targets: &[(String, u16, &str, Option<&str>)]) -> String {
+    let list: Vec<String> = targets
+        .iter()
+        .map(|(h, p, proto, src)| match src {
+            Some(s) => format!("({h:?}, {p}, {proto:?}, {s:?})"),
+            None => format!("({h:?}, {p}, {proto:?})"),
+        })
+        .collect();
+    format!("TARGETS = [{}]\n{TRY}", list.join(", "))
+}
+
+/// Every address of this host, from the kernel's own lists.
+fn host_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let trie = std::fs::read_to_string("/proc/net/fib_trie").unwrap_or_default();
+    let lines: Vec<&str> = trie.lines().collect();
+    for w in lines.windows(2) {
+        if w[1].contains("/32 host LOCAL")
+            && let Ok(a) = w[0]
+                .trim()
+                .trim_start_matches("|--")
+                .trim()
+                .parse::<Ipv4Addr>()
+        {
+            out.push(IpAddr::V4(a));
+        }
+    }
+    for line in std::fs::read_to_string("/proc/net/if_inet6")
+        .unwrap_or_default()
+        .lines()
+    {
+        let hex = line.split_whitespace().next().unwrap_or("");
+        if hex.len() == 32 {
+            let bytes: Vec<u8> = (0..16)
+                .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0))
+                .collect();
+            let arr: [u8; 16] = bytes.try_into().unwrap_or([0; 16]);
+            out.push(IpAddr::V6(arr.into()));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[tokio::test]
+async fn a_networked_run_reaches_an_external_host_by_name_both_ways() {
+    let _turn = SERIAL.lock().await;
+    let s = lab_server(&[]).await;
+    let code = format!(
+        "import socket\naddr = socket.gethostbyname('{}')\nprint(addr)\n{}",
+        netlab::NAME,
+        try_code(&[
+            (netlab::NAME.into(), TCP_PORT, "tcp", None),
+            (EXT.to_string(), UDP_PORT, "udp", None),
+        ])
+    );
+    let d = networked(&s, "python3", &code).await;
+    assert_eq!(
+        out(&d),
+        format!(
+            "198.51.100.2\n{} {TCP_PORT} tcp ok pong:probe\n198.51.100.2 {UDP_PORT} udp ok echo:probe\n",
+            netlab::NAME
+        ),
+        "{d}"
+    );
+    // Node resolves and connects the same way.
+    let node = format!(
+        "const net = require('net');\nconst c = net.connect({TCP_PORT}, '{}', () => c.write('node'));\nc.on('data', d => {{ console.log(d.toString()); c.end(); }});\nc.on('error', e => console.log('error', e.code));",
+        netlab::NAME
+    );
+    let d = networked(&s, "nodejs", &node).await;
+    assert_eq!(out(&d), "pong:node\n", "{d}");
+}
+
+#[tokio::test]
+async fn a_networked_run_reaches_nothing_of_the_host() {
+    let _turn = SERIAL.lock().await;
+    let s = lab_server(&[]).await;
+    // Listeners on every address of the host, TCP and UDP, IPv4 and IPv6.
+    let tcp4 = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = tcp4.local_addr().unwrap().port();
+    let tcp6 = TcpListener::bind(("::", port)).ok();
+    let udp4 = UdpSocket::bind(("0.0.0.0", port)).unwrap();
+    udp4.set_nonblocking(true).unwrap();
+    let mut targets: Vec<(String, u16, &str, Option<&str>)> = Vec::new();
+    let addresses = host_addresses();
+    assert!(addresses.iter().any(|a| !a.is_loopback()), "{addresses:?}");
+    for a in &addresses {
+        targets.push((a.to_string(), port, "tcp", None));
+        targets.push((a.to_string(), port, "udp", None));
+    }
+    // Its loopback by name, a loopback source on the way to its address, the metadata
+    // address, the broadcast address.
+    let host_v4 = common::host_address().to_string();
+    targets.push(("localhost".into(), port, "tcp", None));
+    targets.push((host_v4.clone(), port, "tcp", Some("127.0.0.1")));
+    targets.push(("169.254.169.254".into(), 80, "tcp", None));
+    targets.push(("255.255.255.255".into(), port, "udp", None));
+    let d = networked(&s, "python3", &try_code(&targets)).await;
+    let lines = out(&d);
+    assert_eq!(lines.lines().count(), targets.len(), "{d}");
+    for line in lines.lines() {
+        assert!(
+            line.contains(" err ") && !line.contains(" ok "),
+            "reached: {line}\n{lines}"
+        );
+    }
+    // Nothing arrived, by UDP either.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut buf = [0u8; 64];
+    assert!(udp4.recv_from(&mut buf).is_err(), "a datagram arrived");
+    drop((tcp4, tcp6));
+}
+
+#[tokio::test]
+async fn concurrent_runs_cannot_reach_each_other() {
+    let _turn = SERIAL.lock().await;
+    let s = lab_server(&[("WARM_WORKERS", "0")]).await;
+    // The listener reports whether anyone reached it while it waited.
+    let listener = r#"
+import socket, select
+t = socket.socket(); t.bind(("0.0.0.0", 9000)); t.listen()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 9001))
+r, _, _ = select.select([t, u], [], [], 4)
+print("reached" if r else "alone")
+"#;
+    let waiting =
+        s.spawn_run(json!({"language": "python3", "code": listener, "enable_network": true}));
+    // Give it time to start; then try every run address and gateway there is.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut targets = Vec::new();
+    for a in run_addresses() {
+        for host in [a.0, a.1] {
+            targets.push((host.to_string(), 9000, "tcp", None));
+            targets.push((host.to_string(), 9001, "udp", None));
+        }
+    }
+    assert!(!targets.is_empty(), "no run interface was found");
+    let d = networked(&s, "python3", &try_code(&targets)).await;
+    for line in out(&d).lines() {
+        assert!(line.contains(" err "), "reached another run: {line}");
+    }
+    let first = waiting.await.unwrap();
+    assert_eq!(first["data"]["stdout"], "alone\n", "{first}");
+}
+
+/// (gateway, run address) of every run interface on the host.
+fn run_addresses() -> Vec<(Ipv4Addr, Ipv4Addr)> {
+    let o = Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|n| n.starts_with("sbx"))
+        })
+        .filter_map(|l| {
+            let cidr = l.split_whitespace().nth(3)?;
+            let gw: Ipv4Addr = cidr.split('/').next()?.parse().ok()?;
+            Some((gw, Ipv4Addr::from(u32::from(gw) + 1)))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_hosts_abstract_unix_sockets_and_proc_net_are_out_of_sight() {
+    let _turn = SERIAL.lock().await;
+    let s = lab_server(&[]).await;
+    let name = format!("sandbox-test-{}", std::process::id());
+    let host_socket = {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        UnixDatagram::bind_addr(&addr).unwrap()
+    };
+    host_socket.set_nonblocking(true).unwrap();
+    let tcp = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let code = format!(
+        r#"
+import socket
+name = b"\0{name}"
+for how in ("socket", "socketpair"):
+    try:
+        if how == "socket":
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        else:
+            s, _ = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.sendto(b"hello", name)
+        print(how, "sent")
+    except OSError as e:
+        print(how, "err", e.errno)
+own = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); own.bind(b"\0own-{name}"); own.listen()
+tcp = open("/proc/net/tcp").read() + open("/proc/net/tcp6").read()
+unix = open("/proc/net/unix").read()
+print("host port seen" if ":%04X" % {port} in tcp else "host port unseen")
+print("own name seen" if "own-{name}" in unix else "own name unseen")
+print("host name seen" if "@{name}\n" in unix else "host name unseen")
+"#
+    );
+    for network in [true, false] {
+        let (status, body) = s
+            .run_json(json!({"language": "python3", "code": code, "enable_network": network}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let text = body["data"]["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        // Sending may "succeed" into the run's own empty namespace (ECONNREFUSED there):
+        // what matters is that nothing reaches the host's socket.
+        assert!(
+            text.contains("host port unseen"),
+            "network={network}: {body}"
+        );
+        assert!(text.contains("own name seen"), "network={network}: {body}");
+        assert!(
+            text.contains("host name unseen"),
+            "network={network}: {body}"
+        );
+    }
+    let mut buf = [0u8; 64];
+    assert!(
+        host_socket.recv(&mut buf).is_err(),
+        "the host's abstract socket got a message"
+    );
+    drop(tcp);
+}
+
+#[tokio::test]
+async fn proxies_on_host_local_addresses_stay_reachable() {
+    let _turn = SERIAL.lock().await;
+    let host_v4 = common::host_address();
+    let loopback = TcpListener::bind("127.0.0.1:0").unwrap();
+    let local = TcpListener::bind((host_v4, 0)).unwrap();
+    let (lp, hp) = (
+        loopback.local_addr().unwrap().port(),
+        local.local_addr().unwrap().port(),
+    );
+    for l in [loopback, local] {
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let mut c = c;
+                let mut buf = [0u8; 64];
+                let _ = std::io::Read::read(&mut c, &mut buf);
+                let _ = std::io::Write::write_all(&mut c, b"proxied");
+            }
+        });
+    }
+    let http = format!("http://user:secret@127.0.0.1:{lp}");
+    let https = format!("http://{host_v4}:{hp}");
+    let s = lab_server(&[("HTTP_PROXY", &http), ("HTTPS_PROXY", &https)]).await;
+    let code = r#"
+import os, socket
+from urllib.parse import urlsplit
+for var in ("HTTP_PROXY", "HTTPS_PROXY"):
+    u = urlsplit(os.environ[var])
+    for port in (u.port, u.port + 1):
+        try:
+            c = socket.create_connection((u.hostname, port), timeout=2)
+            c.send(b"CONNECT"); print(var, port == u.port, c.recv(20).decode())
+        except OSError as e:
+            print(var, port == u.port, "err", e.errno)
+print(urlsplit(os.environ["HTTP_PROXY"]).username)
+"#;
+    let d = networked(&s, "python3", code).await;
+    let text = out(&d);
+    assert!(text.contains("HTTP_PROXY True proxied"), "{d}");
+    assert!(text.contains("HTTPS_PROXY True proxied"), "{d}");
+    // The proxy's port only, not its neighbours.
+    assert!(text.contains("HTTP_PROXY False err"), "{d}");
+    assert!(text.contains("HTTPS_PROXY False err"), "{d}");
+    assert!(
+        text.ends_with("user\n"),
+        "the credentials stay in the URL: {d}"
+    );
+}
+
+fn table_of(pid: u32) -> bool {
+    let ns = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata("/proc/self/ns/pid").unwrap());
+    let o = Command::new("nft")
+        .args(["list", "tables", "inet"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).contains(&format!("sandbox_net_{ns}_{pid}"))
+}
+
+fn run_interfaces() -> usize {
+    std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("sbx"))
+        .count()
+}
+
+/// Conntrack entries of runs to the lab.
+fn lab_connections() -> usize {
+    let o = Command::new("conntrack")
+        .args(["-L", "-d", &EXT.to_string()])
+        .output();
+    let Ok(o) = o else { return 0 };
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| l.contains("src=10.213."))
+        .count()
+}
+
+#[tokio::test]
+async fn when_the_plumbing_cannot_be_made_networked_runs_are_refused_and_nothing_leaks() {
+    let _turn = SERIAL.lock().await;
+    let before = run_interfaces();
+    // A subnet that overlaps the lab's route.
+    let s = lab_server(&[("NETWORK_SUBNET", "198.51.96.0/20")]).await;
+    let (status, body) = s
+        .run_json(json!({"language": "python3", "code": "print(1)", "enable_network": true}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["code"], -500, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("network_subnet")
+            && message.contains("overlaps")
+            && message.contains("NETWORK_SUBNET"),
+        "{message}"
+    );
+    let offline = s.python("print('offline still works')").await;
+    assert_eq!(offline["stdout"], "offline still works\n");
+    assert!(!table_of(s.pid()));
+    assert_eq!(run_interfaces(), before);
+    drop(s);
+
+    // IPv4 forwarding off, and not switchable: a private mount of a file saying 0.
+    let fake = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(fake.path(), "0\n").unwrap();
+    let port = common::free_port();
+    let script = format!(
+        "mount --bind -o ro {} /proc/sys/net/ipv4/ip_forward && exec {} serve",
+        fake.path().display(),
+        common::bin()
+    );
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env("SANDBOX_PORT", port.to_string())
+        .env("SANDBOX_LOG", "error")
+        .current_dir(std::env::temp_dir())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/v1/sandbox/run");
+    let mut answer = Value::Null;
+    for _ in 0..100 {
+        if let Ok(r) = client
+            .post(&url)
+            .header("X-Api-Key", common::KEY)
+            .json(&json!({"language": "python3", "code": "print(1)", "enable_network": true}))
+            .send()
+            .await
+        {
+            answer = r.json().await.unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let message = answer["message"].as_str().unwrap_or_default().to_string();
+    assert!(
+        message.contains("ip_forward") && message.contains("sysctl"),
+        "{answer}"
+    );
+    assert!(
+        !table_of(child.id()),
+        "no table for a network that was refused"
+    );
+    assert_eq!(run_interfaces(), before);
+    let _ = nix_kill(child.id(), "TERM");
+    let _ = child.wait();
+}
+
+#[tokio::test]
+async fn a_servers_network_goes_with_it_even_when_it_is_killed() {
+    let _turn = SERIAL.lock().await;
+    let before = run_interfaces();
+    let connect = try_code(&[(EXT.to_string(), TCP_PORT, "tcp", None)]);
+    let s = lab_server(&[("WARM_WORKERS", "1")]).await;
+    let d = networked(&s, "python3", &connect).await;
+    assert!(out(&d).contains("ok pong:probe"), "{d}");
+    // A finished run's connections are forgotten once it is released.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        lab_connections(),
+        0,
+        "a finished run's conntrack entries remain"
+    );
+    assert!(table_of(s.pid()));
+    assert!(
+        run_interfaces() > before,
+        "the warm networked workers' interfaces"
+    );
+    let pid = s.pid();
+    s.terminate();
+    assert!(!table_of(pid), "the table outlived its server");
+    assert_eq!(run_interfaces(), before, "interfaces outlived their server");
+
+    // Killed mid-run, with a connection open: the next server clears it all.
+    let s = lab_server(&[("WARM_WORKERS", "1")]).await;
+    let hold = format!(
+        "import socket, time\nc = socket.create_connection(('{EXT}', {TCP_PORT}))\nprint('open', flush=True)\ntime.sleep(30)"
+    );
+    let pending = s.spawn_run(json!({"language": "python3", "code": hold, "enable_network": true}));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(lab_connections() > 0, "the held connection is tracked");
+    let killed = s.pid();
+    let _ = nix_kill(killed, "KILL");
+    drop(s);
+    let _ = pending.await;
+    let next = lab_server(&[("WARM_WORKERS", "0")]).await;
+    assert!(
+        !table_of(killed),
+        "the killed server's table is removed at the next start"
+    );
+    assert_eq!(
+        run_interfaces(),
+        before,
+        "the killed server's interfaces are removed"
+    );
+    assert_eq!(
+        lab_connections(),
+        0,
+        "the killed server's connections are forgotten"
+    );
+    drop(next);
+}
+
+#[tokio::test]
+async fn offline_runs_keep_an_empty_network_and_pairs_of_sockets() {
+    let _turn = SERIAL.lock().await;
+    let s = lab_server(&[]).await;
+    let code = r#"
+import asyncio, socket
+print([l.split(":")[0].strip() for l in open("/proc/net/dev").readlines()[2:]])
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+a.send(b"self")
+print(b.recv(10))
+c, d = socket.socketpair()
+c.sendall(b"stream"); print(d.recv(10))
+async def main():
+    await asyncio.sleep(0)
+    return "asyncio ok"
+print(asyncio.run(main()))
+try:
+    socket.create_connection((%r, %d), timeout=2)
+    print("reached")
+except OSError as e:
+    print("offline", e.errno)
+"#
+    .replace("%r", &format!("'{EXT}'"))
+    .replace("%d", &TCP_PORT.to_string());
+    let d = s.python(&code).await;
+    assert_eq!(
+        out(&d),
+        "['lo']\nb'self'\nb'stream'\nasyncio ok\noffline 1\n",
+        "{d}"
+    );
+}
