@@ -1,12 +1,14 @@
 //! The Dify sandbox HTTP API (see PROTOCOL.md): routes, auth, envelopes.
 
+mod conn;
 pub mod envelope;
 mod request;
+pub mod server;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -69,6 +71,16 @@ impl ApiError {
             message: message.into(),
         }
     }
+    fn too_large() -> Self {
+        Self {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: -400,
+            message: format!(
+                "the request body is larger than {MAX_BODY_BYTES} bytes ({} MiB), the most this server reads: send a smaller snippet",
+                MAX_BODY_BYTES >> 20
+            ),
+        }
+    }
     fn too_many() -> Self {
         Self {
             status: StatusCode::SERVICE_UNAVAILABLE,
@@ -92,7 +104,9 @@ fn success<T: serde::Serialize>(data: T) -> Response {
     Json(Envelope::success(data)).into_response()
 }
 
-/// The largest request body accepted (the same limit `sandbox run` applies locally).
+/// The largest request body accepted (the same limit `sandbox run` applies locally):
+/// Dify's snippets are small, but `sandbox run --server` sends files. `run` reads its
+/// body itself, after admission (see `request::read_body`).
 pub const MAX_BODY_BYTES: usize = 16 << 20;
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -111,8 +125,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(|| async { Json("ok") }))
         .nest("/v1/sandbox", sandbox)
         .merge(metrics_route)
-        // Dify's snippets are small, but `sandbox run --server` accepts up to 16 MiB.
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -122,11 +134,19 @@ async fn auth(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
-    if key != Some(state.engine.config.key.as_str()) {
+    let given = headers.get("x-api-key").map(|v| v.as_bytes());
+    if !key_matches(given, state.engine.config.key.as_bytes()) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
     next.run(req).await
+}
+
+/// Compared in constant time, so the time of a refusal does not tell how much of a
+/// guessed key was right. Only a length mismatch returns early, which gives away the
+/// length, not the key.
+fn key_matches(given: Option<&[u8]>, key: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    given.is_some_and(|g| bool::from(g.ct_eq(key)))
 }
 
 /// Counts a request in flight for as long as it lives.
@@ -142,8 +162,9 @@ async fn run(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
+    // Admitted before the body is read, so requests beyond max_requests cost no memory.
     // Decided atomically: the increment that passes max_requests is undone and refused.
     let before = state.in_flight.fetch_add(1, Ordering::AcqRel);
     let _guard = InFlight(&state.in_flight);
@@ -153,7 +174,7 @@ async fn run(
     }
     let started = std::time::Instant::now();
     let id = state.request_ids.fetch_add(1, Ordering::Relaxed);
-    let (language, result) = run_admitted(&state, id, &headers, query, &body).await;
+    let (language, result) = run_admitted(&state, id, &headers, query, body).await;
     let lang = language.map_or("unknown", |l| l.as_str());
     let outcome = match &result {
         Ok(o) => match o.limit {
@@ -204,8 +225,12 @@ async fn run_admitted(
     id: u64,
     headers: &HeaderMap,
     query: Option<String>,
-    body: &[u8],
+    body: Body,
 ) -> (Option<Language>, Result<RunOutcome, ApiError>) {
+    let body = match request::read_body(headers, body).await {
+        Ok(b) => b,
+        Err(e) => return (None, Err(e)),
+    };
     let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
@@ -222,7 +247,7 @@ async fn run_admitted(
                 );
             }
         };
-    let req = match request::RunBody::parse(content_type, body, &query) {
+    let req = match request::RunBody::parse(content_type, &body, &query) {
         Ok(r) => r,
         Err(e) => return (None, Err(e)),
     };
@@ -340,4 +365,19 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         m.render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_matches;
+
+    #[test]
+    fn only_the_exact_key_matches() {
+        let key = b"dify-sandbox";
+        assert!(key_matches(Some(key), key));
+        for wrong in [&b"dify-sandboy"[..], b"dify-sandbo", b"dify-sandbox1", b""] {
+            assert!(!key_matches(Some(wrong), key), "{wrong:?}");
+        }
+        assert!(!key_matches(None, key));
+    }
 }

@@ -1,9 +1,34 @@
-//! The body of `POST /v1/sandbox/run`: JSON, form or query encoded, with messages that
-//! name the field that is wrong.
+//! The body of `POST /v1/sandbox/run`: read up to the limit, then JSON, form or query
+//! encoded, with messages that name the field that is wrong.
 
+use axum::body::{Body, Bytes};
+use axum::http::HeaderMap;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::Value;
 
-use super::ApiError;
+use super::{ApiError, MAX_BODY_BYTES};
+
+/// What an unreadable body is told.
+const ACCEPTED: &str = "send a JSON object (Content-Type: application/json), a form (application/x-www-form-urlencoded) or the fields as query parameters";
+
+/// The body, up to `MAX_BODY_BYTES`: a larger one is refused on its declared length
+/// before any of it is read, or as soon as it passes the limit.
+pub async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(ApiError::too_large());
+    }
+    match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::too_large()),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "the request body could not be read: {e}; send it again"
+        ))),
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunBody {
@@ -41,22 +66,43 @@ impl RunBody {
             .unwrap_or("")
             .trim()
             .to_ascii_lowercase();
-        if mime == "application/json" || (mime.is_empty() && body.first() == Some(&b'{')) {
+        let form = mime == "application/x-www-form-urlencoded";
+        // Clients send JSON under text/plain or no type at all; an object is JSON
+        // whatever the header says, unless the header says form.
+        let looks_json = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        if mime == "application/json" || (!form && looks_json) {
             return Self::from_json(body);
         }
         let mut pairs: Vec<(String, String)> = query.to_vec();
         if !body.is_empty() {
-            let form: Vec<(String, String)> = serde_urlencoded::from_bytes(body).map_err(|e| {
-                ApiError::bad_request(format!("the request body is not a valid form: {e}"))
-            })?;
-            pairs.extend(form);
+            let fields: Vec<(String, String)> =
+                serde_urlencoded::from_bytes(body).map_err(|e| {
+                    ApiError::bad_request(format!(
+                        "the request body is not a valid form: {e}; {ACCEPTED}"
+                    ))
+                })?;
+            pairs.extend(fields);
         }
-        Self::from_pairs(&pairs)
+        let parsed = Self::from_pairs(&pairs);
+        if form || body.is_empty() {
+            return parsed;
+        }
+        // Neither JSON nor declared a form: the missing field is most likely the
+        // encoding's fault, so say which encodings are read.
+        parsed.map_err(|e| {
+            let declared = if mime.is_empty() { "none" } else { &mime };
+            ApiError::bad_request(format!(
+                "{}. The body is not a JSON object and its Content-Type ({declared}) is not one this server reads: {ACCEPTED}",
+                e.message
+            ))
+        })
     }
 
     fn from_json(body: &[u8]) -> Result<Self, ApiError> {
         let v: Value = serde_json::from_slice(body).map_err(|e| {
-            ApiError::bad_request(format!("the request body is not valid JSON: {e}"))
+            ApiError::bad_request(format!(
+                "the request body is not valid JSON: {e}; {ACCEPTED}"
+            ))
         })?;
         let obj = v
             .as_object()
@@ -153,5 +199,33 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message.contains("enable_network"), "{}", e.message);
+    }
+
+    #[test]
+    fn an_object_is_json_whatever_the_type_says_unless_it_says_form() {
+        let body = b" \n{\"language\":\"python3\",\"code\":\"print(1)\"}";
+        for content_type in ["text/plain", "", "application/octet-stream; charset=utf-8"] {
+            let r = RunBody::parse(content_type, body, &[]).expect(content_type);
+            assert_eq!(
+                (r.language.as_str(), r.code.as_str()),
+                ("python3", "print(1)")
+            );
+        }
+        let e = RunBody::parse("application/x-www-form-urlencoded", body, &[]).unwrap_err();
+        assert!(e.message.contains("`language`"), "{}", e.message);
+    }
+
+    #[test]
+    fn an_unreadable_body_names_the_accepted_types() {
+        let e = RunBody::parse("text/plain", b"print(1)", &[]).unwrap_err();
+        assert!(
+            e.message.contains("application/json")
+                && e.message.contains("application/x-www-form-urlencoded")
+                && e.message.contains("text/plain"),
+            "{}",
+            e.message
+        );
+        let e = RunBody::parse("application/json", b"{nope", &[]).unwrap_err();
+        assert!(e.message.contains("application/json"), "{}", e.message);
     }
 }

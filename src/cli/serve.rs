@@ -1,6 +1,5 @@
 //! `sandbox serve`: the HTTP API.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -22,17 +21,28 @@ pub struct ServeArgs {
 pub fn execute(args: ServeArgs) -> anyhow::Result<()> {
     let config = super::load_config(args.config.as_deref())?;
     let _log_guard = super::init_tracing(config.debug, config.log_json, &config.log_path);
+    // Connections are capped below this limit (see api::server), so it is read first.
+    let nofile = match api::server::raise_descriptor_limit() {
+        Ok((soft, hard)) => {
+            tracing::info!(soft, hard, "descriptor limit (RLIMIT_NOFILE)");
+            soft
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the descriptor limit; assuming 1024");
+            1024
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let engine = Arc::new(Engine::build(config).await?);
-        serve(engine).await
+        serve(engine, nofile).await
     })
 }
 
-async fn serve(engine: Arc<Engine>) -> anyhow::Result<()> {
+async fn serve(engine: Arc<Engine>, nofile: u64) -> anyhow::Result<()> {
     let config = engine.config.clone();
     tracing::info!(level = engine.host.level.describe(), "isolation");
     match &engine.host.cgroup {
@@ -50,7 +60,7 @@ async fn serve(engine: Arc<Engine>) -> anyhow::Result<()> {
             Err(e) => tracing::warn!(language = %lang, error = %e, "language disabled"),
         }
     }
-    let addr = SocketAddr::from(([0, 0, 0, 0], config.port));
+    let addr = config.listen_addr();
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!(
             "cannot listen on {addr}: is another service using port {}? Set SANDBOX_PORT",
@@ -58,16 +68,33 @@ async fn serve(engine: Arc<Engine>) -> anyhow::Result<()> {
         )
     })?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
+    if config.default_key_exposed() {
+        tracing::warn!(
+            "SECURITY: the API key is the public default `{}` and the server listens on {addr}: anyone who can reach this port can run code here. Set API_KEY (or app.key in the config file) to a long random secret, and give Dify the same value as CODE_EXECUTION_API_KEY",
+            crate::config::DEFAULT_KEY
+        );
+    }
+    let limits = api::server::ConnLimits::new(&config, nofile);
+    tracing::info!(
+        max_connections = limits.max_connections,
+        header_read_timeout_s = limits.header_read_timeout.as_secs(),
+        keepalive_timeout_s = limits.keepalive_timeout.as_secs(),
+        "connection limits"
+    );
+    if !api::server::fits_descriptor_limit(&config, &limits, nofile) {
+        tracing::warn!(
+            max_connections = limits.max_connections,
+            nofile,
+            "max_connections leaves runs too few of the {nofile} descriptors allowed: under load, runs may fail with too many open files. Lower max_connections (MAX_CONNECTIONS) or raise the descriptor limit"
+        );
+    }
     engine.start_warm_pool();
     if let Some(deps) = &engine.deps {
         deps.clone()
             .spawn_updater(config.python_deps_update_interval);
     }
     let state = api::AppState::new(engine.clone());
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("the HTTP server failed")?;
+    api::server::serve(listener, api::router(state), limits, shutdown_signal()).await;
     engine.close().await;
     tracing::info!("stopped: in-flight runs finished");
     Ok(())

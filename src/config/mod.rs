@@ -15,6 +15,10 @@ use raw::RawConfig;
 pub use network::{AllowRule, NetworkIsolation, NetworkSettings};
 use values::{Env, extra_syscalls, list_setting, one_of, parse_syscall_list};
 
+/// The key Dify and the original sandbox ship with: public, so only fit for a port that
+/// nobody else can reach.
+pub const DEFAULT_KEY: &str = "dify-sandbox";
+
 /// The embedded default configuration (the same text as `conf/config.yaml`).
 pub const DEFAULT_YAML: &str = include_str!("../../conf/config.yaml");
 
@@ -102,6 +106,14 @@ pub struct Config {
     pub network: NetworkSettings,
     /// Force the chroot level even where namespaces are available.
     pub force_chroot: bool,
+    /// How long a client may take to send a request's headers, from connecting or from
+    /// its first byte on a kept-alive connection.
+    pub header_read_timeout: Duration,
+    /// How long a connection may wait idle for its next request; zero = one request per
+    /// connection.
+    pub keepalive_timeout: Duration,
+    /// Open connections at most; `None` = derived from the descriptor limit at start.
+    pub max_connections: Option<usize>,
     /// Keys found in the file that this version does not know (warned about, not fatal).
     pub unknown_keys: Vec<String>,
 }
@@ -188,7 +200,7 @@ impl Config {
             key: e
                 .string("API_KEY")
                 .or(raw.app.key)
-                .unwrap_or_else(|| "dify-sandbox".into()),
+                .unwrap_or_else(|| DEFAULT_KEY.into()),
             max_workers: e.parse("MAX_WORKERS")?.or(raw.max_workers).unwrap_or(4),
             max_requests: e.parse("MAX_REQUESTS")?.or(raw.max_requests).unwrap_or(50),
             worker_timeout: Duration::from_secs(
@@ -289,6 +301,20 @@ impl Config {
                 "log_format",
                 &["text", "json"],
             )? == "json",
+            header_read_timeout: Duration::from_secs(
+                e.parse("HEADER_READ_TIMEOUT")?
+                    .or(raw.header_read_timeout)
+                    .unwrap_or(10),
+            ),
+            keepalive_timeout: Duration::from_secs(
+                e.parse("KEEPALIVE_TIMEOUT")?
+                    .or(raw.keepalive_timeout)
+                    .unwrap_or(75),
+            ),
+            max_connections: e
+                .parse("MAX_CONNECTIONS")?
+                .or(raw.max_connections)
+                .filter(|&n: &usize| n > 0),
             unknown_keys,
         };
         cfg.validate()?;
@@ -335,6 +361,13 @@ impl Config {
         }
         if self.tmp_size_mb == 0 {
             return bad("tmp_size_mb", "0".into(), "must be at least 1");
+        }
+        if self.header_read_timeout.is_zero() {
+            return bad(
+                "header_read_timeout",
+                "0".into(),
+                "must be at least 1 second: without it a client can hold a connection open by never finishing its headers",
+            );
         }
         if self.key.is_empty() {
             return bad(
@@ -392,6 +425,17 @@ fn default_state_dir(root: bool, e: &Env) -> PathBuf {
 }
 
 impl Config {
+    /// Where `serve` listens: every interface, as the original does.
+    pub fn listen_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([0, 0, 0, 0], self.port))
+    }
+
+    /// Whether anyone who reaches the port can run code: the key is the public default
+    /// and the server listens beyond loopback.
+    pub fn default_key_exposed(&self) -> bool {
+        self.key == DEFAULT_KEY && !self.listen_addr().ip().is_loopback()
+    }
+
     /// The state directory's layout.
     pub fn state(&self) -> crate::state::StateDir {
         crate::state::StateDir::new(&self.state_dir)

@@ -58,6 +58,9 @@ pub(super) struct RawConfig {
     pub network_subnet: Option<String>,
     pub network_allow: Option<Vec<String>>,
     pub network_dns: Option<Vec<String>>,
+    pub header_read_timeout: Option<u64>,
+    pub keepalive_timeout: Option<u64>,
+    pub max_connections: Option<usize>,
     /// Whatever the file holds beyond the keys above: warned about, not fatal.
     #[serde(flatten)]
     pub unknown: BTreeMap<String, serde_yaml::Value>,

@@ -26,13 +26,7 @@ fn network_deny_defaults_parses_and_names_bad_values() {
     let c =
         Config::from_yaml("", Path::new("c.yaml"), &env(&[("NETWORK_DENY", "")])).expect("loads");
     assert!(c.network.deny.is_empty());
-    let e = Config::from_yaml(
-        "",
-        Path::new("c.yaml"),
-        &env(&[("NETWORK_DENY", "127.0.0.0/8,localhost")]),
-    )
-    .unwrap_err()
-    .to_string();
+    let e = env_error(&[("NETWORK_DENY", "127.0.0.0/8,localhost")]);
     assert!(e.contains("NETWORK_DENY") && e.contains("localhost"), "{e}");
     let e = Config::from_yaml(
         "network_deny: [300.1.1.1/8]\n",
@@ -63,6 +57,13 @@ fn state_dir_defaults_by_privilege() {
         default_state_dir(false, &Env(&vars)),
         PathBuf::from("/home/ci/.local/state/sandbox")
     );
+}
+
+/// The error the defaults give with `pairs` in the environment.
+fn env_error(pairs: &[(&str, &str)]) -> String {
+    Config::from_yaml("", Path::new("c.yaml"), &env(pairs))
+        .expect_err("the environment is refused")
+        .to_string()
 }
 
 fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -238,4 +239,34 @@ fn every_documented_key_is_known_and_the_shipped_file_has_no_other() {
         "{:?}",
         shipped.unknown_keys
     );
+}
+
+#[test]
+fn connection_limits_default_override_and_refuse_a_zero_header_timeout() {
+    let c = Config::from_yaml("", Path::new("c.yaml"), &env(&[])).expect("loads");
+    assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(c.keepalive_timeout, Duration::from_secs(75));
+    assert_eq!(c.max_connections, None, "derived from the descriptor limit");
+    let c = Config::from_yaml(
+        "header_read_timeout: 3\nmax_connections: 0\n",
+        Path::new("c.yaml"),
+        &env(&[("KEEPALIVE_TIMEOUT", "0"), ("MAX_CONNECTIONS", "500")]),
+    )
+    .expect("loads");
+    assert_eq!(c.header_read_timeout, Duration::from_secs(3));
+    assert_eq!(c.keepalive_timeout, Duration::ZERO);
+    assert_eq!(c.max_connections, Some(500));
+    let e = env_error(&[("HEADER_READ_TIMEOUT", "0")]);
+    assert!(e.contains("header_read_timeout"), "{e}");
+    let e = env_error(&[("MAX_CONNECTIONS", "many")]);
+    assert!(e.contains("MAX_CONNECTIONS") && e.contains("many"), "{e}");
+}
+
+#[test]
+fn only_the_public_default_key_on_every_interface_is_exposed() {
+    let c = Config::from_yaml("", Path::new("c.yaml"), &env(&[])).expect("loads");
+    assert!(c.default_key_exposed());
+    let c =
+        Config::from_yaml("", Path::new("c.yaml"), &env(&[("API_KEY", "s3cret")])).expect("loads");
+    assert!(!c.default_key_exposed());
 }

@@ -1,7 +1,9 @@
 //! Host checks behind `sandbox doctor`: each says ok, warning or failed, with a one-line
 //! fix for the detected distribution. Failed means `serve` cannot work as configured;
-//! warning means something optional (building, the xtask, optional modules) is missing.
+//! warning means something optional (building, the xtask, optional modules) is missing,
+//! or a setting works but is risky (the public default API key).
 
+mod api_key;
 mod build;
 mod config;
 mod host;
@@ -17,6 +19,7 @@ use serde::Serialize;
 
 use crate::isolation::detect;
 
+use api_key::api_key_check;
 use build::build_checks;
 use config::config_check;
 use host::{
@@ -88,6 +91,7 @@ pub(crate) fn run_checks(config_path: Option<&Path>) -> Report {
             ok: false,
         };
     };
+    checks.push(api_key_check(&config));
     let state = state_dir_check(&config);
     let probe = detect::probe(&config.state().mount_point());
     let host_report = &probe.report;

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+pub mod raw;
+
 pub const KEY: &str = "dify-sandbox";
 
 pub fn bin() -> &'static str {
@@ -55,23 +57,46 @@ pub struct Server {
 impl Server {
     /// Start with the embedded defaults plus `env` overrides.
     pub async fn start(env: &[(&str, &str)]) -> Self {
-        Self::start_with_stderr(env, Stdio::inherit(), None).await
+        Self::start_with_stderr(env, Stdio::inherit(), None, None).await
     }
 
     /// As user `uid` (and its own group), with only PATH and `env` in its environment.
     pub async fn start_as(uid: u32, env: &[(&str, &str)]) -> Self {
-        Self::start_with_stderr(env, Stdio::inherit(), Some(uid)).await
+        Self::start_with_stderr(env, Stdio::inherit(), Some(uid), None).await
     }
 
     /// Like `start`, with the server's log (stderr) written to `log`.
     pub async fn start_logging(env: &[(&str, &str)], log: &std::path::Path) -> Self {
         let file = std::fs::File::create(log).expect("log file");
-        Self::start_with_stderr(env, Stdio::from(file), None).await
+        Self::start_with_stderr(env, Stdio::from(file), None, None).await
     }
 
-    async fn start_with_stderr(env: &[(&str, &str)], stderr: Stdio, user: Option<u32>) -> Self {
+    /// Like `start_logging`, started under the descriptor limit `soft`:`hard` (by
+    /// util-linux `prlimit`, which sets it and executes the server in its place).
+    pub async fn start_with_nofile(
+        env: &[(&str, &str)],
+        (soft, hard): (u64, u64),
+        log: &std::path::Path,
+    ) -> Self {
+        let file = std::fs::File::create(log).expect("log file");
+        Self::start_with_stderr(env, Stdio::from(file), None, Some((soft, hard))).await
+    }
+
+    async fn start_with_stderr(
+        env: &[(&str, &str)],
+        stderr: Stdio,
+        user: Option<u32>,
+        nofile: Option<(u64, u64)>,
+    ) -> Self {
         let port = free_port();
-        let mut cmd = Command::new(bin());
+        let mut cmd = match nofile {
+            Some((soft, hard)) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={soft}:{hard}")).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
         if let Some(uid) = user {
             use std::os::unix::process::CommandExt;
             cmd.uid(uid)
@@ -120,6 +145,11 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// `127.0.0.1:port`, for tests that speak HTTP over a socket of their own.
+    pub fn addr(&self) -> &str {
+        self.base.trim_start_matches("http://")
     }
 
     /// POST /v1/sandbox/run with a JSON body; returns (HTTP status, body as JSON).
