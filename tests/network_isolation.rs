@@ -351,11 +351,14 @@ fn table_of(pid: u32) -> bool {
     String::from_utf8_lossy(&o.stdout).contains(&format!("sandbox_net_{ns}_{pid}"))
 }
 
-fn run_interfaces() -> usize {
+/// The interfaces of the runs of the server with process id `pid` (its tag is its pid's
+/// last three hex digits, when no other server holds them).
+fn run_interfaces(pid: u32) -> usize {
+    let prefix = format!("sbx{:03x}", pid % 4096);
     std::fs::read_dir("/sys/class/net")
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("sbx"))
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
         .count()
 }
 
@@ -374,7 +377,6 @@ fn lab_connections() -> usize {
 #[tokio::test]
 async fn when_the_plumbing_cannot_be_made_networked_runs_are_refused_and_nothing_leaks() {
     let _turn = SERIAL.lock().await;
-    let before = run_interfaces();
     // A subnet that overlaps the lab's route.
     let s = lab_server(&[("NETWORK_SUBNET", "198.51.96.0/20")]).await;
     let (status, body) = s
@@ -392,7 +394,7 @@ async fn when_the_plumbing_cannot_be_made_networked_runs_are_refused_and_nothing
     let offline = s.python("print('offline still works')").await;
     assert_eq!(offline["stdout"], "offline still works\n");
     assert!(!table_of(s.pid()));
-    assert_eq!(run_interfaces(), before);
+    assert_eq!(run_interfaces(s.pid()), 0);
     drop(s);
 
     // IPv4 forwarding off, and not switchable: a private mount of a file saying 0.
@@ -436,7 +438,7 @@ async fn when_the_plumbing_cannot_be_made_networked_runs_are_refused_and_nothing
         !table_of(child.id()),
         "no table for a network that was refused"
     );
-    assert_eq!(run_interfaces(), before);
+    assert_eq!(run_interfaces(child.id()), 0);
     let _ = nix_kill(child.id(), "TERM");
     let _ = child.wait();
 }
@@ -444,7 +446,6 @@ async fn when_the_plumbing_cannot_be_made_networked_runs_are_refused_and_nothing
 #[tokio::test]
 async fn a_servers_network_goes_with_it_even_when_it_is_killed() {
     let _turn = SERIAL.lock().await;
-    let before = run_interfaces();
     let connect = try_code(&[(EXT.to_string(), TCP_PORT, "tcp", None)]);
     let s = lab_server(&[("WARM_WORKERS", "1")]).await;
     let d = networked(&s, "python3", &connect).await;
@@ -458,13 +459,13 @@ async fn a_servers_network_goes_with_it_even_when_it_is_killed() {
     );
     assert!(table_of(s.pid()));
     assert!(
-        run_interfaces() > before,
+        run_interfaces(s.pid()) > 0,
         "the warm networked workers' interfaces"
     );
     let pid = s.pid();
     s.terminate();
     assert!(!table_of(pid), "the table outlived its server");
-    assert_eq!(run_interfaces(), before, "interfaces outlived their server");
+    assert_eq!(run_interfaces(pid), 0, "interfaces outlived their server");
 
     // Killed mid-run, with a connection open: the next server clears it all.
     let s = lab_server(&[("WARM_WORKERS", "1")]).await;
@@ -484,8 +485,8 @@ async fn a_servers_network_goes_with_it_even_when_it_is_killed() {
         "the killed server's table is removed at the next start"
     );
     assert_eq!(
-        run_interfaces(),
-        before,
+        run_interfaces(killed),
+        0,
         "the killed server's interfaces are removed"
     );
     assert_eq!(

@@ -19,26 +19,33 @@ const LEASES: &str = "/run/sandbox/uids";
 #[tokio::test]
 async fn servers_with_different_state_directories_never_share_a_uid() {
     std::fs::create_dir_all(LEASES).unwrap();
-    // Hold every lease but five, as a server sweeping the range would.
-    let free: BTreeSet<u32> = (10995..11000).collect();
+    // Hold every lease but five, as a server sweeping the range would (leases another
+    // live server holds stay its own).
+    let mut free = BTreeSet::new();
     let mut held = Vec::new();
-    for uid in 10000..10995u32 {
+    for uid in (10000..11000u32).rev() {
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(format!("{LEASES}/{uid}"))
             .unwrap();
-        held.push(
-            Flock::lock(f, FlockArg::LockExclusiveNonblock)
-                .unwrap_or_else(|_| panic!("uid {uid} is leased by someone else")),
-        );
+        let Ok(lock) = Flock::lock(f, FlockArg::LockExclusiveNonblock) else {
+            continue;
+        };
+        if free.len() < 5 {
+            free.insert(uid);
+        } else {
+            held.push(lock);
+        }
     }
+    assert_eq!(free.len(), 5, "five free uids to hand out");
+    let squatted = *free.iter().nth(1).unwrap();
     // A process already running as one of the free uids: it must be skipped too.
     let squatter = Command::new("sleep")
         .arg("60")
-        .uid(10996)
-        .gid(10996)
+        .uid(squatted)
+        .gid(squatted)
         .spawn()
         .unwrap();
     let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -78,7 +85,7 @@ async fn servers_with_different_state_directories_never_share_a_uid() {
     assert_eq!(distinct.len(), 4, "a uid was shared: {uids:?}");
     assert!(distinct.is_subset(&free), "{uids:?} outside {free:?}");
     assert!(
-        !distinct.contains(&10996),
+        !distinct.contains(&squatted),
         "a live process's uid was handed out: {uids:?}"
     );
     let mut squatter = squatter;

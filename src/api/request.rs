@@ -13,6 +13,9 @@ const ACCEPTED: &str = "send a JSON object (Content-Type: application/json), a f
 
 /// The body, up to `MAX_BODY_BYTES`: a larger one is refused on its declared length
 /// before any of it is read, or as soon as it passes the limit.
+/// How long a request's body may take to arrive once the request is admitted.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
@@ -21,7 +24,18 @@ pub async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiErro
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return Err(ApiError::too_large());
     }
-    match Limited::new(body, MAX_BODY_BYTES).collect().await {
+    // An admitted request holds one of max_requests: a body trickled in slowly must not
+    // hold it for ever.
+    let collected =
+        tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY_BYTES).collect())
+            .await
+            .map_err(|_| {
+                ApiError::bad_request(format!(
+                    "the request body did not arrive within {} s; send it at once",
+                    BODY_TIMEOUT.as_secs()
+                ))
+            })?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::too_large()),
         Err(e) => Err(ApiError::bad_request(format!(
