@@ -23,6 +23,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     match (args.get(1).map(String::as_str), args.get(2)) {
         (Some("__exec"), _) => return exit(isolation::helper::main()),
+        (Some("__zygote"), _) => return exit(isolation::zygote::main()),
         (Some("__probe"), Some(dir)) => return exit(isolation::detect::probe_main(dir)),
         (Some("__probe-chroot"), _) => return exit(isolation::detect::probe_chroot_main()),
         _ => {}

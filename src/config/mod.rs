@@ -98,6 +98,10 @@ pub struct Config {
     pub dependencies_path: PathBuf,
     /// Interpreters kept started and jailed per language and network setting; 0 = none.
     pub warm_workers: usize,
+    /// Python runs are forked from a fork server that has imported these modules
+    /// (`python_fork_server`, `python_preload_modules`).
+    pub python_fork_server: bool,
+    pub python_preload_modules: Vec<String>,
     /// Whether `GET /metrics` needs the API key.
     pub metrics_auth: bool,
     /// `text` or `json` log lines.
@@ -287,6 +291,28 @@ impl Config {
                     .unwrap_or_else(|| "dependencies/python-requirements.txt".into()),
             ),
             warm_workers: e.parse("WARM_WORKERS")?.or(raw.warm_workers).unwrap_or(2),
+            python_fork_server: e
+                .parse_bool("PYTHON_FORK_SERVER")?
+                .or(raw.python_fork_server)
+                .unwrap_or(true),
+            python_preload_modules: list_setting(
+                ("PYTHON_PRELOAD_MODULES", "python_preload_modules"),
+                e.string("PYTHON_PRELOAD_MODULES"),
+                raw.python_preload_modules,
+                DEFAULT_PRELOAD_MODULES,
+                |m| {
+                    if !m.is_empty()
+                        && m.split('.').all(|p| {
+                            !p.is_empty()
+                                && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                        })
+                    {
+                        Ok(m.to_string())
+                    } else {
+                        Err("expected a module name such as json or jinja2.sandbox".into())
+                    }
+                },
+            )?,
             force_chroot: one_of(
                 e.string("SANDBOX_ISOLATION").or(raw.isolation),
                 "isolation",
@@ -408,6 +434,9 @@ pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
     }
     Ok(config)
 }
+
+/// What Dify's code-node and template-node runners import.
+pub const DEFAULT_PRELOAD_MODULES: &[&str] = &["json", "base64", "jinja2"];
 
 /// Root keeps its state system-wide; a user (the rootless level) in its own home, as the
 /// XDG base directory convention places state.

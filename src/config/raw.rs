@@ -49,6 +49,8 @@ pub(super) struct RawConfig {
     pub state_dir: Option<String>,
     pub dependencies_path: Option<String>,
     pub warm_workers: Option<usize>,
+    pub python_fork_server: Option<bool>,
+    pub python_preload_modules: Option<Vec<String>>,
     pub metrics_auth: Option<bool>,
     pub log_format: Option<String>,
     pub isolation: Option<String>,

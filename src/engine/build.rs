@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64};
 
 use tokio::sync::Semaphore;
 
+use super::forkserver::{ForkServer, Recipe};
 use super::network::RunNetwork;
 use super::outcome::RunLimits;
 use super::warm::WarmPool;
@@ -101,6 +102,7 @@ impl Engine {
         if let Some(cg) = &host.cgroup {
             cg.remove_stale(RUN_PREFIX);
         }
+        let fork_server = fork_server(&config, &host, &runtimes, &state).await;
         Ok(Self {
             limits: RunLimits {
                 timeout: config.worker_timeout,
@@ -120,6 +122,8 @@ impl Engine {
             queued: AtomicI64::new(0),
             deps,
             network,
+            fork_server,
+            restarting: std::sync::atomic::AtomicBool::new(false),
             tasks: tokio_util::task::TaskTracker::new(),
         })
     }
@@ -159,4 +163,41 @@ fn discover_runtimes(
         }
     }
     Ok(map)
+}
+
+/// The Python fork server, where it can run: with root's namespaces (it jails each run
+/// itself, in its own namespaces), when configured and Python works.
+async fn fork_server(
+    config: &Config,
+    host: &crate::isolation::detect::Host,
+    runtimes: &HashMap<Language, Result<Runtime, String>>,
+    state: &crate::state::StateDir,
+) -> Option<Arc<ForkServer>> {
+    if !config.python_fork_server || host.level != IsolationLevel::Namespaces {
+        return None;
+    }
+    let Some(Ok(python)) = runtimes.get(&Language::Python3) else {
+        return None;
+    };
+    let recipe = match Recipe::new(
+        python,
+        state.mount_point(),
+        host.cgroup.as_ref(),
+        &config.python_preload_modules,
+        &config.allowed_syscalls,
+        &config.extra_syscalls,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "no Python fork server; Python runs start their own interpreters");
+            return None;
+        }
+    };
+    match ForkServer::start(recipe).await {
+        Ok(fs) => Some(Arc::new(fs)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no Python fork server; Python runs start their own interpreters");
+            None
+        }
+    }
 }

@@ -9,6 +9,7 @@
 //! - `warm`: the pool of warm, single-use workers.
 
 mod build;
+pub mod forkserver;
 pub mod network;
 pub mod outcome;
 pub mod plan;
@@ -96,6 +97,10 @@ pub struct Engine {
     pub deps: Option<Arc<Dependencies>>,
     /// How networked runs reach the network.
     pub network: network::RunNetwork,
+    /// Where Python runs are forked from, when it runs (see `forkserver`).
+    pub fork_server: Option<Arc<forkserver::ForkServer>>,
+    /// A fork server's restart is under way.
+    restarting: std::sync::atomic::AtomicBool,
     /// Background work that must finish before the server exits: warm workers being
     /// started, clean-up after runs.
     tasks: tokio_util::task::TaskTracker,
@@ -171,10 +176,11 @@ impl Engine {
                 tracing::warn!("a warm worker died while waiting; replacing it");
                 dead.discard().await;
             }
+            self.tend_fork_server();
             for key in self.warm.missing() {
                 let engine = Arc::clone(&self);
                 self.tasks.spawn(async move {
-                    match engine.spawn_worker(key).await {
+                    match engine.spawn_worker(key, true).await {
                         Ok(worker) => engine.warm.put(key, worker),
                         Err(e) => {
                             tracing::error!(error = %e, language = %key.language, "cannot start a warm worker");
@@ -190,6 +196,27 @@ impl Engine {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {},
             }
         }
+    }
+
+    /// Restart the fork server in the background when it is gone; runs go to plain
+    /// workers meanwhile.
+    fn tend_fork_server(self: &Arc<Self>) {
+        let Some(fs) = &self.fork_server else { return };
+        if !fs.in_use() || fs.up() || self.restarting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (fs, engine) = (fs.clone(), Arc::clone(self));
+        self.tasks.spawn(async move {
+            tracing::warn!("the Python fork server is gone; restarting it");
+            match fs.restart().await {
+                Ok(()) => tracing::info!("the Python fork server is back"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot restart the Python fork server; Python runs start their own interpreters meanwhile");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+            engine.restarting.store(false, Ordering::Release);
+        });
     }
 
     /// Whether this server runs `req` at all: its language works here, and it asks for
@@ -217,16 +244,59 @@ impl Engine {
             language: req.language,
             network: req.network,
         };
+        let mut allow_fork = true;
         if let Some(worker) = self.warm.take_or_wait(key).await {
+            let forked = worker.is_forked();
             match self.run_worker(worker, &req).await {
                 // Killed while it waited: the snippet never ran, so running it on a fresh
                 // worker is safe.
                 Err(RunError::EndedBeforeCode) => {}
-                other => return other,
+                // A forked run that could not jail itself ran nothing either.
+                Err(RunError::Setup(message)) if forked => {
+                    self.fork_failed(&message);
+                    allow_fork = false;
+                }
+                other => {
+                    if forked && let Some(fs) = &self.fork_server {
+                        fs.record(true);
+                    }
+                    return other;
+                }
             }
         }
-        let worker = self.spawn_worker(key).await?;
-        match self.run_worker(worker, &req).await {
+        let worker = self.spawn_worker(key, allow_fork).await?;
+        if worker.is_forked() {
+            match self.run_worker(worker, &req).await {
+                Err(RunError::Setup(message)) => self.fork_failed(&message),
+                Err(RunError::EndedBeforeCode) => {
+                    self.fork_failed("the run ended before it read its snippet")
+                }
+                other => {
+                    if let Some(fs) = &self.fork_server {
+                        fs.record(true);
+                    }
+                    return other;
+                }
+            }
+            let worker = self.spawn_worker(key, false).await?;
+            return self.finish_fresh(worker, &req).await;
+        }
+        self.finish_fresh(worker, &req).await
+    }
+
+    /// Note a forked run that failed to start; a fork server that keeps failing is put
+    /// out of use.
+    fn fork_failed(&self, message: &str) {
+        tracing::error!(%message, "a run forked by the Python fork server could not start; running it in a fresh interpreter");
+        if let Some(fs) = &self.fork_server {
+            fs.record(false);
+        }
+    }
+
+    /// Run `req` on a worker started for it; a run that ends before its snippet was read
+    /// is the sandbox's failure.
+    async fn finish_fresh(&self, worker: Worker, req: &RunRequest) -> Result<RunOutcome, RunError> {
+        match self.run_worker(worker, req).await {
             Err(RunError::EndedBeforeCode) => Err(RunError::Setup(
                 "the interpreter exited before it could read the snippet; check that it starts \
                  within memory_limit_mb (sandbox doctor)"
@@ -237,7 +307,7 @@ impl Engine {
     }
 
     /// Start a sandbox and its interpreter; the snippet is sent later by `run_worker`.
-    async fn spawn_worker(&self, key: PoolKey) -> Result<Worker, RunError> {
+    async fn spawn_worker(&self, key: PoolKey, allow_fork: bool) -> Result<Worker, RunError> {
         let runtime = self.runtime(key.language)?;
         let lease = self.uids.acquire()?;
         let run_no = self.counter.fetch_add(1, Ordering::Relaxed);
@@ -283,6 +353,25 @@ impl Engine {
             Some(n) => (Some(n.fd), Some(n.lease)),
             None => (None, None),
         };
+        match &self.fork_server {
+            Some(fs) if allow_fork && key.language == Language::Python3 && fs.up() => {
+                // The fork server gets the namespace and keeps nothing of it; the server
+                // keeps its own copy in case the fork fails.
+                let shared = match &netns {
+                    Some(fd) => Some(fd.try_clone().map_err(RunError::Spawn)?),
+                    None => None,
+                };
+                match fs.fork(&spec, shared).await {
+                    Ok((keeper, pipes)) => {
+                        return Ok(Worker::forked(keeper, pipes, lease, net_lease, cgroup));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the Python fork server failed a run's start; using a fresh interpreter")
+                    }
+                }
+            }
+            _ => {}
+        }
         Worker::spawn(&spec, netns, lease, net_lease, cgroup, chroot_tmp)
     }
 

@@ -1,6 +1,7 @@
-//! One worker: the `__exec` helper started for a single run, its interpreter waiting
-//! for the snippet, and the protocol to talk to it (send the frame, read the capped
-//! output, read the helper's report).
+//! One worker: a sandbox started for a single run, its interpreter waiting for the
+//! snippet, and the protocol to talk to it (send the frame, read the capped output, read
+//! how it ended). Two kinds of process own a run: the `__exec` helper (started for it),
+//! or a fork server's keeper (forked for it; see `forkserver`).
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -37,13 +38,61 @@ pub enum Stream {
 /// Receives output as it is produced (used by `sandbox run` to stream to a terminal).
 pub type Sink = Arc<dyn Fn(Stream, &[u8]) + Send + Sync>;
 
+/// An output stream of a run, whoever owns it.
+type Output = Box<dyn AsyncRead + Send + Unpin>;
+
+/// The process that owns a run and reports how it ended.
+enum Owner {
+    /// The `__exec` helper: the channel carries the snippet in and its report out.
+    Helper(tokio::process::Child),
+    /// A fork server's keeper: the channel is the run's own fd 3 (the snippet in, its
+    /// acknowledgement out); the keeper reports on a pipe of its own.
+    Keeper {
+        pid: nix::unistd::Pid,
+        report: tokio::net::unix::pipe::Receiver,
+    },
+}
+
+impl Owner {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Self::Helper(child) => child.id(),
+            Self::Keeper { pid, .. } => u32::try_from(pid.as_raw()).ok(),
+        }
+    }
+
+    fn start_kill(&mut self) {
+        match self {
+            Self::Helper(child) => {
+                let _ = child.start_kill();
+            }
+            Self::Keeper { pid, .. } => {
+                let _ = nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// Until the owner is gone (its report pipe closes, for a keeper).
+    async fn wait(&mut self) {
+        match self {
+            Self::Helper(child) => {
+                let _ = child.wait().await;
+            }
+            Self::Keeper { report, .. } => {
+                let mut rest = Vec::new();
+                let _ = report.read_to_end(&mut rest).await;
+            }
+        }
+    }
+}
+
 /// A sandbox whose interpreter is started and waits for its snippet on fd 3. Used for
-/// exactly one run; dropping it kills the helper (and through it the interpreter).
+/// exactly one run; dropping it kills the owner (and through it the interpreter).
 pub struct Worker {
-    child: tokio::process::Child,
+    owner: Owner,
     channel: tokio::net::UnixStream,
-    stdout: Option<tokio::process::ChildStdout>,
-    stderr: Option<tokio::process::ChildStderr>,
+    stdout: Option<Output>,
+    stderr: Option<Output>,
     cgroup: Option<RunCgroup>,
     /// The run's network on the host (its own namespace's veth pair).
     network: Option<NetLease>,
@@ -60,6 +109,14 @@ pub struct Watch {
     pub memory_bytes: Option<u64>,
     /// The size of the run's private directory (the chroot level).
     pub disk_bytes: Option<u64>,
+}
+
+/// The ends a run forked by a fork server leaves to the server.
+pub struct ForkedPipes {
+    pub channel: tokio::net::UnixStream,
+    pub stdout: tokio::net::unix::pipe::Receiver,
+    pub stderr: tokio::net::unix::pipe::Receiver,
+    pub report: tokio::net::unix::pipe::Receiver,
 }
 
 /// What a run left behind, before it is put into words (see `outcome::conclude`).
@@ -107,9 +164,9 @@ impl Worker {
         })();
         match started {
             Ok((mut child, channel)) => Ok(Self {
-                stdout: child.stdout.take(),
-                stderr: child.stderr.take(),
-                child,
+                stdout: child.stdout.take().map(|s| Box::new(s) as Output),
+                stderr: child.stderr.take().map(|s| Box::new(s) as Output),
+                owner: Owner::Helper(child),
                 channel,
                 cgroup,
                 network,
@@ -128,8 +185,37 @@ impl Worker {
         }
     }
 
+    /// A worker whose run a fork server's keeper (`keeper`) owns: `channel` is the run's
+    /// fd 3, the other pipes its output and the keeper's report.
+    pub fn forked(
+        keeper: nix::unistd::Pid,
+        pipes: ForkedPipes,
+        lease: UidLease,
+        network: Option<NetLease>,
+        cgroup: Option<RunCgroup>,
+    ) -> Self {
+        Self {
+            owner: Owner::Keeper {
+                pid: keeper,
+                report: pipes.report,
+            },
+            channel: pipes.channel,
+            stdout: Some(Box::new(pipes.stdout)),
+            stderr: Some(Box::new(pipes.stderr)),
+            cgroup,
+            network,
+            lease,
+            chroot_tmp: None,
+        }
+    }
+
     pub fn uid(&self) -> u32 {
         self.lease.uid
+    }
+
+    /// Whether a fork server's keeper owns the run.
+    pub fn is_forked(&self) -> bool {
+        matches!(self.owner, Owner::Keeper { .. })
     }
 
     /// Send `frame` (see `isolation::snippet`) and collect the output, each stream
@@ -163,18 +249,33 @@ impl Worker {
             ))
         });
 
+        let root = self.owner.pid();
         let (mut status_rd, mut code_wr) = self.channel.split();
+        let owner = &mut self.owner;
         let talk = async {
-            // The helper may fail before reading everything; its report says why.
+            // The run may fail before reading everything; its report says why.
             let _ = code_wr.write_all(frame).await;
             let _ = code_wr.shutdown().await;
-            let mut text = String::new();
-            let _ = status_rd.read_to_string(&mut text).await;
-            serde_json::from_str::<HelperReport>(text.trim()).ok()
+            let mut text = Vec::new();
+            let _ = status_rd.read_to_end(&mut text).await;
+            match owner {
+                Owner::Helper(_) => serde_json::from_slice::<HelperReport>(text.trim_ascii()).ok(),
+                Owner::Keeper { report, .. } => {
+                    // What came back on fd 3 is the acknowledgement, or nothing.
+                    let acknowledged = text == [crate::isolation::snippet::ACK];
+                    let mut said = Vec::new();
+                    let _ = report.read_to_end(&mut said).await;
+                    match serde_json::from_slice::<HelperReport>(said.trim_ascii()).ok() {
+                        Some(r @ HelperReport::SetupFailed { .. }) => Some(r),
+                        Some(_) | None if !acknowledged => Some(HelperReport::EndedBeforeCode),
+                        other => other,
+                    }
+                }
+            }
         };
         let memory = async {
-            match (watch.memory_bytes, self.child.id()) {
-                (Some(limit), Some(helper)) => watch::memory_over(helper, limit).await,
+            match (watch.memory_bytes, root) {
+                (Some(limit), Some(root)) => watch::memory_over(root, limit).await,
                 _ => std::future::pending().await,
             }
         };
@@ -195,7 +296,7 @@ impl Worker {
         if stopped_for.is_some() {
             self.kill_tree();
         }
-        let _ = tokio::time::timeout(DRAIN, self.child.wait()).await;
+        let _ = tokio::time::timeout(DRAIN, self.owner.wait()).await;
         let (out, out_over) = join_reader(stdout).await;
         let (err, err_over) = join_reader(stderr).await;
         if stopped_for.is_none() && (out_over || err_over) {
@@ -224,9 +325,9 @@ impl Worker {
         })
     }
 
-    /// SIGKILL the helper and everything left in the run's cgroup.
+    /// SIGKILL the owner and everything left in the run's cgroup.
     fn kill_tree(&mut self) {
-        let _ = self.child.start_kill();
+        self.owner.start_kill();
         if let Some(cg) = &self.cgroup {
             cg.kill_all();
         }
@@ -248,8 +349,8 @@ impl Worker {
 
     /// Kill a worker that will not run anything and free what it held.
     pub async fn discard(mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
+        self.owner.start_kill();
+        let _ = tokio::time::timeout(DRAIN, self.owner.wait()).await;
         self.release().await;
     }
 }
@@ -259,15 +360,20 @@ impl Worker {
 /// plain thread, since Drop cannot wait.
 impl Drop for Worker {
     fn drop(&mut self) {
+        // A keeper is not our child: nothing kills it on drop but this.
+        if matches!(self.owner, Owner::Keeper { .. })
+            || self.cgroup.is_some()
+            || self.network.is_some()
+        {
+            self.owner.start_kill();
+        }
         if let Some(cg) = self.cgroup.take() {
-            let _ = self.child.start_kill();
             std::thread::spawn(move || cg.remove());
         }
-        if let Some(net) = self.network.take() {
-            let _ = self.child.start_kill();
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(net.release());
-            }
+        if let Some(net) = self.network.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(net.release());
         }
     }
 }
@@ -276,8 +382,20 @@ impl Idle for Worker {
     /// Dead when the helper exited, or when it already sent its report (the
     /// interpreter ended, or its setup failed) before any snippet was sent.
     fn is_dead(&mut self) -> bool {
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return true;
+        match &mut self.owner {
+            Owner::Helper(child) => {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    return true;
+                }
+            }
+            // The keeper writes only once its run has ended (or could not start).
+            Owner::Keeper { report, .. } => {
+                let mut byte = [0u8; 1];
+                if !matches!(report.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                {
+                    return true;
+                }
+            }
         }
         let mut byte = [0u8; 1];
         let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;

@@ -115,6 +115,14 @@ impl CgroupDriver {
         Ok(base.to_path_buf())
     }
 
+    /// The directories per-run cgroups are created in.
+    pub fn bases(&self) -> Vec<PathBuf> {
+        match self {
+            Self::V1 { memory, pids } => vec![memory.clone(), pids.clone()],
+            Self::V2 { base } => vec![base.clone()],
+        }
+    }
+
     /// Create the cgroup of one run with its limits.
     pub fn create_run(
         &self,

@@ -20,16 +20,26 @@ pub fn send_spec(
     spec: &[u8],
     fd: Option<BorrowedFd<'_>>,
 ) -> std::io::Result<()> {
-    let len = u32::try_from(spec.len())
-        .map_err(|_| std::io::Error::other("the spec is too large"))?
+    let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+    send_message(socket, spec, &fds)
+}
+
+/// Send one message, framed as the spec is, with `fds` alongside.
+pub fn send_message(
+    socket: &UnixStream,
+    message: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> std::io::Result<()> {
+    let len = u32::try_from(message.len())
+        .map_err(|_| std::io::Error::other("the message is too large"))?
         .to_le_bytes();
-    let fds: Vec<i32> = fd.iter().map(|f| f.as_raw_fd()).collect();
-    let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs: Vec<ControlMessage> = if raw.is_empty() {
         Vec::new()
     } else {
-        vec![ControlMessage::ScmRights(&fds)]
+        vec![ControlMessage::ScmRights(&raw)]
     };
-    // The descriptor rides on the length; the rest is an ordinary stream.
+    // The descriptors ride on the length; the rest is an ordinary stream.
     let sent = sendmsg::<()>(
         socket.as_raw_fd(),
         &[IoSlice::new(&len)],
@@ -39,9 +49,14 @@ pub fn send_spec(
     )
     .map_err(std::io::Error::from)?;
     if sent != len.len() {
-        return Err(std::io::Error::other("the spec's length was cut short"));
+        return Err(std::io::Error::other("the message's length was cut short"));
     }
-    std::io::Write::write_all(&mut &*socket, spec)
+    std::io::Write::write_all(&mut &*socket, message)
+}
+
+/// Receive one framed message, dropping any descriptor (a fork server's answer).
+pub fn recv_message(socket: &UnixStream) -> Result<Vec<u8>, String> {
+    recv_spec(socket).map(|(m, _)| m)
 }
 
 /// Receive what `send_spec` sent: the spec's bytes and the descriptor, if any.

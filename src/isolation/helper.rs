@@ -334,6 +334,7 @@ fn child_setup(
                 &spec.root,
                 spec.limits.tmp_bytes,
                 &spec.root_files,
+                &rootfs::Extras::default(),
             )?;
         }
         IsolationLevel::Chroot => {
@@ -428,7 +429,7 @@ fn child_setup(
         sockets: SocketPolicy::for_network(spec.network),
         allowed_syscalls: &spec.allowed_syscalls,
         extra_syscalls: &spec.extra_syscalls,
-        exec_path,
+        exec_path: Some(exec_path),
     })
     .map_err(|e| StepError::new(Step::Seccomp, "filter", e))?;
 

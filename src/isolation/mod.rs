@@ -15,3 +15,4 @@ pub mod step;
 pub mod sys;
 pub mod uids;
 pub mod userns;
+pub mod zygote;

@@ -121,7 +121,7 @@ fn mount_point(root: &Path, src: &Path) -> Result<PathBuf, StepError> {
 /// command line (secrets and infrastructure flags live there), memory, keys, timers,
 /// scheduler and interrupt state. Shown empty. (The masked paths of container runtimes,
 /// and a few more.)
-const MASKED_PROC_FILES: &[&str] = &[
+pub const MASKED_PROC_FILES: &[&str] = &[
     "cmdline",
     "kcore",
     "keys",
@@ -138,7 +138,7 @@ const MASKED_PROC_FILES: &[&str] = &[
 ];
 
 /// Directories of /proc about the host's hardware and drivers: shown empty.
-const MASKED_PROC_DIRS: &[&str] = &["acpi", "asound", "scsi", "bus", "irq", "driver", "fs"];
+pub const MASKED_PROC_DIRS: &[&str] = &["acpi", "asound", "scsi", "bus", "irq", "driver", "fs"];
 
 /// Cover the masked paths of the run's fresh /proc: /dev/null over files, an empty
 /// read-only tmpfs over directories. Paths this kernel lacks are skipped.
@@ -173,6 +173,15 @@ fn mask_proc(root_dir: &Path, proc_dir: &Path) -> Result<(), StepError> {
     Ok(())
 }
 
+/// What a root gets beyond a run's: empty directories, and host directories bound
+/// writable (a fork server's view of the cgroup tree).
+#[derive(Debug, Default)]
+pub struct Extras<'a> {
+    pub dirs: &'a [PathBuf],
+    /// (host directory, place in the root).
+    pub writable: &'a [(PathBuf, PathBuf)],
+}
+
 /// Build the root on `root_dir` and pivot into it. Runs in the child, after
 /// unshare(CLONE_NEWNS | CLONE_NEWPID ...) and fork, as root (or, rootless, with every
 /// capability of its own user namespace).
@@ -181,6 +190,7 @@ pub fn enter_private_root(
     plan: &RootPlan,
     tmp_bytes: u64,
     files: &[(PathBuf, String)],
+    extras: &Extras<'_>,
 ) -> Result<(), StepError> {
     // Nothing we mount may propagate back to the host.
     mount(
@@ -235,6 +245,34 @@ pub fn enter_private_root(
             let target = mount_point(root_dir, dev)?;
             bind_readonly(dev, &target, true)?;
         }
+    }
+
+    for dir in extras.dirs {
+        make_dirs(&inside(root_dir, dir))?;
+    }
+    for (src, at) in extras.writable {
+        let target = inside(root_dir, at);
+        make_dirs(&target)?;
+        mount(
+            Some(src.as_path()),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(step(Step::BindMount, src))?;
+        mount(
+            None::<&str>,
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(step(Step::BindMount, &target))?;
     }
 
     for (path, text) in files {

@@ -105,7 +105,9 @@ def become_run(req, filters, fds, errors):
     libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
     mount(None, "/", None, MS_REC | MS_PRIVATE, None, "making mounts private")
     # The cgroup directories were only needed to join the run's cgroup.
-    check(libc.umount2(b"/sandbox-cgroup", MNT_DETACH), "hiding the cgroups", "/sandbox-cgroup")
+    for name in os.listdir("/sandbox-cgroup"):
+        path = "/sandbox-cgroup/" + name
+        check(libc.umount2(path.encode(), MNT_DETACH), "hiding the cgroups", path)
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
           "size=%d,mode=1777,nr_inodes=16384" % req["tmp_bytes"], "mounting the private /tmp")
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, None,
@@ -255,7 +257,10 @@ def main():
     config, _ = recv_message(control)
     sys.path[:] = config["sys_path"]
     for name in config["preload"]:
-        __import__(name)
+        try:
+            __import__(name)
+        except ImportError as e:
+            print("sandbox fork server: cannot preload %s: %s" % (name, e), file=sys.stderr)
     # Warm the template compiler Dify's template node uses.
     if "jinja2" in sys.modules:
         sys.modules["jinja2"].Template("{{ s }}").render(s="a")

@@ -20,6 +20,8 @@ pub enum SeccompApplyError {
     },
     #[error("seccomp: the kernel refused the filter: {0}")]
     Load(#[source] SeccompError),
+    #[error("seccomp: cannot export the filter: {0}")]
+    Export(String),
 }
 
 /// Which sockets a run may create.
@@ -65,8 +67,10 @@ pub struct FilterOptions<'a> {
     pub allowed_syscalls: &'a [i64],
     /// Added to whichever plain allow-list applies (the operator's `extra_syscalls`).
     pub extra_syscalls: &'a [i64],
-    /// The only pathname pointer `execveat` may receive (see `sys::empty_path`).
-    pub exec_path: u64,
+    /// The only pathname pointer `execveat` may receive (see `sys::empty_path`); `None`
+    /// for a process that has nothing left to exec (a fork server's run), where every
+    /// exec is refused.
+    pub exec_path: Option<u64>,
 }
 
 fn rule_err(name: &str) -> impl FnOnce(SeccompError) -> SeccompApplyError + '_ {
@@ -179,13 +183,13 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
     // The one exec the helper performs: execveat on the interpreter's descriptor with
     // the helper's own empty pathname. After that exec the descriptor is closed
     // (O_CLOEXEC) and cannot be recreated (RLIMIT_NOFILE is below it).
-    if let Some(execveat) = resolve("execveat") {
+    if let (Some(execveat), Some(exec_path)) = (resolve("execveat"), opts.exec_path) {
         ctx.add_rule_conditional(
             ScmpAction::Allow,
             execveat,
             &[
                 ScmpArgCompare::new(0, ScmpCompareOp::Equal, sys::EXEC_FD as u64),
-                ScmpArgCompare::new(1, ScmpCompareOp::Equal, opts.exec_path),
+                ScmpArgCompare::new(1, ScmpCompareOp::Equal, exec_path),
                 ScmpArgCompare::new(4, ScmpCompareOp::Equal, libc::AT_EMPTY_PATH as u64),
             ],
         )
@@ -208,6 +212,24 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
 pub fn apply(opts: &FilterOptions<'_>) -> Result<(), SeccompApplyError> {
     let ctx = build(opts)?;
     ctx.load().map_err(SeccompApplyError::Load)
+}
+
+/// The filter as a classic BPF program (`struct sock_filter` entries), for a process
+/// that loads it itself with prctl(PR_SET_SECCOMP) (a fork server's run).
+pub fn export(opts: &FilterOptions<'_>) -> Result<Vec<u8>, SeccompApplyError> {
+    use std::io::Read;
+    let ctx = build(opts)?;
+    // A filter is a few kilobytes, far below a pipe's buffer: written whole, then read.
+    let (read, write) = nix::unistd::pipe()
+        .map_err(|e| SeccompApplyError::Export(std::io::Error::from(e).to_string()))?;
+    ctx.export_bpf(&write)
+        .map_err(|e| SeccompApplyError::Export(e.to_string()))?;
+    drop(write);
+    let mut bpf = Vec::new();
+    std::fs::File::from(read)
+        .read_to_end(&mut bpf)
+        .map_err(|e| SeccompApplyError::Export(e.to_string()))?;
+    Ok(bpf)
 }
 
 #[cfg(test)]
@@ -310,7 +332,7 @@ mod tests {
                     sockets: SocketPolicy::for_network(network),
                     allowed_syscalls: &[],
                     extra_syscalls: &[],
-                    exec_path: 0x1000,
+                    exec_path: Some(0x1000),
                 };
                 build(&opts).expect("filter builds");
             }
@@ -321,8 +343,22 @@ mod tests {
             sockets: SocketPolicy::for_network(NetworkSetup::Offline),
             allowed_syscalls: &custom,
             extra_syscalls: &[239],
-            exec_path: 0x1000,
+            exec_path: Some(0x1000),
         })
         .expect("custom list builds");
+    }
+
+    #[test]
+    fn an_exported_filter_is_whole_instructions() {
+        let opts = FilterOptions {
+            profile: Profile::Python,
+            sockets: SocketPolicy::for_network(NetworkSetup::Own),
+            allowed_syscalls: &[],
+            extra_syscalls: &[],
+            exec_path: None,
+        };
+        let bpf = export(&opts).expect("exports");
+        // struct sock_filter is 8 bytes; a real filter has dozens of instructions.
+        assert!(bpf.len() > 8 * 20 && bpf.len().is_multiple_of(8), "{}", bpf.len());
     }
 }

@@ -1,4 +1,4 @@
 pub mod apply;
 pub mod policy;
 
-pub use apply::{FilterOptions, SocketPolicy, apply};
+pub use apply::{FilterOptions, SocketPolicy, apply, export};

@@ -1,0 +1,443 @@
+//! The Python fork server: one interpreter that has imported what Dify's payloads use
+//! (json, base64, jinja2 and its template compiler, `python_preload_modules`) and forks
+//! once per run, so a run pays neither an interpreter's start nor those imports. The
+//! fork server itself (`runtime/zygote.py`, started by `sandbox __zygote`) never runs a
+//! snippet: each fork becomes a fresh sandbox (its own cgroup, namespaces, /tmp, uid,
+//! rlimits, no_new_privs, a seccomp filter that refuses every exec) before it reads a
+//! byte of its snippet.
+//!
+//! Requests travel on a socket, framed like the helper's spec (see `channel`), with the
+//! run's descriptors alongside: its stdout and stderr pipes, its fd 3, the keeper's
+//! report pipe and, when it has one, its network namespace. When the fork server is
+//! down, runs go to plain workers and it is restarted in the background.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::RunError;
+use super::worker::ForkedPipes;
+use crate::isolation::cgroup::CgroupDriver;
+use crate::isolation::channel;
+use crate::isolation::rootfs::{MASKED_PROC_DIRS, MASKED_PROC_FILES};
+use crate::isolation::seccomp::{self, FilterOptions, SocketPolicy};
+use crate::isolation::spec::{NetworkSetup, Profile, SandboxSpec};
+use crate::isolation::zygote::{CGROUP_MOUNT, ZygoteSpec};
+use crate::runtime::Runtime;
+
+/// The fork server's code.
+const ZYGOTE: &str = include_str!("../runtime/zygote.py");
+/// How long the fork server may take to import its modules and say it is ready.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// The settings of the network namespaces runs can have, each with its seccomp filter.
+const SETUPS: [NetworkSetup; 3] = [NetworkSetup::Offline, NetworkSetup::Own, NetworkSetup::Host];
+
+/// What the fork server is built from, kept to restart it.
+pub struct Recipe {
+    pub spec: ZygoteSpec,
+    /// The first message on its control socket (see `Config`).
+    config: Vec<u8>,
+    /// The cgroup base directories, in the order they are bound at `CGROUP_MOUNT/<n>`.
+    cgroup_bases: Vec<PathBuf>,
+    sys_path: Vec<String>,
+}
+
+/// The fork server's configuration message.
+#[derive(Serialize)]
+struct Config<'a> {
+    sys_path: &'a [String],
+    preload: &'a [String],
+    /// BPF programs by network setting, hex.
+    filters: std::collections::BTreeMap<&'static str, String>,
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    #[serde(default)]
+    ready: bool,
+    pid: Option<i32>,
+    refused: Option<String>,
+}
+
+/// One run's request, as the fork server reads it.
+#[derive(Serialize)]
+struct Request<'a> {
+    uid: u32,
+    cgroup_procs: Vec<String>,
+    tmp_bytes: u64,
+    network: NetworkSetup,
+    filter: &'static str,
+    rlimits: Vec<(&'static str, u64)>,
+    workdir: &'a Path,
+    env: &'a [String],
+    root_files: &'a [(PathBuf, String)],
+    masked_proc_files: &'static [&'static str],
+    masked_proc_dirs: &'static [&'static str],
+    sys_path: &'a [String],
+}
+
+fn setup_name(n: NetworkSetup) -> &'static str {
+    match n {
+        NetworkSetup::Offline => "offline",
+        NetworkSetup::Own => "own",
+        NetworkSetup::Host => "host",
+    }
+}
+
+impl Recipe {
+    pub fn new(
+        runtime: &Runtime,
+        mount_point: PathBuf,
+        cgroup: Option<&CgroupDriver>,
+        preload: &[String],
+        allowed_syscalls: &[i64],
+        extra_syscalls: &[i64],
+    ) -> Result<Self, String> {
+        let mut filters = std::collections::BTreeMap::new();
+        for setup in SETUPS {
+            let bpf = seccomp::export(&FilterOptions {
+                profile: Profile::Python,
+                sockets: SocketPolicy::for_network(setup),
+                allowed_syscalls,
+                extra_syscalls,
+                exec_path: None,
+            })
+            .map_err(|e| e.to_string())?;
+            filters.insert(setup_name(setup), hex(&bpf));
+        }
+        let config = serde_json::to_vec(&Config {
+            sys_path: &runtime.search_path,
+            preload,
+            filters,
+        })
+        .map_err(|e| e.to_string())?;
+        let cgroup_bases = cgroup.map(CgroupDriver::bases).unwrap_or_default();
+        let program = runtime.program.clone();
+        let argv = [
+            program.to_string_lossy().as_ref(),
+            "-I",
+            "-S",
+            "-B",
+            "-u",
+            "-X",
+            "utf8",
+            "-c",
+            ZYGOTE,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let ack = char::from(crate::isolation::snippet::ACK).to_string();
+        let argv: Vec<String> = argv;
+        let argv = argv
+            .into_iter()
+            .map(|a| a.replace("__ACK__", &ack))
+            .collect();
+        Ok(Self {
+            spec: ZygoteSpec {
+                root_dir: mount_point,
+                root: runtime.root.clone(),
+                // Placeholders each run binds its own over.
+                root_files: vec![
+                    (
+                        PathBuf::from("/etc/passwd"),
+                        "root:x:0:0:root:/:/nonexistent\n".into(),
+                    ),
+                    (PathBuf::from("/etc/resolv.conf"), String::new()),
+                ],
+                cgroup_dirs: cgroup_bases.clone(),
+                program,
+                argv,
+                env: vec!["PATH=/usr/bin:/bin".into(), "LANG=C.UTF-8".into()],
+            },
+            config,
+            cgroup_bases,
+            sys_path: runtime.search_path.clone(),
+        })
+    }
+
+    /// `path` (a host path in a cgroup base) as the fork server sees it.
+    fn inside(&self, path: &Path) -> Option<String> {
+        self.cgroup_bases.iter().enumerate().find_map(|(i, base)| {
+            let rest = path.strip_prefix(base).ok()?;
+            Some(
+                Path::new(CGROUP_MOUNT)
+                    .join(i.to_string())
+                    .join(rest)
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A running fork server.
+struct Zygote {
+    child: tokio::process::Child,
+    control: UnixStream,
+}
+
+/// The fork server, when one runs, and how to start another.
+pub struct ForkServer {
+    recipe: Recipe,
+    running: Mutex<Option<Zygote>>,
+    /// Forked runs that could not start, in a row.
+    failures: std::sync::atomic::AtomicU32,
+    /// Put out of use: its runs kept failing to start.
+    disabled: std::sync::atomic::AtomicBool,
+}
+
+/// Forked runs failing to start in a row before the fork server is put out of use.
+const FAILURES_TO_DISABLE: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForkServerError {
+    #[error("the fork server cannot start: {0}")]
+    Start(String),
+    #[error("the fork server refused: {0}")]
+    Refused(String),
+    #[error("the fork server is gone: {0}")]
+    Gone(String),
+}
+
+impl ForkServer {
+    /// Start it and wait until it is ready.
+    pub async fn start(recipe: Recipe) -> Result<Self, ForkServerError> {
+        let zygote = launch(&recipe).await?;
+        Ok(Self {
+            recipe,
+            running: Mutex::new(Some(zygote)),
+            failures: std::sync::atomic::AtomicU32::new(0),
+            disabled: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Count a forked run's start: a fork server whose runs keep failing to start serves
+    /// no more (each failed run is run again in a fresh interpreter).
+    pub fn record(&self, started: bool) {
+        use std::sync::atomic::Ordering;
+        if started {
+            self.failures.store(0, Ordering::Relaxed);
+            return;
+        }
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= FAILURES_TO_DISABLE
+            && !self.disabled.swap(true, Ordering::AcqRel)
+        {
+            tracing::error!(
+                "the Python fork server's runs keep failing to start: it is out of use until the server restarts; Python runs start their own interpreters"
+            );
+            *self.lock() = None;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Zygote>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether it may still serve (it was not put out of use).
+    pub fn in_use(&self) -> bool {
+        !self.disabled.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether a fork server runs now.
+    pub fn up(&self) -> bool {
+        if self.disabled.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        let mut running = self.lock();
+        match running.as_mut() {
+            Some(z) => {
+                if matches!(z.child.try_wait(), Ok(None)) {
+                    true
+                } else {
+                    *running = None;
+                    false
+                }
+            }
+            None => false,
+        }
+    }
+
+    /// Start a new fork server in place of one that is gone.
+    pub async fn restart(&self) -> Result<(), ForkServerError> {
+        if self.disabled.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(ForkServerError::Refused("out of use".into()));
+        }
+        let zygote = launch(&self.recipe).await?;
+        *self.lock() = Some(zygote);
+        Ok(())
+    }
+
+    /// Fork the run of `spec`: its sandbox waits for the snippet on the returned
+    /// channel. `netns` is the run's own network namespace, when it has one.
+    pub async fn fork(
+        self: &std::sync::Arc<Self>,
+        spec: &SandboxSpec,
+        netns: Option<OwnedFd>,
+    ) -> Result<(nix::unistd::Pid, ForkedPipes), RunError> {
+        let request = self.request(spec)?;
+        let (ours, theirs) = UnixStream::pair().map_err(RunError::Spawn)?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let (report_r, report_w) = pipe()?;
+        let this = self.clone();
+        let pid = tokio::task::spawn_blocking(move || {
+            let mut fds: Vec<BorrowedFd<'_>> = vec![
+                out_w.as_fd(),
+                err_w.as_fd(),
+                theirs.as_fd(),
+                report_w.as_fd(),
+            ];
+            if let Some(ns) = &netns {
+                fds.push(ns.as_fd());
+            }
+            this.send(&request, &fds)
+        })
+        .await
+        .map_err(|e| RunError::Setup(e.to_string()))?
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+        ours.set_nonblocking(true).map_err(RunError::Spawn)?;
+        let pipes = ForkedPipes {
+            channel: tokio::net::UnixStream::from_std(ours).map_err(RunError::Spawn)?,
+            stdout: receiver(out_r)?,
+            stderr: receiver(err_r)?,
+            report: receiver(report_r)?,
+        };
+        Ok((nix::unistd::Pid::from_raw(pid), pipes))
+    }
+
+    fn request(&self, spec: &SandboxSpec) -> Result<Vec<u8>, RunError> {
+        let l = &spec.limits;
+        let mut rlimits = vec![
+            ("RLIMIT_NOFILE", l.open_files),
+            ("RLIMIT_NPROC", l.max_processes),
+            ("RLIMIT_FSIZE", l.tmp_bytes),
+            ("RLIMIT_CORE", 0),
+            ("RLIMIT_CPU", l.cpu_seconds),
+        ];
+        if let Some(bytes) = l.address_space_bytes {
+            rlimits.push(("RLIMIT_AS", bytes));
+        }
+        let cgroup_procs = spec
+            .cgroup_procs
+            .iter()
+            .map(|p| {
+                self.recipe.inside(p).ok_or_else(|| {
+                    RunError::Setup(format!(
+                        "{} is outside the cgroups the fork server sees",
+                        p.display()
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        serde_json::to_vec(&Request {
+            uid: spec.uid,
+            cgroup_procs,
+            tmp_bytes: l.tmp_bytes,
+            network: spec.network,
+            filter: setup_name(spec.network),
+            rlimits,
+            workdir: &spec.workdir,
+            env: &spec.env,
+            root_files: &spec.root_files,
+            masked_proc_files: MASKED_PROC_FILES,
+            masked_proc_dirs: MASKED_PROC_DIRS,
+            sys_path: &self.recipe.sys_path,
+        })
+        .map_err(|e| RunError::Setup(e.to_string()))
+    }
+
+    /// One request and its answer (the keeper's pid), on the blocking control socket.
+    fn send(&self, request: &[u8], fds: &[BorrowedFd<'_>]) -> Result<i32, ForkServerError> {
+        let mut running = self.lock();
+        let Some(zygote) = running.as_mut() else {
+            return Err(ForkServerError::Gone("not running".into()));
+        };
+        let exchanged = channel::send_message(&zygote.control, request, fds)
+            .map_err(|e| e.to_string())
+            .and_then(|()| channel::recv_message(&zygote.control));
+        let answer = match exchanged {
+            Ok(a) => a,
+            Err(e) => {
+                *running = None;
+                return Err(ForkServerError::Gone(e));
+            }
+        };
+        match serde_json::from_slice::<Answer>(&answer) {
+            Ok(Answer { pid: Some(pid), .. }) => Ok(pid),
+            Ok(Answer {
+                refused: Some(why), ..
+            }) => {
+                *running = None;
+                Err(ForkServerError::Refused(why))
+            }
+            _ => {
+                *running = None;
+                Err(ForkServerError::Gone(format!(
+                    "unreadable answer {}",
+                    String::from_utf8_lossy(&answer)
+                )))
+            }
+        }
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), RunError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| RunError::Spawn(std::io::Error::from(e)))
+}
+
+fn receiver(fd: OwnedFd) -> Result<tokio::net::unix::pipe::Receiver, RunError> {
+    tokio::net::unix::pipe::Receiver::from_owned_fd(fd).map_err(RunError::Spawn)
+}
+
+/// Start `sandbox __zygote` and wait for the fork server to say it is ready.
+async fn launch(recipe: &Recipe) -> Result<Zygote, ForkServerError> {
+    let start = |e: std::io::Error| ForkServerError::Start(e.to_string());
+    let (ours, theirs) = UnixStream::pair().map_err(start)?;
+    let spec =
+        serde_json::to_vec(&recipe.spec).map_err(|e| ForkServerError::Start(e.to_string()))?;
+    channel::send_spec(&ours, &spec, None).map_err(start)?;
+    channel::send_message(&ours, &recipe.config, &[]).map_err(start)?;
+    let child = tokio::process::Command::new("/proc/self/exe")
+        .arg("__zygote")
+        .env_clear()
+        .stdin(Stdio::from(OwnedFd::from(theirs)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(start)?;
+    let (control, answer) = tokio::task::spawn_blocking(move || {
+        let _ = ours.set_read_timeout(Some(START_TIMEOUT));
+        let answer = channel::recv_message(&ours);
+        let _ = ours.set_read_timeout(None);
+        (ours, answer)
+    })
+    .await
+    .map_err(|e| ForkServerError::Start(e.to_string()))?;
+    let answer = answer.map_err(|e| {
+        ForkServerError::Start(format!(
+            "it ended before it was ready ({e}); see its message above"
+        ))
+    })?;
+    match serde_json::from_slice::<Answer>(&answer) {
+        Ok(Answer { ready: true, .. }) => Ok(Zygote { child, control }),
+        Ok(Answer {
+            refused: Some(why), ..
+        }) => Err(ForkServerError::Refused(why)),
+        _ => Err(ForkServerError::Start(format!(
+            "unreadable answer {}",
+            String::from_utf8_lossy(&answer)
+        ))),
+    }
+}

@@ -1,0 +1,138 @@
+//! The `__zygote` launcher: prepares the fork server's world and becomes it. A private
+//! mount namespace with the language's read-only root (as a run's, but with the cgroup
+//! directories bound writable at `/sandbox-cgroup/<n>`, so each run can join its own
+//! cgroup), then the interpreter itself with the fork server's code, the server's
+//! control socket on fd 3. It stays root: it jails its runs, never itself runs a snippet.
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{OFlag, open};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::prctl;
+use nix::sys::signal::Signal;
+use nix::sys::stat::Mode;
+use serde::{Deserialize, Serialize};
+
+use super::rootfs::{self, Extras};
+use super::spec::RootPlan;
+use super::step::{Step, StepError, step};
+use super::{channel, sys};
+
+/// Where the cgroup directories appear in the fork server's root.
+pub const CGROUP_MOUNT: &str = "/sandbox-cgroup";
+/// An empty directory runs stage their own files on (see the fork server's code).
+pub const FILES_MOUNT: &str = "/sandbox-files";
+/// The descriptor the fork server reads requests on.
+const CONTROL_FD: i32 = 3;
+/// The fork server's own /tmp: it writes nothing; its runs mount their own.
+const TMP_BYTES: u64 = 1 << 20;
+
+/// What the launcher needs, sent on its stdin like a helper's spec.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ZygoteSpec {
+    /// The empty directory the root is mounted on.
+    pub root_dir: PathBuf,
+    pub root: RootPlan,
+    /// Placeholders runs bind their own files over.
+    pub root_files: Vec<(PathBuf, String)>,
+    /// Host cgroup directories, bound writable at `CGROUP_MOUNT/<index>`.
+    pub cgroup_dirs: Vec<PathBuf>,
+    pub program: PathBuf,
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+}
+
+/// Entry point of `sandbox __zygote`. Returns only on failure, with an exit code.
+pub fn main() -> i32 {
+    match launch() {
+        Ok(never) => match never {},
+        Err(e) => {
+            eprintln!("sandbox fork server: {e}");
+            126
+        }
+    }
+}
+
+enum Never {}
+
+fn launch() -> Result<Never, StepError> {
+    let control: OwnedFd = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| StepError::new(Step::Descriptors, "stdin", e))?;
+    let socket = UnixStream::from(control);
+    let (json, _) =
+        channel::recv_spec(&socket).map_err(|e| StepError::new(Step::ReadCode, "spec", e))?;
+    let spec: ZygoteSpec =
+        serde_json::from_slice(&json).map_err(|e| StepError::new(Step::ReadCode, "spec", e))?;
+    // The server's death ends it (it would have nobody to serve).
+    prctl::set_pdeathsig(Signal::SIGKILL)
+        .map_err(step(Step::Descriptors, Path::new("pdeathsig")))?;
+    unshare(CloneFlags::CLONE_NEWNS)
+        .map_err(|e| StepError::new(Step::Unshare, "CLONE_NEWNS", e.desc()))?;
+    let writable: Vec<(PathBuf, PathBuf)> = spec
+        .cgroup_dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.clone(), Path::new(CGROUP_MOUNT).join(i.to_string())))
+        .collect();
+    let dirs = [PathBuf::from(FILES_MOUNT), PathBuf::from(CGROUP_MOUNT)];
+    rootfs::enter_private_root(
+        &spec.root_dir,
+        &spec.root,
+        TMP_BYTES,
+        &spec.root_files,
+        &Extras {
+            dirs: &dirs,
+            writable: &writable,
+        },
+    )?;
+    let argv = cstrings(&spec.argv)?;
+    let env = cstrings(&spec.env)?;
+    let program = CString::new(spec.program.as_os_str().as_encoded_bytes())
+        .map_err(|e| StepError::new(Step::Exec, spec.program.display(), e))?;
+
+    // fd 3: the control socket; 0: /dev/null; 1, 2: the server's; nothing else.
+    let fd_step = |what: &'static str| {
+        move |(_, e): (OwnedFd, nix::errno::Errno)| {
+            StepError::new(Step::Descriptors, what, e.desc())
+        }
+    };
+    let parked = sys::move_fd(OwnedFd::from(socket), 1021, false).map_err(fd_step("control"))?;
+    // SAFETY: what this process keeps lives at 1021 (the control socket) and 0 to 2,
+    // outside the range closed; it execs right after, so no frame that owned another
+    // descriptor runs again.
+    #[allow(unsafe_code)]
+    let closed = unsafe {
+        sys::close_range(CONTROL_FD as u32, 1020).and_then(|()| sys::close_range(1022, u32::MAX))
+    };
+    closed.map_err(step(Step::Descriptors, Path::new("close_range")))?;
+    let _control = sys::move_fd(parked, CONTROL_FD, false).map_err(fd_step("fd 3"))?;
+    let devnull = open(
+        "/dev/null",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(step(Step::Descriptors, Path::new("/dev/null")))?;
+    sys::redirect_stdin(devnull).map_err(step(Step::Descriptors, Path::new("stdin")))?;
+    sys::reset_sigpipe().map_err(step(Step::Descriptors, Path::new("SIGPIPE")))?;
+    let errno = match nix::unistd::execve(&program, &argv, &env) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    Err(StepError::new(
+        Step::Exec,
+        spec.program.display(),
+        errno.desc(),
+    ))
+}
+
+fn cstrings(items: &[String]) -> Result<Vec<CString>, StepError> {
+    items
+        .iter()
+        .map(|s| CString::new(s.as_bytes()).map_err(|e| StepError::new(Step::Exec, "argv", e)))
+        .collect()
+}
