@@ -119,6 +119,8 @@ pub struct Dependencies {
     chroot_copies: Vec<PathBuf>,
     /// One install at a time in this process (the file lock covers other processes).
     busy: tokio::sync::Mutex<()>,
+    /// Counts switches to a new generation, for whoever keeps modules loaded.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 const STAMP: &str = ".requirements";
@@ -143,6 +145,7 @@ impl Dependencies {
             mirror,
             chroot_copies: Vec::new(),
             busy: tokio::sync::Mutex::new(()),
+            generation: tokio::sync::watch::Sender::new(0),
         };
         // Runs always find `current`, even before the first install finishes.
         if fs::symlink_metadata(deps.current()).is_err() {
@@ -171,6 +174,11 @@ impl Dependencies {
     /// The path snippets import from (a symlink to the live generation).
     pub fn current(&self) -> PathBuf {
         self.root.join("current")
+    }
+
+    /// Changes whenever a new generation of packages goes live.
+    pub fn generations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     pub fn list(&self) -> Vec<Dependency> {
@@ -250,6 +258,7 @@ impl Dependencies {
                         })?;
                 }
                 self.switch_to(&name)?;
+                self.generation.send_modify(|g| *g += 1);
                 self.remove_old(&name);
                 tracing::info!(generation = %name, packages = installed_in(&dir).len(), "python dependencies installed");
                 drop(lock);

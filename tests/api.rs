@@ -456,10 +456,11 @@ async fn internal_failures_answer_minus_500_and_the_server_survives() {
         ("WARM_WORKERS", "0"),
     ])
     .await;
-    // Remove the mount point runs are built on: the sandbox cannot be set up.
+    // Remove the mount point runs are built on: the sandbox cannot be set up. (Node:
+    // Python's fork server built its root once, at start.)
     std::fs::remove_dir(state.path().join("rootfs")).unwrap();
     let (status, env) = s
-        .run_json(json!({"language": "python3", "code": "print(1)"}))
+        .run_json(json!({"language": "nodejs", "code": "console.log(1)"}))
         .await;
     assert_eq!(status, 200);
     assert_eq!(env["code"], -500, "{env}");

@@ -79,6 +79,9 @@ struct Request<'a> {
     masked_proc_files: &'static [&'static str],
     masked_proc_dirs: &'static [&'static str],
     sys_path: &'a [String],
+    /// What the root has below /tmp, to keep it visible under the run's own /tmp.
+    tmp_binds: Vec<String>,
+    tmp_symlinks: Vec<(String, String)>,
 }
 
 fn setup_name(n: NetworkSetup) -> &'static str {
@@ -352,6 +355,25 @@ impl ForkServer {
             masked_proc_files: MASKED_PROC_FILES,
             masked_proc_dirs: MASKED_PROC_DIRS,
             sys_path: &self.recipe.sys_path,
+            tmp_binds: spec
+                .root
+                .binds
+                .iter()
+                .filter(|b| b.starts_with("/tmp") && b.as_path() != Path::new("/tmp"))
+                .map(|b| b.to_string_lossy().into_owned())
+                .collect(),
+            tmp_symlinks: spec
+                .root
+                .symlinks
+                .iter()
+                .filter(|(l, _)| l.starts_with("/tmp"))
+                .map(|(l, t)| {
+                    (
+                        l.to_string_lossy().into_owned(),
+                        t.to_string_lossy().into_owned(),
+                    )
+                })
+                .collect(),
         })
         .map_err(|e| RunError::Setup(e.to_string()))
     }

@@ -163,6 +163,26 @@ impl Engine {
         }
         let engine = Arc::clone(self);
         tokio::spawn(async move { engine.tend_pool().await });
+        if let (Some(_), Some(deps)) = (&self.fork_server, &self.deps) {
+            let (engine, mut generations) = (Arc::clone(self), deps.generations());
+            tokio::spawn(async move {
+                while generations.changed().await.is_ok() {
+                    engine.reload_python().await;
+                }
+            });
+        }
+    }
+
+    /// New Python packages went live: the fork server (which may have imported older
+    /// ones) and the runs it already forked make way for fresh ones.
+    async fn reload_python(&self) {
+        let Some(fs) = &self.fork_server else { return };
+        if let Err(e) = fs.restart().await {
+            tracing::error!(error = %e, "cannot restart the Python fork server after new packages; it is restarted when it is next found down");
+        }
+        for worker in self.warm.drain_where(|w| w.is_forked()) {
+            worker.discard().await;
+        }
     }
 
     /// Refill the pool after each take and on a short timer, dropping workers whose

@@ -152,6 +152,20 @@ impl<W: Idle> WarmPool<W> {
         dead
     }
 
+    /// The idle workers `pick` chooses, taken out.
+    pub fn drain_where(&self, pick: impl Fn(&W) -> bool) -> Vec<W> {
+        let mut state = self.lock();
+        let mut out = Vec::new();
+        for queue in state.idle.values_mut() {
+            let (taken, kept): (VecDeque<W>, VecDeque<W>) = queue.drain(..).partition(|w| pick(w));
+            out.extend(taken);
+            *queue = kept;
+        }
+        drop(state);
+        self.taken.notify_one();
+        out
+    }
+
     /// Every idle worker, taken out (at shutdown).
     pub fn drain(&self) -> Vec<W> {
         let mut state = self.lock();
@@ -263,6 +277,18 @@ mod tests {
         pool.want(PY);
         assert!(pool.take(PY).is_none());
         assert!(pool.missing().is_empty());
+    }
+
+    #[test]
+    fn drain_where_takes_only_the_chosen_workers() {
+        let pool = WarmPool::new(3);
+        pool.want(PY);
+        for id in 1..=3 {
+            pool.put(PY, Fake::new(id).0);
+        }
+        let taken = pool.drain_where(|w| w.id % 2 == 1);
+        assert_eq!(taken.iter().map(|w| w.id).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(pool.take(PY).map(|w| w.id), Some(2));
     }
 
     #[test]

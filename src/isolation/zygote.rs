@@ -23,8 +23,9 @@ use super::{channel, sys};
 
 /// Where the cgroup directories appear in the fork server's root.
 pub const CGROUP_MOUNT: &str = "/sandbox-cgroup";
-/// An empty directory runs stage their own files on (see the fork server's code).
+/// Empty directories runs stage their own files and /tmp on (see the fork server's code).
 pub const FILES_MOUNT: &str = "/sandbox-files";
+pub const TMP_STAGING: &str = "/sandbox-tmp";
 /// The descriptor the fork server reads requests on.
 const CONTROL_FD: i32 = 3;
 /// The fork server's own /tmp: it writes nothing; its runs mount their own.
@@ -79,7 +80,11 @@ fn launch() -> Result<Never, StepError> {
         .enumerate()
         .map(|(i, d)| (d.clone(), Path::new(CGROUP_MOUNT).join(i.to_string())))
         .collect();
-    let dirs = [PathBuf::from(FILES_MOUNT), PathBuf::from(CGROUP_MOUNT)];
+    let dirs = [
+        PathBuf::from(FILES_MOUNT),
+        PathBuf::from(TMP_STAGING),
+        PathBuf::from(CGROUP_MOUNT),
+    ];
     rootfs::enter_private_root(
         &spec.root_dir,
         &spec.root,

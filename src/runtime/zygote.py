@@ -19,7 +19,7 @@ libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ul
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 32, 4096, 8192, 16384, 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 38, 22
 SECCOMP_MODE_FILTER = 2
@@ -100,6 +100,30 @@ def mask_proc(masked_files, masked_dirs):
 ERROR_FD = 4
 
 
+def private_tmp(req):
+    """A fresh, size-limited /tmp. What the root binds below /tmp (an interpreter or a
+    state directory living there) is bound again into it before it takes /tmp's place."""
+    staging = "/sandbox-tmp"
+    mount("tmpfs", staging, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+          "size=%d,mode=1777,nr_inodes=16384" % req["tmp_bytes"], "mounting the private /tmp")
+    for link, target in req["tmp_symlinks"]:
+        at = staging + link[len("/tmp"):]
+        os.makedirs(os.path.dirname(at), exist_ok=True)
+        os.symlink(target, at)
+    for path in req["tmp_binds"]:
+        at = staging + path[len("/tmp"):]
+        os.makedirs(os.path.dirname(at), exist_ok=True)
+        if os.path.isdir(path):
+            os.makedirs(at, exist_ok=True)
+        else:
+            open(at, "w").close()
+        mount(path, at, None, MS_BIND | MS_REC, None, "mounting the private /tmp")
+        mount(None, at, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None,
+              "mounting the private /tmp")
+    os.chmod(staging, 0o1777)
+    mount(staging, "/tmp", None, MS_MOVE, None, "mounting the private /tmp")
+
+
 def become_run(req, filters, fds, errors):
     """In the run's own process (pid 1 of its pid namespace): jail, then the snippet."""
     libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
@@ -108,8 +132,7 @@ def become_run(req, filters, fds, errors):
     for name in os.listdir("/sandbox-cgroup"):
         path = "/sandbox-cgroup/" + name
         check(libc.umount2(path.encode(), MNT_DETACH), "hiding the cgroups", path)
-    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-          "size=%d,mode=1777,nr_inodes=16384" % req["tmp_bytes"], "mounting the private /tmp")
+    private_tmp(req)
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, None,
           "mounting /proc")
     mask_proc(req["masked_proc_files"], req["masked_proc_dirs"])
@@ -158,10 +181,12 @@ def become_run(req, filters, fds, errors):
     os.environ.update(dict(kv.split("=", 1) for kv in req["env"]))
     # Jailed: from here on a failure is the snippet's own.
     os.close(errors[0])
-    run_snippet(req["sys_path"])
 
 
 def run_snippet(sys_path):
+    """The snippet, as a fresh interpreter would run it: a traceback of its own frames and
+    exit code 1 on an exception; then the interpreter's own shutdown (threads joined,
+    atexit handlers), which the SystemExit raised here leads to."""
     import types
     sys.path[:] = sys_path
     with open(3, "rb") as f:
@@ -170,43 +195,31 @@ def run_snippet(sys_path):
         os.write(3, b"__ACK__")
     head, _, rest = data.partition(b"\n")
     n = int(head)
+    rest_preload, rest_code = rest[:n], rest[n:]
     main = types.ModuleType("__main__")
     sys.modules["__main__"] = main
     sys.argv = [""]
     g = main.__dict__
+    del data, rest
     try:
         if n:
-            exec(compile(rest[:n], "<preload>", "exec"), g)
-        exec(compile(rest[n:], "<code>", "exec"), g)
-    except SystemExit as e:
-        code = e.code
-        if code is None:
-            code = 0
-        elif not isinstance(code, int):
-            print(code, file=sys.stderr)
-            code = 1
-        flush_and_exit(code)
+            exec(compile(rest_preload, "<preload>", "exec"), g)
+        exec(compile(rest_code, "<code>", "exec"), g)
+    except SystemExit:
+        raise
     except BaseException as e:
         import traceback
         traceback.print_exception(type(e), e, e.__traceback__.tb_next)
-        flush_and_exit(1)
-    flush_and_exit(0)
-
-
-def flush_and_exit(code):
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os._exit(code & 0xFF)
+        sys.exit(1)
+    sys.exit(0)
 
 
 def keeper(req, filters, fds):
     """The run's keeper: joins the cgroup and namespaces, forks the run, reports its end."""
     report = fds[3]
     try:
-        libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+        # No parent-death signal: a run outlives a fork server that is replaced while it
+        # runs (its keeper reports to the server directly).
         os.setsid()
         for procs in req["cgroup_procs"]:
             with open(procs, "w") as f:
@@ -232,6 +245,9 @@ def keeper(req, filters, fds):
                 os.write(errors[0], (str(e) or type(e).__name__).encode())
             finally:
                 os._exit(126)
+        # Outside any handler: the SystemExit that ends the snippet reaches the top and
+        # the interpreter shuts down as usual.
+        run_snippet(req["sys_path"])
     os.close(write_err)
     for fd in fds[:3] + fds[4:]:
         os.close(fd)

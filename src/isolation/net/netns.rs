@@ -217,24 +217,29 @@ impl Plumbing {
     }
 
     /// Remove the interfaces and connections of runs whose uid nobody holds any more (a
-    /// server killed before it could clean up).
+    /// server killed before it could clean up). Connections outlive their namespace, so
+    /// every such uid's mark is flushed, with an interface left or not.
     pub async fn remove_stale(&self, held: impl Fn(u32) -> bool) -> usize {
         let mut removed = 0;
         for (name, uid) in self.run_interfaces().await {
-            if held(uid) {
-                continue;
-            }
-            if let Ok(mut address) = self.address_of(uid) {
-                address.host_if = name;
-                NetLease {
-                    host: self.host.clone(),
-                    address,
-                }
-                .release()
-                .await;
+            if !held(uid) {
+                remove_link(&self.host, &name).await;
                 removed += 1;
             }
         }
+        let marks: Vec<u32> = self
+            .uids
+            .clone()
+            .filter(|uid| !held(*uid))
+            .filter_map(|uid| self.address_of(uid).ok())
+            .map(|a| a.ct_mark)
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for mark in marks {
+                let _ = conntrack::flush_mark(mark);
+            }
+        })
+        .await;
         removed
     }
 }

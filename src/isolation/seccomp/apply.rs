@@ -359,6 +359,10 @@ mod tests {
         };
         let bpf = export(&opts).expect("exports");
         // struct sock_filter is 8 bytes; a real filter has dozens of instructions.
-        assert!(bpf.len() > 8 * 20 && bpf.len().is_multiple_of(8), "{}", bpf.len());
+        assert!(
+            bpf.len() > 8 * 20 && bpf.len().is_multiple_of(8),
+            "{}",
+            bpf.len()
+        );
     }
 }
