@@ -35,7 +35,7 @@ case "$family" in
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq libseccomp-dev libseccomp2 pkg-config gcc libc6-dev make curl ca-certificates \
       python3 python3-pip python3-jinja2 python3-requests python3-httpx nodejs nftables >/dev/null
-    [ "$mode" = test ] && $SUDO apt-get install -y -qq docker.io iproute2 >/dev/null
+    [ "$mode" = test ] && $SUDO apt-get install -y -qq docker.io iproute2 conntrack >/dev/null
     ;;
   *fedora*|*rhel*|*centos*)
     log "dnf: build and runtime packages"

@@ -176,6 +176,8 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     // Without --network nothing of the network needs preparing.
     config.enable_network &= args.network;
     config.max_workers = 1;
+    // One run: a fork server would cost more to start than it saves.
+    config.python_fork_server = false;
     let sink: Option<Sink> = (!args.json).then(|| {
         Arc::new(|stream: Stream, bytes: &[u8]| {
             // A closed terminal or pipe must not stop the run; its result still counts.
