@@ -195,3 +195,30 @@ async fn a_module_that_starts_a_thread_keeps_the_fork_server_from_serving() {
         .await;
     assert_eq!(out(&d), "False\nimported\n", "{d}");
 }
+
+#[tokio::test]
+async fn a_forked_run_ends_as_a_fresh_interpreter_would() {
+    // Each ending a snippet can have, answered by a forked run and by a plain worker: the
+    // answers must be the same.
+    let endings = [
+        "import threading, time\ndef late():\n    time.sleep(0.2)\n    print('thread done')\nthreading.Thread(target=late).start()\nprint('main done')",
+        "import atexit\natexit.register(print, 'bye')\nprint('hi')",
+        "import sys\nsys.stdout.write('unflushed')\nsys.exit('a message')",
+        "import sys\nprint('three')\nsys.exit(3)",
+        "import sys\nsys.exit(None)",
+        "def f():\n    raise ValueError('broken')\nf()",
+        "import atexit, sys\natexit.register(lambda: sys.stderr.write('late words\\n'))\nraise SystemExit(0)",
+    ];
+    let forked = Server::start(&[]).await;
+    let plain = Server::start(&[("PYTHON_FORK_SERVER", "false")]).await;
+    for code in endings {
+        let a = forked.python(code).await;
+        let b = plain.python(code).await;
+        assert_eq!(a, b, "forked and plain runs of {code:?} differ");
+    }
+    assert_eq!(
+        out(&forked.python(endings[0]).await),
+        "main done\nthread done\n"
+    );
+    assert_eq!(out(&forked.python(endings[1]).await), "hi\nbye\n");
+}
