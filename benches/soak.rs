@@ -20,7 +20,7 @@ mod kinds;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -99,6 +99,8 @@ struct Live {
     answers: AtomicUsize,
     bad: AtomicUsize,
     busy: AtomicUsize,
+    /// Set when the server process has ended: the clients stop.
+    server_gone: AtomicBool,
 }
 
 fn named(envelope: &Value) -> &'static str {
@@ -171,7 +173,7 @@ async fn lane(
     let client = server::client(1);
     let mut tally = Tally::default();
     let mut i = first;
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !live.server_gone.load(Ordering::Relaxed) {
         send(&client, &base, &kinds[i % kinds.len()], &mut tally, &live).await;
         i += 1;
     }
@@ -219,7 +221,17 @@ impl Mix {
 fn progress(pid: u32, live: Arc<Live>, started: Instant) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            tokio::time::sleep(Duration::from_secs(60)).await;
+            for _ in 0..120 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if !common::procfs::alive(pid) {
+                    println!(
+                        "[{:>5.1} min] the server process has ended",
+                        started.elapsed().as_secs_f64() / 60.0
+                    );
+                    live.server_gone.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
             let below = common::procfs::descendants_rss_kb(pid);
             let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |rd| rd.count());
             println!(
@@ -346,7 +358,14 @@ async fn main() {
         .await;
     let secs = started.elapsed().as_secs_f64();
     progress.abort();
-    let ready = settle(&client, &base).await;
+    let died = server.exited();
+    if let Some(status) = died {
+        println!("\nthe server ended during the load ({status}); what follows counts until then");
+    }
+    let ready = match died {
+        Some(_) => 0,
+        None => settle(&client, &base).await,
+    };
     let end = Census::take(pid, ready, &args.leases, &args.state_dir);
 
     let total: usize = tally
@@ -374,7 +393,11 @@ async fn main() {
     census::print(&start, &end);
     let grew = census::grew(&start, &end);
     println!("tolerance: {}", census::TOLERANCE);
-    if grew.is_empty() && bad == 0 {
+    if let Some(status) = died {
+        println!(
+            "VERDICT: NOT CLEAN: the server ended during the load ({status}); {bad} bad answers"
+        );
+    } else if grew.is_empty() && bad == 0 {
         println!("VERDICT: flat, and no bad answer");
     } else {
         let what = if grew.is_empty() {
@@ -386,16 +409,15 @@ async fn main() {
     }
 
     let t = Instant::now();
-    let clean_exit = server.stop(Duration::from_secs(30));
+    let ending = match (died, server.stop(Duration::from_secs(30))) {
+        (Some(_), _) => "had already ended",
+        (None, true) => "exited",
+        (None, false) => "killed, it did not exit",
+    };
     println!(
-        "after SIGTERM: {} in {:.1} s; its per-run cgroups left {}, its nft tables left {}, uid leases still locked by it {}",
-        if clean_exit {
-            "exited"
-        } else {
-            "killed, it did not exit"
-        },
+        "after SIGTERM: {ending} in {:.1} s; its per-run cgroups left {}, its nft tables left {}, uid leases still locked by it {}",
         t.elapsed().as_secs_f64(),
-        end.cgroups_left(pid),
+        start.cgroups_left(pid),
         census::nft_tables(pid).1,
         census::leases_held(&args.leases, pid).1
     );

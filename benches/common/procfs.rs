@@ -33,6 +33,14 @@ pub fn stat(pid: u32) -> Option<Stat> {
     })
 }
 
+/// Whether `pid` still runs: its /proc entry exists and it is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|t| Some(t[t.rfind(')')? + 2..].starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
+}
+
 /// Every process of the host.
 fn all_pids() -> Vec<u32> {
     std::fs::read_dir("/proc")

@@ -57,6 +57,11 @@ impl Server {
         self.child.id()
     }
 
+    /// How the server ended, once it has (it is reaped then); None while it runs.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// SIGTERM, then wait for the drain; SIGKILL after `grace`. True when it exited by itself.
     pub fn stop(&mut self, grace: Duration) -> bool {
         use nix::sys::signal::{Signal, kill};
