@@ -214,13 +214,14 @@ async fn main() {
     drop(server);
 
     let run = report::Run {
-        python_cold: cold_py,
-        node_cold: cold_node,
+        cold: [cold_py, cold_node],
         memory,
         measured,
-        server_env: server_env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-        pace_ms: settings.pace.as_millis() as u64,
-        load_secs: settings.load_secs,
+        setup: report::Setup {
+            server_env: server_env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            pace_ms: settings.pace.as_millis() as u64,
+            load_secs: settings.load_secs,
+        },
         total_cpu,
     };
     report::print(&run);

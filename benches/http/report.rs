@@ -6,14 +6,19 @@ use crate::common::payloads::Lang;
 use crate::common::procfs::TreeCpu;
 use crate::{CLIENTS, Cold, Measured, Memory};
 
-pub struct Run {
-    pub python_cold: Cold,
-    pub node_cold: Cold,
-    pub memory: Memory,
-    pub measured: Vec<Measured>,
+/// How the phases ran, for the header and the row labels.
+pub struct Setup {
     pub server_env: Vec<String>,
     pub pace_ms: u64,
     pub load_secs: f64,
+}
+
+pub struct Run {
+    /// Bare cold starts measured in the same run: Python, then Node.
+    pub cold: [Cold; 2],
+    pub memory: Memory,
+    pub measured: Vec<Measured>,
+    pub setup: Setup,
     /// CPU of the server's tree from the end of the warm-up to the end of the last phase.
     pub total_cpu: TreeCpu,
 }
@@ -72,8 +77,8 @@ fn label(x: &Measured) -> String {
 impl Run {
     fn cold(&self, lang: Lang) -> &Cold {
         match lang {
-            Lang::Python => &self.python_cold,
-            Lang::Node => &self.node_cold,
+            Lang::Python => &self.cold[0],
+            Lang::Node => &self.cold[1],
         }
     }
 
@@ -120,9 +125,9 @@ pub fn print(run: &Run) {
         "\nsandbox serve on loopback ({} CPUs, kernel {}), {}",
         cpus(),
         kernel.trim(),
-        run.server_env.join(" ")
+        run.setup.server_env.join(" ")
     );
-    for c in [&run.python_cold, &run.node_cold] {
+    for c in &run.cold {
         println!(
             "bare cold start `{}`: p50 {:.1} ms wall, {:.1} ms CPU",
             c.command, c.wall_ms, c.cpu_ms
@@ -147,14 +152,14 @@ pub fn print(run: &Run) {
         row(
             title,
             x.network,
-            &format!("paced {} ms", run.pace_ms),
+            &format!("paced {} ms", run.setup.pace_ms),
             &x.sequential,
         );
         for l in &x.loads {
             row(
                 title,
                 x.network,
-                &format!("{} clients {}s", count(&l["clients"]), run.load_secs),
+                &format!("{} clients {}s", count(&l["clients"]), run.setup.load_secs),
                 l,
             );
         }
@@ -256,8 +261,9 @@ pub fn json(run: &Run) -> Value {
     json!({
         "machine": {"cpus": cpus(),
                     "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()},
-        "server_env": run.server_env, "pace_ms": run.pace_ms, "load_secs": run.load_secs,
-        "cold_start": {"python3": cold(&run.python_cold), "nodejs": cold(&run.node_cold)},
+        "server_env": run.setup.server_env, "pace_ms": run.setup.pace_ms,
+        "load_secs": run.setup.load_secs,
+        "cold_start": {"python3": cold(&run.cold[0]), "nodejs": cold(&run.cold[1])},
         "memory_kb": {"server_idle": m.server_idle_kb, "server_peak": m.server_peak_kb,
                       "below_after_warmup": {"processes": m.below_after_warmup.0, "rss": m.below_after_warmup.1},
                       "below_after_load": {"processes": m.below_after_load.0, "rss": m.below_after_load.1}},
