@@ -7,8 +7,9 @@
 //!     cargo bench --bench soak -- --minutes 1       # a smoke run
 //!
 //! Options: --minutes N (default 30), --clients N (default 6, a third of them sending
-//! only bombs and refusals), --leases DIR (uid lease files, default
-//! /var/lib/sandbox/uids), --state-dir DIR (given to the server, default /var/lib/sandbox).
+//! only bombs and refusals), --leases DIR (the uid lease files; default
+//! /run/sandbox/uids where it exists, else /var/lib/sandbox/uids), --state-dir DIR
+//! (given to the server, default /var/lib/sandbox).
 
 #[path = "soak/census.rs"]
 mod census;
@@ -54,9 +55,19 @@ fn args() -> Args {
     Args {
         minutes: value("--minutes").map_or(30.0, |v| v.parse().expect("--minutes N")),
         clients: value("--clients").map_or(6, |v| v.parse().expect("--clients N")),
-        leases: value("--leases").map_or("/var/lib/sandbox/uids".into(), PathBuf::from),
+        leases: value("--leases").map_or_else(default_leases, PathBuf::from),
         state_dir: value("--state-dir").map_or("/var/lib/sandbox".into(), PathBuf::from),
     }
+}
+
+/// Where root's servers lease uids: host-wide under /run since servers share leases,
+/// below the state directory before.
+fn default_leases() -> PathBuf {
+    ["/run/sandbox/uids", "/var/lib/sandbox/uids"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| "/var/lib/sandbox/uids".into())
 }
 
 #[derive(Default)]
@@ -318,20 +329,21 @@ async fn main() {
     let abusers = (args.clients / 3).max(1);
     let mix = Mix {
         base: base.clone(),
-        ordinary: Arc::new(kinds::ordinary(host, server.port)),
+        ordinary: Arc::new(kinds::ordinary()),
         abusive: Arc::new(kinds::abusive(&limits, host, server.port)),
         lanes: (args.clients.saturating_sub(abusers).max(1), abusers),
         live: Arc::new(Live::default()),
     };
     println!(
-        "soak: {} minutes, {} clients against pid {pid} ({}), {} kinds",
+        "soak: {} minutes, {} clients against pid {pid} ({}), {} kinds, uid leases in {}",
         args.minutes,
         args.clients,
         env.iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join(" "),
-        mix.ordinary.len() + mix.abusive.len()
+        mix.ordinary.len() + mix.abusive.len(),
+        args.leases.display()
     );
 
     // Every kind once, so that every warm pool exists; then the mix for a while, so
@@ -347,6 +359,12 @@ async fn main() {
     );
     let ready = settle(&client, &base).await;
     let start = Census::take(pid, ready, &args.leases, &args.state_dir);
+    if start.leases_held.1 == 0 {
+        println!(
+            "warning: the server holds no lease in {}: give its lease directory with --leases",
+            args.leases.display()
+        );
+    }
 
     for counter in [&mix.live.answers, &mix.live.bad, &mix.live.busy] {
         counter.store(0, Ordering::Relaxed);
@@ -415,10 +433,14 @@ async fn main() {
         (None, false) => "killed, it did not exit",
     };
     println!(
-        "after SIGTERM: {ending} in {:.1} s; its per-run cgroups left {}, its nft tables left {}, uid leases still locked by it {}",
+        "after SIGTERM: {ending} in {:.1} s; its per-run cgroups left {}, its nft tables left {}, its sbx* interfaces left {}, uid leases still locked by it {}",
         t.elapsed().as_secs_f64(),
         start.cgroups_left(pid),
         census::nft_tables(pid).1,
+        start
+            .sbx_prefix
+            .as_deref()
+            .map_or(0, |p| census::sbx_names(p).len()),
         census::leases_held(&args.leases, pid).1
     );
 }

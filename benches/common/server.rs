@@ -22,21 +22,18 @@ impl Server {
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
             .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_sandbox"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sandbox"));
+        command
             .arg("serve")
             // No conf/config.yaml there: the built-in defaults plus `env`.
             .current_dir(std::env::temp_dir())
             .env("SANDBOX_PORT", port.to_string())
             .env("SANDBOX_LOG", "warn")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start sandbox serve");
-        let server = Self {
-            child,
-            port,
-            base: format!("http://127.0.0.1:{port}"),
-        };
+            .stdout(Stdio::null());
+        let base = format!("http://127.0.0.1:{port}");
+        let child = command.spawn().expect("start sandbox serve");
+        let server = Self { child, port, base };
         let since = Instant::now();
         while client
             .get(format!("{}/health", server.base))

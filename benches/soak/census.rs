@@ -20,7 +20,10 @@ pub struct Census {
     pub host_mounts: usize,
     /// Locked lease files: all of them, and those the server locked.
     pub leases_held: (usize, usize),
-    pub sbx_interfaces: usize,
+    /// Interfaces named `sbx*`: all of them, and those with the server's tag.
+    pub sbx_interfaces: (usize, usize),
+    /// `sbx<tag>`, the prefix of the server's interfaces, once one was seen.
+    pub sbx_prefix: Option<String>,
     /// Tables named `sandbox_*`: all of them, and those ending in `_<server pid>`.
     pub nft_tables: (usize, usize),
     pub state_bytes: u64,
@@ -73,20 +76,26 @@ fn count_run_cgroups(dir: &Path, pid: u32) -> usize {
 /// of them those whose lock /proc/locks says `pid` took: servers sharing the
 /// directory lock their files too.
 pub fn leases_held(dir: &Path, pid: u32) -> (usize, usize) {
+    let (all, own) = leases(dir, pid);
+    (all, own.len())
+}
+
+/// The number of locked lease files, and the uids (file names) of those `pid` locked.
+fn leases(dir: &Path, pid: u32) -> (usize, Vec<u32>) {
     use nix::fcntl::{Flock, FlockArg};
     use std::os::unix::fs::MetadataExt;
     let Ok(rd) = std::fs::read_dir(dir) else {
-        return (0, 0);
+        return (0, Vec::new());
     };
-    let held: Vec<u64> = rd
+    let held: Vec<(u64, String)> = rd
         .flatten()
-        .filter_map(|e| File::open(e.path()).ok())
-        .filter_map(|f| {
+        .filter_map(|e| Some((File::open(e.path()).ok()?, e.file_name())))
+        .filter_map(|(f, name)| {
             let inode = f.metadata().ok()?.ino();
             // A lock we get is released at once when the guard drops.
             Flock::lock(f, FlockArg::LockExclusiveNonblock)
                 .is_err()
-                .then_some(inode)
+                .then(|| (inode, name.to_string_lossy().into_owned()))
         })
         .collect();
     // "1: FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF"
@@ -97,8 +106,32 @@ pub fn leases_held(dir: &Path, pid: u32) -> (usize, usize) {
         .filter(|f| f.get(1) == Some(&"FLOCK") && f.get(4) == Some(&pid.to_string().as_str()))
         .filter_map(|f| f.get(5)?.rsplit(':').next()?.parse().ok())
         .collect();
-    let own = held.iter().filter(|i| by_pid.contains(i)).count();
+    let own = held
+        .iter()
+        .filter(|(inode, _)| by_pid.contains(inode))
+        .filter_map(|(_, name)| name.parse().ok())
+        .collect();
     (held.len(), own)
+}
+
+/// The prefix of the server's interfaces: a networked run's host end is
+/// `sbx<server tag, 3 characters><uid>`, so it is learnt from the interface of a uid
+/// the server leases.
+fn sbx_prefix(own_uids: &[u32]) -> Option<String> {
+    sbx_names("sbx").into_iter().find_map(|n| {
+        let uid: u32 = n.get(6..)?.parse().ok()?;
+        own_uids.contains(&uid).then(|| n[..6].to_string())
+    })
+}
+
+/// Network interfaces whose name starts with `prefix`.
+pub fn sbx_names(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/sys/class/net").map_or(Vec::new(), |rd| {
+        rd.flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(prefix))
+            .collect()
+    })
 }
 
 /// Other `sandbox serve` processes of the host.
@@ -146,7 +179,9 @@ fn tree_bytes(dir: &Path) -> u64 {
 }
 
 impl Census {
-    pub fn take(pid: u32, warm_ready: usize, leases: &Path, state_dir: &Path) -> Self {
+    pub fn take(pid: u32, warm_ready: usize, lease_dir: &Path, state_dir: &Path) -> Self {
+        let (held, own_uids) = leases(lease_dir, pid);
+        let prefix = sbx_prefix(&own_uids);
         Self {
             rss_kb: procfs::status_kb(pid, "VmRSS:"),
             fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |rd| rd.count()),
@@ -161,12 +196,12 @@ impl Census {
                 .collect(),
             server_mounts: count_lines(&format!("/proc/{pid}/mountinfo")),
             host_mounts: count_lines("/proc/self/mountinfo"),
-            leases_held: leases_held(leases, pid),
-            sbx_interfaces: std::fs::read_dir("/sys/class/net").map_or(0, |rd| {
-                rd.flatten()
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("sbx"))
-                    .count()
-            }),
+            leases_held: (held, own_uids.len()),
+            sbx_interfaces: (
+                sbx_names("sbx").len(),
+                prefix.as_deref().map_or(0, |p| sbx_names(p).len()),
+            ),
+            sbx_prefix: prefix,
             nft_tables: nft_tables(pid),
             state_bytes: tree_bytes(state_dir),
             other_servers: other_servers(pid),
@@ -187,13 +222,14 @@ impl Census {
     }
 
     /// Named counts of the server's own that must not grow.
-    fn own_counts(&self) -> [(&'static str, usize); 7] {
+    fn own_counts(&self) -> [(&'static str, usize); 8] {
         [
             ("open descriptors", self.fds),
             ("processes below the server", self.below.0),
             ("per-run cgroups", self.cgroups()),
             ("server mounts", self.server_mounts),
             ("uid leases it holds", self.leases_held.1),
+            ("its sbx* interfaces", self.sbx_interfaces.1),
             ("its nft tables", self.nft_tables.1),
             ("warm workers ready", self.warm_ready),
         ]
@@ -204,8 +240,8 @@ impl Census {
         [
             ("host mounts", self.host_mounts),
             ("uid leases held (all)", self.leases_held.0),
-            ("sbx* interfaces", self.sbx_interfaces),
-            ("sandbox_* nft tables", self.nft_tables.0),
+            ("sbx* interfaces (all)", self.sbx_interfaces.0),
+            ("sandbox_* nft tables (all)", self.nft_tables.0),
             ("other sandbox servers", self.other_servers),
         ]
     }

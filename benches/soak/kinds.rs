@@ -1,6 +1,6 @@
 //! What the soak sends: hello and Dify's payloads with network off and on, a networked
-//! fetch, and snippets that hit a limit or a refusal on purpose, each with the answer
-//! it must get.
+//! echo, and snippets that hit a limit or a refusal on purpose, each with the answer it
+//! must get.
 
 use std::net::IpAddr;
 
@@ -95,8 +95,8 @@ impl Kind {
 }
 
 /// What most traffic is: hello and Dify's payloads, alternately offline and networked,
-/// and a networked run that fetches the server's `/health` over the host's address.
-pub fn ordinary(host: IpAddr, port: u16) -> Vec<Kind> {
+/// and a networked run that talks TCP to itself over its own loopback.
+pub fn ordinary() -> Vec<Kind> {
     let mut kinds = Vec::new();
     for p in payloads::all() {
         for network in [false, true] {
@@ -107,14 +107,11 @@ pub fn ordinary(host: IpAddr, port: u16) -> Vec<Kind> {
             });
         }
     }
-    let fetch = format!(
-        "import socket\ns = socket.create_connection(('{host}', {port}), timeout=5)\n\
-         s.sendall(b'GET /health HTTP/1.0\\r\\nHost: sandbox\\r\\n\\r\\n')\ndata = b''\n\
-         while True:\n    chunk = s.recv(4096)\n    if not chunk:\n        break\n    data += chunk\n\
-         print(data.split(b'\\r\\n\\r\\n', 1)[1].decode())"
-    );
-    let want = Want::Stdout("\"ok\"\n".into());
-    kinds.push(Kind::new("py-fetch", Lang::Python, fetch, true, want));
+    let echo = "import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()\n\
+                c = socket.create_connection(s.getsockname(), timeout=2)\n\
+                a, _ = s.accept()\nc.sendall(b'ping')\nprint(a.recv(4).decode())";
+    let want = Want::Stdout("ping\n".into());
+    kinds.push(Kind::new("py-echo", Lang::Python, echo.into(), true, want));
     kinds
 }
 
@@ -172,12 +169,13 @@ pub fn abusive(limits: &Limits, host: IpAddr, port: u16) -> Vec<Kind> {
     .into_iter()
     .flatten()
     .collect();
-    let connect =
-        |to: String| format!("import socket\nsocket.create_connection(({to}, {port}), timeout=2)");
+    let connect = |to: IpAddr| {
+        format!("import socket\nsocket.create_connection(('{to}', {port}), timeout=2)")
+    };
     kinds.push(Kind::new(
         "py-socket",
         py,
-        connect(format!("'{host}'")),
+        connect(host),
         false,
         Want::Error(EPERM),
     ));
@@ -188,13 +186,17 @@ pub fn abusive(limits: &Limits, host: IpAddr, port: u16) -> Vec<Kind> {
         false,
         Want::Error(EPERM),
     ));
-    // The network guard refuses the host's loopback to networked runs.
+    // Networked runs never reach the host: not over its address, and their loopback is
+    // their own, where the server's port is closed.
+    let refused = || Want::Error(&["Connection refused"]);
+    kinds.push(Kind::new("py-host", py, connect(host), true, refused()));
+    let loopback = IpAddr::from([127, 0, 0, 1]);
     kinds.push(Kind::new(
         "py-loopback",
         py,
-        connect("'127.0.0.1'".into()),
+        connect(loopback),
         true,
-        Want::Error(&["Connection refused"]),
+        refused(),
     ));
     kinds
 }
