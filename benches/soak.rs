@@ -122,6 +122,7 @@ fn named(envelope: &Value) -> &'static str {
         ("output limit exceeded", "output limit"),
         ("process limit reached", "process limit"),
         ("operation not permitted", "operation not permitted"),
+        ("disk limit reached", "disk limit"),
         ("No space left on device", "no space left on device"),
         ("File too large", "file too large"),
         ("Connection refused", "connection refused"),
