@@ -193,6 +193,27 @@ pub fn print(run: &Run) {
             );
         }
     }
+    println!("\nsteadiness with 4 clients: no errors, p99 under 5 x p50");
+    for x in &run.measured {
+        let Some(l) = x.loads.iter().find(|l| l["clients"] == 4) else {
+            continue;
+        };
+        let (p50, p99) = (num(&l["p50_ms"]), num(&l["p99_ms"]));
+        let ok = l["errors"] == 0 && p99 < 5.0 * p50;
+        println!(
+            "{} {} errors, p99 {p99:.1} ms = {:.1} x p50 {}",
+            label(x),
+            count(&l["errors"]),
+            p99 / p50,
+            met(ok)
+        );
+    }
+    let idle = run.memory.server_idle_kb;
+    println!(
+        "\nserver idle RSS {:.1} MB (target < 30 MB) {}",
+        mb(idle),
+        met(idle < 30 * 1024)
+    );
     let most = CLIENTS.iter().max().copied().unwrap_or(0);
     println!(
         "\nCPU per answer with {most} clients (server's own threads + per-run processes) / bare cold-start CPU"
