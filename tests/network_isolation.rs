@@ -528,3 +528,44 @@ except OSError as e:
         "{d}"
     );
 }
+
+#[tokio::test]
+async fn many_networked_runs_leave_no_interface_or_connection_behind() {
+    let _turn = SERIAL.lock().await;
+    let connect = try_code(&[(EXT.to_string(), TCP_PORT, "tcp", None)]);
+    // No warm workers: every interface of this server belongs to a run in progress.
+    let s = lab_server(&[("WARM_WORKERS", "0"), ("WORKER_TIMEOUT", "2")]).await;
+    for _ in 0..3 {
+        let mut batch = Vec::new();
+        for i in 0..8 {
+            // Some runs are killed by the timeout with their connection still open.
+            let code = if i % 4 == 0 {
+                format!(
+                    "{connect}\nimport time\ns = __import__('socket').create_connection(('{EXT}', {TCP_PORT}))\ntime.sleep(10)"
+                )
+            } else {
+                connect.clone()
+            };
+            batch.push(
+                s.spawn_run(json!({"language": "python3", "code": code, "enable_network": true})),
+            );
+        }
+        for run in batch {
+            let body = run.await.unwrap();
+            assert_eq!(body["code"], 0, "{body}");
+            assert!(out(&body["data"]).contains("ok pong:probe"), "{body}");
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while (run_interfaces(s.pid()) > 0 || lab_connections() > 0)
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        run_interfaces(s.pid()),
+        0,
+        "finished runs' interfaces remain"
+    );
+    assert_eq!(lab_connections(), 0, "finished runs' connections remain");
+}

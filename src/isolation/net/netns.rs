@@ -2,13 +2,14 @@
 //! starts (so it costs the request nothing), joined to the host by a veth pair whose
 //! host end is `sbx<uid>`, with the run's address, a default route through its gateway,
 //! a loopback of its own and no IPv6. The helper's child joins it with setns(2); it is
-//! destroyed with the last process in it, and its host end is deleted explicitly when
-//! the run is released.
+//! destroyed with the last process in it, which takes the veth pair with it; releasing
+//! the run waits for that.
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::Duration;
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
@@ -63,16 +64,42 @@ pub struct NetLease {
 }
 
 impl NetLease {
-    /// Undo what the run's network left on the host: its veth pair (deleting the host
-    /// end deletes both) and its conntrack entries. Call once every process of the run
-    /// is gone.
+    /// Undo what the run's network left on the host: its veth pair and its conntrack
+    /// entries. Call once every process of the run is gone and the namespace's
+    /// descriptor is closed.
     pub async fn release(self) {
-        remove_link(&self.host, &self.address.host_if).await;
+        // The namespace dies with its last reference and the kernel then deletes both veth
+        // ends, batched with other dying namespaces. Deleting the link ourselves would
+        // hold the rtnl lock through an RCU grace period per run, stalling every other
+        // run's plumbing: networked throughput fell to a third. So wait for it to go, and
+        // delete it only if it does not (something still holds the namespace).
+        if !gone(&self.host, &self.address.host_if, LINK_GONE_WAIT).await {
+            remove_link(&self.host, &self.address.host_if).await;
+        }
         let mark = self.address.ct_mark;
         let flushed = tokio::task::spawn_blocking(move || conntrack::flush_mark(mark)).await;
         if let Ok(Err(e)) = flushed {
             tracing::warn!(error = %e, uid = self.address.uid, "cannot forget a run's connections");
         }
+    }
+}
+
+/// How long a released run's host end may take to vanish with its namespace.
+const LINK_GONE_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether the link `name` disappears within `wait`.
+async fn gone(host: &Handle, name: &str, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if index_of(host, name).await.is_err() {
+            return true;
+        }
+        if tokio::time::Instant::now() + pause > deadline {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
 
