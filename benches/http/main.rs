@@ -37,7 +37,14 @@ struct Settings {
     load_secs: f64,
 }
 
-/// A bare interpreter started and ended with nothing to do.
+/// What a sandboxed Node hello run does, done by a bare `node`: load the modules the
+/// bootstrap uses, compile the snippet as a script and print. The floor a single-use Node
+/// process cannot go below.
+const NODE_HELLO_BARE: &str =
+    "require('fs');new (require('vm').Script)('console.log(\\'hello\\')').runInThisContext()";
+
+/// A bare interpreter started and ended with nothing to do, in an empty environment: a
+/// variable such as NODE_EXTRA_CA_CERTS in the caller's would triple Node's start.
 pub struct Cold {
     pub command: String,
     pub wall_ms: f64,
@@ -51,6 +58,8 @@ fn cold_start(program: &str, args: &[&str], runs: usize) -> Cold {
         let t = Instant::now();
         let ok = Command::new(program)
             .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .stdout(Stdio::null())
             .status()
             .map(|s| s.success());
@@ -144,6 +153,7 @@ async fn main() {
     let python = server::resolve_python();
     let cold_py = cold_start(&python, &["-c", "pass"], settings.cold_runs);
     let cold_node = cold_start("node", &["-e", "0"], settings.cold_runs);
+    let node_same_work = cold_start("node", &["-e", NODE_HELLO_BARE], settings.cold_runs);
 
     let server_env = [
         ("MAX_WORKERS", "4".to_string()),
@@ -215,6 +225,7 @@ async fn main() {
 
     let run = report::Run {
         cold: [cold_py, cold_node],
+        node_same_work,
         memory,
         measured,
         setup: report::Setup {

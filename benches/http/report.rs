@@ -16,6 +16,8 @@ pub struct Setup {
 pub struct Run {
     /// Bare cold starts measured in the same run: Python, then Node.
     pub cold: [Cold; 2],
+    /// A bare `node` doing what a Node hello run does.
+    pub node_same_work: Cold,
     pub memory: Memory,
     pub measured: Vec<Measured>,
     pub setup: Setup,
@@ -127,7 +129,7 @@ pub fn print(run: &Run) {
         kernel.trim(),
         run.setup.server_env.join(" ")
     );
-    for c in &run.cold {
+    for c in run.cold.iter().chain([&run.node_same_work]) {
         println!(
             "bare cold start `{}`: p50 {:.1} ms wall, {:.1} ms CPU",
             c.command, c.wall_ms, c.cpu_ms
@@ -226,8 +228,16 @@ pub fn print(run: &Run) {
             continue;
         };
         let cold = run.cold(x.payload.lang).cpu_ms;
+        let same_work = match x.payload.lang {
+            Lang::Node => format!(
+                ", {:.2} x bare node doing the same work {:.1} ms",
+                total / run.node_same_work.cpu_ms,
+                run.node_same_work.cpu_ms
+            ),
+            Lang::Python => String::new(),
+        };
         println!(
-            "{} {total:>5.1} ms (server {server:.1} + runs {runs:.1}) = {:.2} x cold {cold:.1} ms",
+            "{} {total:>5.1} ms (server {server:.1} + runs {runs:.1}) = {:.2} x cold {cold:.1} ms{same_work}",
             label(x),
             total / cold
         );
@@ -284,7 +294,8 @@ pub fn json(run: &Run) -> Value {
                     "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()},
         "server_env": run.setup.server_env, "pace_ms": run.setup.pace_ms,
         "load_secs": run.setup.load_secs,
-        "cold_start": {"python3": cold(&run.cold[0]), "nodejs": cold(&run.cold[1])},
+        "cold_start": {"python3": cold(&run.cold[0]), "nodejs": cold(&run.cold[1]),
+                       "nodejs_same_work_as_hello": cold(&run.node_same_work)},
         "memory_kb": {"server_idle": m.server_idle_kb, "server_peak": m.server_peak_kb,
                       "below_after_warmup": {"processes": m.below_after_warmup.0, "rss": m.below_after_warmup.1},
                       "below_after_load": {"processes": m.below_after_load.0, "rss": m.below_after_load.1}},

@@ -147,7 +147,7 @@ impl Runtime {
     pub fn argv(&self, memory_mb: u64) -> Vec<String> {
         match self.language {
             Language::Python3 => python::argv(&self.program, &self.search_path),
-            Language::Nodejs => nodejs::argv(&self.program, memory_mb),
+            Language::Nodejs => nodejs::argv(&self.program, memory_mb, &self.env),
         }
     }
 }
