@@ -222,3 +222,47 @@ async fn a_forked_run_ends_as_a_fresh_interpreter_would() {
     );
     assert_eq!(out(&forked.python(endings[1]).await), "hi\nbye\n");
 }
+
+#[tokio::test]
+async fn a_fork_server_is_replaced_after_its_share_of_runs_with_a_new_layout() {
+    // Runs of one fork server share its address-space layout and hash seed: a preloaded
+    // module sits at the same address in each. After 500 runs a new one takes over.
+    let s = Server::start(&[("MAX_WORKERS", "4")]).await;
+    let layout = "import json\nprint(hex(id(json)), hash('seed'))";
+    let first = out(&s.python(layout).await);
+    assert_eq!(
+        out(&s.python(layout).await),
+        first,
+        "one fork server, one layout"
+    );
+    let original = fork_server_of(s.pid()).expect("a fork server");
+    let mut runs = Vec::new();
+    for _ in 0..520 {
+        runs.push(s.spawn_run(serde_json::json!({"language": "python3", "code": "print(1)", "preload": "", "enable_network": false})));
+        if runs.len() == 8 {
+            for r in runs.drain(..) {
+                assert_eq!(r.await.unwrap()["data"]["stdout"], "1\n");
+            }
+        }
+    }
+    for r in runs {
+        assert_eq!(r.await.unwrap()["data"]["stdout"], "1\n");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let replacement = loop {
+        match fork_server_of(s.pid()) {
+            Some(pid) if pid != original => break pid,
+            _ if std::time::Instant::now() > deadline => panic!("the fork server was not replaced"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    // Workers forked before the replacement may still wait in the pool.
+    let mut last = String::new();
+    for _ in 0..6 {
+        last = out(&s.python(layout).await);
+    }
+    assert_ne!(
+        last, first,
+        "the replacement {replacement} has the same layout"
+    );
+}

@@ -270,3 +270,26 @@ fn only_the_public_default_key_on_every_interface_is_exposed() {
         Config::from_yaml("", Path::new("c.yaml"), &env(&[("API_KEY", "s3cret")])).expect("loads");
     assert!(!c.default_key_exposed());
 }
+
+#[test]
+fn every_key_of_the_shipped_file_is_documented() {
+    let documented = documented_keys();
+    let shipped: serde_yaml::Mapping = serde_yaml::from_str(DEFAULT_YAML).expect("yaml");
+    let mut missing = Vec::new();
+    for (key, value) in &shipped {
+        let key = key.as_str().expect("string keys");
+        let keys: Vec<String> = match value {
+            serde_yaml::Value::Mapping(sub) => sub
+                .keys()
+                .filter_map(|k| k.as_str())
+                .map(|k| format!("{key}.{k}"))
+                .collect(),
+            _ => vec![key.to_string()],
+        };
+        missing.extend(keys.into_iter().filter(|k| !documented.contains(k)));
+    }
+    assert!(
+        missing.is_empty(),
+        "keys of conf/config.yaml missing from the README's table: {missing:?}"
+    );
+}

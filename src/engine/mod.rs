@@ -218,17 +218,26 @@ impl Engine {
         }
     }
 
-    /// Restart the fork server in the background when it is gone; runs go to plain
-    /// workers meanwhile.
+    /// Restart the fork server in the background when it is gone (runs go to plain
+    /// workers meanwhile) or worn out (it serves until its replacement is ready).
     fn tend_fork_server(self: &Arc<Self>) {
         let Some(fs) = &self.fork_server else { return };
-        if !fs.in_use() || fs.up() || self.restarting.swap(true, Ordering::AcqRel) {
+        if !fs.in_use() {
+            return;
+        }
+        let worn_out = fs.up() && fs.worn_out();
+        if (fs.up() && !worn_out) || self.restarting.swap(true, Ordering::AcqRel) {
             return;
         }
         let (fs, engine) = (fs.clone(), Arc::clone(self));
         self.tasks.spawn(async move {
-            tracing::warn!("the Python fork server is gone; restarting it");
+            if worn_out {
+                tracing::debug!("replacing the Python fork server: it has forked its share of runs");
+            } else {
+                tracing::warn!("the Python fork server is gone; restarting it");
+            }
             match fs.restart().await {
+                Ok(()) if worn_out => {}
                 Ok(()) => tracing::info!("the Python fork server is back"),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot restart the Python fork server; Python runs start their own interpreters meanwhile");
