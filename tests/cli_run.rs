@@ -13,6 +13,7 @@
 //! $ sandbox run big.py   (20 MB)                -> 2, "snippets are limited to 16777216 bytes"
 //! $ (as nobody) sandbox run ok.py               -> rootless mode: see tests/rootless.rs
 //! $ sandbox run --server http://127.0.0.1:1 ... -> 125, "cannot reach the sandbox server"
+//! $ sandbox run job.py -- a b < data            -> stdin, argv, files: see tests/cli_ci.rs
 //! ```
 
 mod common;
@@ -588,6 +589,15 @@ fn help_documents_the_exit_codes() {
         "--network",
         "--json",
         "[env: API_KEY",
+        "--stdin <FILE>",
+        "--env <NAME=VALUE>",
+        "--env-file <FILE>",
+        "--file <PATH[:DEST]>",
+        "--dir <DIR[:DEST]>",
+        "--out <DIR>",
+        "--max-input <MB>",
+        "[ARGS]...",
+        "-- --since 2024 < in.csv",
     ] {
         assert!(h.contains(needle), "{needle} missing from:\n{h}");
     }

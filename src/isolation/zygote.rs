@@ -93,6 +93,7 @@ fn launch() -> Result<Never, StepError> {
         &Extras {
             dirs: &dirs,
             writable: &writable,
+            readonly: &[],
         },
     )?;
     let argv = cstrings(&spec.argv)?;
