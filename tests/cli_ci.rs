@@ -16,7 +16,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{Server, bin, sandbox, stderr, stdout};
+use common::{Server, bin, sandbox, sandbox_with_stdin, stderr, stdout};
 use serde_json::Value;
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
@@ -29,27 +29,22 @@ fn code(o: &Output) -> i32 {
     o.status.code().expect("exited normally")
 }
 
-/// `sandbox <args>` with `input` on its stdin and `env` added to its environment.
-fn with_stdin(args: &[&str], input: &[u8], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(bin());
-    cmd.args(args)
-        .current_dir(std::env::temp_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    // A writer thread: the run may stop reading before the end.
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let out = child.wait_with_output().unwrap();
-    let _ = writer.join();
-    out
+/// `sandbox run --out DIR <extra> -l python3 -e <snippet>`.
+fn python_with_out(out: &Path, extra: &[&str], snippet: &str) -> Output {
+    let mut args = vec!["run", "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.extend(["-l", "python3", "-e", snippet]);
+    sandbox(&args, &[])
+}
+
+/// The names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }
 
 /// Bytes that do not repeat within a pipe's buffer (xorshift).
@@ -96,7 +91,7 @@ fn stdin_larger_than_a_pipe_reaches_python_and_node_whole() {
             "const b = require('fs').readFileSync(0); console.log(b.length, require('crypto').createHash('sha256').update(b).digest('hex'))",
         ),
     ] {
-        let o = with_stdin(&["run", "-l", language, "-e", snippet], &data, &[]);
+        let o = sandbox_with_stdin(&["run", "-l", language, "-e", snippet], &data, &[]);
         assert_eq!(code(&o), 0, "{language}: {}", stderr(&o));
         assert_eq!(stdout(&o), expected, "{language}");
     }
@@ -104,7 +99,7 @@ fn stdin_larger_than_a_pipe_reaches_python_and_node_whole() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("in.bin");
     std::fs::write(&file, &data).unwrap();
-    let o = with_stdin(
+    let o = sandbox_with_stdin(
         &[
             "run",
             "-l",
@@ -119,14 +114,14 @@ fn stdin_larger_than_a_pipe_reaches_python_and_node_whole() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(stdout(&o), expected);
     // Code on stdin: the snippet's stdin is empty.
-    let o = with_stdin(&["run", "-l", "python3", "-"], PY_DIGEST.as_bytes(), &[]);
+    let o = sandbox_with_stdin(&["run", "-l", "python3", "-"], PY_DIGEST.as_bytes(), &[]);
     assert!(stdout(&o).starts_with("0 "), "{}", stdout(&o));
 }
 
 #[test]
 fn stdin_past_its_limit_is_cut_and_said_so() {
     let data = noise(3 << 20);
-    let o = with_stdin(
+    let o = sandbox_with_stdin(
         &["run", "--max-input", "1", "-l", "python3", "-e", PY_DIGEST],
         &data,
         &[],
@@ -342,19 +337,7 @@ fn input_files_sit_beside_the_script_read_only() {
 fn out_copies_regular_files_and_json_lists_them() {
     let out = tempfile::tempdir().unwrap();
     let snippet = "import os\no = os.environ['SANDBOX_OUT']\nos.makedirs(o + '/reports')\nopen(o + '/reports/summary.csv', 'w').write('a,b\\n1,2\\n')\nopen(o + '/log.txt', 'w').write('done')\nprint(o)";
-    let o = sandbox(
-        &[
-            "run",
-            "--json",
-            "--out",
-            out.path().to_str().unwrap(),
-            "-l",
-            "python3",
-            "-e",
-            snippet,
-        ],
-        &[],
-    );
+    let o = python_with_out(out.path(), &["--json"], snippet);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(v["stdout"], "/tmp/out\n");
@@ -393,18 +376,7 @@ fn out_refuses_links_and_writes_nothing_outside_its_directory() {
     std::os::unix::fs::symlink(&target, out.path().join("victim")).unwrap();
     let passwd = std::fs::read("/etc/passwd").unwrap();
     let snippet = "import os\no = os.environ['SANDBOX_OUT']\nos.symlink('/etc/passwd', o + '/passwd')\nos.symlink('/', o + '/root')\nopen(o + '/victim', 'w').write('from the run')\nopen(o + '/kept.txt', 'w').write('kept')";
-    let o = sandbox(
-        &[
-            "run",
-            "--out",
-            out.path().to_str().unwrap(),
-            "-l",
-            "python3",
-            "-e",
-            snippet,
-        ],
-        &[],
-    );
+    let o = python_with_out(out.path(), &[], snippet);
     assert_eq!(
         code(&o),
         1,
@@ -422,12 +394,7 @@ fn out_refuses_links_and_writes_nothing_outside_its_directory() {
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
     assert_eq!(std::fs::read(out.path().join("kept.txt")).unwrap(), b"kept");
     assert_eq!(std::fs::read("/etc/passwd").unwrap(), passwd);
-    let mut names: Vec<String> = std::fs::read_dir(out.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    assert_eq!(names, vec!["kept.txt", "victim"]);
+    assert_eq!(names(out.path()), vec!["kept.txt", "victim"]);
     assert!(
         std::fs::symlink_metadata(out.path().join("victim"))
             .unwrap()
@@ -452,28 +419,12 @@ for name in ('../escaped', '../../escaped', 'a/../../escaped'):
     except OSError as e:
         print('refused', name, e.errno)
 "#;
-    let o = sandbox(
-        &[
-            "run",
-            "--out",
-            out.path().to_str().unwrap(),
-            "-l",
-            "python3",
-            "-e",
-            snippet,
-        ],
-        &[],
-    );
+    let o = python_with_out(out.path(), &[], snippet);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     // '..' leaves /tmp/out inside the run: into its own /tmp, which vanishes with it.
     assert!(stdout(&o).contains("wrote /tmp/escaped"), "{}", stdout(&o));
-    let mut names: Vec<String> = std::fs::read_dir(out.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
     // `a` is the directory the third attempt made on its way up.
-    assert_eq!(names, vec!["a", "line_break_[2J"]);
+    assert_eq!(names(out.path()), vec!["a", "line_break_[2J"]);
     assert_eq!(std::fs::read_dir(out.path().join("a")).unwrap().count(), 0);
     assert!(!parent.join("escaped").exists());
 }
@@ -492,21 +443,7 @@ except OSError as e:
 for i in range(3):
     open(o + '/part%d' % i, 'wb').write(b'x' * 700_000)
 "#;
-    let o = sandbox(
-        &[
-            "run",
-            "--tmp-size",
-            "1",
-            "--json",
-            "--out",
-            out.path().to_str().unwrap(),
-            "-l",
-            "python3",
-            "-e",
-            snippet,
-        ],
-        &[],
-    );
+    let o = python_with_out(out.path(), &["--tmp-size", "1", "--json"], snippet);
     let v: Value = serde_json::from_str(stdout(&o).trim())
         .unwrap_or_else(|e| panic!("{e}: {}\n{}", stdout(&o), stderr(&o)));
     assert!(
@@ -554,12 +491,12 @@ async fn remote_stdin_args_and_env_are_those_of_a_local_run() {
     let data = noise(300_000);
     let caller = [("CALLER_SECRET", "hunter2")];
     for script in [&py, &js] {
-        let local = with_stdin(
+        let local = sandbox_with_stdin(
             &["run", script, "--env", "MODE=ci", "--", "a b", "é漢"],
             &data,
             &caller,
         );
-        let remote = with_stdin(
+        let remote = sandbox_with_stdin(
             &[
                 "run", "--server", &base, script, "--env", "MODE=ci", "--", "a b", "é漢",
             ],
@@ -599,4 +536,20 @@ async fn remote_stdin_args_and_env_are_those_of_a_local_run() {
         );
     }
     assert!(!out.exists());
+}
+
+#[test]
+fn a_restrictive_umask_does_not_lock_the_run_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let helper = write(dir.path(), "helper.py", "X = 'helper'\n");
+    let out = dir.path().join("out");
+    let script = format!(
+        "umask 077; exec {} run --file {helper} --out {} -l python3 -e \"import helper, os; print(helper.X, open('/etc/passwd').read().count(':') > 0); open(os.environ['SANDBOX_OUT'] + '/r', 'w').write('r')\"",
+        bin(),
+        out.display()
+    );
+    let o = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "helper True\n");
+    assert_eq!(std::fs::read_to_string(out.join("r")).unwrap(), "r");
 }

@@ -64,20 +64,8 @@ impl User {
         dir: &Path,
     ) -> Output {
         let mut cmd = self.command(args);
-        cmd.envs(env.iter().copied())
-            .current_dir(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let input = input.to_vec();
-        let writer = std::thread::spawn(move || {
-            let _ = stdin.write_all(&input);
-        });
-        let out = child.wait_with_output().unwrap();
-        let _ = writer.join();
-        out
+        cmd.envs(env.iter().copied()).current_dir(dir);
+        common::feed(cmd, input)
     }
 
     /// A file of nobody's own (mode 0600) under its home.
@@ -118,8 +106,9 @@ fn a_user_without_root_runs_python_and_node() {
     let uid: u32 = first[0].parse().unwrap();
     assert!((10000..11000).contains(&uid), "a pool uid inside: {out}");
     assert_eq!(first[0], first[1], "{out}");
+    // /job: the run's own directory (its script and inputs), read-only.
     assert_eq!(
-        first[2], "['dev', 'etc', 'lib', 'lib64', 'proc', 'tmp', 'usr']",
+        first[2], "['dev', 'etc', 'job', 'lib', 'lib64', 'proc', 'tmp', 'usr']",
         "{out}"
     );
     // No capability left in any set: the namespace's were dropped at exec.
@@ -309,7 +298,7 @@ fn a_user_without_root_runs_a_ci_job_with_stdin_arguments_variables_and_files() 
     u.file("work/lib/helper.js", b"module.exports = 'helper.js';\n");
     let job = u.file(
         "work/job.py",
-        b"import sys, os, hashlib, helper\nd = sys.stdin.buffer.read()\nprint(sys.argv, helper.NAME, os.getcwd(), os.environ.get('MODE'), os.environ.get('CALLER_SECRET'))\nprint(len(d), hashlib.sha256(d).hexdigest())\nout = os.environ['SANDBOX_OUT']\nopen(out + '/result.txt', 'w').write('ok')\nos.symlink('/etc/passwd', out + '/passwd')",
+        b"import sys, os, hashlib, helper\nd = sys.stdin.buffer.read()\nprint(sys.argv, helper.NAME, os.getcwd(), os.environ.get('MODE'), os.environ.get('CALLER_SECRET'))\nprint(len(d), hashlib.sha256(d).hexdigest())\nout = os.environ['SANDBOX_OUT']\nopen(out + '/result.txt', 'w').write('ok')\nos.symlink('/etc/passwd', out + '/passwd')\nos.mkdir(out + '/locked')\nopen(out + '/locked/f', 'w').write('x')\nos.chmod(out + '/locked', 0o500)",
     );
     // 1 MiB that does not repeat, checksummed by the test through coreutils.
     let mut x: u32 = 2_463_534_242;
@@ -377,6 +366,7 @@ fn a_user_without_root_runs_a_ci_job_with_stdin_arguments_variables_and_files() 
         "ok"
     );
     assert!(!out.join("passwd").exists());
+    assert_eq!(std::fs::read_to_string(out.join("locked/f")).unwrap(), "x");
     // Node: require('./helper') beside the script, from an input directory.
     let app = u.file(
         "work/lib/app.js",
@@ -385,7 +375,7 @@ fn a_user_without_root_runs_a_ci_job_with_stdin_arguments_variables_and_files() 
     let o = u.sandbox_with(&["run", &app, "--dir", "lib:.", "--", "x"], b"", &[], &work);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(stdout(&o), "helper.js [ 'x' ]\n");
-    // Nothing of the runs is left in the state directory.
+    // Nothing of the runs is left in the state directory, not even what the run locked.
     let runs = u.home.path().join(".local/state/sandbox/runs");
     assert_eq!(std::fs::read_dir(runs).unwrap().count(), 0);
 }

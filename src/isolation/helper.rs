@@ -328,6 +328,9 @@ fn child_setup(spec: &SandboxSpec, fds: ChildFds) -> Result<Never, StepError> {
     let ChildFds { netns, code, stdin } = fds;
     prctl::set_pdeathsig(Signal::SIGKILL)
         .map_err(step(Step::Descriptors, Path::new("pdeathsig")))?;
+    // The root is built for another uid: its directories and files must not inherit a
+    // caller's restrictive umask (077 would lock the run out of its own interpreter).
+    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
     // A session of its own: no controlling terminal, no process group shared with the
     // server, so group-wide signals and terminal tricks reach nobody else.
     nix::unistd::setsid().map_err(step(Step::Descriptors, Path::new("setsid")))?;

@@ -82,6 +82,14 @@ struct Copy {
     out: Collected,
 }
 
+/// One entry of a directory of the run: its name there, the name it gets in DIR, and
+/// its path below /tmp/out (for messages and `files`).
+struct Entry<'a> {
+    raw: &'a OsStr,
+    name: &'a str,
+    rel: &'a str,
+}
+
 fn kind(st: &FileStat) -> SFlag {
     SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
 }
@@ -135,27 +143,25 @@ impl Copy {
                     continue;
                 }
             };
+            let entry = Entry {
+                raw: &raw,
+                name: &name,
+                rel: &rel,
+            };
             match kind(&st) {
-                SFlag::S_IFREG => self.file(src, dst, &raw, &name, &rel, &st),
+                SFlag::S_IFREG => self.file(src, dst, &entry, &st),
                 SFlag::S_IFDIR if depth + 1 >= MAX_DEPTH => {
                     self.refuse(&rel, format!("directories nest deeper than {MAX_DEPTH}"))
                 }
-                SFlag::S_IFDIR => self.subdir(src, dst, &raw, &name, &rel, depth),
+                SFlag::S_IFDIR => self.subdir(src, dst, &entry, depth),
                 SFlag::S_IFLNK => self.refuse(&rel, "a symbolic link, which is never followed"),
                 _ => self.refuse(&rel, "not a regular file (a device, pipe or socket)"),
             }
         }
     }
 
-    fn subdir(
-        &mut self,
-        src: &OwnedFd,
-        dst: &OwnedFd,
-        raw: &OsStr,
-        name: &str,
-        rel: &str,
-        depth: usize,
-    ) {
+    fn subdir(&mut self, src: &OwnedFd, dst: &OwnedFd, e: &Entry<'_>, depth: usize) {
+        let Entry { raw, name, rel } = *e;
         let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         let from = match openat(src.as_fd(), raw, flags, Mode::empty()) {
             Ok(fd) => fd,
@@ -176,15 +182,8 @@ impl Copy {
         self.dir(&from, &to, rel, depth + 1);
     }
 
-    fn file(
-        &mut self,
-        src: &OwnedFd,
-        dst: &OwnedFd,
-        raw: &OsStr,
-        name: &str,
-        rel: &str,
-        st: &FileStat,
-    ) {
+    fn file(&mut self, src: &OwnedFd, dst: &OwnedFd, e: &Entry<'_>, st: &FileStat) {
+        let Entry { raw, name, rel } = *e;
         // The apparent size counts: a sparse file is as large as what it would write.
         let size = u64::try_from(st.st_size).unwrap_or(u64::MAX);
         if size > self.room {

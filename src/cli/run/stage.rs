@@ -44,6 +44,8 @@ impl Stage {
             root,
         };
         fs::DirBuilder::new().mode(0o755).create(&stage.job)?;
+        // Whatever this command's umask: the run's uid must enter /job.
+        fs::set_permissions(&stage.job, fs::Permissions::from_mode(0o755))?;
         fs::DirBuilder::new().mode(0o700).create(&stage.out)?;
         Ok(stage)
     }
@@ -58,9 +60,31 @@ impl Stage {
 
 impl Drop for Stage {
     fn drop(&mut self) {
-        // remove_dir_all never follows a link the run left.
-        let _ = fs::remove_dir_all(&self.root);
+        remove(&self.root);
     }
+}
+
+/// Remove a run's directory. remove_dir_all never follows a link the run left; a
+/// directory the run made unwritable (rootless, where its files are this user's) is
+/// made writable again first.
+fn remove(dir: &Path) {
+    if fs::remove_dir_all(dir).is_ok() {
+        return;
+    }
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        if fs::symlink_metadata(&d).is_ok_and(|m| m.is_dir()) {
+            let _ = fs::set_permissions(&d, fs::Permissions::from_mode(0o700));
+            todo.extend(
+                fs::read_dir(&d)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    let _ = fs::remove_dir_all(dir);
 }
 
 /// Remove `runs/<pid>-*` whose command no longer runs.
@@ -68,10 +92,16 @@ fn remove_stale(runs: &Path) {
     for entry in fs::read_dir(runs).into_iter().flatten().flatten() {
         let name = entry.file_name();
         let pid = name.to_str().and_then(|n| n.split('-').next());
-        if let Some(pid) = pid.filter(|p| p.parse::<u32>().is_ok())
-            && !Path::new("/proc").join(pid).exists()
-        {
-            let _ = fs::remove_dir_all(entry.path());
+        let Some(pid) = pid.and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        // Signal 0 only asks: EPERM means alive (another user's), ESRCH gone.
+        let gone = matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+        if gone {
+            remove(&entry.path());
         }
     }
 }
@@ -326,6 +356,28 @@ fn write_new(at: &Path, data: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stage_is_removed_even_when_the_run_locked_a_directory() {
+        let state = tempfile::tempdir().unwrap();
+        let state = StateDir::new(state.path());
+        let stage = Stage::create(&state).unwrap();
+        let mode = std::fs::metadata(&stage.job).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755);
+        let locked = stage.out.join("locked");
+        std::fs::create_dir(&locked).unwrap();
+        std::fs::write(locked.join("f"), "x").unwrap();
+        std::fs::set_permissions(&locked, fs::Permissions::from_mode(0o500)).unwrap();
+        // A stage of a command that is gone (no pid is that high) goes with the next one.
+        let stale = state.runs().join("999999999-1");
+        std::fs::create_dir_all(stale.join("out")).unwrap();
+        let next = Stage::create(&state).unwrap();
+        assert!(!stale.exists());
+        let root = stage.root.clone();
+        drop(stage);
+        assert!(!root.exists());
+        assert!(next.root.exists(), "a live command's stage stays");
+    }
 
     #[test]
     fn destinations_stay_inside_job() {
