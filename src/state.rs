@@ -8,6 +8,10 @@
 //!   root-<language>/      the copied root runs chroot into (chroot level only)
 //!   python-packages/      extra Python packages, one generation per install
 //!   uids/                 uid leases, without root only (see `uid_leases`)
+//!   runs/<id>/job/        `sandbox run`: the script and its input files, bound
+//!                         read-only at /job
+//!   runs/<id>/out/        `sandbox run`: bound at the run's /tmp/out, copied back with
+//!                         --out once the run is gone
 //! ```
 //!
 //! As root, uid leases live in `/run/sandbox/uids` whatever `state_dir` says: every
@@ -53,6 +57,11 @@ impl StateDir {
     pub fn python_packages(&self) -> PathBuf {
         self.0.join("python-packages")
     }
+
+    /// Per-run directories of `sandbox run` (see `cli::run::stage`).
+    pub fn runs(&self) -> PathBuf {
+        self.0.join("runs")
+    }
 }
 
 #[cfg(test)]
@@ -75,5 +84,6 @@ mod tests {
         );
         assert_eq!(s.uid_leases(true), Path::new("/run/sandbox/uids"));
         assert_eq!(s.uid_leases(false), Path::new("/var/lib/sandbox/uids"));
+        assert_eq!(s.runs(), Path::new("/var/lib/sandbox/runs"));
     }
 }

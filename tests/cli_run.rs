@@ -13,6 +13,7 @@
 //! $ sandbox run big.py   (20 MB)                -> 2, "snippets are limited to 16777216 bytes"
 //! $ (as nobody) sandbox run ok.py               -> rootless mode: see tests/rootless.rs
 //! $ sandbox run --server http://127.0.0.1:1 ... -> 125, "cannot reach the sandbox server"
+//! $ sandbox run job.py -- a b < data            -> stdin, argv, files: see tests/cli_ci.rs
 //! ```
 
 mod common;
@@ -24,33 +25,13 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Server, bin, sandbox, stderr, stdout};
+use common::{Server, bin, sandbox, sandbox_with_stdin, stderr, stdout};
 use serde_json::Value;
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p.to_str().unwrap().to_string()
-}
-
-fn with_stdin(args: &[&str], input: &[u8]) -> Output {
-    let mut child = Command::new(bin())
-        .args(args)
-        .current_dir(std::env::temp_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    // A writer thread: the child may stop reading early (oversized input).
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let out = child.wait_with_output().unwrap();
-    let _ = writer.join();
-    out
 }
 
 fn json_of(o: &Output) -> Value {
@@ -116,7 +97,11 @@ fn language_flag_overrides_the_extension() {
 
 #[test]
 fn stdin_with_a_dash() {
-    let o = with_stdin(&["run", "-l", "python3", "-"], b"print(sum(range(10)))\n");
+    let o = sandbox_with_stdin(
+        &["run", "-l", "python3", "-"],
+        b"print(sum(range(10)))\n",
+        &[],
+    );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(stdout(&o), "45\n");
 }
@@ -537,7 +522,7 @@ fn a_file_of_20_mb() {
         &sandbox(&["run", f.to_str().unwrap()], &[]),
         "snippets are limited to 16777216 bytes",
     );
-    let o = with_stdin(&["run", "-l", "python3", "-"], &vec![b'#'; 20 << 20]);
+    let o = sandbox_with_stdin(&["run", "-l", "python3", "-"], &vec![b'#'; 20 << 20], &[]);
     assert_usage(&o, "snippets are limited to 16777216 bytes");
 }
 
@@ -588,6 +573,15 @@ fn help_documents_the_exit_codes() {
         "--network",
         "--json",
         "[env: API_KEY",
+        "--stdin <FILE>",
+        "--env <NAME=VALUE>",
+        "--env-file <FILE>",
+        "--file <PATH[:DEST]>",
+        "--dir <DIR[:DEST]>",
+        "--out <DIR>",
+        "--max-input <MB>",
+        "[ARGS]...",
+        "-- --since 2024 < in.csv",
     ] {
         assert!(h.contains(needle), "{needle} missing from:\n{h}");
     }
@@ -661,7 +655,7 @@ async fn remote_runs_match_local_ones() {
     assert!(stderr(&o).contains("sandbox: timeout"), "{}", stderr(&o));
 
     // Stdin works remotely too.
-    let o = with_stdin_env(
+    let o = sandbox_with_stdin(
         &["run", "--server", &base, "-l", "python3", "-"],
         b"print(6 * 7)",
         &key,
@@ -688,21 +682,6 @@ async fn remote_runs_match_local_ones() {
         .unwrap();
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(stdout(&o), "3\n");
-}
-
-fn with_stdin_env(args: &[&str], input: &[u8], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(bin());
-    cmd.args(args)
-        .current_dir(std::env::temp_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    child.wait_with_output().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,13 +4,17 @@
 //!
 //! ```text
 //! $ (as nobody) sandbox run -l python3 -e 'print(1)'   -> 0, "1"
+//! $ (as nobody) sandbox run job.py --file helper.py --out out -- a < data
+//!                                                      -> 0, stdin, argv, /job, out/
 //! $ (as nobody) sandbox doctor                         -> 0, "serve would isolate runs with: rootless ..."
 //! ```
 
 mod common;
 
+use std::io::Write;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 
 use common::{Server, bin, stderr, stdout};
 use serde_json::Value;
@@ -33,9 +37,9 @@ impl User {
         Self { home }
     }
 
-    fn sandbox(&self, args: &[&str]) -> Output {
-        Command::new(bin())
-            .args(args)
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
             .env_clear()
             .env("HOME", self.home.path())
             .env("PATH", "/usr/bin:/bin")
@@ -43,9 +47,38 @@ impl User {
             .env("NODEJS_PATH", "/usr/bin/node")
             .current_dir("/")
             .uid(NOBODY)
-            .gid(NOBODY)
-            .output()
-            .unwrap()
+            .gid(NOBODY);
+        cmd
+    }
+
+    fn sandbox(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// With `input` on stdin and `env` added, from `dir`.
+    fn sandbox_with(
+        &self,
+        args: &[&str],
+        input: &[u8],
+        env: &[(&str, &str)],
+        dir: &Path,
+    ) -> Output {
+        let mut cmd = self.command(args);
+        cmd.envs(env.iter().copied()).current_dir(dir);
+        common::feed(cmd, input)
+    }
+
+    /// A file of nobody's own (mode 0600) under its home.
+    fn file(&self, rel: &str, text: &[u8]) -> String {
+        let p = self.home.path().join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+            std::os::unix::fs::chown(parent, Some(NOBODY), Some(NOBODY)).unwrap();
+        }
+        std::fs::write(&p, text).unwrap();
+        std::os::unix::fs::chown(&p, Some(NOBODY), Some(NOBODY)).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        p.to_str().unwrap().to_string()
     }
 
     fn json(&self, args: &[&str]) -> Value {
@@ -73,8 +106,9 @@ fn a_user_without_root_runs_python_and_node() {
     let uid: u32 = first[0].parse().unwrap();
     assert!((10000..11000).contains(&uid), "a pool uid inside: {out}");
     assert_eq!(first[0], first[1], "{out}");
+    // /job: the run's own directory (its script and inputs), read-only.
     assert_eq!(
-        first[2], "['dev', 'etc', 'lib', 'lib64', 'proc', 'tmp', 'usr']",
+        first[2], "['dev', 'etc', 'job', 'lib', 'lib64', 'proc', 'tmp', 'usr']",
         "{out}"
     );
     // No capability left in any set: the namespace's were dropped at exec.
@@ -254,4 +288,94 @@ async fn serve_as_a_user_answers_with_warm_rootless_workers() {
         }
     }
     assert!(s.healthy().await);
+}
+
+#[test]
+fn a_user_without_root_runs_a_ci_job_with_stdin_arguments_variables_and_files() {
+    let u = User::new();
+    let work = u.home.path().join("work");
+    u.file("work/helper.py", b"NAME = 'helper'\n");
+    u.file("work/lib/helper.js", b"module.exports = 'helper.js';\n");
+    let job = u.file(
+        "work/job.py",
+        b"import sys, os, hashlib, helper\nd = sys.stdin.buffer.read()\nprint(sys.argv, helper.NAME, os.getcwd(), os.environ.get('MODE'), os.environ.get('CALLER_SECRET'))\nprint(len(d), hashlib.sha256(d).hexdigest())\nout = os.environ['SANDBOX_OUT']\nopen(out + '/result.txt', 'w').write('ok')\nos.symlink('/etc/passwd', out + '/passwd')\nos.mkdir(out + '/locked')\nopen(out + '/locked/f', 'w').write('x')\nos.chmod(out + '/locked', 0o500)",
+    );
+    // 1 MiB that does not repeat, checksummed by the test through coreutils.
+    let mut x: u32 = 2_463_534_242;
+    let data: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    let mut sum = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sum.stdin.take().unwrap().write_all(&data).unwrap();
+    let digest = String::from_utf8_lossy(&sum.wait_with_output().unwrap().stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    // The output directory holds a link already; the run's file of that name is refused.
+    let out = u.home.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::os::unix::fs::chown(&out, Some(NOBODY), Some(NOBODY)).unwrap();
+    let o = u.sandbox_with(
+        &[
+            "run",
+            &job,
+            "--file",
+            "helper.py",
+            "--env",
+            "MODE=ci",
+            "--out",
+            "../out",
+            "--",
+            "a b",
+            "é",
+        ],
+        &data,
+        &[("CALLER_SECRET", "hunter2")],
+        &work,
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "the refused link fails the command: {}",
+        stderr(&o)
+    );
+    assert_eq!(
+        stdout(&o),
+        format!(
+            "['job.py', 'a b', 'é'] helper /job ci None\n{} {digest}\n",
+            1 << 20
+        )
+    );
+    assert!(
+        stderr(&o).contains("/tmp/out/passwd: a symbolic link, which is never followed"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("result.txt")).unwrap(),
+        "ok"
+    );
+    assert!(!out.join("passwd").exists());
+    assert_eq!(std::fs::read_to_string(out.join("locked/f")).unwrap(), "x");
+    // Node: require('./helper') beside the script, from an input directory.
+    let app = u.file(
+        "work/lib/app.js",
+        b"console.log(require('./helper'), process.argv.slice(2))",
+    );
+    let o = u.sandbox_with(&["run", &app, "--dir", "lib:.", "--", "x"], b"", &[], &work);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "helper.js [ 'x' ]\n");
+    // Nothing of the runs is left in the state directory, not even what the run locked.
+    let runs = u.home.path().join(".local/state/sandbox/runs");
+    assert_eq!(std::fs::read_dir(runs).unwrap().count(), 0);
 }

@@ -273,6 +273,9 @@ async fn run_admitted(
             preload,
             network: req.enable_network,
             sink: None,
+            invocation: Default::default(),
+            stdin: None,
+            files: Default::default(),
         })
         .instrument(span.clone())
         .await;

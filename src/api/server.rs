@@ -28,8 +28,9 @@ pub struct ConnLimits {
 /// Descriptors kept back from connections: the listener, the log files, the state
 /// directory, the runtime's own.
 const BASE_RESERVE: u64 = 64;
-/// Per worker: its socket pair and output pipes, and the ends that exist while it starts.
-const PER_WORKER: u64 = 8;
+/// Per worker: its socket pair, output and stdin pipes, and the ends that exist while it
+/// starts.
+const PER_WORKER: u64 = 10;
 /// Below this the server would refuse nearly everything; a lower limit is the operator's
 /// to fix, and the start-up warning says how.
 const MIN_CONNECTIONS: u64 = 16;
@@ -176,7 +177,7 @@ mod tests {
     #[test]
     fn connections_get_what_the_workers_leave() {
         // 4 running and 2 warm per language and network setting: 12 workers.
-        assert_eq!(derived_max_connections(1024, 12), 1024 - 64 - 8 * 12);
+        assert_eq!(derived_max_connections(1024, 12), 1024 - 64 - 10 * 12);
         assert_eq!(derived_max_connections(100, 12), 16);
         assert_eq!(derived_max_connections(1 << 20, 12), 16384);
     }

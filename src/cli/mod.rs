@@ -33,7 +33,7 @@ pub enum Command {
     /// Serve the Dify sandbox HTTP API.
     Serve(serve::ServeArgs),
     /// Run one snippet locally in the sandbox.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Check what this host allows and how `serve` would isolate runs.
     Doctor(doctor::DoctorArgs),
 }
@@ -41,7 +41,7 @@ pub enum Command {
 pub fn execute(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => report(serve::execute(args)),
-        Command::Run(args) => run::execute(args),
+        Command::Run(args) => run::execute(*args),
         Command::Doctor(args) => doctor::execute(args),
     }
 }

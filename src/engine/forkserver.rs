@@ -8,7 +8,7 @@
 //!
 //! Requests travel on a socket, framed like the helper's spec (see `channel`), with the
 //! run's descriptors alongside: its stdout and stderr pipes, its fd 3, the keeper's
-//! report pipe and, when it has one, its network namespace. When the fork server is
+//! report pipe, its stdin pipe and, when it has one, its network namespace. When the fork server is
 //! down, runs go to plain workers and it is restarted in the background.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -139,7 +139,10 @@ impl Recipe {
         let argv: Vec<String> = argv;
         let argv = argv
             .into_iter()
-            .map(|a| a.replace("__ACK__", &ack))
+            .map(|a| {
+                a.replace("__FRAME__", crate::runtime::python::FRAME)
+                    .replace("__ACK__", &ack)
+            })
             .collect();
         Ok(Self {
             spec: ZygoteSpec {
@@ -308,13 +311,16 @@ impl ForkServer {
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
         let (report_r, report_w) = pipe()?;
+        let (stdin_r, stdin_w) = super::stdin::pipe()?;
         let this = self.clone();
         let pid = tokio::task::spawn_blocking(move || {
+            // The order zygote.py reads them in.
             let mut fds: Vec<BorrowedFd<'_>> = vec![
                 out_w.as_fd(),
                 err_w.as_fd(),
                 theirs.as_fd(),
                 report_w.as_fd(),
+                stdin_r.as_fd(),
             ];
             if let Some(ns) = &netns {
                 fds.push(ns.as_fd());
@@ -330,11 +336,18 @@ impl ForkServer {
             stdout: receiver(out_r)?,
             stderr: receiver(err_r)?,
             report: receiver(report_r)?,
+            stdin: stdin_w,
         };
         Ok((nix::unistd::Pid::from_raw(pid), pipes))
     }
 
     fn request(&self, spec: &SandboxSpec) -> Result<Vec<u8>, RunError> {
+        if spec.job_dir.is_some() || spec.out_dir.is_some() {
+            // The fork server's root does not see the host's directories.
+            return Err(RunError::Setup(
+                "a run with /job or /tmp/out is not forked".into(),
+            ));
+        }
         let l = &spec.limits;
         let mut rlimits = vec![
             ("RLIMIT_NOFILE", l.open_files),
@@ -447,7 +460,7 @@ async fn launch(recipe: &Recipe) -> Result<Zygote, ForkServerError> {
     let (ours, theirs) = UnixStream::pair().map_err(start)?;
     let spec =
         serde_json::to_vec(&recipe.spec).map_err(|e| ForkServerError::Start(e.to_string()))?;
-    channel::send_spec(&ours, &spec, None).map_err(start)?;
+    channel::send_message(&ours, &spec, &[]).map_err(start)?;
     channel::send_message(&ours, &recipe.config, &[]).map_err(start)?;
     let child = tokio::process::Command::new("/proc/self/exe")
         .arg("__zygote")

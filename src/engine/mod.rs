@@ -4,15 +4,21 @@
 //!
 //! - `build`: the composition root, `Engine::build(config)`.
 //! - `plan`: the pure function from host, runtime, limits and run to a `SandboxSpec`.
-//! - `worker`: one helper process and the protocol to talk to it.
+//! - `worker`: one helper process and the protocol to talk to it; `capture` reads its
+//!   output.
 //! - `outcome`: which limit stopped a run, and the `error` text.
 //! - `warm`: the pool of warm, single-use workers.
+//! - `request`: what a run asks for, and how it can fail.
+//! - `stdin`: what a run reads on fd 0.
 
 mod build;
+mod capture;
 pub mod forkserver;
 pub mod network;
 pub mod outcome;
 pub mod plan;
+mod request;
+pub mod stdin;
 pub mod warm;
 mod watch;
 pub mod worker;
@@ -27,6 +33,9 @@ use tokio::sync::Semaphore;
 pub use build::BuildError;
 pub use outcome::{LimitHit, RunLimits, RunOutcome};
 use plan::PlanInput;
+use request::rerunnable;
+pub use request::{RunError, RunFiles, RunRequest};
+pub use stdin::StdinFeed;
 pub use warm::PoolKey;
 use warm::WarmPool;
 pub use worker::{Sink, Stream};
@@ -34,52 +43,16 @@ use worker::{Watch, Worker};
 
 use crate::config::Config;
 use crate::deps::Dependencies;
-use crate::isolation::cgroup::CgroupError;
 use crate::isolation::detect::Host;
+use crate::isolation::rootfs;
+use crate::isolation::snippet;
 use crate::isolation::spec::IsolationLevel;
-use crate::isolation::uids::{UidError, UidPool};
-use crate::isolation::{rootfs, snippet};
+use crate::isolation::uids::UidPool;
 use crate::runtime::{Language, Runtime};
 use crate::state::StateDir;
 
 /// Names of per-run cgroups: `<prefix><server pid>-<n>`.
 const RUN_PREFIX: &str = "sandbox-run-";
-
-pub struct RunRequest {
-    pub language: Language,
-    pub code: String,
-    pub preload: String,
-    pub network: bool,
-    pub sink: Option<Sink>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("{0} is not available on this server: {1}")]
-    LanguageUnavailable(Language, String),
-    #[error("network is disabled, please enable it in the configuration")]
-    NetworkDisabled,
-    #[error("this server cannot give runs a network: {0}")]
-    NetworkUnavailable(String),
-    #[error(transparent)]
-    Uid(#[from] UidError),
-    #[error(
-        "could not create the run's cgroup: {0}; run `sandbox doctor` to check the cgroup setup"
-    )]
-    Cgroup(#[from] CgroupError),
-    #[error(
-        "could not start the sandbox helper: {0}; the server re-executes itself through /proc/self/exe, which must be mounted"
-    )]
-    Spawn(std::io::Error),
-    #[error(
-        "the sandbox could not be set up: {0}; run `sandbox doctor` to see what this host allows"
-    )]
-    Setup(String),
-    #[error("the server is shutting down; retry on another instance")]
-    ShuttingDown,
-    #[error("the interpreter ended before the snippet reached it")]
-    EndedBeforeCode,
-}
 
 pub struct Engine {
     pub config: Arc<Config>,
@@ -200,7 +173,7 @@ impl Engine {
             for key in self.warm.missing() {
                 let engine = Arc::clone(&self);
                 self.tasks.spawn(async move {
-                    match engine.spawn_worker(key, true).await {
+                    match engine.spawn_worker(key, true, &RunFiles::default()).await {
                         Ok(worker) => engine.warm.put(key, worker),
                         Err(e) => {
                             tracing::error!(error = %e, language = %key.language, "cannot start a warm worker");
@@ -258,6 +231,9 @@ impl Engine {
         if let (true, network::RunNetwork::Unavailable(reason)) = (req.network, &self.network) {
             return Err(RunError::NetworkUnavailable(reason.clone()));
         }
+        if !req.files.is_empty() && !self.host.level.private_root() {
+            return Err(RunError::FilesNeedPrivateRoot);
+        }
         Ok(())
     }
 
@@ -273,41 +249,49 @@ impl Engine {
             language: req.language,
             network: req.network,
         };
+        if !req.files.is_empty() {
+            // Its directories are bound when its sandbox is built: a worker of its own.
+            let worker = self.spawn_worker(key, false, &req.files).await?;
+            return self.finish_fresh(worker, &req).await;
+        }
+        let none = RunFiles::default();
         let mut allow_fork = true;
         if let Some(worker) = self.warm.take_or_wait(key).await {
             let forked = worker.is_forked();
             match self.run_worker(worker, &req).await {
                 // Killed while it waited: the snippet never ran, so running it on a fresh
                 // worker is safe.
-                Err(RunError::EndedBeforeCode) => {}
+                Err(RunError::EndedBeforeCode) if rerunnable(&req) => {}
                 // A forked run that could not jail itself ran nothing either.
-                Err(RunError::Setup(message)) if forked => {
+                Err(RunError::Setup(message)) if forked && rerunnable(&req) => {
                     self.fork_failed(&message);
                     allow_fork = false;
                 }
                 other => {
                     if forked && let Some(fs) = &self.fork_server {
-                        fs.record(true);
+                        fs.record(!matches!(other, Err(RunError::Setup(_))));
                     }
                     return other;
                 }
             }
         }
-        let worker = self.spawn_worker(key, allow_fork).await?;
+        let worker = self.spawn_worker(key, allow_fork, &none).await?;
         if worker.is_forked() {
             match self.run_worker(worker, &req).await {
-                Err(RunError::Setup(message)) => self.fork_failed(&message),
-                Err(RunError::EndedBeforeCode) => {
+                Err(RunError::Setup(message)) if rerunnable(&req) => self.fork_failed(&message),
+                Err(RunError::EndedBeforeCode) if rerunnable(&req) => {
                     self.fork_failed("the run ended before it read its snippet")
                 }
                 other => {
                     if let Some(fs) = &self.fork_server {
-                        fs.record(true);
+                        let started =
+                            !matches!(other, Err(RunError::Setup(_) | RunError::EndedBeforeCode));
+                        fs.record(started);
                     }
                     return other;
                 }
             }
-            let worker = self.spawn_worker(key, false).await?;
+            let worker = self.spawn_worker(key, false, &none).await?;
             return self.finish_fresh(worker, &req).await;
         }
         self.finish_fresh(worker, &req).await
@@ -336,9 +320,26 @@ impl Engine {
     }
 
     /// Start a sandbox and its interpreter; the snippet is sent later by `run_worker`.
-    async fn spawn_worker(&self, key: PoolKey, allow_fork: bool) -> Result<Worker, RunError> {
+    async fn spawn_worker(
+        &self,
+        key: PoolKey,
+        allow_fork: bool,
+        files: &RunFiles,
+    ) -> Result<Worker, RunError> {
         let runtime = self.runtime(key.language)?;
         let lease = self.uids.acquire()?;
+        // Without root the run's uid is the caller's own (its user namespace maps only
+        // that one), which already owns the directory.
+        if let Some(out) = &files.out
+            && self.host.level == IsolationLevel::Namespaces
+        {
+            std::os::unix::fs::chown(out, Some(lease.uid), Some(lease.uid)).map_err(|source| {
+                RunError::OutputDir {
+                    path: out.clone(),
+                    source,
+                }
+            })?;
+        }
         let run_no = self.counter.fetch_add(1, Ordering::Relaxed);
         let name = format!("{RUN_PREFIX}{}-{run_no}", std::process::id());
         let cgroup = match &self.host.cgroup {
@@ -375,6 +376,7 @@ impl Engine {
             proxy: &net.proxy,
             allowed_syscalls: &self.config.allowed_syscalls,
             extra_syscalls: &self.config.extra_syscalls,
+            files,
         });
         let chroot_tmp = (spec.level == IsolationLevel::Chroot)
             .then(|| rootfs::inside(&spec.root_dir, &spec.workdir));
@@ -383,7 +385,12 @@ impl Engine {
             None => (None, None),
         };
         match &self.fork_server {
-            Some(fs) if allow_fork && key.language == Language::Python3 && fs.up() => {
+            Some(fs)
+                if allow_fork
+                    && files.is_empty()
+                    && key.language == Language::Python3
+                    && fs.up() =>
+            {
                 // The fork server gets the namespace and keeps nothing of it; the server
                 // keeps its own copy in case the fork fails.
                 let shared = match &netns {
@@ -411,11 +418,26 @@ impl Engine {
         req: &RunRequest,
     ) -> Result<RunOutcome, RunError> {
         let started = Instant::now();
-        let frame = snippet::encode(&req.preload, &req.code);
+        let frame = snippet::encode(&req.preload, &req.code, &req.invocation);
+        // The run's stdin: fed from its source, or closed now (end of input).
+        if let Some(pipe) = worker.take_stdin() {
+            let fed = match &req.stdin {
+                Some(feed) => feed.start(pipe),
+                None => {
+                    drop(pipe);
+                    Ok(())
+                }
+            };
+            if let Err(e) = fed {
+                self.tasks.spawn(worker.discard());
+                return Err(RunError::Spawn(e));
+            }
+        }
         let l = &self.limits;
+        let on_disk = self.host.level == IsolationLevel::Chroot || req.files.out.is_some();
         let watch = Watch {
             memory_bytes: self.host.cgroup.is_none().then_some(l.memory_mb << 20),
-            disk_bytes: (self.host.level == IsolationLevel::Chroot).then_some(l.tmp_mb << 20),
+            disk_bytes: on_disk.then_some(l.tmp_mb << 20),
         };
         let collected = worker
             .run(

@@ -4,9 +4,10 @@
 
 use std::path::PathBuf;
 
+use super::RunFiles;
 use super::outcome::RunLimits;
 use crate::config::Proxy;
-use crate::isolation::spec::{IsolationLevel, Limits, NetworkSetup, SandboxSpec};
+use crate::isolation::spec::{IsolationLevel, Limits, NetworkSetup, OUT_MOUNT, SandboxSpec};
 use crate::runtime::Runtime;
 use crate::state::StateDir;
 
@@ -33,6 +34,8 @@ pub struct PlanInput<'a> {
     pub proxy: &'a Proxy,
     pub allowed_syscalls: &'a [i64],
     pub extra_syscalls: &'a [i64],
+    /// The run's job and output directories on the host (`sandbox run`).
+    pub files: &'a RunFiles,
 }
 
 pub fn plan(p: PlanInput<'_>) -> SandboxSpec {
@@ -53,6 +56,9 @@ pub fn plan(p: PlanInput<'_>) -> SandboxSpec {
     env.extend(p.runtime.env.iter().cloned());
     if p.network.networked() {
         env.extend(proxy_env(p.proxy));
+    }
+    if p.files.out.is_some() {
+        env.push(format!("SANDBOX_OUT={OUT_MOUNT}"));
     }
     let mut root_files = vec![(
         PathBuf::from("/etc/passwd"),
@@ -91,6 +97,8 @@ pub fn plan(p: PlanInput<'_>) -> SandboxSpec {
         argv: p.runtime.argv(l.memory_mb),
         env,
         mmap_min_addr: p.mmap_min_addr,
+        job_dir: p.files.job.clone(),
+        out_dir: p.files.out.clone(),
     }
 }
 
@@ -158,6 +166,10 @@ mod tests {
     }
 
     fn plan_for(c: Case) -> SandboxSpec {
+        plan_with_files(c, &RunFiles::default())
+    }
+
+    fn plan_with_files(c: Case, files: &RunFiles) -> SandboxSpec {
         let state = StateDir::new("/state");
         let rt = runtime(c.language);
         let l = limits();
@@ -183,6 +195,7 @@ mod tests {
             proxy: &proxy,
             allowed_syscalls: &[],
             extra_syscalls: &[309],
+            files,
         })
     }
 
@@ -207,6 +220,9 @@ mod tests {
         assert_eq!(spec.limits.max_processes, 16);
         assert_eq!(spec.extra_syscalls, vec![309]);
         assert!(env_has(&spec, "EXTRA=1"), "the runtime's own variables");
+        assert_eq!(spec.cwd(), Path::new("/tmp"));
+        assert!(spec.job_dir.is_none() && spec.out_dir.is_none());
+        assert!(!spec.env.iter().any(|e| e.starts_with("SANDBOX_OUT=")));
         assert_eq!(
             spec.root_files[0],
             (
@@ -312,5 +328,27 @@ mod tests {
         assert_eq!(spec.root_dir, Path::new("/state/rootfs"));
         assert_eq!(spec.limits.address_space_bytes, Some(128 << 20));
         assert_eq!(spec.mmap_min_addr, Some(65536));
+    }
+
+    #[test]
+    fn a_job_directory_is_the_cwd_and_the_output_directory_is_named() {
+        let files = RunFiles {
+            job: Some(PathBuf::from("/state/runs/1/job")),
+            out: Some(PathBuf::from("/state/runs/1/out")),
+        };
+        let spec = plan_with_files(
+            Case {
+                level: IsolationLevel::Rootless,
+                language: Language::Python3,
+                network: NetworkSetup::Offline,
+                cgroup: false,
+            },
+            &files,
+        );
+        assert_eq!(spec.cwd(), Path::new("/job"));
+        assert_eq!(spec.workdir, Path::new("/tmp"), "HOME and TMPDIR stay /tmp");
+        assert_eq!(spec.job_dir, files.job);
+        assert_eq!(spec.out_dir, files.out);
+        assert!(env_has(&spec, "SANDBOX_OUT=/tmp/out"));
     }
 }

@@ -1,7 +1,8 @@
 //! Limits the kernel cannot enforce at some levels, enforced by watching: without a
 //! cgroup (rootless, or a container without a writable cgroup tree) the resident memory
-//! of a run's processes; at the chroot level, which has no size-limited tmpfs, the size
-//! of the run's private directory. Each watch resolves when its limit is passed, and the
+//! of a run's processes; the size of a run's directories on the host's disk: at the
+//! chroot level, which has no size-limited tmpfs, its private directory, and the
+//! directory bound at its /tmp/out. Each watch resolves when its limit is passed, and the
 //! run is then stopped and reported as having hit that limit.
 
 use std::path::{Path, PathBuf};
@@ -27,12 +28,16 @@ pub async fn memory_over(root: u32, limit: u64) {
     }
 }
 
-/// Resolves once the files under `dir` take more than `limit` bytes of disk.
-pub async fn disk_over(dir: PathBuf, limit: u64) {
+/// What an entry is charged at least: a block, as a filesystem allocates it. This also
+/// bounds how many empty files a run can leave on the host.
+const ENTRY_BYTES: u64 = 4096;
+
+/// Resolves once the files under `dirs` together take more than `limit` bytes of disk.
+pub async fn disk_over(dirs: Vec<PathBuf>, limit: u64) {
     loop {
         tokio::time::sleep(EVERY).await;
-        let dir = dir.clone();
-        let used = tokio::task::spawn_blocking(move || disk_usage(&dir))
+        let dirs = dirs.clone();
+        let used = tokio::task::spawn_blocking(move || dirs.iter().map(|d| disk_usage(d)).sum())
             .await
             .unwrap_or(0);
         if used > limit {
@@ -82,7 +87,7 @@ fn page_size() -> u64 {
 }
 
 /// Bytes the files under `dir` occupy (allocated blocks, so sparse files count as what
-/// they really take).
+/// they really take; at least `ENTRY_BYTES` each).
 pub fn disk_usage(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;
@@ -93,7 +98,7 @@ pub fn disk_usage(dir: &Path) -> u64 {
         };
         for e in entries.flatten() {
             let Ok(meta) = e.metadata() else { continue };
-            total += meta.blocks() * 512;
+            total += (meta.blocks() * 512).max(ENTRY_BYTES);
             if meta.is_dir() {
                 todo.push(e.path());
             }
@@ -133,8 +138,17 @@ mod tests {
             .expect("this process holds more than a byte");
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), vec![1u8; 64 << 10]).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), disk_over(dir.path().into(), 1024))
-            .await
-            .expect("more than a kilobyte is written");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            disk_over(vec![dir.path().into()], 1024),
+        )
+        .await
+        .expect("more than a kilobyte is written");
+        // Empty files count too: a run cannot fill the host with them.
+        let empty = tempfile::tempdir().unwrap();
+        for i in 0..4 {
+            std::fs::write(empty.path().join(i.to_string()), b"").unwrap();
+        }
+        assert_eq!(disk_usage(empty.path()), 4 * ENTRY_BYTES);
     }
 }

@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use super::RunError;
+use super::capture::{DRAIN, join_reader, read_capped};
 use super::outcome::{Counters, Ending, LimitHit};
 use super::warm::Idle;
 use super::watch;
@@ -25,8 +26,6 @@ use crate::isolation::uids::UidLease;
 
 /// The helper is this very binary (`sandbox __exec`).
 const HELPER: &str = "/proc/self/exe";
-/// How long the output readers may take to drain once the process tree is gone.
-const DRAIN: Duration = Duration::from_secs(5);
 
 /// Which stream a chunk of output came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +99,11 @@ pub struct Worker {
     /// The run's private directory on the host, under the chroot level (which has no
     /// private tmpfs to vanish with the run).
     chroot_tmp: Option<PathBuf>,
+    /// The host directory bound at the run's /tmp/out, if any: on the host's disk, not
+    /// in the size-limited tmpfs, so its size is watched.
+    out_dir: Option<PathBuf>,
+    /// The write end of the run's stdin pipe, until the run starts (see `stdin`).
+    stdin: Option<OwnedFd>,
 }
 
 /// The limits a worker enforces by watching (see `watch`), where the kernel does not.
@@ -107,7 +111,8 @@ pub struct Worker {
 pub struct Watch {
     /// Resident memory of the run's processes (no cgroup).
     pub memory_bytes: Option<u64>,
-    /// The size of the run's private directory (the chroot level).
+    /// The size of the run's directories on the host: its private directory (the chroot
+    /// level) and its /tmp/out.
     pub disk_bytes: Option<u64>,
 }
 
@@ -117,6 +122,8 @@ pub struct ForkedPipes {
     pub stdout: tokio::net::unix::pipe::Receiver,
     pub stderr: tokio::net::unix::pipe::Receiver,
     pub report: tokio::net::unix::pipe::Receiver,
+    /// The write end of the run's stdin pipe.
+    pub stdin: OwnedFd,
 }
 
 /// What a run left behind, before it is put into words (see `outcome::conclude`).
@@ -144,11 +151,14 @@ impl Worker {
         let started = (|| {
             let spec_json = serde_json::to_vec(spec).map_err(|e| RunError::Setup(e.to_string()))?;
             let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(RunError::Spawn)?;
+            let (stdin_read, stdin_write) = super::stdin::pipe()?;
             // Sent before the helper starts: the socket's buffer holds it, and the spec
-            // never appears on a command line.
-            channel::send_spec(&ours, &spec_json, netns.as_ref().map(|f| f.as_fd()))
-                .map_err(RunError::Spawn)?;
-            drop(netns);
+            // never appears on a command line. The order is `channel`'s.
+            let mut fds = vec![stdin_read.as_fd()];
+            fds.extend(netns.as_ref().map(|f| f.as_fd()));
+            channel::send_message(&ours, &spec_json, &fds).map_err(RunError::Spawn)?;
+            drop(fds);
+            drop((stdin_read, netns));
             let child = tokio::process::Command::new(HELPER)
                 .arg("__exec")
                 .env_clear()
@@ -160,10 +170,10 @@ impl Worker {
                 .map_err(RunError::Spawn)?;
             ours.set_nonblocking(true).map_err(RunError::Spawn)?;
             let channel = tokio::net::UnixStream::from_std(ours).map_err(RunError::Spawn)?;
-            Ok::<_, RunError>((child, channel))
+            Ok::<_, RunError>((child, channel, stdin_write))
         })();
         match started {
-            Ok((mut child, channel)) => Ok(Self {
+            Ok((mut child, channel, stdin)) => Ok(Self {
                 stdout: child.stdout.take().map(|s| Box::new(s) as Output),
                 stderr: child.stderr.take().map(|s| Box::new(s) as Output),
                 owner: Owner::Helper(child),
@@ -172,6 +182,8 @@ impl Worker {
                 network,
                 lease,
                 chroot_tmp,
+                out_dir: spec.out_dir.clone(),
+                stdin: Some(stdin),
             }),
             Err(e) => {
                 if let Some(cg) = cgroup {
@@ -206,6 +218,8 @@ impl Worker {
             network,
             lease,
             chroot_tmp: None,
+            out_dir: None,
+            stdin: Some(pipes.stdin),
         }
     }
 
@@ -216,6 +230,11 @@ impl Worker {
     /// Whether a fork server's keeper owns the run.
     pub fn is_forked(&self) -> bool {
         matches!(self.owner, Owner::Keeper { .. })
+    }
+
+    /// The write end of the run's stdin pipe (once): feed it, or drop it for end of input.
+    pub fn take_stdin(&mut self) -> Option<OwnedFd> {
+        self.stdin.take()
     }
 
     /// Send `frame` (see `isolation::snippet`) and collect the output, each stream
@@ -279,9 +298,15 @@ impl Worker {
                 _ => std::future::pending().await,
             }
         };
+        let watched: Vec<PathBuf> = self
+            .chroot_tmp
+            .iter()
+            .chain(&self.out_dir)
+            .cloned()
+            .collect();
         let disk = async {
-            match (watch.disk_bytes, &self.chroot_tmp) {
-                (Some(limit), Some(dir)) => watch::disk_over(dir.clone(), limit).await,
+            match watch.disk_bytes {
+                Some(limit) if !watched.is_empty() => watch::disk_over(watched, limit).await,
                 _ => std::future::pending().await,
             }
         };
@@ -403,70 +428,5 @@ impl Idle for Worker {
             nix::sys::socket::recv(self.channel.as_raw_fd(), &mut byte, flags),
             Err(nix::errno::Errno::EAGAIN)
         )
-    }
-}
-
-/// Read a stream up to `cap` bytes; on overflow, tell the run to stop.
-async fn read_capped<R: AsyncRead + Unpin>(
-    mut r: R,
-    cap: usize,
-    stream: Stream,
-    sink: Option<Sink>,
-    overflow: Arc<Notify>,
-) -> (Vec<u8>, bool) {
-    let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        match r.read(&mut chunk).await {
-            Ok(0) | Err(_) => return (buf, false),
-            Ok(n) => {
-                let room = cap.saturating_sub(buf.len());
-                let take = n.min(room);
-                buf.extend_from_slice(&chunk[..take]);
-                if let Some(s) = &sink {
-                    s(stream, &chunk[..take]);
-                }
-                if n > room {
-                    overflow.notify_one();
-                    return (buf, true);
-                }
-            }
-        }
-    }
-}
-
-async fn join_reader(h: Option<tokio::task::JoinHandle<(Vec<u8>, bool)>>) -> (Vec<u8>, bool) {
-    let Some(h) = h else {
-        return (Vec::new(), false);
-    };
-    match tokio::time::timeout(DRAIN, h).await {
-        Ok(Ok(v)) => v,
-        _ => (Vec::new(), false),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_stream_past_its_cap_is_cut_and_reported() {
-        let overflow = Arc::new(Notify::new());
-        let data: &[u8] = &[b'x'; 100];
-        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink: Sink = {
-            let seen = seen.clone();
-            Arc::new(move |_, bytes: &[u8]| seen.lock().unwrap().extend_from_slice(bytes))
-        };
-        let (kept, over) =
-            read_capped(data, 60, Stream::Stdout, Some(sink), overflow.clone()).await;
-        assert_eq!((kept.len(), over), (60, true));
-        assert_eq!(seen.lock().unwrap().len(), 60, "the sink sees what is kept");
-        // notify_one stored a permit for the next waiter.
-        tokio::time::timeout(Duration::from_millis(100), overflow.notified())
-            .await
-            .expect("the overflow was signalled");
-        let (kept, over) = read_capped(&data[..10], 60, Stream::Stderr, None, overflow).await;
-        assert_eq!((kept.len(), over), (10, false));
     }
 }

@@ -1,7 +1,9 @@
 //! The start of the worker channel (the helper's stdin socket): the spec, framed as a
-//! little-endian `u32` length and that many bytes of JSON, with the run's network
-//! namespace passed alongside (SCM_RIGHTS) when it has one. The snippet follows later on
-//! the same socket (see `snippet`), and the helper's report goes back on it.
+//! little-endian `u32` length and that many bytes of JSON, with descriptors passed
+//! alongside (SCM_RIGHTS): first the read end of the run's stdin pipe, then the run's
+//! network namespace when it has one (a helper given none reads /dev/null). The snippet
+//! follows later on the same socket (see `snippet`), and the helper's report goes back
+//! on it.
 
 use std::io::{IoSlice, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -14,17 +16,8 @@ use super::sys;
 /// A spec larger than this is refused: nothing legitimate comes close.
 const MAX_SPEC_BYTES: usize = 16 << 20;
 
-/// Send `spec` (JSON) and `fd` on a blocking socket.
-pub fn send_spec(
-    socket: &UnixStream,
-    spec: &[u8],
-    fd: Option<BorrowedFd<'_>>,
-) -> std::io::Result<()> {
-    let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
-    send_message(socket, spec, &fds)
-}
-
-/// Send one message, framed as the spec is, with `fds` alongside.
+/// Send one message (a spec, a fork server's request) on a blocking socket, framed as
+/// above, with `fds` alongside.
 pub fn send_message(
     socket: &UnixStream,
     message: &[u8],
@@ -59,18 +52,19 @@ pub fn recv_message(socket: &UnixStream) -> Result<Vec<u8>, String> {
     recv_spec(socket).map(|(m, _)| m)
 }
 
-/// Receive what `send_spec` sent: the spec's bytes and the descriptor, if any.
-pub fn recv_spec(socket: &UnixStream) -> Result<(Vec<u8>, Option<OwnedFd>), String> {
+/// Receive what `send_message` sent: the message's bytes and the descriptors, in the
+/// order they were sent.
+pub fn recv_spec(socket: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), String> {
     let mut len = [0u8; 4];
     let mut got = 0;
-    let mut fd = None;
+    let mut fds = Vec::new();
     while got < len.len() {
-        let (n, passed) = sys::recv_with_fd(socket.as_fd(), &mut len[got..])
+        let (n, passed) = sys::recv_with_fds(socket.as_fd(), &mut len[got..])
             .map_err(|e| format!("reading the spec's length: {}", e.desc()))?;
         if n == 0 {
             return Err("the server closed the channel before sending the spec".into());
         }
-        fd = fd.or(passed);
+        fds.extend(passed);
         got += n;
     }
     let len = u32::from_le_bytes(len) as usize;
@@ -81,7 +75,7 @@ pub fn recv_spec(socket: &UnixStream) -> Result<(Vec<u8>, Option<OwnedFd>), Stri
     (&*socket)
         .read_exact(&mut spec)
         .map_err(|e| format!("reading the spec: {e}"))?;
-    Ok((spec, fd))
+    Ok((spec, fds))
 }
 
 #[cfg(test)]
@@ -91,20 +85,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_spec_and_its_descriptor_arrive_together_and_the_stream_goes_on() {
+    fn the_spec_and_its_descriptors_arrive_together_in_order_and_the_stream_goes_on() {
         let (a, b) = UnixStream::pair().expect("pair");
-        let file = std::fs::File::open("/proc/self/exe").expect("a file to pass");
-        send_spec(&a, b"{\"x\":1}", Some(file.as_fd())).expect("send");
+        let first = std::fs::File::open("/proc/self/exe").expect("a file to pass");
+        let second = tempfile::tempfile().expect("another file");
+        send_message(&a, b"{\"x\":1}", &[first.as_fd(), second.as_fd()]).expect("send");
         (&a).write_all(b"snippet").expect("more");
-        let (spec, fd) = recv_spec(&b).expect("receive");
+        let (spec, fds) = recv_spec(&b).expect("receive");
         assert_eq!(spec, b"{\"x\":1}");
-        let fd = fd.expect("the descriptor");
         let same = |f: &std::fs::File| std::os::unix::fs::MetadataExt::ino(&f.metadata().unwrap());
-        assert_eq!(same(&std::fs::File::from(fd)), same(&file));
+        let got: Vec<u64> = fds
+            .into_iter()
+            .map(|fd| same(&std::fs::File::from(fd)))
+            .collect();
+        assert_eq!(got, vec![same(&first), same(&second)]);
         let mut rest = [0u8; 7];
         (&b).read_exact(&mut rest).expect("the rest");
         assert_eq!(&rest, b"snippet");
-        send_spec(&a, b"{}", None).expect("send without a descriptor");
-        assert!(recv_spec(&b).expect("receive").1.is_none());
+        send_message(&a, b"{}", &[]).expect("send without a descriptor");
+        assert!(recv_spec(&b).expect("receive").1.is_empty());
     }
 }

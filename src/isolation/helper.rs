@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::fcntl::{OFlag, open};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::channel;
 use super::rootfs;
 use super::seccomp::{self, FilterOptions, SocketPolicy};
-use super::spec::{IsolationLevel, NetworkSetup, SandboxSpec};
+use super::spec::{IsolationLevel, JOB_MOUNT, NetworkSetup, OUT_MOUNT, SandboxSpec};
 use super::step::{Step, StepError, io_step, step};
 use super::sys;
 use super::userns;
@@ -79,12 +79,12 @@ pub fn main() -> i32 {
             return 125;
         }
     };
-    let report = match channel::recv_spec(&channel).and_then(|(json, netns)| {
+    let report = match channel::recv_spec(&channel).and_then(|(json, fds)| {
         serde_json::from_slice::<SandboxSpec>(&json)
-            .map(|spec| (spec, netns))
+            .map(|spec| (spec, fds))
             .map_err(|e| format!("invalid helper spec: {e}"))
     }) {
-        Ok((spec, netns)) => run(&spec, netns, &mut channel),
+        Ok((spec, fds)) => run(&spec, fds, &mut channel),
         Err(message) => HelperReport::SetupFailed { message },
     };
     let mut line = serde_json::to_string(&report).unwrap_or_else(|_| "{}".to_string());
@@ -102,7 +102,13 @@ fn setup_failed(step: Step, what: &str, e: nix::errno::Errno) -> HelperReport {
     StepError::new(step, what, e.desc()).into()
 }
 
-fn run(spec: &SandboxSpec, netns: Option<OwnedFd>, channel: &mut UnixStream) -> HelperReport {
+/// The descriptors come in `channel`'s order: the run's stdin, then its network namespace.
+fn run(spec: &SandboxSpec, fds: Vec<OwnedFd>, channel: &mut UnixStream) -> HelperReport {
+    let mut fds = fds.into_iter();
+    let (stdin, netns) = (fds.next(), fds.next());
+    if !spec.level.private_root() && (spec.job_dir.is_some() || spec.out_dir.is_some()) {
+        return StepError::new(Step::BindMount, "/job and /tmp/out", "need a private root").into();
+    }
     let netns = match (spec.network, netns) {
         (NetworkSetup::Own, None) => {
             return StepError::new(Step::Network, "the run's namespace", "not received").into();
@@ -146,11 +152,19 @@ fn run(spec: &SandboxSpec, netns: Option<OwnedFd>, channel: &mut UnixStream) -> 
         Ok(ForkResult::Child) => {
             drop(err_read);
             drop(code_ours);
-            child(spec, netns, OwnedFd::from(code_theirs), err_write)
+            let fds = ChildFds {
+                netns,
+                code: OwnedFd::from(code_theirs),
+                stdin,
+            };
+            child(spec, fds, err_write)
         }
         Ok(ForkResult::Parent { child }) => {
             drop(err_write);
             drop(code_theirs);
+            // Only the interpreter may hold the stdin pipe: its writer then sees the
+            // run's end as a broken pipe, not a reader that never reads.
+            drop(stdin);
             let mut message = String::new();
             // Returns at EOF: the exec succeeded (O_CLOEXEC closed the pipe) or the
             // child wrote why it failed and exited.
@@ -278,10 +292,18 @@ fn limit(resource: Resource, value: u64, name: &str) -> Result<(), StepError> {
     setrlimit(resource, value, value).map_err(|e| StepError::new(Step::Rlimits, name, e.desc()))
 }
 
+/// What the forked child is handed: the run's network namespace, the snippet's socket
+/// (its fd 3 to be) and its stdin (/dev/null when none came).
+struct ChildFds {
+    netns: Option<OwnedFd>,
+    code: OwnedFd,
+    stdin: Option<OwnedFd>,
+}
+
 /// The forked child: jail itself step by step and exec the interpreter. A step that
 /// fails is written to the error pipe, which is moved first to where no later step
 /// closes it.
-fn child(spec: &SandboxSpec, netns: Option<OwnedFd>, code: OwnedFd, err: OwnedFd) -> ! {
+fn child(spec: &SandboxSpec, fds: ChildFds, err: OwnedFd) -> ! {
     let err = match sys::move_fd(err, ERROR_FD, true) {
         Ok(moved) => moved,
         Err((original, errno)) => {
@@ -289,7 +311,7 @@ fn child(spec: &SandboxSpec, netns: Option<OwnedFd>, code: OwnedFd, err: OwnedFd
             report_setup_error(original, &e)
         }
     };
-    match child_setup(spec, netns, code) {
+    match child_setup(spec, fds) {
         Ok(never) => match never {},
         Err(e) => report_setup_error(err, &e),
     }
@@ -302,13 +324,13 @@ fn report_setup_error(pipe: OwnedFd, e: &StepError) -> ! {
 
 enum Never {}
 
-fn child_setup(
-    spec: &SandboxSpec,
-    netns: Option<OwnedFd>,
-    code: OwnedFd,
-) -> Result<Never, StepError> {
+fn child_setup(spec: &SandboxSpec, fds: ChildFds) -> Result<Never, StepError> {
+    let ChildFds { netns, code, stdin } = fds;
     prctl::set_pdeathsig(Signal::SIGKILL)
         .map_err(step(Step::Descriptors, Path::new("pdeathsig")))?;
+    // The root is built for another uid: its directories and files must not inherit a
+    // caller's restrictive umask (077 would lock the run out of its own interpreter).
+    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
     // A session of its own: no controlling terminal, no process group shared with the
     // server, so group-wide signals and terminal tricks reach nobody else.
     nix::unistd::setsid().map_err(step(Step::Descriptors, Path::new("setsid")))?;
@@ -329,12 +351,22 @@ fn child_setup(
             }
             drop(netns);
             sethostname("sandbox").map_err(step(Step::Hostname, Path::new("sandbox")))?;
+            let job: Vec<_> = (spec.job_dir.iter())
+                .map(|d| (d.clone(), PathBuf::from(JOB_MOUNT)))
+                .collect();
+            let out: Vec<_> = (spec.out_dir.iter())
+                .map(|d| (d.clone(), PathBuf::from(OUT_MOUNT)))
+                .collect();
             rootfs::enter_private_root(
                 &spec.root_dir,
                 &spec.root,
                 spec.limits.tmp_bytes,
                 &spec.root_files,
-                &rootfs::Extras::default(),
+                &rootfs::Extras {
+                    dirs: &[],
+                    writable: &out,
+                    readonly: &job,
+                },
             )?;
         }
         IsolationLevel::Chroot => {
@@ -357,8 +389,8 @@ fn child_setup(
         }
     }
 
-    // fd 0: /dev/null, fd 3: the snippet, fd 1/2 stay the server's pipes, 1022 the
-    // error pipe, 1023 the interpreter; nothing else survives.
+    // fd 0: the run's stdin (or /dev/null), fd 3: the snippet, fd 1/2 stay the server's
+    // pipes, 1022 the error pipe, 1023 the interpreter; nothing else survives.
     let fd_step = |what: &'static str| {
         move |(_, e): (OwnedFd, nix::errno::Errno)| {
             StepError::new(Step::Descriptors, what, e.desc())
@@ -372,6 +404,17 @@ fn child_setup(
     .map_err(step(Step::OpenInterpreter, &spec.program))?;
     let program = sys::move_fd(program, sys::EXEC_FD, true).map_err(fd_step("exec fd"))?;
     let code = sys::move_fd(code, CODE_PARKING_FD, false).map_err(fd_step("snippet socket"))?;
+    // Before the range is closed: the pipe was received at some low number.
+    let stdin = match stdin {
+        Some(pipe) => pipe,
+        None => open(
+            "/dev/null",
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(step(Step::Descriptors, Path::new("/dev/null")))?,
+    };
+    sys::redirect_stdin(stdin).map_err(step(Step::Descriptors, Path::new("stdin")))?;
     // SAFETY: what this child keeps lives at CODE_PARKING_FD, ERROR_FD and EXEC_FD, above
     // the ranges closed; every other descriptor is owned by frames this child never
     // returns to (it execs or exits), so nothing closed here is used or dropped again.
@@ -382,13 +425,6 @@ fn child_setup(
     };
     closed.map_err(step(Step::Descriptors, Path::new("close_range")))?;
     let _code = sys::move_fd(code, CODE_FD, false).map_err(fd_step("fd 3"))?;
-    let devnull = open(
-        "/dev/null",
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(step(Step::Descriptors, Path::new("/dev/null")))?;
-    sys::redirect_stdin(devnull).map_err(step(Step::Descriptors, Path::new("stdin")))?;
     sys::reset_sigpipe().map_err(step(Step::Descriptors, Path::new("SIGPIPE")))?;
 
     let l = &spec.limits;
@@ -421,7 +457,7 @@ fn child_setup(
     // Changing credentials clears the parent-death signal: set it again.
     prctl::set_pdeathsig(Signal::SIGKILL)
         .map_err(step(Step::DropPrivileges, Path::new("pdeathsig")))?;
-    chdir(&spec.workdir).map_err(step(Step::Descriptors, &spec.workdir))?;
+    chdir(spec.cwd()).map_err(step(Step::Descriptors, spec.cwd()))?;
 
     prctl::set_no_new_privs().map_err(|e| StepError::new(Step::NoNewPrivs, "prctl", e.desc()))?;
     seccomp::apply(&FilterOptions {

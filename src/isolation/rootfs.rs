@@ -173,13 +173,16 @@ fn mask_proc(root_dir: &Path, proc_dir: &Path) -> Result<(), StepError> {
     Ok(())
 }
 
-/// What a root gets beyond a run's: empty directories, and host directories bound
-/// writable (a fork server's view of the cgroup tree).
+/// What a root gets beyond the language's files: empty directories, host directories
+/// bound writable (a fork server's view of the cgroup tree, a run's `/tmp/out`) and
+/// read-only (a run's `/job`).
 #[derive(Debug, Default)]
 pub struct Extras<'a> {
     pub dirs: &'a [PathBuf],
     /// (host directory, place in the root).
     pub writable: &'a [(PathBuf, PathBuf)],
+    /// (host directory, place in the root).
+    pub readonly: &'a [(PathBuf, PathBuf)],
 }
 
 /// Build the root on `root_dir` and pivot into it. Runs in the child, after
@@ -269,10 +272,16 @@ pub fn enter_private_root(
                 | MsFlags::MS_REMOUNT
                 | MsFlags::MS_NOSUID
                 | MsFlags::MS_NODEV
-                | MsFlags::MS_NOEXEC,
+                | MsFlags::MS_NOEXEC
+                | mount_restrictions(src),
             None::<&str>,
         )
         .map_err(step(Step::BindMount, &target))?;
+    }
+    for (src, at) in extras.readonly {
+        let target = inside(root_dir, at);
+        make_dirs(&target)?;
+        bind_readonly(src, &target, false)?;
     }
 
     for (path, text) in files {

@@ -3,35 +3,124 @@
 //!
 //! ```text
 //! server --(worker channel)--> helper --(fd 3 of the interpreter)--> bootstrap
-//!   <preload length, decimal ASCII>\n<preload bytes><code bytes>   then end of stream
+//!   <P> <A> <E>\n                decimal ASCII: preload length in bytes, argument count,
+//!                                variable count
+//!   <length>\n<filename>         the name the code runs under; empty: the bootstrap's own
+//!   (<length>\n<argument>) x A   the snippet's argv, its script's name first; none: the
+//!                                bootstrap's default ([""] for Python, Node's own)
+//!   (<length>\n<NAME=value>) x E set in the snippet's environment before it runs
+//!   <preload bytes: P><code bytes: to the end of the stream>
 //! bootstrap --(fd 3)--> helper:  one byte, ACK, once the whole frame is read
 //! ```
 //!
-//! The bootstrap reads fd 3 to its end, writes `ACK` back, and only then compiles and
-//! runs the preload (if its length is not 0) and the code. The helper therefore knows
-//! for certain whether any user code ran: no ACK, no code ran, and the engine may run
-//! the snippet again on a fresh worker (a warm worker killed while it waited).
+//! Every length is decimal ASCII, in bytes. The bootstrap reads fd 3 to its end, writes
+//! `ACK` back, and only then applies argv and environment and compiles and runs the
+//! preload (if its length is not 0) and the code. The helper therefore knows for certain
+//! whether any user code ran: no ACK, no code ran, and the engine may run the snippet
+//! again on a fresh worker (a warm worker killed while it waited).
+//!
+//! Python's decoder is `runtime/frame.py` (shared by the bootstrap and the fork server),
+//! Node's is in `runtime/nodejs.rs`; both only split bytes, so a run pays no parser.
 
 /// The byte a bootstrap writes back on fd 3 after reading the whole frame.
 pub const ACK: u8 = b'.';
 
-/// The frame for `preload` then `code`.
-pub fn encode(preload: &str, code: &str) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(preload.len() + code.len() + 24);
-    frame.extend_from_slice(preload.len().to_string().as_bytes());
+/// How the snippet is invoked, beyond its code: what `sandbox run` gives it. Dify's runs
+/// leave it empty and get exactly what they always got.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Invocation {
+    /// The name the code is compiled under (tracebacks, `__file__`); an absolute path
+    /// also makes its directory the first place modules are imported from.
+    pub filename: String,
+    /// The snippet's argv, its script's name first (`sys.argv`, `process.argv[1..]`).
+    pub argv: Vec<String>,
+    /// Variables set in the snippet's environment (checked with [`check_variable`]).
+    pub env: Vec<(String, String)>,
+}
+
+/// Whether `name=value` can be set in a run's environment: a name that is not empty and
+/// holds neither `=` nor NUL, a value without NUL (the C environment cannot hold them).
+pub fn check_variable(name: &str, value: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("an environment variable needs a name: write NAME=VALUE".into());
+    }
+    if name.contains('=') || name.contains('\0') {
+        return Err(format!(
+            "{name:?} cannot be an environment variable's name: names hold neither '=' nor NUL"
+        ));
+    }
+    if value.contains('\0') {
+        return Err(format!(
+            "the value of {name} holds a NUL byte, which no environment can carry"
+        ));
+    }
+    Ok(())
+}
+
+fn push_item(frame: &mut Vec<u8>, item: &[u8]) {
+    frame.extend_from_slice(item.len().to_string().as_bytes());
     frame.push(b'\n');
+    frame.extend_from_slice(item);
+}
+
+/// The frame for `preload` then `code`, invoked as `how` says.
+pub fn encode(preload: &str, code: &str, how: &Invocation) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(preload.len() + code.len() + 64);
+    let header = format!("{} {} {}\n", preload.len(), how.argv.len(), how.env.len());
+    frame.extend_from_slice(header.as_bytes());
+    push_item(&mut frame, how.filename.as_bytes());
+    for arg in &how.argv {
+        push_item(&mut frame, arg.as_bytes());
+    }
+    for (name, value) in &how.env {
+        push_item(&mut frame, format!("{name}={value}").as_bytes());
+    }
     frame.extend_from_slice(preload.as_bytes());
     frame.extend_from_slice(code.as_bytes());
     frame
 }
 
-/// The inverse of `encode`, as the bootstraps implement it: (preload, code).
+/// A frame taken apart, as the bootstraps do it.
 #[cfg(test)]
-pub fn decode(frame: &[u8]) -> Option<(&[u8], &[u8])> {
+#[derive(Debug, PartialEq, Eq)]
+pub struct Decoded<'a> {
+    pub preload: &'a [u8],
+    pub code: &'a [u8],
+    pub filename: &'a [u8],
+    pub argv: Vec<&'a [u8]>,
+    pub env: Vec<&'a [u8]>,
+}
+
+/// The inverse of `encode`, step by step as `runtime/frame.py` goes.
+#[cfg(test)]
+pub fn decode(frame: &[u8]) -> Option<Decoded<'_>> {
+    fn number(bytes: &[u8]) -> Option<usize> {
+        std::str::from_utf8(bytes).ok()?.parse().ok()
+    }
     let nl = frame.iter().position(|b| *b == b'\n')?;
-    let n: usize = std::str::from_utf8(&frame[..nl]).ok()?.parse().ok()?;
-    let rest = &frame[nl + 1..];
-    (n <= rest.len()).then(|| rest.split_at(n))
+    let header: Vec<usize> = std::str::from_utf8(&frame[..nl])
+        .ok()?
+        .split(' ')
+        .map(|n| n.parse().ok())
+        .collect::<Option<_>>()?;
+    let [p, a, e] = header[..] else { return None };
+    let mut rest = &frame[nl + 1..];
+    let mut items = Vec::new();
+    for _ in 0..1 + a + e {
+        let nl = rest.iter().position(|b| *b == b'\n')?;
+        let n = number(&rest[..nl])?;
+        let body = rest.get(nl + 1..nl + 1 + n)?;
+        items.push(body);
+        rest = &rest[nl + 1 + n..];
+    }
+    let (preload, code) = (p <= rest.len()).then(|| rest.split_at(p))?;
+    Some(Decoded {
+        preload,
+        code,
+        filename: items[0],
+        argv: items[1..1 + a].to_vec(),
+        env: items[1 + a..].to_vec(),
+    })
 }
 
 #[cfg(test)]
@@ -45,15 +134,64 @@ mod tests {
             ("import jinja2\n", "x = 'é\n'"),
             ("p", ""),
         ] {
-            let frame = encode(preload, code);
-            assert_eq!(decode(&frame), Some((preload.as_bytes(), code.as_bytes())));
+            let frame = encode(preload, code, &Invocation::default());
+            let d = decode(&frame).expect("decodes");
+            assert_eq!((d.preload, d.code), (preload.as_bytes(), code.as_bytes()));
+            assert_eq!(d.filename, b"");
+            assert!(d.argv.is_empty() && d.env.is_empty());
         }
-        assert_eq!(encode("ab", "c"), b"2\nabc");
+        // Dify's runs: a header and an empty filename before the code.
+        assert_eq!(encode("ab", "c", &Invocation::default()), b"2 0 0\n0\nabc");
+    }
+
+    #[test]
+    fn argv_and_environment_travel_with_any_bytes() {
+        let how = Invocation {
+            filename: "/job/job.py".into(),
+            argv: vec![
+                "job.py".into(),
+                "a b".into(),
+                "".into(),
+                "x\ny".into(),
+                "é漢".into(),
+                "12\n34".into(),
+            ],
+            env: vec![
+                ("MODE".into(), "ci".into()),
+                ("EMPTY".into(), "".into()),
+                ("EQ".into(), "a=b\n".into()),
+            ],
+        };
+        let frame = encode("", "import sys", &how);
+        let d = decode(&frame).expect("decodes");
+        assert_eq!(d.filename, b"/job/job.py");
+        let argv: Vec<&[u8]> = how.argv.iter().map(|a| a.as_bytes()).collect();
+        assert_eq!(d.argv, argv);
+        assert_eq!(d.env, vec![&b"MODE=ci"[..], b"EMPTY=", b"EQ=a=b\n"]);
+        assert_eq!(d.code, b"import sys");
+        assert!(frame.starts_with(b"0 6 3\n11\n/job/job.py6\njob.py3\na b0\n"));
     }
 
     #[test]
     fn a_code_that_starts_with_digits_and_newlines_stays_code() {
-        let frame = encode("", "12\n34");
-        assert_eq!(decode(&frame), Some((&b""[..], &b"12\n34"[..])));
+        let frame = encode("", "12\n34", &Invocation::default());
+        let d = decode(&frame).expect("decodes");
+        assert_eq!((d.preload, d.code), (&b""[..], &b"12\n34"[..]));
+    }
+
+    #[test]
+    fn variables_the_environment_cannot_hold_are_refused() {
+        assert!(check_variable("MODE", "ci").is_ok());
+        assert!(check_variable("PYTHONPATH", "/x").is_ok());
+        assert!(check_variable("lower_1", "").is_ok());
+        for (name, value, needle) in [
+            ("", "x", "needs a name"),
+            ("A=B", "x", "neither '=' nor NUL"),
+            ("A\0B", "x", "neither '=' nor NUL"),
+            ("A", "x\0y", "NUL byte"),
+        ] {
+            let e = check_variable(name, value).expect_err(name);
+            assert!(e.contains(needle), "{e}");
+        }
     }
 }

@@ -3,9 +3,14 @@
 //! on its command line, where any user of the host could read it with `ps`); the
 //! snippet itself comes later on the same socket.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+/// Where a run finds its job directory (`job_dir`), read-only; it is also its cwd.
+pub const JOB_MOUNT: &str = "/job";
+/// Where a run leaves what is copied back (`out_dir`), inside its private /tmp.
+pub const OUT_MOUNT: &str = "/tmp/out";
 
 /// How strongly the host lets us isolate a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,4 +120,22 @@ pub struct SandboxSpec {
     pub env: Vec<String>,
     /// The host's vm.mmap_min_addr, found at start: the exec lock's page goes below it.
     pub mmap_min_addr: Option<u64>,
+    /// A host directory bound read-only at `JOB_MOUNT` (the script and its input files),
+    /// which becomes the run's cwd. Private roots only.
+    #[serde(default)]
+    pub job_dir: Option<PathBuf>,
+    /// A host directory, writable by the run's uid, bound at `OUT_MOUNT`: what the run
+    /// leaves there outlives it. Private roots only.
+    #[serde(default)]
+    pub out_dir: Option<PathBuf>,
+}
+
+impl SandboxSpec {
+    /// The directory the interpreter starts in.
+    pub fn cwd(&self) -> &Path {
+        match self.job_dir {
+            Some(_) => Path::new(JOB_MOUNT),
+            None => &self.workdir,
+        }
+    }
 }

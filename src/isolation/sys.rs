@@ -203,14 +203,18 @@ pub fn pidfd_open(pid: nix::unistd::Pid) -> Result<std::os::fd::OwnedFd, Errno> 
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
-/// Read into `buf` from a Unix socket, with up to one descriptor passed alongside
-/// (SCM_RIGHTS); the descriptor is close-on-exec.
-pub fn recv_with_fd(
+/// The most descriptors one message may carry; more are closed on arrival.
+pub const MAX_PASSED_FDS: usize = 4;
+
+/// Read into `buf` from a Unix socket, with the descriptors passed alongside
+/// (SCM_RIGHTS, at most [`MAX_PASSED_FDS`]), in the order they were sent; each is
+/// close-on-exec.
+pub fn recv_with_fds(
     socket: std::os::fd::BorrowedFd<'_>,
     buf: &mut [u8],
-) -> Result<(usize, Option<OwnedFd>), Errno> {
+) -> Result<(usize, Vec<OwnedFd>), Errno> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let mut space = nix::cmsg_space!([RawFd; MAX_PASSED_FDS]);
     let mut iov = [std::io::IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         socket.as_raw_fd(),
@@ -218,18 +222,18 @@ pub fn recv_with_fd(
         Some(&mut space),
         MsgFlags::MSG_CMSG_CLOEXEC,
     )?;
-    let mut fd = None;
+    let mut fds = Vec::new();
     for cmsg in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(fds) = cmsg {
-            for raw in fds {
-                // SAFETY: the kernel just installed `raw` in this process for this
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            for fd in raw {
+                // SAFETY: the kernel just installed `fd` in this process for this
                 // message; nothing else knows it. Extra descriptors are closed here.
-                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-                if fd.is_none() {
-                    fd = Some(owned);
+                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                if fds.len() < MAX_PASSED_FDS {
+                    fds.push(owned);
                 }
             }
         }
     }
-    Ok((msg.bytes, fd))
+    Ok((msg.bytes, fds))
 }

@@ -72,6 +72,8 @@ fn launch() -> Result<Never, StepError> {
     // The server's death ends it (it would have nobody to serve).
     prctl::set_pdeathsig(Signal::SIGKILL)
         .map_err(step(Step::Descriptors, Path::new("pdeathsig")))?;
+    // Its root and its runs' are built for other uids, whatever the server's umask.
+    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(|e| StepError::new(Step::Unshare, "CLONE_NEWNS", e.desc()))?;
     let writable: Vec<(PathBuf, PathBuf)> = spec
@@ -93,6 +95,7 @@ fn launch() -> Result<Never, StepError> {
         &Extras {
             dirs: &dirs,
             writable: &writable,
+            readonly: &[],
         },
     )?;
     let argv = cstrings(&spec.argv)?;

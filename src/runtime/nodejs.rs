@@ -12,8 +12,10 @@ use crate::isolation::spec::Profile;
 const DISCOVER: &str =
     "console.log(JSON.stringify({exec: process.execPath, version: process.version}))";
 
-/// Reads the frame from fd 3 (see `isolation::snippet`), acknowledges it, then runs
-/// preload and code as scripts in the main context, in that order.
+/// Reads the frame from fd 3 (see `isolation::snippet`), acknowledges it, applies the
+/// snippet's argv and environment, then runs preload and code as scripts in the main
+/// context, in that order. A script with an absolute filename (`/job/app.js`) gets a
+/// `require` that resolves beside it, and `__filename` / `__dirname`.
 const BOOTSTRAP: &str = r#"'use strict';
 {
   const fs = require('fs');
@@ -27,13 +29,31 @@ const BOOTSTRAP: &str = r#"'use strict';
   // Tells the sandbox the snippet arrived whole; nothing of it has run yet.
   fs.writeSync(3, '__ACK__');
   fs.closeSync(3);
-  const nl = d.indexOf(10);
-  const n = Number(d.subarray(0, nl).toString());
-  const preload = d.subarray(nl + 1, nl + 1 + n).toString('utf8');
-  const code = d.subarray(nl + 1 + n).toString('utf8');
+  let i = d.indexOf(10);
+  const [p, a, e] = d.subarray(0, i).toString().split(' ').map(Number);
+  const v = [];
+  for (i += 1; v.length < 1 + a + e; ) {
+    const j = d.indexOf(10, i);
+    const k = j + 1 + Number(d.subarray(i, j).toString());
+    v.push(d.subarray(j + 1, k).toString('utf8'));
+    i = k;
+  }
+  const filename = v[0] || 'code.js';
+  if (a > 0) process.argv = [process.execPath, ...v.slice(1, 1 + a)];
+  for (const kv of v.slice(1 + a)) {
+    const eq = kv.indexOf('=');
+    process.env[kv.slice(0, eq)] = kv.slice(eq + 1);
+  }
+  if (filename.startsWith('/')) {
+    globalThis.require = require('module').createRequire(filename);
+    globalThis.__filename = filename;
+    globalThis.__dirname = require('path').dirname(filename);
+  }
+  const preload = d.subarray(i, i + p).toString('utf8');
+  const code = d.subarray(i + p).toString('utf8');
   const scripts = [];
-  if (n > 0) scripts.push(new vm.Script(preload, { filename: 'preload.js' }));
-  scripts.push(new vm.Script(code, { filename: 'code.js' }));
+  if (p > 0) scripts.push(new vm.Script(preload, { filename: 'preload.js' }));
+  scripts.push(new vm.Script(code, { filename }));
   for (const s of scripts) s.runInThisContext();
 }
 "#;

@@ -23,28 +23,31 @@ print(json.dumps({"executable": sys.executable, "base_prefix": sys.base_prefix,
 /// `isolation::snippet`), acknowledges it, then runs preload and code as `__main__`.
 pub const BOOTSTRAP: &str = r#"import sys
 sys.path[:] = __SYS_PATH__
+__FRAME__
 with open(3, "rb") as _f:
     _d = _f.read()
     # Tells the sandbox the snippet arrived whole; nothing of it has run yet. (posix is
     # built in and already loaded; os would cost an import.)
     __import__("posix").write(3, b"__ACK__")
-_h, _, _r = _d.partition(b"\n")
-_n = int(_h)
+_p, _c, _fn, _a, _e = _frame(_d)
 _g = {"__name__": "__main__", "__builtins__": __builtins__, "__doc__": None}
-sys.argv = [""]
-del _f, _d, _h
+_fn = _invoke(_fn, _a, _e, _g)
+del _f, _d, _a, _e
 try:
-    if _n:
-        exec(compile(_r[:_n], "<preload>", "exec"), _g)
-    exec(compile(_r[_n:], "<code>", "exec"), _g)
+    if _p:
+        exec(compile(_p, "<preload>", "exec"), _g)
+    exec(compile(_c, _fn, "exec"), _g)
 except SystemExit:
     raise
-except BaseException as _e:
+except BaseException as _x:
     # Show the snippet's frames only, not this bootstrap's.
     import traceback
-    traceback.print_exception(type(_e), _e, _e.__traceback__.tb_next)
+    traceback.print_exception(type(_x), _x, _x.__traceback__.tb_next)
     sys.exit(1)
 "#;
+
+/// The frame's decoder, shared with the fork server (`zygote.py`).
+pub const FRAME: &str = include_str!("frame.py");
 
 #[derive(Deserialize)]
 struct Answer {
@@ -91,10 +94,13 @@ pub fn discover(python: &str, system_files: &[PathBuf]) -> Result<Runtime, Disco
 /// start-up, yet every discovered path, site-packages included, stays importable.
 pub fn bootstrap(sys_path: &[String]) -> String {
     let list = serde_json::to_string(sys_path).unwrap_or_else(|_| "[]".into());
-    BOOTSTRAP.replace("__SYS_PATH__", &list).replace(
-        "__ACK__",
-        &char::from(crate::isolation::snippet::ACK).to_string(),
-    )
+    BOOTSTRAP
+        .replace("__FRAME__", FRAME)
+        .replace("__SYS_PATH__", &list)
+        .replace(
+            "__ACK__",
+            &char::from(crate::isolation::snippet::ACK).to_string(),
+        )
 }
 
 pub fn argv(program: &Path, sys_path: &[String]) -> Vec<String> {

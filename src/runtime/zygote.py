@@ -24,6 +24,8 @@ MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 38, 22
 SECCOMP_MODE_FILTER = 2
 
+__FRAME__
+
 
 class SetupError(Exception):
     """A jail step that failed: (step, what, errno text)."""
@@ -152,9 +154,8 @@ def become_run(req, filters, fds, errors):
               "/sandbox-files")
     socket.sethostname("sandbox")
 
-    stdout, stderr, code = fds[0], fds[1], fds[2]
-    devnull = os.open("/dev/null", os.O_RDONLY)
-    os.dup2(devnull, 0)
+    stdout, stderr, code, stdin = fds[0], fds[1], fds[2], fds[4]
+    os.dup2(stdin, 0)
     os.dup2(stdout, 1)
     os.dup2(stderr, 2)
     os.dup2(code, 3)
@@ -192,18 +193,16 @@ def run_snippet(sys_path):
         data = f.read()
         # Tells the server the snippet arrived whole; nothing of it has run yet.
         os.write(3, b"__ACK__")
-    head, _, rest = data.partition(b"\n")
-    n = int(head)
-    rest_preload, rest_code = rest[:n], rest[n:]
+    preload, code, filename, argv, env = _frame(data)
     main = types.ModuleType("__main__")
     sys.modules["__main__"] = main
-    sys.argv = [""]
     g = main.__dict__
-    del data, rest
+    filename = _invoke(filename, argv, env, g)
+    del data
     try:
-        if n:
-            exec(compile(rest_preload, "<preload>", "exec"), g)
-        exec(compile(rest_code, "<code>", "exec"), g)
+        if preload:
+            exec(compile(preload, "<preload>", "exec"), g)
+        exec(compile(code, filename, "exec"), g)
     except SystemExit as e:
         shut_down(exit_code(e))
     except BaseException as e:
@@ -257,7 +256,7 @@ def keeper(req, filters, fds):
             flags |= CLONE_NEWNET
         check(libc.unshare(flags), "creating namespaces", hex(flags))
         if req["network"] == "own":
-            check(libc.setns(fds[4], CLONE_NEWNET), "joining the run's network namespace", "setns")
+            check(libc.setns(fds[5], CLONE_NEWNET), "joining the run's network namespace", "setns")
         read_err, write_err = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
     except BaseException as e:

@@ -296,6 +296,33 @@ pub fn base64(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(data)
 }
 
+/// Run `cmd` with `input` on its stdin, written by a thread of its own (the command may
+/// stop reading early), and return its output.
+pub fn feed(mut cmd: Command, input: &[u8]) -> Output {
+    use std::io::Write;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start the command");
+    let mut stdin = child.stdin.take().expect("its stdin");
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().expect("wait for it");
+    let _ = writer.join();
+    out
+}
+
+/// `sandbox <args>` with `input` on its stdin and extra environment.
+pub fn sandbox_with_stdin(args: &[&str], input: &[u8], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
+        .current_dir(std::env::temp_dir())
+        .envs(env.iter().copied());
+    feed(cmd, input)
+}
+
 /// `sandbox <args>` with extra environment; returns the finished output.
 pub fn sandbox(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(bin());

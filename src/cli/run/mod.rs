@@ -1,24 +1,34 @@
 //! `sandbox run`: one snippet, locally in the same sandbox `serve` uses, or on a remote
-//! `sandbox serve` with `--server`.
+//! `sandbox serve` with `--server`, invoked the way `python3` and `node` invoke a script:
+//! stdin streamed in, the arguments after `--`, only the variables named; locally also
+//! input files at /job and output files back from /tmp/out.
+//!
+//! - `input`: the code and its language; `invocation`: argv, environment, stdin.
+//! - `stage`: the run's /job and /tmp/out on the host; `collect`: `--out`, the copy back.
+//! - `local`: the run through the engine; `remote` and `prelude`: through a server.
+//! - `report`: streams, notes, `--json`, exit code.
 
+mod collect;
 mod input;
+mod invocation;
+mod local;
+mod prelude;
 mod remote;
 mod report;
+mod stage;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
 
-use crate::engine::network::RunNetwork;
-use crate::engine::{Engine, RunError, RunRequest, Sink, Stream};
 use input::read_code;
-use remote::run_remote;
-use report::Outcome;
+use invocation::StdinSource;
+use local::{LocalRun, run_local};
+use remote::{RemoteRun, run_remote};
+use stage::Input;
 
 /// Exit code when the sandbox itself cannot start (the reason goes to stderr).
 pub const EXIT_SANDBOX_FAILED: u8 = 125;
@@ -40,7 +50,9 @@ Examples:
   echo 'print(1)' | sandbox run -l python3 -
   sandbox run -l nodejs -e 'console.log(1)'
   sandbox run --json --timeout 2 --memory 128 job.py
-  API_KEY=secret sandbox run --server http://sandbox:8194 app.js";
+  sandbox run job.py --file rules.json --dir lib --out out --env MODE=ci -- --since 2024 < in.csv
+  sandbox run app.js --env-file ci.env --stdin data.json -- report
+  API_KEY=secret sandbox run --server http://sandbox:8194 app.js -- a b";
 
 #[derive(Debug, Args)]
 #[command(after_help = EXIT_CODES)]
@@ -71,8 +83,39 @@ pub struct RunArgs {
     /// Let the snippet use the network (refused when enable_network is false).
     #[arg(long)]
     pub network: bool,
+    /// Arguments for the snippet, after `--`: its sys.argv[1:] / process.argv.slice(2).
+    #[arg(last = true, value_name = "ARGS")]
+    pub args: Vec<String>,
+    /// Give the snippet this file as its stdin (default: this command's stdin, streamed;
+    /// nothing when the code itself comes from stdin).
+    #[arg(long = "stdin", value_name = "FILE")]
+    pub stdin_file: Option<PathBuf>,
+    /// Set NAME=VALUE in the snippet's environment (repeatable); a bare NAME passes this
+    /// command's own value. Nothing else of this environment reaches the snippet.
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// Variables from a file of NAME=VALUE lines (# comments), before --env (repeatable).
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
+    /// Copy a file into the run, read-only, at /job/DEST (default: beside the script,
+    /// under its own name); repeatable. Local runs only.
+    #[arg(long = "file", value_name = "PATH[:DEST]")]
+    pub input_files: Vec<String>,
+    /// Copy a directory into the run, read-only, at /job/DEST (default: beside the
+    /// script, under its own name; `.`: /job itself); repeatable. Local runs only.
+    #[arg(long = "dir", value_name = "DIR[:DEST]")]
+    pub input_dirs: Vec<String>,
+    /// Copy what the run leaves in /tmp/out (its $SANDBOX_OUT) into DIR once it ended:
+    /// regular files only, at most tmp_size_mb. Local runs only.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// MB of input a run may be given: its --file and --dir copies together, and its
+    /// stdin, which ends there (default: 64).
+    #[arg(long, value_name = "MB", allow_negative_numbers = true)]
+    pub max_input: Option<i64>,
     /// Print the result as one JSON object: stdout, stderr, error, exit_code, duration_ms,
-    /// limit (timeout, memory, output, processes or null).
+    /// limit (timeout, memory, output, processes or null), files (what --out wrote: path
+    /// and bytes).
     #[arg(long)]
     pub json: bool,
     /// Configuration file (default: conf/config.yaml if present, else built-in defaults).
@@ -92,6 +135,8 @@ const MAX_CODE_BYTES: u64 = crate::api::MAX_BODY_BYTES as u64;
 /// Bounds that keep later arithmetic (ms, bytes) far from overflowing.
 const MAX_TIMEOUT_SECS: f64 = 86_400.0;
 const MAX_MEMORY_MB: i64 = 1 << 20;
+/// The default of --max-input, in MB.
+const DEFAULT_MAX_INPUT_MB: u64 = 64;
 
 pub fn execute(args: RunArgs) -> ExitCode {
     match run(&args) {
@@ -139,6 +184,12 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let processes = bounded("--max-processes", args.max_processes, 1, 1 << 16)?;
     let output = bounded("--max-output", args.max_output, 1, 1 << 40)?;
     let tmp = bounded("--tmp-size", args.tmp_size, 1, MAX_MEMORY_MB)?;
+    let max_input =
+        bounded("--max-input", args.max_input, 1, MAX_MEMORY_MB)?.unwrap_or(DEFAULT_MAX_INPUT_MB);
+    // Everything the user typed is checked before anything runs.
+    let how = invocation::invocation(args, language, true).map_err(usage)?;
+    let stdin = StdinSource::of(args);
+    let source = stdin.open().map_err(usage)?;
     if let Some(server) = &args.server {
         let local_only = [
             ("--timeout", timeout.is_some()),
@@ -153,70 +204,62 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
                 "{name} applies to local runs only: with --server the server's own configuration applies"
             )));
         }
+        let files = [
+            ("--file", !args.input_files.is_empty()),
+            ("--dir", !args.input_dirs.is_empty()),
+            ("--out", args.out.is_some()),
+        ];
+        if let Some((name, _)) = files.iter().find(|(_, given)| *given) {
+            return Err(usage(format!(
+                "{name} applies to local runs only: Dify's protocol carries no files to or from a server; run locally, or pass data on stdin (--stdin) and read results from stdout"
+            )));
+        }
         let key = args.key.as_deref().unwrap_or("dify-sandbox");
-        return run_remote(server, key, language, code, args.network, args.json);
-    }
-
-    let mut config = super::load_config(args.config.as_deref())?;
-    if let Some(t) = timeout {
-        config.worker_timeout = t;
-    }
-    if let Some(m) = memory {
-        config.memory_limit_mb = m;
-    }
-    if let Some(p) = processes {
-        config.max_processes = p;
-    }
-    if let Some(o) = output {
-        config.max_output_bytes = usize::try_from(o).unwrap_or(usize::MAX);
-    }
-    if let Some(t) = tmp {
-        config.tmp_size_mb = t;
-    }
-    // Without --network nothing of the network needs preparing.
-    config.enable_network &= args.network;
-    config.max_workers = 1;
-    // One run: a fork server would cost more to start than it saves.
-    config.python_fork_server = false;
-    let sink: Option<Sink> = (!args.json).then(|| {
-        Arc::new(|stream: Stream, bytes: &[u8]| {
-            // A closed terminal or pipe must not stop the run; its result still counts.
-            let _ = match stream {
-                Stream::Stdout => {
-                    let mut out = std::io::stdout().lock();
-                    out.write_all(bytes).and_then(|_| out.flush())
-                }
-                Stream::Stderr => std::io::stderr().lock().write_all(bytes),
-            };
-        }) as Sink
-    });
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let engine = rt.block_on(Engine::build(config))?;
-    if let (true, RunNetwork::Host { guard: None, .. }) = (args.network, &engine.network) {
-        eprintln!(
-            "sandbox: warning: the run shares this host's network unguarded ({})",
-            engine.network.describe()
-        );
-    }
-    let outcome = rt
-        .block_on(engine.execute(RunRequest {
+        // The whole stdin is read before the request: a terminal would wait for input
+        // nobody means to give, and a remote snippet cannot prompt anyone.
+        let terminal = stdin == StdinSource::Caller && std::io::stdin().is_terminal();
+        return run_remote(RemoteRun {
+            server,
+            key,
             language,
             code,
-            preload: String::new(),
+            how,
+            stdin: if terminal { None } else { source },
+            max_input_mb: max_input,
             network: args.network,
-            sink,
-        }))
-        .map_err(|e| match e {
-            RunError::NetworkDisabled => usage(
-                "--network is refused: enable_network is false in the configuration (ENABLE_NETWORK)"
-                    .into(),
-            ),
-            other => other.into(),
+            as_json: args.json,
+        });
+    }
+    let mut inputs = Vec::new();
+    for (raws, dir) in [(&args.input_dirs, true), (&args.input_files, false)] {
+        for raw in raws {
+            inputs.push(Input::parse(raw, dir).map_err(usage)?);
+        }
+    }
+    if let Some(out) = &args.out {
+        std::fs::create_dir_all(out).map_err(|e| {
+            usage(format!(
+                "--out {}: cannot create it: {e}; give a directory you can write",
+                out.display()
+            ))
         })?;
-    Ok(Outcome::from(outcome).finish(args.json, true))
+    }
+    run_local(
+        args,
+        LocalRun {
+            language,
+            code,
+            how,
+            timeout,
+            memory,
+            processes,
+            output,
+            tmp,
+            inputs,
+            stdin: source,
+            max_input_mb: max_input,
+        },
+    )
 }
 
 /// An error in what the user typed (exit code 2), as opposed to the sandbox failing.

@@ -1,16 +1,20 @@
 //! `sandbox run --server URL`: the same snippet on a remote `sandbox serve`, through
-//! the Dify protocol, reported like a local run.
+//! the Dify protocol, reported like a local run. Its argv, environment and stdin travel
+//! inside the code (see `prelude`).
 
+use std::io::Read;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
 
-use super::report::Outcome;
-use super::usage;
+use super::report::{Outcome, stdin_cut_note};
+use super::{prelude, usage};
 use crate::api::envelope::{Envelope, RunData};
 use crate::engine::LimitHit;
+use crate::engine::stdin::copy_bounded;
+use crate::isolation::snippet::Invocation;
 use crate::runtime::Language;
 
 /// How long to wait for a remote server's answer (it may queue the run first).
@@ -71,15 +75,45 @@ pub(super) fn server_base(server: &str) -> anyhow::Result<String> {
     }
 }
 
-pub(super) fn run_remote(
-    server: &str,
-    key: &str,
-    language: Language,
-    code: String,
-    network: bool,
-    as_json: bool,
-) -> anyhow::Result<ExitCode> {
+/// What `run` checked, for a remote run.
+pub(super) struct RemoteRun<'a> {
+    pub server: &'a str,
+    pub key: &'a str,
+    pub language: Language,
+    pub code: String,
+    pub how: Invocation,
+    pub stdin: Option<Box<dyn Read + Send>>,
+    pub max_input_mb: u64,
+    pub network: bool,
+    pub as_json: bool,
+}
+
+/// The whole stdin, read before the request (it travels inside it), up to the limit.
+fn read_stdin(source: Option<Box<dyn Read + Send>>, limit_mb: u64) -> (Vec<u8>, bool) {
+    let Some(source) = source else {
+        return (Vec::new(), false);
+    };
+    let mut data = Vec::new();
+    let (_, cut) = copy_bounded(source, &mut data, limit_mb << 20);
+    (data, cut)
+}
+
+pub(super) fn run_remote(run: RemoteRun<'_>) -> anyhow::Result<ExitCode> {
+    let RemoteRun {
+        server,
+        key,
+        language,
+        code,
+        how,
+        stdin,
+        max_input_mb,
+        network,
+        as_json,
+    } = run;
     let base = server_base(server)?;
+    let (input, cut) = read_stdin(stdin, max_input_mb);
+    let code = prelude::launcher(language, &code, &how, &input);
+    drop(input);
     let url = format!("{base}/v1/sandbox/run");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -118,7 +152,7 @@ pub(super) fn run_remote(
         503 => return Err(RemoteError::Busy { url: base }.into()),
         413 => {
             return Err(usage(format!(
-                "the sandbox server at {base} refused the snippet as too large (HTTP 413)"
+                "the sandbox server at {base} refused the snippet as too large (HTTP 413): the code and its stdin travel together, base64-encoded, within the server's 16 MiB"
             )));
         }
         _ => {}
@@ -154,6 +188,12 @@ pub(super) fn run_remote(
         error: data.error,
         exit_code: data.exit_code,
         duration,
+        files: Vec::new(),
+        refused: Vec::new(),
+        notes: cut
+            .then(|| stdin_cut_note(max_input_mb))
+            .into_iter()
+            .collect(),
     };
     Ok(result.finish(as_json, false))
 }

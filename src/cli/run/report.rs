@@ -1,5 +1,5 @@
 //! How `sandbox run` reports a result, local or remote: the streams (unless they were
-//! already streamed), the sandbox's note, `--json`, and the exit code.
+//! already streamed), the sandbox's notes, `--json`, and the exit code.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -8,10 +8,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::EXIT_TIMEOUT;
+use super::collect::OutFile;
 use crate::engine::outcome::EPERM_NOTE;
 use crate::engine::{LimitHit, RunOutcome};
 
-/// The `--json` line: the API's run fields plus the duration and the limit.
+/// The `--json` line: the API's run fields plus the duration, the limit and the files
+/// `--out` wrote.
 #[derive(Serialize)]
 struct JsonResult<'a> {
     stdout: &'a str,
@@ -20,6 +22,7 @@ struct JsonResult<'a> {
     exit_code: i32,
     duration_ms: f64,
     limit: Option<LimitHit>,
+    files: &'a [OutFile],
 }
 
 /// A run's result, local or remote, and how `run` reports it.
@@ -30,6 +33,12 @@ pub(super) struct Outcome {
     pub exit_code: i32,
     pub duration: Duration,
     pub limit: Option<LimitHit>,
+    /// What `--out` wrote.
+    pub files: Vec<OutFile>,
+    /// What `--out` refused to copy, each a sentence: the command then fails.
+    pub refused: Vec<String>,
+    /// The sandbox's own remarks (stdin cut at its limit), for stderr.
+    pub notes: Vec<String>,
 }
 
 impl From<RunOutcome> for Outcome {
@@ -41,6 +50,9 @@ impl From<RunOutcome> for Outcome {
             exit_code: o.exit_code,
             duration: o.duration,
             limit: o.limit,
+            files: Vec::new(),
+            refused: Vec::new(),
+            notes: Vec::new(),
         }
     }
 }
@@ -57,6 +69,7 @@ impl Outcome {
                 exit_code: self.exit_code,
                 duration_ms: self.duration.as_secs_f64() * 1000.0,
                 limit: self.limit,
+                files: &self.files,
             };
             match serde_json::to_string(&out) {
                 Ok(line) => {
@@ -83,9 +96,24 @@ impl Outcome {
                 eprintln!("{note}");
             }
         }
+        for note in &self.notes {
+            eprintln!("sandbox: {note}");
+        }
+        for refused in &self.refused {
+            eprintln!("sandbox: --out: {refused}");
+        }
         match self.limit {
             Some(LimitHit::Timeout) => ExitCode::from(EXIT_TIMEOUT),
+            // A run whose output could not all be handed back did not do its job.
+            _ if self.exit_code == 0 && !self.refused.is_empty() => ExitCode::from(1),
             _ => ExitCode::from(u8::try_from(self.exit_code).unwrap_or(1)),
         }
     }
+}
+
+/// The note when stdin was longer than --max-input.
+pub(super) fn stdin_cut_note(limit_mb: u64) -> String {
+    format!(
+        "stdin was cut after {limit_mb} MB (--max-input {limit_mb}): the snippet saw the end of its input there; raise --max-input to pass more"
+    )
 }

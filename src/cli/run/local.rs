@@ -1,0 +1,146 @@
+//! A local run: the configuration with the command's limits, the engine, the run's own
+//! directories (`stage`), its stdin fed while it runs, then `--out` copied back.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::collect::collect;
+use super::invocation::Script;
+use super::report::{Outcome, stdin_cut_note};
+use super::stage::{Input, Stage, Stager};
+use super::{RunArgs, usage};
+use crate::engine::network::RunNetwork;
+use crate::engine::{Engine, RunError, RunFiles, RunRequest, Sink, StdinFeed, Stream};
+use crate::isolation::snippet::Invocation;
+use crate::runtime::Language;
+
+/// What `run` checked, for a local run.
+pub(super) struct LocalRun {
+    pub language: Language,
+    pub code: String,
+    pub how: Invocation,
+    pub timeout: Option<Duration>,
+    pub memory: Option<u64>,
+    pub processes: Option<u64>,
+    pub output: Option<u64>,
+    pub tmp: Option<u64>,
+    pub inputs: Vec<Input>,
+    pub stdin: Option<Box<dyn Read + Send>>,
+    pub max_input_mb: u64,
+}
+
+pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCode> {
+    let mut config = crate::cli::load_config(args.config.as_deref())?;
+    if let Some(t) = run.timeout {
+        config.worker_timeout = t;
+    }
+    if let Some(m) = run.memory {
+        config.memory_limit_mb = m;
+    }
+    if let Some(p) = run.processes {
+        config.max_processes = p;
+    }
+    if let Some(o) = run.output {
+        config.max_output_bytes = usize::try_from(o).unwrap_or(usize::MAX);
+    }
+    if let Some(t) = run.tmp {
+        config.tmp_size_mb = t;
+    }
+    // Without --network nothing of the network needs preparing.
+    config.enable_network &= args.network;
+    config.max_workers = 1;
+    // One run: a fork server would cost more to start than it saves.
+    config.python_fork_server = false;
+    let (state, tmp_bytes) = (config.state(), config.tmp_size_mb << 20);
+    let sink: Option<Sink> = (!args.json).then(|| {
+        Arc::new(|stream: Stream, bytes: &[u8]| {
+            // A closed terminal or pipe must not stop the run; its result still counts.
+            let _ = match stream {
+                Stream::Stdout => {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(bytes).and_then(|_| out.flush())
+                }
+                Stream::Stderr => std::io::stderr().lock().write_all(bytes),
+            };
+        }) as Sink
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let engine = rt.block_on(Engine::build(config))?;
+    if let (true, RunNetwork::Host { guard: None, .. }) = (args.network, &engine.network) {
+        eprintln!(
+            "sandbox: warning: the run shares this host's network unguarded ({})",
+            engine.network.describe()
+        );
+    }
+
+    // /job and /tmp/out need a mount namespace; the chroot level runs without them.
+    let private = engine.host.level.private_root();
+    if !private && (!run.inputs.is_empty() || args.out.is_some()) {
+        return Err(RunError::FilesNeedPrivateRoot.into());
+    }
+    let stage = match private {
+        true => Some(Stage::create(&state).with_context(|| {
+            format!(
+                "cannot create the run's directories under {}; check the state directory (state_dir / SANDBOX_STATE_DIR)",
+                state.runs().display()
+            )
+        })?),
+        false => None,
+    };
+    let script = Script::of(args);
+    if let Some(stage) = &stage {
+        let mut stager = Stager::new(&stage.job, run.max_input_mb);
+        for input in &run.inputs {
+            stager.add(input).map_err(usage)?;
+        }
+        if let Script::File(name) = &script {
+            stager
+                .add_script(name, &run.code)
+                .map_err(anyhow::Error::msg)?;
+        }
+    }
+    let mut how = run.how;
+    how.filename = script.filename(run.language, stage.is_some());
+    let feed = run
+        .stdin
+        .map(|source| StdinFeed::new(source, run.max_input_mb << 20));
+    let fed = feed.as_ref().map(StdinFeed::report);
+    let outcome = rt
+        .block_on(engine.execute(RunRequest {
+            language: run.language,
+            code: run.code,
+            preload: String::new(),
+            network: args.network,
+            sink,
+            invocation: how,
+            stdin: feed,
+            files: stage.as_ref().map(Stage::files).unwrap_or_else(RunFiles::default),
+        }))
+        .map_err(|e| match e {
+            RunError::NetworkDisabled => usage(
+                "--network is refused: enable_network is false in the configuration (ENABLE_NETWORK)"
+                    .into(),
+            ),
+            other => other.into(),
+        })?;
+    let mut result = Outcome::from(outcome);
+    if fed.is_some_and(|r| r.cut()) {
+        result.notes.push(stdin_cut_note(run.max_input_mb));
+    }
+    // Every process of the run is gone: what is in /tmp/out stays as it is.
+    if let (Some(dir), Some(stage)) = (&args.out, &stage) {
+        match collect(&stage.out, dir, tmp_bytes) {
+            Ok(c) => (result.files, result.refused) = (c.files, c.refused),
+            Err(e) => result.refused.push(e),
+        }
+    }
+    drop(stage);
+    Ok(result.finish(args.json, true))
+}
