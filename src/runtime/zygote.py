@@ -241,6 +241,14 @@ def shut_down(code):
     os._exit(code)
 
 
+def tell(report, message):
+    """Report to the server; one that is gone (killed, say) no longer listens."""
+    try:
+        os.write(report, json.dumps(message).encode())
+    except OSError:
+        pass
+
+
 def keeper(req, filters, fds):
     """The run's keeper: joins the cgroup and namespaces, forks the run, reports its end."""
     report = fds[3]
@@ -260,7 +268,7 @@ def keeper(req, filters, fds):
         read_err, write_err = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
     except BaseException as e:
-        os.write(report, json.dumps({"setup_failed": {"message": str(e)}}).encode())
+        tell(report, {"setup_failed": {"message": str(e)}})
         os._exit(126)
     if pid == 0:
         os.close(read_err)
@@ -289,7 +297,7 @@ def keeper(req, filters, fds):
         out = {"signaled": {"signal": os.WTERMSIG(status)}}
     else:
         out = {"exited": {"code": os.WEXITSTATUS(status)}}
-    os.write(report, json.dumps(out).encode())
+    tell(report, out)
     os._exit(0)
 
 
