@@ -23,6 +23,9 @@ use super::conntrack;
 /// The run's end of its veth pair.
 const RUN_IFNAME: &str = "eth0";
 
+/// The loopback's index in every network namespace (the kernel's LOOPBACK_IFINDEX).
+const LOOPBACK_IFINDEX: u32 = 1;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
     #[error("uid {0} has no address in network_subnet; widen network_subnet")]
@@ -152,6 +155,8 @@ impl Plumbing {
     }
 
     async fn plumb(&self, ns: &OwnedFd, inside: &Handle, a: &RunAddress) -> Result<(), NetnsError> {
+        // The host end comes up as it is made: one rtnl-locked request fewer. (The run's
+        // end cannot: opening it within the same request fails with ENOTCONN.)
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
             .name(RUN_IFNAME)
             .setns_by_fd(ns.as_raw_fd())
@@ -159,6 +164,7 @@ impl Plumbing {
         let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
             .name(a.host_if.clone())
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .up()
             .build();
         self.host
             .link()
@@ -181,18 +187,10 @@ impl Plumbing {
             .execute()
             .await
             .map_err(netlink("addressing the host end"))?;
-        self.host
-            .link()
-            .set(LinkUnspec::new_with_index(host_end).up().build())
-            .execute()
-            .await
-            .map_err(netlink("bringing the host end up"))?;
-
-        let lo = index_of(inside, "lo").await?;
         let eth = index_of(inside, RUN_IFNAME).await?;
         inside
             .link()
-            .set(LinkUnspec::new_with_index(lo).up().build())
+            .set(LinkUnspec::new_with_index(LOOPBACK_IFINDEX).up().build())
             .execute()
             .await
             .map_err(netlink("bringing the run's loopback up"))?;
