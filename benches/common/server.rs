@@ -107,9 +107,15 @@ pub async fn run(
     Ok((status, v))
 }
 
-/// The interpreter the server runs: the real executable behind `python3` on PATH
-/// (pyenv and the like put a shim script there).
+/// The interpreter the benchmark measures and its server runs: the distribution's
+/// `/usr/bin/python3`, which operators deploy with, wherever it exists (a PATH may put a
+/// slower self-built one first, which would flatter the ratios); else the real executable
+/// behind `python3` on PATH (pyenv and the like put a shim script there).
 pub fn resolve_python() -> String {
+    const DISTRO_PYTHON: &str = "/usr/bin/python3";
+    if std::path::Path::new(DISTRO_PYTHON).exists() {
+        return DISTRO_PYTHON.to_string();
+    }
     let out = Command::new("python3")
         .args(["-c", "import sys; print(sys.executable)"])
         .output()

@@ -159,6 +159,8 @@ async fn main() {
         ("MAX_WORKERS", "4".to_string()),
         ("MAX_REQUESTS", MAX_REQUESTS.to_string()),
         ("ENABLE_PRELOAD", "true".to_string()),
+        // The server runs the interpreter the baseline was measured on.
+        ("PYTHON_PATH", python.clone()),
     ];
     let client = server::client(*CLIENTS.iter().max().unwrap_or(&16));
     let server = Server::start(&server_env, &client).await;

@@ -18,6 +18,9 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
 }
 
+/// glibc malloc arenas the server may use (see `sys::cap_malloc_arenas`).
+const MALLOC_ARENAS: i32 = 2;
+
 pub fn execute(args: ServeArgs) -> anyhow::Result<()> {
     let config = super::load_config(args.config.as_deref())?;
     let _log_guard = super::init_tracing(config.debug, config.log_json, &config.log_path);
@@ -32,6 +35,11 @@ pub fn execute(args: ServeArgs) -> anyhow::Result<()> {
             1024
         }
     };
+    // A long-lived server with a thread pool: bounded allocator arenas keep its resident
+    // memory flat (see sys::cap_malloc_arenas).
+    if !crate::isolation::sys::cap_malloc_arenas(MALLOC_ARENAS) {
+        tracing::warn!("cannot cap malloc arenas; resident memory may drift upwards under load");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -7,9 +7,9 @@
 //! byte of its snippet.
 //!
 //! Requests travel on a socket, framed like the helper's spec (see `channel`), with the
-//! run's descriptors alongside: its stdout and stderr pipes, its fd 3, the keeper's
-//! report pipe, its stdin pipe and, when it has one, its network namespace. When the fork server is
-//! down, runs go to plain workers and it is restarted in the background.
+//! run's descriptors alongside: stdout and stderr pipes, fd 3, the keeper's report pipe,
+//! stdin pipe and network namespace, if any. While the fork server is down, runs go to
+//! plain workers and it is restarted in the background.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -121,29 +121,15 @@ impl Recipe {
         .map_err(|e| e.to_string())?;
         let cgroup_bases = cgroup.map(CgroupDriver::bases).unwrap_or_default();
         let program = runtime.program.clone();
-        let argv = [
-            program.to_string_lossy().as_ref(),
-            "-I",
-            "-S",
-            "-B",
-            "-u",
-            "-X",
-            "utf8",
-            "-c",
-            ZYGOTE,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
         let ack = char::from(crate::isolation::snippet::ACK).to_string();
-        let argv: Vec<String> = argv;
-        let argv = argv
-            .into_iter()
-            .map(|a| {
-                a.replace("__FRAME__", crate::runtime::python::FRAME)
-                    .replace("__ACK__", &ack)
-            })
-            .collect();
+        let code = ZYGOTE
+            .replace("__FRAME__", crate::runtime::python::FRAME)
+            .replace("__ACK__", &ack);
+        // Isolated, no site, no bytecode written, unbuffered, UTF-8.
+        let flags = ["-I", "-S", "-B", "-u", "-X", "utf8", "-c"];
+        let mut argv = vec![program.to_string_lossy().into_owned()];
+        argv.extend(flags.map(String::from));
+        argv.push(code);
         Ok(Self {
             spec: ZygoteSpec {
                 root_dir: mount_point,

@@ -7,7 +7,7 @@
 #
 # Started by `sandbox __zygote` inside a private root (read-only binds of the interpreter's
 # files, the cgroup directories under /sandbox-cgroup), as root, with -I -S -B -u.
-import ctypes, json, os, resource, select, socket, struct, sys
+import ctypes, gc, json, os, resource, select, socket, struct, sys
 
 CONTROL = 3
 
@@ -319,6 +319,11 @@ def main():
     if not single_threaded():
         send_message(control, {"refused": "a preloaded module started a thread"})
         return
+    # Everything imported so far is moved out of the collector's reach: a collection in a
+    # child would otherwise write to every object's header and copy every page of the
+    # heap the child shares with this process.
+    gc.collect()
+    gc.freeze()
     send_message(control, {"ready": True, "pid": os.getpid()})
     while True:
         reap()
