@@ -37,9 +37,7 @@ pub fn execute(args: ServeArgs) -> anyhow::Result<()> {
     };
     // A long-lived server with a thread pool: bounded allocator arenas keep its resident
     // memory flat (see sys::cap_malloc_arenas).
-    if !crate::isolation::sys::cap_malloc_arenas(MALLOC_ARENAS) {
-        tracing::warn!("cannot cap malloc arenas; resident memory may drift upwards under load");
-    }
+    crate::isolation::sys::cap_malloc_arenas(MALLOC_ARENAS);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
