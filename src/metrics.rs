@@ -31,6 +31,8 @@ pub struct Metrics {
     pub in_flight: Gauge,
     pub queued: Gauge,
     pub warm: Family<PoolLabels, Gauge>,
+    pub background: Gauge,
+    pub kept_namespaces: Gauge,
 }
 
 impl Metrics {
@@ -70,6 +72,18 @@ impl Metrics {
             "Jailed interpreters ready for a run",
             warm.clone(),
         );
+        let background = Gauge::default();
+        registry.register(
+            "background_tasks",
+            "Clean-ups of finished runs and warm workers being started",
+            background.clone(),
+        );
+        let kept_namespaces = Gauge::default();
+        registry.register(
+            "network_namespaces_kept",
+            "Network namespaces their runs left untouched, kept for the next networked run",
+            kept_namespaces.clone(),
+        );
         Self {
             registry,
             runs,
@@ -77,6 +91,8 @@ impl Metrics {
             in_flight,
             queued,
             warm,
+            background,
+            kept_namespaces,
         }
     }
 

@@ -569,3 +569,118 @@ async fn many_networked_runs_leave_no_interface_or_connection_behind() {
     );
     assert_eq!(lab_connections(), 0, "finished runs' connections remain");
 }
+
+/// Prints the run's network namespace cookie (never reused, unlike its inode number) and
+/// a digest of what a run can read about its namespace, then runs `LEAVE`.
+const NAMESPACE_PROBE: &str = r#"
+import array, hashlib, socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little")  # SO_NETNS_COOKIE
+s.close()
+seen = "".join(open("/proc/net/" + f).read() for f in ("snmp", "sockstat", "tcp", "udp", "unix"))
+print(cookie, hashlib.sha256(seen.encode()).hexdigest()[:16], flush=True)
+"#;
+
+/// Until the server has no clean-up in progress.
+async fn settled(s: &Server) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = reqwest::get(format!("{}/metrics", s.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.lines().any(|l| l == "sandbox_background_tasks 0") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "clean-ups never end: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn namespace_probe(s: &Server, leave: &str) -> (String, String) {
+    // The previous run's namespace is kept (or not) once its run is released, after
+    // its answer.
+    settled(s).await;
+    let d = networked(s, "python3", &format!("{NAMESPACE_PROBE}{leave}")).await;
+    let text = out(&d);
+    let mut words = text.split_whitespace().map(str::to_string);
+    match (words.next(), words.next()) {
+        (Some(cookie), Some(digest)) => (cookie, digest),
+        _ => panic!("no probe line: {d}"),
+    }
+}
+
+#[tokio::test]
+async fn a_namespace_serves_the_next_run_only_when_its_run_left_nothing_in_it() {
+    let _turn = SERIAL.lock().await;
+    // No warm workers: each run takes the namespace the previous one left, if any.
+    let s = lab_server(&[("WARM_WORKERS", "0"), ("WORKER_TIMEOUT", "2")]).await;
+    let fresh = namespace_probe(&s, "").await;
+    let kept = namespace_probe(&s, "").await;
+    assert_eq!(
+        kept.0, fresh.0,
+        "an untouched namespace serves the next run"
+    );
+    assert_eq!(
+        kept.1, fresh.1,
+        "and looks to it as it did when it was made"
+    );
+
+    // Each trace a run can leave; `certain`: the trace outlives the run for sure (a
+    // cycle of unix sockets in flight may be collected before the check).
+    let traces = [
+        (
+            "a UDP datagram",
+            "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9))",
+            true,
+        ),
+        (
+            "a TCP connection in TIME_WAIT",
+            "l = socket.create_server(('127.0.0.1', 0))\nc = socket.create_connection(l.getsockname())\na, _ = l.accept()\nc.close()\ntime.sleep(0.1)",
+            true,
+        ),
+        (
+            "a packet to the outside",
+            &format!(
+                "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('{EXT}', {UDP_PORT}))"
+            ),
+            true,
+        ),
+        ("a run killed by the timeout", "time.sleep(30)", true),
+        (
+            "unix sockets in flight",
+            "a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)\na.sendmsg([b'x'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [a.fileno(), b.fileno()]))])",
+            false,
+        ),
+    ];
+    for (what, leave, certain) in traces {
+        // Start from a kept namespace, so a discarded one shows as a new cookie.
+        let start = namespace_probe(&s, "").await;
+        let traced = namespace_probe(&s, leave).await;
+        assert_eq!(traced.0, start.0, "{what}: runs in the kept namespace");
+        let next = namespace_probe(&s, "").await;
+        if certain {
+            assert_ne!(
+                next.0, traced.0,
+                "{what}: a namespace with a trace was reused"
+            );
+        }
+        assert_eq!(
+            next.1, fresh.1,
+            "{what}: the next run sees something of the one before"
+        );
+    }
+    let pid = s.pid();
+    assert!(run_interfaces(pid) > 0, "the kept namespace's veth pair");
+    s.terminate();
+    assert_eq!(
+        run_interfaces(pid),
+        0,
+        "kept namespaces outlived their server"
+    );
+}

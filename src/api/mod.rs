@@ -352,6 +352,8 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     m.in_flight
         .set(state.in_flight.load(Ordering::Relaxed) as i64);
     m.queued.set(state.engine.queued());
+    m.background.set(state.engine.background_tasks() as i64);
+    m.kept_namespaces.set(state.engine.network.kept() as i64);
     for (key, ready) in state.engine.warm_ready() {
         m.warm
             .get_or_create(&PoolLabels {

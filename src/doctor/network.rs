@@ -165,12 +165,13 @@ async fn probe_check(network: &RunNetwork, pool: &UidPool) -> Check {
     };
     let started = Instant::now();
     let proxy = crate::config::Proxy::default();
-    match network.prepare(lease.uid, true, &proxy).await {
+    match network.prepare(lease.uid, true, &proxy, None).await {
         Ok(prepared) => {
             let address = prepared.netns.as_ref().map(|n| n.lease.address.clone());
             if let Some(netns) = prepared.netns {
                 drop(netns.fd);
-                netns.lease.release().await;
+                // Not kept: the check leaves nothing behind.
+                netns.lease.release(None, false).await;
             }
             ok(
                 NAME,

@@ -96,6 +96,11 @@ impl Engine {
         self.queued.load(Ordering::Relaxed)
     }
 
+    /// Clean-ups of finished runs and warm workers being started.
+    pub fn background_tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
     /// Warm workers ready, per language and network setting.
     pub fn warm_ready(&self) -> Vec<(PoolKey, usize)> {
         self.warm.ready()
@@ -119,6 +124,7 @@ impl Engine {
         for worker in self.warm.drain() {
             worker.discard().await;
         }
+        self.network.close().await;
     }
 
     /// Keep warm workers ready for the keys Dify uses (each language with the server's
@@ -327,7 +333,11 @@ impl Engine {
         files: &RunFiles,
     ) -> Result<Worker, RunError> {
         let runtime = self.runtime(key.language)?;
-        let lease = self.uids.acquire()?;
+        // A networked run takes a namespace a finished run left untouched, with its uid.
+        let (lease, reused) = match key.network.then(|| self.network.reuse()).flatten() {
+            Some((lease, netns)) => (lease, Some(netns)),
+            None => (self.uids.acquire()?, None),
+        };
         // Without root the run's uid is the caller's own (its user namespace maps only
         // that one), which already owns the directory.
         if let Some(out) = &files.out
@@ -352,7 +362,7 @@ impl Engine {
         };
         let net = match self
             .network
-            .prepare(lease.uid, key.network, &self.config.proxy)
+            .prepare(lease.uid, key.network, &self.config.proxy, reused)
             .await
         {
             Ok(net) => net,

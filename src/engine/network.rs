@@ -22,6 +22,8 @@ use crate::isolation::net::nft::{self, Table};
 use crate::isolation::net::resolv;
 use crate::isolation::net::ruleset::{self, ProxyRoute};
 use crate::isolation::spec::{IsolationLevel, NetworkSetup};
+use crate::isolation::uids::UidLease;
+use crate::runtime::Language;
 
 pub const ISOLATED_TABLE_PREFIX: &str = "sandbox_net_";
 
@@ -144,7 +146,7 @@ impl RunNetwork {
         match self {
             Self::Off => "none: enable_network is false".into(),
             Self::Isolated(i) => format!(
-                "isolated: a network namespace per run, NAT through the host, table {}, DNS relayed to {}",
+                "isolated: a network namespace per run (kept for the next run only when nothing was sent or left in it), NAT through the host, table {}, DNS relayed to {}",
                 i.table.name(),
                 i.relay
                     .upstreams()
@@ -173,12 +175,38 @@ impl RunNetwork {
         matches!(self, Self::Isolated(_) | Self::Host { .. })
     }
 
-    /// The network of the run of `uid`.
+    /// A namespace a finished run left untouched, with its uid's lease: the next
+    /// networked run takes it instead of a new one (see `isolation::net::traces`).
+    pub fn reuse(&self) -> Option<(UidLease, RunNetns)> {
+        match self {
+            Self::Isolated(i) => i.plumbing.reuse(),
+            _ => None,
+        }
+    }
+
+    /// How many namespaces are kept for reuse.
+    pub fn kept(&self) -> usize {
+        match self {
+            Self::Isolated(i) => i.plumbing.kept(),
+            _ => 0,
+        }
+    }
+
+    /// At shutdown: destroy the namespaces kept for reuse.
+    pub async fn close(&self) {
+        if let Self::Isolated(i) = self {
+            i.plumbing.close().await;
+        }
+    }
+
+    /// The network of the run of `uid`; `reused` is a namespace from `reuse` that came
+    /// with that uid.
     pub async fn prepare(
         &self,
         uid: u32,
         networked: bool,
         proxy: &Proxy,
+        reused: Option<RunNetns>,
     ) -> Result<PreparedNetwork, RunError> {
         if !networked {
             return Ok(PreparedNetwork {
@@ -198,11 +226,14 @@ impl RunNetwork {
                 proxy: proxy.clone(),
             }),
             Self::Isolated(i) => {
-                let netns = i
-                    .plumbing
-                    .create(uid)
-                    .await
-                    .map_err(|e| RunError::NetworkUnavailable(e.to_string()))?;
+                let netns = match reused {
+                    Some(netns) => netns,
+                    None => i
+                        .plumbing
+                        .create(uid)
+                        .await
+                        .map_err(|e| RunError::NetworkUnavailable(e.to_string()))?,
+                };
                 let gateway = netns.lease.address.gateway;
                 Ok(PreparedNetwork {
                     setup: NetworkSetup::Own,
@@ -282,7 +313,9 @@ impl Isolated {
             confine_forwarding: forwarding.switched_on,
         });
         let table = Table::install(name, &script).map_err(|e| e.to_string())?;
-        let plumbing = Plumbing::new(n.subnet, uids, tag).map_err(|e| e.to_string())?;
+        // Enough for every worker slot and warm worker to find a namespace kept for it.
+        let keep = config.max_workers + config.warm_workers * Language::ALL.len();
+        let plumbing = Plumbing::new(n.subnet, uids, tag, keep).map_err(|e| e.to_string())?;
         let stale = plumbing.remove_stale(held).await;
         if stale > 0 {
             tracing::info!(

@@ -95,7 +95,12 @@ pub struct Worker {
     cgroup: Option<RunCgroup>,
     /// The run's network on the host (its own namespace's veth pair).
     network: Option<NetLease>,
-    lease: UidLease,
+    uid: u32,
+    /// Given back after everything else, or kept with the run's namespace (see `release`).
+    lease: Option<UidLease>,
+    /// The run ended by itself and its owner was seen gone: nothing of it is left, so its
+    /// network namespace may serve another run.
+    ended_cleanly: bool,
     /// The run's private directory on the host, under the chroot level (which has no
     /// private tmpfs to vanish with the run).
     chroot_tmp: Option<PathBuf>,
@@ -180,7 +185,9 @@ impl Worker {
                 channel,
                 cgroup,
                 network,
-                lease,
+                uid: lease.uid,
+                lease: Some(lease),
+                ended_cleanly: false,
                 chroot_tmp,
                 out_dir: spec.out_dir.clone(),
                 stdin: Some(stdin),
@@ -190,7 +197,7 @@ impl Worker {
                     cg.remove();
                 }
                 if let Some(net) = network {
-                    tokio::spawn(net.release());
+                    tokio::spawn(net.release(None, false));
                 }
                 Err(e)
             }
@@ -216,7 +223,9 @@ impl Worker {
             stderr: Some(Box::new(pipes.stderr)),
             cgroup,
             network,
-            lease,
+            uid: lease.uid,
+            lease: Some(lease),
+            ended_cleanly: false,
             chroot_tmp: None,
             out_dir: None,
             stdin: Some(pipes.stdin),
@@ -224,7 +233,7 @@ impl Worker {
     }
 
     pub fn uid(&self) -> u32 {
-        self.lease.uid
+        self.uid
     }
 
     /// Whether a fork server's keeper owns the run.
@@ -321,7 +330,8 @@ impl Worker {
         if stopped_for.is_some() {
             self.kill_tree();
         }
-        let _ = tokio::time::timeout(DRAIN, self.owner.wait()).await;
+        let gone = tokio::time::timeout(DRAIN, self.owner.wait()).await.is_ok();
+        self.ended_cleanly = gone && stopped_for.is_none() && report.is_some();
         let (out, out_over) = join_reader(stdout).await;
         let (err, err_over) = join_reader(stderr).await;
         if stopped_for.is_none() && (out_over || err_over) {
@@ -365,7 +375,7 @@ impl Worker {
             let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
         }
         if let Some(net) = self.network.take() {
-            net.release().await;
+            net.release(self.lease.take(), self.ended_cleanly).await;
         }
         if let Some(dir) = self.chroot_tmp.take() {
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
@@ -398,7 +408,7 @@ impl Drop for Worker {
         if let Some(net) = self.network.take()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
-            rt.spawn(net.release());
+            rt.spawn(net.release(self.lease.take(), false));
         }
     }
 }

@@ -5,7 +5,8 @@
 //! (`guard`) restricts what runs' sockets reach instead.
 //!
 //! - `addressing`: a run's /30, interface name and conntrack mark, from its uid.
-//! - `netns`: creating and removing runs' namespaces and veth pairs (rtnetlink).
+//! - `netns`: creating, keeping for reuse and removing runs' namespaces and veth pairs
+//!   (rtnetlink); `traces`: whether a run left anything in its namespace.
 //! - `ruleset`: the nftables rules, as text; `nft`: loading and owning tables.
 //! - `forwarding`: IPv4 forwarding and other firewalls' FORWARD policies.
 //! - `conntrack`: forgetting a run's connections when it ends.
@@ -22,3 +23,4 @@ pub mod netns;
 pub mod nft;
 pub mod resolv;
 pub mod ruleset;
+pub mod traces;

@@ -1,14 +1,18 @@
 //! A networked run's network namespace: created by the server before the run's helper
 //! starts (so it costs the request nothing), joined to the host by a veth pair whose
 //! host end is `sbx<uid>`, with the run's address, a default route through its gateway,
-//! a loopback of its own and no IPv6. The helper's child joins it with setns(2); it is
-//! destroyed with the last process in it, which takes the veth pair with it; releasing
-//! the run waits for that.
+//! a loopback of its own and no IPv6. The helper's child joins it with setns(2).
+//!
+//! When a run ends, its namespace is kept for the next networked run of the same uid if
+//! the run left no trace in it (see `traces`): most runs never touch the network they
+//! asked for. Otherwise it is destroyed with its last reference, which takes the veth
+//! pair with it; releasing the run waits for that.
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -19,6 +23,8 @@ use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBu
 
 use super::addressing::{IFNAME_PREFIX, RUN_PREFIX_LEN, RunAddress, uid_of_interface};
 use super::conntrack;
+use super::traces::{TraceFiles, Traces};
+use crate::isolation::uids::UidLease;
 
 /// The run's end of its veth pair.
 const RUN_IFNAME: &str = "eth0";
@@ -54,36 +60,111 @@ fn netlink(step: &'static str) -> impl FnOnce(rtnetlink::Error) -> NetnsError {
 
 /// A prepared namespace, waiting for its run.
 pub struct RunNetns {
-    /// The namespace itself (`/proc/<tid>/ns/net` of the thread that made it).
+    /// The namespace, for the run's helper (the lease keeps a reference of its own).
     pub fd: OwnedFd,
     /// What the run's network holds on the host, until released.
     pub lease: NetLease,
 }
 
-/// A run's veth pair and conntrack entries on the host: `release` removes them.
+/// What the server holds of a namespace: the last references to it once its run is gone.
+struct Kept {
+    ns: OwnedFd,
+    /// The netlink socket it was plumbed through: part of the baseline of `traces`.
+    _inside: Handle,
+    traces: Traces,
+}
+
+/// A run's namespace, veth pair and conntrack entries on the host: `release` keeps the
+/// namespace for the next run or removes it all.
 pub struct NetLease {
     host: Handle,
     pub address: RunAddress,
+    kept: Kept,
+    lot: Arc<Lot>,
 }
 
 impl NetLease {
-    /// Undo what the run's network left on the host: its veth pair and its conntrack
-    /// entries. Call once every process of the run is gone and the namespace's
-    /// descriptor is closed.
-    pub async fn release(self) {
+    /// Called with the lease of the run's uid. When `run_gone` (every process of the run
+    /// was seen gone) and the run left no trace in its namespace, the namespace is kept
+    /// with that lease for the next networked run; otherwise it is destroyed, its veth
+    /// pair and conntrack entries with it, and the uid is given back.
+    pub async fn release(self, uid: Option<UidLease>, run_gone: bool) {
+        let Self {
+            host,
+            mut address,
+            mut kept,
+            lot,
+        } = self;
+        let untouched = run_gone && kept.traces.none_left();
+        let mut uid = uid;
+        if untouched && let Some(lease) = uid.take() {
+            match lot.park(Parked {
+                uid: lease,
+                address,
+                kept,
+            }) {
+                None => return,
+                Some(refused) => {
+                    (uid, address, kept) = (Some(refused.uid), refused.address, refused.kept)
+                }
+            }
+        }
+        drop(kept);
         // The namespace dies with its last reference and the kernel then deletes both veth
         // ends, batched with other dying namespaces. Deleting the link ourselves would
         // hold the rtnl lock through an RCU grace period per run, stalling every other
         // run's plumbing: networked throughput fell to a third. So wait for it to go, and
         // delete it only if it does not (something still holds the namespace).
-        if !gone(&self.host, &self.address.host_if, LINK_GONE_WAIT).await {
-            remove_link(&self.host, &self.address.host_if).await;
+        if !gone(&host, &address.host_if, LINK_GONE_WAIT).await {
+            remove_link(&host, &address.host_if).await;
         }
-        let mark = self.address.ct_mark;
-        let flushed = tokio::task::spawn_blocking(move || conntrack::flush_mark(mark)).await;
-        if let Ok(Err(e)) = flushed {
-            tracing::warn!(error = %e, uid = self.address.uid, "cannot forget a run's connections");
+        // A run that sent no packet has no connection to forget.
+        if !untouched {
+            let mark = address.ct_mark;
+            let flushed = tokio::task::spawn_blocking(move || conntrack::flush_mark(mark)).await;
+            if let Ok(Err(e)) = flushed {
+                tracing::warn!(error = %e, uid = address.uid, "cannot forget a run's connections");
+            }
         }
+        // The uid goes back last: nothing of its network is left for its next holder.
+        drop(uid);
+    }
+}
+
+/// Namespaces kept for the next networked run, each with its uid's lease (so no other
+/// run, nor another server on this host, gets that uid and its address meanwhile).
+struct Lot {
+    parked: Mutex<Vec<Parked>>,
+    limit: usize,
+}
+
+struct Parked {
+    uid: UidLease,
+    address: RunAddress,
+    kept: Kept,
+}
+
+impl Lot {
+    /// Keep `p`, or hand it back when the lot is full.
+    fn park(&self, p: Parked) -> Option<Parked> {
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        if parked.len() >= self.limit {
+            return Some(p);
+        }
+        parked.push(p);
+        None
+    }
+
+    fn take(&self) -> Option<Parked> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    fn drain(&self) -> Vec<Parked> {
+        std::mem::take(&mut *self.parked.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn len(&self) -> usize {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
@@ -113,11 +194,18 @@ pub struct Plumbing {
     uids: Range<u32>,
     /// This server's tag in its runs' interface names.
     tag: String,
+    lot: Arc<Lot>,
 }
 
 impl Plumbing {
     /// Must run inside a tokio runtime: the host's netlink connection is spawned on it.
-    pub fn new(subnet: Ipv4Net, uids: Range<u32>, tag: String) -> Result<Self, NetnsError> {
+    /// At most `keep` namespaces are kept for reuse.
+    pub fn new(
+        subnet: Ipv4Net,
+        uids: Range<u32>,
+        tag: String,
+        keep: usize,
+    ) -> Result<Self, NetnsError> {
         let (connection, host, _) = rtnetlink::new_connection()
             .map_err(|e| NetnsError::Namespace(format!("netlink socket: {e}")))?;
         tokio::spawn(connection);
@@ -126,28 +214,91 @@ impl Plumbing {
             subnet,
             uids,
             tag,
+            lot: Arc::new(Lot {
+                parked: Mutex::new(Vec::new()),
+                limit: keep,
+            }),
         })
+    }
+
+    /// A namespace a finished run left untouched, with its uid's lease.
+    pub fn reuse(&self) -> Option<(UidLease, RunNetns)> {
+        let p = self.lot.take()?;
+        // On failure `p` is dropped: the namespace goes, and the uid with it.
+        let fd = p.kept.ns.try_clone().ok()?;
+        Some((
+            p.uid,
+            RunNetns {
+                fd,
+                lease: NetLease {
+                    host: self.host.clone(),
+                    address: p.address,
+                    kept: p.kept,
+                    lot: self.lot.clone(),
+                },
+            },
+        ))
+    }
+
+    /// How many namespaces wait for reuse.
+    pub fn kept(&self) -> usize {
+        self.lot.len()
+    }
+
+    /// Destroy the namespaces kept for reuse and wait until their veth pairs are gone.
+    pub async fn close(&self) {
+        let parked = self.lot.drain();
+        let names: Vec<String> = parked.iter().map(|p| p.address.host_if.clone()).collect();
+        let (leases, kept): (Vec<UidLease>, Vec<Kept>) =
+            parked.into_iter().map(|p| (p.uid, p.kept)).unzip();
+        drop(kept);
+        futures::future::join_all(names.iter().map(|name| async move {
+            if !gone(&self.host, name, LINK_GONE_WAIT).await {
+                remove_link(&self.host, name).await;
+            }
+        }))
+        .await;
+        drop(leases);
     }
 
     pub fn address_of(&self, uid: u32) -> Result<RunAddress, NetnsError> {
         RunAddress::of(uid, &self.uids, self.subnet, &self.tag).ok_or(NetnsError::NoAddress(uid))
     }
 
-    /// A namespace for the run of `uid`, plumbed and ready.
+    /// A new namespace for the run of `uid`, plumbed and ready.
     pub async fn create(&self, uid: u32) -> Result<RunNetns, NetnsError> {
         let address = self.address_of(uid)?;
         // A previous run of this uid whose namespace the kernel has not destroyed yet.
         self.remove_link(&address.host_if).await;
-        let (fd, inside) = new_namespace().await?;
-        match self.plumb(&fd, &inside, &address).await {
-            Ok(()) => Ok(RunNetns {
+        let (fd, inside, files) = new_namespace().await?;
+        let made = match self.plumb(&fd, &inside, &address).await {
+            Ok(()) => files
+                .baseline()
+                .map_err(|e| NetnsError::Namespace(format!("reading its counters: {e}")))
+                .and_then(|traces| {
+                    let ns = fd
+                        .try_clone()
+                        .map_err(|e| NetnsError::Namespace(format!("dup: {e}")))?;
+                    Ok((ns, traces))
+                }),
+            Err(e) => Err(e),
+        };
+        match made {
+            Ok((ns, traces)) => Ok(RunNetns {
                 fd,
                 lease: NetLease {
                     host: self.host.clone(),
                     address,
+                    kept: Kept {
+                        ns,
+                        _inside: inside,
+                        traces,
+                    },
+                    lot: self.lot.clone(),
                 },
             }),
             Err(e) => {
+                drop((fd, inside));
                 self.remove_link(&address.host_if).await;
                 Err(e)
             }
@@ -298,7 +449,7 @@ fn sysctl(path: &str, value: &str) -> Result<(), NetnsError> {
 /// A fresh network namespace and a netlink handle inside it. Made on a thread of its own
 /// that ends right after: a namespace is a per-thread property, and no thread of the
 /// async runtime may be left in it.
-async fn new_namespace() -> Result<(OwnedFd, Handle), NetnsError> {
+async fn new_namespace() -> Result<(OwnedFd, Handle, TraceFiles), NetnsError> {
     let runtime = tokio::runtime::Handle::current();
     let made = tokio::task::spawn_blocking(move || {
         std::thread::spawn(move || {
@@ -310,12 +461,14 @@ async fn new_namespace() -> Result<(OwnedFd, Handle), NetnsError> {
             let fd: OwnedFd = File::open("/proc/thread-self/ns/net")
                 .map_err(|e| format!("/proc/thread-self/ns/net: {e}"))?
                 .into();
+            let files =
+                TraceFiles::open_here().map_err(|e| format!("/proc/thread-self/net: {e}"))?;
             // The socket belongs to the namespace it is created in: this one. It is
             // registered with the server's runtime, which drives it from then on.
             let _runtime = runtime.enter();
             let (connection, handle, _) =
                 rtnetlink::new_connection().map_err(|e| format!("netlink socket: {e}"))?;
-            Ok::<_, String>((fd, connection, handle))
+            Ok::<_, String>((fd, connection, handle, files))
         })
         .join()
         .map_err(|_| "the namespace thread panicked".to_string())?
@@ -323,7 +476,7 @@ async fn new_namespace() -> Result<(OwnedFd, Handle), NetnsError> {
     .await
     .map_err(|e| NetnsError::Namespace(e.to_string()))?
     .map_err(NetnsError::Namespace)?;
-    let (fd, connection, handle) = made;
+    let (fd, connection, handle, files) = made;
     tokio::spawn(connection);
-    Ok((fd, handle))
+    Ok((fd, handle, files))
 }
