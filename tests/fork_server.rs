@@ -84,7 +84,7 @@ import json, os, sys
 fds = sorted(int(f) for f in os.listdir("/proc/self/fd"))
 print(hasattr(json, "left_behind"), "planted" in sys.modules, os.path.exists("/tmp/left"))
 print(sorted(os.environ))
-print(fds[:3], len(fds))
+print(fds[:3], len(fds), fds[-1], os.readlink("/proc/self/fd/%d" % fds[-1]).split(":")[0])
 "#;
     let text = out(&s.python(second).await);
     let lines: Vec<&str> = text.lines().collect();
@@ -92,8 +92,10 @@ print(fds[:3], len(fds))
     // The run's own environment, nothing of the fork server's (the proxy is for
     // networked runs only).
     assert_eq!(lines[1], "['HOME', 'LANG', 'PATH', 'TMPDIR']", "{text}");
-    // 0, 1, 2 and the directory being listed (the snippet's 3 is closed once read).
-    assert_eq!(lines[2], "[0, 1, 2] 4", "{text}");
+    // 0, 1, 2, the directory being listed (the snippet's 3 is closed once read) and the
+    // run's own end of its channel, kept on the highest descriptor it may have to
+    // announce its end.
+    assert_eq!(lines[2], "[0, 1, 2] 5 255 socket", "{text}");
 }
 
 #[tokio::test]
@@ -208,6 +210,8 @@ async fn a_forked_run_ends_as_a_fresh_interpreter_would() {
         "import sys\nsys.exit(None)",
         "def f():\n    raise ValueError('broken')\nf()",
         "import atexit, sys\natexit.register(lambda: sys.stderr.write('late words\\n'))\nraise SystemExit(0)",
+        // Fd 3 is closed once the snippet is read, in both.
+        "import os\nos.write(3, b'=7')",
     ];
     let forked = Server::start(&[]).await;
     let plain = Server::start(&[("PYTHON_FORK_SERVER", "false")]).await;
@@ -265,4 +269,75 @@ async fn a_fork_server_is_replaced_after_its_share_of_runs_with_a_new_layout() {
         last, first,
         "the replacement {replacement} has the same layout"
     );
+}
+
+/// Processes running as `uid`.
+fn processes_of(uid: u32) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("status"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&uid.to_string())
+                })
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn a_run_can_announce_only_an_end_it_could_have_made() {
+    // A forked run announces its exit status on a descriptor it keeps (the highest it may
+    // have), so the answer need not wait for its teardown. The snippet can write there too.
+    let s = Server::start(&[("WORKER_TIMEOUT", "20")]).await;
+    let end = "max(int(f) for f in os.listdir('/proc/self/fd'))";
+    // A false announcement followed by a real end: the real end counts.
+    for (lie, truth) in [
+        (
+            "os.write(END, b'=5')\nimport sys\nsys.exit(0)",
+            "import sys\nsys.exit(0)",
+        ),
+        (
+            "os.write(END, b'=0')\nimport sys\nsys.exit(3)",
+            "import sys\nsys.exit(3)",
+        ),
+        (
+            "os.write(END, b'garbage')\nraise ValueError('x')",
+            "raise ValueError('x')",
+        ),
+        ("os.write(END, b'=0' * 100)\nprint('on')", "print('on')"),
+    ] {
+        let code = format!("import os\nEND = {end}\n{lie}");
+        // The same lines but the write, so tracebacks name the same line.
+        let truth = format!("import os\nEND = 0\npass\n{truth}");
+        let (a, b) = (s.python(&code).await, s.python(&truth).await);
+        assert_eq!(
+            (&a["error"], &a["stdout"]),
+            (&b["error"], &b["stdout"]),
+            "{lie:?}"
+        );
+    }
+
+    // Announcing an end and going on: the answer comes, and the run is stopped.
+    let started = std::time::Instant::now();
+    let code = format!(
+        "import os\nprint(os.getuid(), flush=True)\nEND = {end}\nos.write(END, b'=0')\nos.close(END)\nos.close(1)\nos.close(2)\nwhile True:\n    pass"
+    );
+    let d = s.python(&code).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the answer waited for the timeout: {d}"
+    );
+    let uid: u32 = out(&d).trim().parse().expect("the run's uid");
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while processes_of(uid) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a run that announced a false end still runs as uid {uid}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(out(&s.python("print('next')").await), "next\n");
 }

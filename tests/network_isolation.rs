@@ -653,6 +653,11 @@ async fn a_namespace_serves_the_next_run_only_when_its_run_left_nothing_in_it() 
         ),
         ("a run killed by the timeout", "time.sleep(30)", true),
         (
+            "a multicast group, whose reports the kernel sends later",
+            "try:\n    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton('239.1.1.1') + socket.inet_aton('0.0.0.0'))\nexcept OSError:\n    pass",
+            false,
+        ),
+        (
             "unix sockets in flight",
             "a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)\na.sendmsg([b'x'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [a.fileno(), b.fileno()]))])",
             false,
@@ -663,6 +668,8 @@ async fn a_namespace_serves_the_next_run_only_when_its_run_left_nothing_in_it() 
         let start = namespace_probe(&s, "").await;
         let traced = namespace_probe(&s, leave).await;
         assert_eq!(traced.0, start.0, "{what}: runs in the kept namespace");
+        // Past the kernel's timers (multicast reports go out within about a second).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         let next = namespace_probe(&s, "").await;
         if certain {
             assert_ne!(
@@ -682,5 +689,38 @@ async fn a_namespace_serves_the_next_run_only_when_its_run_left_nothing_in_it() 
         run_interfaces(pid),
         0,
         "kept namespaces outlived their server"
+    );
+}
+
+#[tokio::test]
+async fn a_run_has_no_ipv6_and_joins_no_multicast_group() {
+    let _turn = SERIAL.lock().await;
+    let s = lab_server(&[]).await;
+    let code = r#"
+import socket
+try:
+    socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    print("ipv6 socket")
+except OSError as e:
+    print(e.errno)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for group in ("239.1.1.1", "224.0.0.251"):
+    try:
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton(group) + socket.inet_aton("0.0.0.0"))
+        print("joined", group)
+    except OSError as e:
+        print(e.errno)
+"#;
+    let d = networked(&s, "python3", code).await;
+    // EAFNOSUPPORT, as on a kernel without IPv6; ENOBUFS: no group may be joined.
+    assert_eq!(
+        out(&d),
+        format!(
+            "{}\n{}\n{}\n",
+            libc::EAFNOSUPPORT,
+            libc::ENOBUFS,
+            libc::ENOBUFS
+        ),
+        "{d}"
     );
 }

@@ -12,6 +12,10 @@ use super::worker::{Sink, Stream};
 /// How long the output readers may take to drain once the process tree is gone.
 pub const DRAIN: Duration = Duration::from_secs(5);
 
+/// How long a run that announced its end (see `isolation::snippet::ENDED`) may take to
+/// close its output and be gone; one that takes longer is killed.
+pub const EXIT_GRACE: Duration = Duration::from_millis(500);
+
 /// Read a stream up to `cap` bytes; on overflow, tell the run to stop.
 pub async fn read_capped<R: AsyncRead + Unpin>(
     mut r: R,

@@ -13,16 +13,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use super::RunError;
-use super::capture::{DRAIN, join_reader, read_capped};
+use super::capture::{DRAIN, EXIT_GRACE, join_reader, read_capped};
 use super::outcome::{Counters, Ending, LimitHit};
 use super::warm::Idle;
 use super::watch;
 use crate::isolation::cgroup::RunCgroup;
-use crate::isolation::channel;
 use crate::isolation::helper::HelperReport;
 use crate::isolation::net::netns::NetLease;
 use crate::isolation::spec::SandboxSpec;
 use crate::isolation::uids::UidLease;
+use crate::isolation::{channel, snippet};
 
 /// The helper is this very binary (`sandbox __exec`).
 const HELPER: &str = "/proc/self/exe";
@@ -285,19 +285,30 @@ impl Worker {
             let _ = code_wr.write_all(frame).await;
             let _ = code_wr.shutdown().await;
             let mut text = Vec::new();
-            let _ = status_rd.read_to_end(&mut text).await;
             match owner {
-                Owner::Helper(_) => serde_json::from_slice::<HelperReport>(text.trim_ascii()).ok(),
+                Owner::Helper(_) => {
+                    let _ = status_rd.read_to_end(&mut text).await;
+                    (
+                        serde_json::from_slice::<HelperReport>(text.trim_ascii()).ok(),
+                        false,
+                    )
+                }
                 Owner::Keeper { report, .. } => {
-                    // What came back on fd 3 is the acknowledgement, or nothing.
-                    let acknowledged = text == [crate::isolation::snippet::ACK];
-                    let mut said = Vec::new();
-                    let _ = report.read_to_end(&mut said).await;
-                    match serde_json::from_slice::<HelperReport>(said.trim_ascii()).ok() {
+                    // The run's fd 3: the acknowledgement, then perhaps its announced end.
+                    let _ = (&mut status_rd)
+                        .take(snippet::CHANNEL_CAP)
+                        .read_to_end(&mut text)
+                        .await;
+                    if let Some(code) = snippet::announced_end(&text) {
+                        return (Some(HelperReport::Exited { code }), true);
+                    }
+                    let acknowledged = text.first() == Some(&snippet::ACK);
+                    let report = match read_report(report).await {
                         Some(r @ HelperReport::SetupFailed { .. }) => Some(r),
                         Some(_) | None if !acknowledged => Some(HelperReport::EndedBeforeCode),
                         other => other,
-                    }
+                    };
+                    (report, false)
                 }
             }
         };
@@ -320,20 +331,37 @@ impl Worker {
             }
         };
         let mut stopped_for = None;
-        let report = tokio::select! {
+        let (report, announced) = tokio::select! {
             r = talk => r,
-            _ = tokio::time::sleep(timeout) => { stopped_for = Some(LimitHit::Timeout); None }
-            _ = overflow.notified() => { stopped_for = Some(LimitHit::Output); None }
-            _ = memory => { stopped_for = Some(LimitHit::Memory); None }
-            _ = disk => { stopped_for = Some(LimitHit::Disk); None }
+            _ = tokio::time::sleep(timeout) => { stopped_for = Some(LimitHit::Timeout); (None, false) }
+            _ = overflow.notified() => { stopped_for = Some(LimitHit::Output); (None, false) }
+            _ = memory => { stopped_for = Some(LimitHit::Memory); (None, false) }
+            _ = disk => { stopped_for = Some(LimitHit::Disk); (None, false) }
         };
         if stopped_for.is_some() {
             self.kill_tree();
         }
-        let gone = tokio::time::timeout(DRAIN, self.owner.wait()).await.is_ok();
-        self.ended_cleanly = gone && stopped_for.is_none() && report.is_some();
-        let (out, out_over) = join_reader(stdout).await;
-        let (err, err_over) = join_reader(stderr).await;
+        // A report is sent once every process of the run is gone; the owner's own exit
+        // (a keeper's takes about a millisecond) is awaited after the answer, by `release`.
+        if report.is_none() {
+            let _ = tokio::time::timeout(DRAIN, self.owner.wait()).await;
+        }
+        self.ended_cleanly = stopped_for.is_none() && report.is_some();
+        let readers = futures::future::join(join_reader(stdout), join_reader(stderr));
+        let ((out, out_over), (err, err_over)) = if announced {
+            // The run closed its output before it announced its end: both streams end
+            // now, or it did not end and is stopped.
+            tokio::pin!(readers);
+            match tokio::time::timeout(EXIT_GRACE, &mut readers).await {
+                Ok(both) => both,
+                Err(_) => {
+                    self.kill_tree();
+                    readers.await
+                }
+            }
+        } else {
+            readers.await
+        };
         if stopped_for.is_none() && (out_over || err_over) {
             stopped_for = Some(LimitHit::Output);
         }
@@ -371,11 +399,22 @@ impl Worker {
     /// After the process tree is gone: remove the cgroup, the network and private files,
     /// then give the uid back (dropping the lease last).
     pub async fn release(mut self) {
+        // The owner may still be exiting after the run's end was reported (a keeper is in
+        // the run's cgroup); one that is not gone soon (its run announced an end it did
+        // not make) is killed, and the run's network is not kept.
+        let gone = tokio::time::timeout(EXIT_GRACE, self.owner.wait())
+            .await
+            .is_ok();
+        if !gone {
+            self.kill_tree();
+            let _ = tokio::time::timeout(DRAIN, self.owner.wait()).await;
+        }
         if let Some(cg) = self.cgroup.take() {
             let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
         }
         if let Some(net) = self.network.take() {
-            net.release(self.lease.take(), self.ended_cleanly).await;
+            net.release(self.lease.take(), self.ended_cleanly && gone)
+                .await;
         }
         if let Some(dir) = self.chroot_tmp.take() {
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
@@ -387,6 +426,21 @@ impl Worker {
         self.owner.start_kill();
         let _ = tokio::time::timeout(DRAIN, self.owner.wait()).await;
         self.release().await;
+    }
+}
+
+/// A keeper's report: read until it is whole, not until the keeper has exited.
+async fn read_report(report: &mut tokio::net::unix::pipe::Receiver) -> Option<HelperReport> {
+    let mut said = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        match report.read(&mut chunk).await {
+            Ok(0) | Err(_) => return serde_json::from_slice(said.trim_ascii()).ok(),
+            Ok(n) => said.extend_from_slice(&chunk[..n]),
+        }
+        if let Ok(whole) = serde_json::from_slice(said.trim_ascii()) {
+            return Some(whole);
+        }
     }
 }
 

@@ -189,10 +189,20 @@ def run_snippet(sys_path):
     exit code 1 on an exception, then the shutdown steps a snippet can observe."""
     import types
     sys.path[:] = sys_path
-    with open(3, "rb") as f:
-        data = f.read()
-        # Tells the server the snippet arrived whole; nothing of it has run yet.
-        os.write(3, b"__ACK__")
+    chunks = []
+    while True:
+        chunk = os.read(3, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    # Tells the server the snippet arrived whole; nothing of it has run yet.
+    os.write(3, b"__ACK__")
+    # Kept for the announcement of the run's end (see `shut_down`), on the highest
+    # descriptor the run may have: fd 3 is free again, as in a fresh interpreter.
+    global END_FD
+    END_FD = os.dup2(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1, inheritable=False)
+    os.close(3)
     preload, code, filename, argv, env = _frame(data)
     main = types.ModuleType("__main__")
     sys.modules["__main__"] = main
@@ -238,6 +248,18 @@ def shut_down(code):
             stream.flush()
         except BaseException:
             pass
+    # The output is complete: close it and say how the run ends, so the server answers
+    # now rather than after this process's teardown (about 2 ms for a forked interpreter).
+    for fd in (1, 2):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    try:
+        os.write(END_FD, b"__ENDED__%d" % code)
+        os.close(END_FD)
+    except (OSError, NameError):
+        pass
     os._exit(code)
 
 

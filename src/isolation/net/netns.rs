@@ -458,6 +458,11 @@ async fn new_namespace() -> Result<(OwnedFd, Handle, TraceFiles), NetnsError> {
             for key in ["all", "default"] {
                 let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/disable_ipv6"), "1");
             }
+            // No multicast groups: the kernel sends a group's reports on timers, after
+            // the run that joined it may be gone, and after its namespace was found
+            // untouched (see `traces`).
+            std::fs::write("/proc/sys/net/ipv4/igmp_max_memberships", "0")
+                .map_err(|e| format!("net.ipv4.igmp_max_memberships: {e}"))?;
             let fd: OwnedFd = File::open("/proc/thread-self/ns/net")
                 .map_err(|e| format!("/proc/thread-self/ns/net: {e}"))?
                 .into();

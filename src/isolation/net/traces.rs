@@ -25,7 +25,8 @@ pub struct Traces {
 /// Counters and socket counts at one moment.
 #[derive(Debug, PartialEq, Eq)]
 struct Reading {
-    /// /proc/net/snmp, netstat and snmp6, verbatim: every packet moves some counter.
+    /// /proc/net/snmp, netstat, snmp6 and ip6_flowlabel, verbatim: every packet moves
+    /// some counter.
     counters: String,
     /// `sockets: used` from /proc/net/sockstat.
     sockets: u64,
@@ -46,9 +47,11 @@ impl TraceFiles {
             File::open("/proc/thread-self/net/snmp")?,
             File::open("/proc/thread-self/net/netstat")?,
         ];
-        // Absent when the kernel has no IPv6.
-        if let Ok(f) = File::open("/proc/thread-self/net/snmp6") {
-            files.push(f);
+        // Absent when the kernel has no IPv6. Flow labels outlive their sockets.
+        for name in ["snmp6", "ip6_flowlabel"] {
+            if let Ok(f) = File::open(format!("/proc/thread-self/net/{name}")) {
+                files.push(f);
+            }
         }
         Ok(Self(files))
     }

@@ -27,8 +27,13 @@ pub enum SeccompApplyError {
 /// Which sockets a run may create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SocketPolicy {
-    /// IPv4 and IPv6 sockets (runs with network).
+    /// IPv4 sockets (runs with network).
     pub inet: bool,
+    /// IPv6 sockets too. A run's own namespace is IPv4 only: there `socket(AF_INET6)`
+    /// fails with EAFNOSUPPORT, as on a kernel without IPv6, so software falls back to
+    /// IPv4 and nothing of IPv6 (flow labels, multicast listener reports sent by kernel
+    /// timers after the run) can be left in the namespace.
+    pub ipv6: bool,
     /// `socket(AF_UNIX)`: only in a network namespace of the run's own, since abstract
     /// Unix socket names belong to the network namespace.
     pub unix: bool,
@@ -42,16 +47,19 @@ impl SocketPolicy {
         match network {
             NetworkSetup::Offline => Self {
                 inet: false,
+                ipv6: false,
                 unix: true,
                 stream_pairs_only: false,
             },
             NetworkSetup::Own => Self {
                 inet: true,
+                ipv6: false,
                 unix: true,
                 stream_pairs_only: false,
             },
             NetworkSetup::Host => Self {
                 inet: true,
+                ipv6: true,
                 unix: false,
                 stream_pairs_only: true,
             },
@@ -127,7 +135,10 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
         families.push(libc::AF_UNIX);
     }
     if opts.sockets.inet {
-        families.extend([libc::AF_INET, libc::AF_INET6]);
+        families.push(libc::AF_INET);
+    }
+    if opts.sockets.inet && opts.sockets.ipv6 {
+        families.push(libc::AF_INET6);
     }
     if let Some(socket) = resolve("socket") {
         for family in families {
@@ -135,6 +146,18 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
                 ScmpAction::Allow,
                 socket,
                 &[ScmpArgCompare::new(0, ScmpCompareOp::Equal, family as u64)],
+            )
+            .map_err(rule_err("socket"))?;
+        }
+        if opts.sockets.inet && !opts.sockets.ipv6 {
+            ctx.add_rule_conditional(
+                ScmpAction::Errno(libc::EAFNOSUPPORT),
+                socket,
+                &[ScmpArgCompare::new(
+                    0,
+                    ScmpCompareOp::Equal,
+                    libc::AF_INET6 as u64,
+                )],
             )
             .map_err(rule_err("socket"))?;
         }
@@ -346,6 +369,14 @@ mod tests {
             exec_path: Some(0x1000),
         })
         .expect("custom list builds");
+    }
+
+    #[test]
+    fn a_runs_own_namespace_is_ipv4_only() {
+        let own = SocketPolicy::for_network(NetworkSetup::Own);
+        assert!(own.inet && !own.ipv6);
+        let host = SocketPolicy::for_network(NetworkSetup::Host);
+        assert!(host.inet && host.ipv6);
     }
 
     #[test]
