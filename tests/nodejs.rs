@@ -114,3 +114,67 @@ async fn async_code_and_modules_work() {
     let data = node(&s, code).await;
     assert_eq!(data["stdout"], "ba7816bf\n", "{data}");
 }
+
+#[tokio::test]
+async fn a_node_run_ends_as_node_would() {
+    // A run announces its exit status once its 'exit' listeners ran, so the answer does
+    // not wait for V8's teardown; every way a script ends must still answer as node does
+    // (the expectations are `node -e`'s own).
+    let s = Server::start(&[]).await;
+    let endings = [
+        ("console.log('a')", "a\n", 0),
+        ("console.log('a'); process.exit(3)", "a\n", 3),
+        ("process.exitCode = 5; console.log('b')", "b\n", 5),
+        (
+            "process.on('exit', c => console.log('bye', c)); console.log('hi')",
+            "hi\nbye 0\n",
+            0,
+        ),
+        (
+            "setTimeout(() => console.log('later'), 50); console.log('now')",
+            "now\nlater\n",
+            0,
+        ),
+        ("Promise.reject(new Error('no'))", "", 1),
+        ("process.on('exit', () => { process.exitCode = 9 })", "", 9),
+        (
+            "process.on('uncaughtException', e => console.log('caught', e.message)); setTimeout(() => { throw new Error('x') }, 1); setTimeout(() => console.log('after'), 20)",
+            "caught x\nafter\n",
+            0,
+        ),
+    ];
+    for (code, stdout, exit_code) in endings {
+        let d = node(&s, code).await;
+        assert_eq!(d["stdout"], stdout, "{code}: {d}");
+        assert_eq!(d["exit_code"], exit_code, "{code}: {d}");
+    }
+    let d = node(&s, "Promise.reject(new Error('no'))").await;
+    assert!(d["error"].as_str().unwrap().contains("Error: no"), "{d}");
+}
+
+#[tokio::test]
+async fn a_node_run_that_announces_a_false_end_is_stopped() {
+    let s = Server::start(&[("WORKER_TIMEOUT", "20")]).await;
+    let started = std::time::Instant::now();
+    let code = "const fs = require('fs'); console.log(process.getuid()); fs.writeSync(3, '=0'); fs.closeSync(3); fs.closeSync(1); fs.closeSync(2); for (;;) {}";
+    let d = node(&s, code).await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "the answer waited for the timeout: {d}"
+    );
+    let uid: u32 = d["stdout"]
+        .as_str()
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("the run's uid");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while common::processes_of(uid) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a run that announced a false end still runs as uid {uid}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(node(&s, "console.log('next')").await["stdout"], "next\n");
+}

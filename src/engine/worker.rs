@@ -286,12 +286,13 @@ impl Worker {
             let _ = code_wr.shutdown().await;
             let mut text = Vec::new();
             match owner {
+                // The helper's report: sent once the run has ended, or once it announced
+                // its end with its output closed (the helper then waits for its exit).
+                // Either way its output is complete or closed once the report is here.
                 Owner::Helper(_) => {
-                    let _ = status_rd.read_to_end(&mut text).await;
-                    (
-                        serde_json::from_slice::<HelperReport>(text.trim_ascii()).ok(),
-                        false,
-                    )
+                    let report = read_report(&mut status_rd).await;
+                    let ended = report.is_some();
+                    (report, ended)
                 }
                 Owner::Keeper { report, .. } => {
                     // The run's fd 3: the acknowledgement, then perhaps its announced end.
@@ -429,8 +430,8 @@ impl Worker {
     }
 }
 
-/// A keeper's report: read until it is whole, not until the keeper has exited.
-async fn read_report(report: &mut tokio::net::unix::pipe::Receiver) -> Option<HelperReport> {
+/// A helper's or keeper's report: read until it is whole, not until its sender exits.
+async fn read_report(report: &mut (impl AsyncRead + Unpin)) -> Option<HelperReport> {
     let mut said = Vec::new();
     let mut chunk = [0u8; 512];
     loop {

@@ -14,21 +14,22 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{OFlag, open};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sched::{CloneFlags, setns, unshare};
 use nix::sys::prctl;
 use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::Signal;
 use nix::sys::stat::Mode;
-use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
+use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{
     ForkResult, Gid, Uid, chdir, chroot, pipe2, setgroups, sethostname, setresgid, setresuid,
 };
 use serde::{Deserialize, Serialize};
 
 use super::channel;
+use super::forward::{forward_code, read_said};
 use super::rootfs;
 use super::seccomp::{self, FilterOptions, SocketPolicy};
+use super::snippet;
 use super::spec::{IsolationLevel, JOB_MOUNT, NetworkSetup, OUT_MOUNT, SandboxSpec};
 use super::step::{Step, StepError, io_step, step};
 use super::sys;
@@ -79,18 +80,18 @@ pub fn main() -> i32 {
             return 125;
         }
     };
+    let mut told = false;
     let report = match channel::recv_spec(&channel).and_then(|(json, fds)| {
         serde_json::from_slice::<SandboxSpec>(&json)
             .map(|spec| (spec, fds))
             .map_err(|e| format!("invalid helper spec: {e}"))
     }) {
-        Ok((spec, fds)) => run(&spec, fds, &mut channel),
+        Ok((spec, fds)) => run(&spec, fds, &mut channel, &mut told),
         Err(message) => HelperReport::SetupFailed { message },
     };
-    let mut line = serde_json::to_string(&report).unwrap_or_else(|_| "{}".to_string());
-    line.push('\n');
-    // The server may be gone (it killed us on timeout); nothing else to tell then.
-    let _ = channel.write_all(line.as_bytes());
+    if !told {
+        tell(&mut channel, &report);
+    }
     // Leave only once the server has closed its side: closing a Unix socket with
     // unread data resets it, and the server would lose this report.
     let mut sink = [0u8; 4096];
@@ -98,12 +99,26 @@ pub fn main() -> i32 {
     0
 }
 
+/// Send `report` to the server, which may be gone (it killed us on timeout): nothing
+/// else to tell then.
+fn tell(channel: &mut UnixStream, report: &HelperReport) {
+    let mut line = serde_json::to_string(report).unwrap_or_else(|_| "{}".to_string());
+    line.push('\n');
+    let _ = channel.write_all(line.as_bytes());
+}
+
 fn setup_failed(step: Step, what: &str, e: nix::errno::Errno) -> HelperReport {
     StepError::new(step, what, e.desc()).into()
 }
 
 /// The descriptors come in `channel`'s order: the run's stdin, then its network namespace.
-fn run(spec: &SandboxSpec, fds: Vec<OwnedFd>, channel: &mut UnixStream) -> HelperReport {
+/// `told` is set when the run's announced end was sent to the server already.
+fn run(
+    spec: &SandboxSpec,
+    fds: Vec<OwnedFd>,
+    channel: &mut UnixStream,
+    told: &mut bool,
+) -> HelperReport {
     let mut fds = fds.into_iter();
     let (stdin, netns) = (fds.next(), fds.next());
     if !spec.level.private_root() && (spec.job_dir.is_some() || spec.out_dir.is_some()) {
@@ -170,14 +185,29 @@ fn run(spec: &SandboxSpec, fds: Vec<OwnedFd>, channel: &mut UnixStream) -> Helpe
             // child wrote why it failed and exited.
             let _ = File::from(err_read).read_to_string(&mut message);
             let forwarded = message.is_empty() && forward_code(channel, &mut code_ours, child);
+            // The run's output goes to the server, which sees its end when the
+            // interpreter closes it, whether or not this process still runs.
+            let _ = File::open("/dev/null").map(|null| {
+                let _ = nix::unistd::dup2_stdout(&null);
+                let _ = nix::unistd::dup2_stderr(&null);
+            });
+            let said = if forwarded {
+                read_said(&mut code_ours)
+            } else {
+                Vec::new()
+            };
+            if let Some(code) = snippet::announced_end(&said) {
+                // Its output is closed: the server may answer before the teardown.
+                tell(channel, &HelperReport::Exited { code });
+                *told = true;
+            }
             let status = loop {
                 match waitpid(child, None) {
                     Err(nix::errno::Errno::EINTR) => continue,
                     other => break other,
                 }
             };
-            // The interpreter is gone, so this read cannot wait: the byte or EOF.
-            let delivered = forwarded && matches!(code_ours.read(&mut [0u8]), Ok(1));
+            let delivered = said.first() == Some(&snippet::ACK);
             if !message.is_empty() {
                 return HelperReport::SetupFailed { message };
             }
@@ -196,79 +226,6 @@ fn run(spec: &SandboxSpec, fds: Vec<OwnedFd>, channel: &mut UnixStream) -> Helpe
                     message: format!("waitpid failed: {}", e.desc()),
                 },
             }
-        }
-    }
-}
-
-/// Whether `child` has exited, without reaping it.
-fn exited(child: nix::unistd::Pid) -> bool {
-    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
-    !matches!(waitid(Id::Pid(child), flags), Ok(WaitStatus::StillAlive))
-}
-
-/// Copy the snippet from the server to the interpreter's fd 3 until the server closes
-/// its side, or stop early when the interpreter exits (a warm worker killed while it
-/// waited). The socket is written without blocking, so a full buffer whose reader died
-/// cannot hang the helper. Returns whether the whole snippet was sent.
-fn forward_code(channel: &mut UnixStream, code: &mut UnixStream, child: nix::unistd::Pid) -> bool {
-    let pidfd = sys::pidfd_open(child).ok();
-    if code.set_nonblocking(true).is_err() {
-        return false;
-    }
-    let mut buf = vec![0u8; 64 * 1024];
-    // `buf[written..filled]` came from the server and is not sent on yet.
-    let (mut written, mut filled) = (0, 0);
-    loop {
-        let pending = written < filled;
-        let (child_done, ready) = {
-            let mut fds = vec![if pending {
-                PollFd::new(code.as_fd(), PollFlags::POLLOUT)
-            } else {
-                PollFd::new(channel.as_fd(), PollFlags::POLLIN)
-            }];
-            if let Some(p) = &pidfd {
-                fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
-            }
-            // Without pidfd (old kernels) wake up now and then to check on the child.
-            let timeout = if pidfd.is_some() {
-                PollTimeout::NONE
-            } else {
-                PollTimeout::from(200u16)
-            };
-            match poll(&mut fds, timeout) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => return false,
-                Ok(_) => {}
-            }
-            let child_done = fds
-                .get(1)
-                .and_then(|f| f.revents())
-                .is_some_and(|r| !r.is_empty());
-            (child_done, fds[0].revents().is_some_and(|r| !r.is_empty()))
-        };
-        if child_done || (pidfd.is_none() && !ready && exited(child)) {
-            return false;
-        }
-        if !ready {
-            continue;
-        }
-        if pending {
-            match code.write(&buf[written..filled]) {
-                Ok(n) => written += n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                    ) => {}
-                Err(_) => return false,
-            }
-            continue;
-        }
-        match channel.read(&mut buf) {
-            Ok(0) => return code.shutdown(std::net::Shutdown::Write).is_ok(),
-            Ok(n) => (written, filled) = (0, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
         }
     }
 }

@@ -4,6 +4,7 @@ pub mod cgroup;
 pub mod channel;
 pub mod chroot_root;
 pub mod detect;
+pub mod forward;
 pub mod helper;
 pub mod net;
 pub mod rootfs;

@@ -28,7 +28,25 @@ const BOOTSTRAP: &str = r#"'use strict';
   const d = fs.readFileSync(3);
   // Tells the sandbox the snippet arrived whole; nothing of it has run yet.
   fs.writeSync(3, '__ACK__');
-  fs.closeSync(3);
+  // Once the 'exit' listeners have run, the output is complete: close it and announce
+  // the exit status on fd 3, so the answer does not wait for V8's teardown. Not after an
+  // uncaught exception: Node prints it after 'exit'.
+  let fatal = false;
+  process.on('uncaughtExceptionMonitor', () => { fatal = true; });
+  const emit = process.emit;
+  process.emit = function (event, ...rest) {
+    const result = emit.call(this, event, ...rest);
+    if (event === 'exit' && !fatal) {
+      try {
+        const code = Number(process.exitCode ?? rest[0] ?? 0) & 0xff;
+        fs.closeSync(1);
+        fs.closeSync(2);
+        fs.writeSync(3, '__ENDED__' + code);
+        fs.closeSync(3);
+      } catch {}
+    }
+    return result;
+  };
   let i = d.indexOf(10);
   const [p, a, e] = d.subarray(0, i).toString().split(' ').map(Number);
   const v = [];
@@ -111,10 +129,15 @@ pub fn argv(program: &Path, memory_mb: u64, env: &[String]) -> Vec<String> {
     }
     argv.extend([
         "-e".into(),
-        BOOTSTRAP.replace(
-            "__ACK__",
-            &char::from(crate::isolation::snippet::ACK).to_string(),
-        ),
+        BOOTSTRAP
+            .replace(
+                "__ACK__",
+                &char::from(crate::isolation::snippet::ACK).to_string(),
+            )
+            .replace(
+                "__ENDED__",
+                &char::from(crate::isolation::snippet::ENDED).to_string(),
+            ),
     ]);
     argv
 }

@@ -258,6 +258,24 @@ pub fn nix_kill(pid: u32, sig: &str) -> std::io::Result<Output> {
 
 /// Per-run cgroup directories of the server `pid` (v1 memory and pids hierarchies or the
 /// v2 tree, under this process's own cgroups, where the server creates them).
+/// How many processes run as `uid`.
+pub fn processes_of(uid: u32) -> usize {
+    let uid = uid.to_string();
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| {
+                    std::fs::read_to_string(e.path().join("status"))
+                        .unwrap_or_default()
+                        .lines()
+                        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&uid))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 pub fn run_cgroups_of(pid: u32) -> Vec<std::path::PathBuf> {
     let prefix = format!("sandbox-run-{pid}-");
     let mut found = Vec::new();
