@@ -316,13 +316,9 @@ async fn a_run_can_announce_only_an_end_it_could_have_made() {
         "the answer waited for the timeout: {d}"
     );
     let uid: u32 = out(&d).trim().parse().expect("the run's uid");
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while common::processes_of(uid) > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a run that announced a false end still runs as uid {uid}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        common::no_process_of(uid, Duration::from_secs(3)).await,
+        "a run that announced a false end still runs as uid {uid}"
+    );
     assert_eq!(out(&s.python("print('next')").await), "next\n");
 }

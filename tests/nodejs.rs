@@ -168,13 +168,9 @@ async fn a_node_run_that_announces_a_false_end_is_stopped() {
         .trim()
         .parse()
         .expect("the run's uid");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    while common::processes_of(uid) > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a run that announced a false end still runs as uid {uid}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    assert!(
+        common::no_process_of(uid, std::time::Duration::from_secs(3)).await,
+        "a run that announced a false end still runs as uid {uid}"
+    );
     assert_eq!(node(&s, "console.log('next')").await["stdout"], "next\n");
 }

@@ -121,12 +121,9 @@ impl Recipe {
         .map_err(|e| e.to_string())?;
         let cgroup_bases = cgroup.map(CgroupDriver::bases).unwrap_or_default();
         let program = runtime.program.clone();
-        let ack = char::from(crate::isolation::snippet::ACK).to_string();
-        let ended = char::from(crate::isolation::snippet::ENDED).to_string();
-        let code = ZYGOTE
-            .replace("__FRAME__", crate::runtime::python::FRAME)
-            .replace("__ACK__", &ack)
-            .replace("__ENDED__", &ended);
+        let code = crate::isolation::snippet::with_markers(
+            &ZYGOTE.replace("__FRAME__", crate::runtime::python::FRAME),
+        );
         // Isolated, no site, no bytecode written, unbuffered, UTF-8.
         let flags = ["-I", "-S", "-B", "-u", "-X", "utf8", "-c"];
         let mut argv = vec![program.to_string_lossy().into_owned()];

@@ -284,32 +284,26 @@ impl Worker {
             // The run may fail before reading everything; its report says why.
             let _ = code_wr.write_all(frame).await;
             let _ = code_wr.shutdown().await;
-            let mut text = Vec::new();
             match owner {
                 // The helper's report: sent once the run has ended, or once it announced
                 // its end with its output closed (the helper then waits for its exit).
-                // Either way its output is complete or closed once the report is here.
-                Owner::Helper(_) => {
-                    let report = read_report(&mut status_rd).await;
-                    let ended = report.is_some();
-                    (report, ended)
-                }
+                Owner::Helper(_) => read_report(&mut status_rd).await,
                 Owner::Keeper { report, .. } => {
                     // The run's fd 3: the acknowledgement, then perhaps its announced end.
+                    let mut text = Vec::new();
                     let _ = (&mut status_rd)
                         .take(snippet::CHANNEL_CAP)
                         .read_to_end(&mut text)
                         .await;
                     if let Some(code) = snippet::announced_end(&text) {
-                        return (Some(HelperReport::Exited { code }), true);
+                        return Some(HelperReport::Exited { code });
                     }
                     let acknowledged = text.first() == Some(&snippet::ACK);
-                    let report = match read_report(report).await {
+                    match read_report(report).await {
                         Some(r @ HelperReport::SetupFailed { .. }) => Some(r),
                         Some(_) | None if !acknowledged => Some(HelperReport::EndedBeforeCode),
                         other => other,
-                    };
-                    (report, false)
+                    }
                 }
             }
         };
@@ -332,26 +326,26 @@ impl Worker {
             }
         };
         let mut stopped_for = None;
-        let (report, announced) = tokio::select! {
+        let report = tokio::select! {
             r = talk => r,
-            _ = tokio::time::sleep(timeout) => { stopped_for = Some(LimitHit::Timeout); (None, false) }
-            _ = overflow.notified() => { stopped_for = Some(LimitHit::Output); (None, false) }
-            _ = memory => { stopped_for = Some(LimitHit::Memory); (None, false) }
-            _ = disk => { stopped_for = Some(LimitHit::Disk); (None, false) }
+            _ = tokio::time::sleep(timeout) => { stopped_for = Some(LimitHit::Timeout); None }
+            _ = overflow.notified() => { stopped_for = Some(LimitHit::Output); None }
+            _ = memory => { stopped_for = Some(LimitHit::Memory); None }
+            _ = disk => { stopped_for = Some(LimitHit::Disk); None }
         };
         if stopped_for.is_some() {
             self.kill_tree();
         }
-        // A report is sent once every process of the run is gone; the owner's own exit
-        // (a keeper's takes about a millisecond) is awaited after the answer, by `release`.
-        if report.is_none() {
+        // A report comes once the run is gone, or once it announced its end with its
+        // output closed; the owner's own exit is awaited after the answer, by `release`.
+        let reported = report.is_some();
+        if !reported {
             let _ = tokio::time::timeout(DRAIN, self.owner.wait()).await;
         }
-        self.ended_cleanly = stopped_for.is_none() && report.is_some();
+        self.ended_cleanly = stopped_for.is_none() && reported;
         let readers = futures::future::join(join_reader(stdout), join_reader(stderr));
-        let ((out, out_over), (err, err_over)) = if announced {
-            // The run closed its output before it announced its end: both streams end
-            // now, or it did not end and is stopped.
+        let ((out, out_over), (err, err_over)) = if reported {
+            // Both streams end now, or the run did not end as it said and is stopped.
             tokio::pin!(readers);
             match tokio::time::timeout(EXIT_GRACE, &mut readers).await {
                 Ok(both) => both,

@@ -11,8 +11,9 @@
 //!   (<length>\n<NAME=value>) x E set in the snippet's environment before it runs
 //!   <preload bytes: P><code bytes: to the end of the stream>
 //! bootstrap --(fd 3)--> helper:  one byte, ACK, once the whole frame is read
-//! fork server run --(fd 3)-->     then, at its end: ENDED and the exit status in decimal
-//!   server                        ASCII, once its stdout and stderr are closed
+//! bootstrap --(fd 3)--> helper    then, from Node and forked Python runs, at their end:
+//!   or server                     ENDED and the exit status in decimal ASCII, once
+//!                                 stdout and stderr are closed
 //! ```
 //!
 //! Every length is decimal ASCII, in bytes. The bootstrap reads fd 3 to its end, writes
@@ -27,12 +28,20 @@
 /// The byte a bootstrap writes back on fd 3 after reading the whole frame.
 pub const ACK: u8 = b'.';
 
-/// The byte a forked Python run writes on fd 3 before its exit status, once its output
-/// is complete and closed. The server answers from it instead of waiting for the
-/// process's teardown (about 2 ms for a forked interpreter), and confirms the end with
-/// the keeper afterwards. The snippet could write it too: it can only claim an exit
+/// The byte a Node or forked Python run writes on fd 3 before its exit status, once its
+/// output is complete and closed. The server answers from it instead of waiting for the
+/// process's teardown (about 2 ms for a forked interpreter, more for V8), and confirms
+/// the end with the run's owner afterwards. The snippet could write it too: it can only claim an exit
 /// status it could have exited with, and a run that claims and goes on is killed.
 pub const ENDED: u8 = b'=';
+
+/// `script` (a bootstrap's source) with its `__ACK__` and `__ENDED__` placeholders
+/// replaced by the bytes above.
+pub fn with_markers(script: &str) -> String {
+    script
+        .replace("__ACK__", &char::from(ACK).to_string())
+        .replace("__ENDED__", &char::from(ENDED).to_string())
+}
 
 /// The most a run's fd 3 is read: the acknowledgement and an announced end.
 pub const CHANNEL_CAP: u64 = 64;

@@ -129,15 +129,7 @@ pub fn argv(program: &Path, memory_mb: u64, env: &[String]) -> Vec<String> {
     }
     argv.extend([
         "-e".into(),
-        BOOTSTRAP
-            .replace(
-                "__ACK__",
-                &char::from(crate::isolation::snippet::ACK).to_string(),
-            )
-            .replace(
-                "__ENDED__",
-                &char::from(crate::isolation::snippet::ENDED).to_string(),
-            ),
+        crate::isolation::snippet::with_markers(BOOTSTRAP),
     ]);
     argv
 }

@@ -94,13 +94,11 @@ pub fn discover(python: &str, system_files: &[PathBuf]) -> Result<Runtime, Disco
 /// start-up, yet every discovered path, site-packages included, stays importable.
 pub fn bootstrap(sys_path: &[String]) -> String {
     let list = serde_json::to_string(sys_path).unwrap_or_else(|_| "[]".into());
-    BOOTSTRAP
-        .replace("__FRAME__", FRAME)
-        .replace("__SYS_PATH__", &list)
-        .replace(
-            "__ACK__",
-            &char::from(crate::isolation::snippet::ACK).to_string(),
-        )
+    crate::isolation::snippet::with_markers(
+        &BOOTSTRAP
+            .replace("__FRAME__", FRAME)
+            .replace("__SYS_PATH__", &list),
+    )
 }
 
 pub fn argv(program: &Path, sys_path: &[String]) -> Vec<String> {

@@ -189,19 +189,12 @@ def run_snippet(sys_path):
     exit code 1 on an exception, then the shutdown steps a snippet can observe."""
     import types
     sys.path[:] = sys_path
-    chunks = []
-    while True:
-        chunk = os.read(3, 1 << 16)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    data = b"".join(chunks)
+    data = open(3, "rb", closefd=False).read()
     # Tells the server the snippet arrived whole; nothing of it has run yet.
     os.write(3, b"__ACK__")
     # Kept for the announcement of the run's end (see `shut_down`), on the highest
     # descriptor the run may have: fd 3 is free again, as in a fresh interpreter.
-    global END_FD
-    END_FD = os.dup2(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1, inheritable=False)
+    end = os.dup2(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1, inheritable=False)
     os.close(3)
     preload, code, filename, argv, env = _frame(data)
     main = types.ModuleType("__main__")
@@ -214,12 +207,12 @@ def run_snippet(sys_path):
             exec(compile(preload, "<preload>", "exec"), g)
         exec(compile(code, filename, "exec"), g)
     except SystemExit as e:
-        shut_down(exit_code(e))
+        shut_down(exit_code(e), end)
     except BaseException as e:
         import traceback
         traceback.print_exception(type(e), e, e.__traceback__.tb_next)
-        shut_down(1)
-    shut_down(0)
+        shut_down(1, end)
+    shut_down(0, end)
 
 
 def exit_code(e):
@@ -233,7 +226,7 @@ def exit_code(e):
     return 1
 
 
-def shut_down(code):
+def shut_down(code, end):
     """What a fresh interpreter's shutdown does that a snippet can see: join its threads,
     run its atexit handlers, flush its output. Tearing down every preloaded module is
     skipped: it costs tens of milliseconds and nothing of it reaches the answer."""
@@ -256,9 +249,9 @@ def shut_down(code):
         except OSError:
             pass
     try:
-        os.write(END_FD, b"__ENDED__%d" % code)
-        os.close(END_FD)
-    except (OSError, NameError):
+        os.write(end, b"__ENDED__%d" % code)
+        os.close(end)
+    except OSError:
         pass
     os._exit(code)
 

@@ -258,22 +258,29 @@ pub fn nix_kill(pid: u32, sig: &str) -> std::io::Result<Output> {
 
 /// Per-run cgroup directories of the server `pid` (v1 memory and pids hierarchies or the
 /// v2 tree, under this process's own cgroups, where the server creates them).
-/// How many processes run as `uid`.
-pub fn processes_of(uid: u32) -> usize {
+/// Whether, within `within`, no process runs as `uid` any more.
+pub async fn no_process_of(uid: u32, within: Duration) -> bool {
     let uid = uid.to_string();
-    std::fs::read_dir("/proc")
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter(|e| {
-                    std::fs::read_to_string(e.path().join("status"))
-                        .unwrap_or_default()
-                        .lines()
-                        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&uid))
-                })
-                .count()
-        })
-        .unwrap_or(0)
+    let runs_as_uid = |status: String| {
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&uid))
+    };
+    let deadline = Instant::now() + within;
+    loop {
+        let running = std::fs::read_dir("/proc").is_ok_and(|entries| {
+            entries.flatten().any(|e| {
+                runs_as_uid(std::fs::read_to_string(e.path().join("status")).unwrap_or_default())
+            })
+        });
+        if !running {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 pub fn run_cgroups_of(pid: u32) -> Vec<std::path::PathBuf> {

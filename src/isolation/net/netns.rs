@@ -91,24 +91,19 @@ impl NetLease {
     pub async fn release(self, uid: Option<UidLease>, run_gone: bool) {
         let Self {
             host,
-            mut address,
-            mut kept,
+            address,
+            kept,
             lot,
         } = self;
         let untouched = run_gone && kept.traces.none_left();
-        let mut uid = uid;
-        if untouched && let Some(lease) = uid.take() {
-            match lot.park(Parked {
-                uid: lease,
-                address,
-                kept,
-            }) {
+        let (uid, address, kept) = match uid {
+            Some(uid) if untouched => match lot.park(Parked { uid, address, kept }) {
                 None => return,
-                Some(refused) => {
-                    (uid, address, kept) = (Some(refused.uid), refused.address, refused.kept)
-                }
-            }
-        }
+                // The lot is full.
+                Some(p) => (Some(p.uid), p.address, p.kept),
+            },
+            uid => (uid, address, kept),
+        };
         drop(kept);
         // The namespace dies with its last reference and the kernel then deletes both veth
         // ends, batched with other dying namespaces. Deleting the link ourselves would
@@ -145,26 +140,19 @@ struct Parked {
 }
 
 impl Lot {
+    /// The parked namespaces (a panic elsewhere leaves the list itself intact).
+    fn parked(&self) -> std::sync::MutexGuard<'_, Vec<Parked>> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Keep `p`, or hand it back when the lot is full.
     fn park(&self, p: Parked) -> Option<Parked> {
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut parked = self.parked();
         if parked.len() >= self.limit {
             return Some(p);
         }
         parked.push(p);
         None
-    }
-
-    fn take(&self) -> Option<Parked> {
-        self.parked.lock().unwrap_or_else(|e| e.into_inner()).pop()
-    }
-
-    fn drain(&self) -> Vec<Parked> {
-        std::mem::take(&mut *self.parked.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    fn len(&self) -> usize {
-        self.parked.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
@@ -223,7 +211,7 @@ impl Plumbing {
 
     /// A namespace a finished run left untouched, with its uid's lease.
     pub fn reuse(&self) -> Option<(UidLease, RunNetns)> {
-        let p = self.lot.take()?;
+        let p = self.lot.parked().pop()?;
         // On failure `p` is dropped: the namespace goes, and the uid with it.
         let fd = p.kept.ns.try_clone().ok()?;
         Some((
@@ -242,23 +230,22 @@ impl Plumbing {
 
     /// How many namespaces wait for reuse.
     pub fn kept(&self) -> usize {
-        self.lot.len()
+        self.lot.parked().len()
     }
 
     /// Destroy the namespaces kept for reuse and wait until their veth pairs are gone.
     pub async fn close(&self) {
-        let parked = self.lot.drain();
-        let names: Vec<String> = parked.iter().map(|p| p.address.host_if.clone()).collect();
-        let (leases, kept): (Vec<UidLease>, Vec<Kept>) =
-            parked.into_iter().map(|p| (p.uid, p.kept)).unzip();
-        drop(kept);
-        futures::future::join_all(names.iter().map(|name| async move {
-            if !gone(&self.host, name, LINK_GONE_WAIT).await {
-                remove_link(&self.host, name).await;
+        let parked = std::mem::take(&mut *self.lot.parked());
+        // Every namespace's last references go at once (`kept` dropped), then the uids
+        // go back once the veth pairs are gone.
+        let going: Vec<(UidLease, RunAddress)> =
+            parked.into_iter().map(|p| (p.uid, p.address)).collect();
+        futures::future::join_all(going.iter().map(|(_, a)| async move {
+            if !gone(&self.host, &a.host_if, LINK_GONE_WAIT).await {
+                remove_link(&self.host, &a.host_if).await;
             }
         }))
         .await;
-        drop(leases);
     }
 
     pub fn address_of(&self, uid: u32) -> Result<RunAddress, NetnsError> {
@@ -271,18 +258,15 @@ impl Plumbing {
         // A previous run of this uid whose namespace the kernel has not destroyed yet.
         self.remove_link(&address.host_if).await;
         let (fd, inside, files) = new_namespace().await?;
-        let made = match self.plumb(&fd, &inside, &address).await {
-            Ok(()) => files
+        let made = self.plumb(&fd, &inside, &address).await.and_then(|()| {
+            let traces = files
                 .baseline()
-                .map_err(|e| NetnsError::Namespace(format!("reading its counters: {e}")))
-                .and_then(|traces| {
-                    let ns = fd
-                        .try_clone()
-                        .map_err(|e| NetnsError::Namespace(format!("dup: {e}")))?;
-                    Ok((ns, traces))
-                }),
-            Err(e) => Err(e),
-        };
+                .map_err(|e| NetnsError::Namespace(format!("reading its counters: {e}")))?;
+            let ns = fd
+                .try_clone()
+                .map_err(|e| NetnsError::Namespace(format!("dup: {e}")))?;
+            Ok((ns, traces))
+        });
         match made {
             Ok((ns, traces)) => Ok(RunNetns {
                 fd,
