@@ -24,6 +24,16 @@ pub struct PoolLabels {
     pub network: String,
 }
 
+/// Runs that did not end as they reported, counted by the engine as it finds them (the
+/// registry shares these counters).
+#[derive(Clone, Debug, Default)]
+pub struct FalseEnds {
+    /// Announced an exit status, then exited otherwise.
+    pub misreported: Counter,
+    /// Still running after the answer went out on their announced end, and killed.
+    pub killed_after_answer: Counter,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub runs: Family<RunLabels, Counter>,
@@ -36,8 +46,18 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub fn new(false_ends: &FalseEnds) -> Self {
         let mut registry = Registry::with_prefix("sandbox");
+        registry.register(
+            "runs_misreported_end",
+            "Runs that announced an exit status and then ended otherwise (their network namespace is not reused)",
+            false_ends.misreported.clone(),
+        );
+        registry.register(
+            "runs_killed_after_answer",
+            "Runs still running after they were answered on their announced end, killed by the server",
+            false_ends.killed_after_answer.clone(),
+        );
         let runs = Family::<RunLabels, Counter>::default();
         registry.register(
             "runs",
@@ -110,11 +130,5 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
     }
 }

@@ -31,11 +31,12 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(engine: Arc<Engine>) -> Arc<Self> {
+        let metrics = Metrics::new(&engine.false_ends);
         Arc::new(Self {
             engine,
             in_flight: AtomicUsize::new(0),
             request_ids: AtomicU64::new(1),
-            metrics: Metrics::new(),
+            metrics,
         })
     }
 }

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use build::BuildError;
 pub use outcome::{LimitHit, RunLimits, RunOutcome};
@@ -38,8 +38,8 @@ pub use request::{RunError, RunFiles, RunRequest};
 pub use stdin::StdinFeed;
 pub use warm::PoolKey;
 use warm::WarmPool;
+use worker::{Aftermath, RunBounds, Watch, Worker};
 pub use worker::{Sink, Stream};
-use worker::{Watch, Worker};
 
 use crate::config::Config;
 use crate::deps::Dependencies;
@@ -77,6 +77,11 @@ pub struct Engine {
     /// Background work that must finish before the server exits: warm workers being
     /// started, clean-up after runs.
     tasks: tokio_util::task::TaskTracker,
+    /// Answer a run on its announced end, before its processes are gone (`serve`); off,
+    /// every answer waits for the run's last process (`sandbox run`).
+    early_answer: bool,
+    /// Runs found not to have ended as they reported.
+    pub false_ends: crate::metrics::FalseEnds,
 }
 
 impl Engine {
@@ -89,6 +94,12 @@ impl Engine {
                 "not configured".into(),
             )),
         }
+    }
+
+    /// Answer every run only once its last process is gone, with the status it really
+    /// ended with (a command's exit status must be the run's own).
+    pub fn answer_when_gone(&mut self) {
+        self.early_answer = false;
     }
 
     /// Runs waiting for a worker slot.
@@ -250,7 +261,10 @@ impl Engine {
         self.queued.fetch_add(1, Ordering::Relaxed);
         let slot = self.workers.clone().acquire_owned().await;
         self.queued.fetch_sub(1, Ordering::Relaxed);
-        let _slot = slot.map_err(|_| RunError::ShuttingDown)?;
+        // Held until the last process of the run that answers is gone (see `run_worker`),
+        // so max_workers bounds live runs, not open requests.
+        let mut slot = Some(slot.map_err(|_| RunError::ShuttingDown)?);
+        let slot = &mut slot;
         let key = PoolKey {
             language: req.language,
             network: req.network,
@@ -258,13 +272,13 @@ impl Engine {
         if !req.files.is_empty() {
             // Its directories are bound when its sandbox is built: a worker of its own.
             let worker = self.spawn_worker(key, false, &req.files).await?;
-            return self.finish_fresh(worker, &req).await;
+            return self.finish_fresh(worker, &req, slot).await;
         }
         let none = RunFiles::default();
         let mut allow_fork = true;
         if let Some(worker) = self.warm.take_or_wait(key).await {
             let forked = worker.is_forked();
-            match self.run_worker(worker, &req).await {
+            match self.run_worker(worker, &req, slot).await {
                 // Killed while it waited: the snippet never ran, so running it on a fresh
                 // worker is safe.
                 Err(RunError::EndedBeforeCode) if rerunnable(&req) => {}
@@ -283,7 +297,7 @@ impl Engine {
         }
         let worker = self.spawn_worker(key, allow_fork, &none).await?;
         if worker.is_forked() {
-            match self.run_worker(worker, &req).await {
+            match self.run_worker(worker, &req, slot).await {
                 Err(RunError::Setup(message)) if rerunnable(&req) => self.fork_failed(&message),
                 Err(RunError::EndedBeforeCode) if rerunnable(&req) => {
                     self.fork_failed("the run ended before it read its snippet")
@@ -298,9 +312,9 @@ impl Engine {
                 }
             }
             let worker = self.spawn_worker(key, false, &none).await?;
-            return self.finish_fresh(worker, &req).await;
+            return self.finish_fresh(worker, &req, slot).await;
         }
-        self.finish_fresh(worker, &req).await
+        self.finish_fresh(worker, &req, slot).await
     }
 
     /// Note a forked run that failed to start; a fork server that keeps failing is put
@@ -314,8 +328,13 @@ impl Engine {
 
     /// Run `req` on a worker started for it; a run that ends before its snippet was read
     /// is the sandbox's failure.
-    async fn finish_fresh(&self, worker: Worker, req: &RunRequest) -> Result<RunOutcome, RunError> {
-        match self.run_worker(worker, req).await {
+    async fn finish_fresh(
+        &self,
+        worker: Worker,
+        req: &RunRequest,
+        slot: &mut Option<OwnedSemaphorePermit>,
+    ) -> Result<RunOutcome, RunError> {
+        match self.run_worker(worker, req, slot).await {
             Err(RunError::EndedBeforeCode) => Err(RunError::Setup(
                 "the interpreter exited before it could read the snippet; check that it starts \
                  within memory_limit_mb (sandbox doctor)"
@@ -421,11 +440,14 @@ impl Engine {
         Worker::spawn(&spec, netns, lease, net_lease, cgroup, chroot_tmp)
     }
 
-    /// Send the snippet to `worker`, collect its output under the limits, clean up.
+    /// Send the snippet to `worker`, collect its output under the limits, clean up. A run
+    /// answered before its processes are gone takes `slot` along: it is given back once
+    /// they are.
     async fn run_worker(
         &self,
         mut worker: Worker,
         req: &RunRequest,
+        slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<RunOutcome, RunError> {
         let started = Instant::now();
         let frame = snippet::encode(&req.preload, &req.code, &req.invocation);
@@ -449,18 +471,39 @@ impl Engine {
             memory_bytes: self.host.cgroup.is_none().then_some(l.memory_mb << 20),
             disk_bytes: on_disk.then_some(l.tmp_mb << 20),
         };
-        let collected = worker
-            .run(
-                &frame,
-                l.timeout,
-                l.max_output_bytes,
-                watch,
-                req.sink.clone(),
-            )
-            .await;
+        let bounds = RunBounds {
+            timeout: l.timeout,
+            output_cap: l.max_output_bytes,
+            early_answer: self.early_answer,
+        };
+        let collected = worker.run(&frame, bounds, watch, req.sink.clone()).await;
         let uid = worker.uid();
-        // The process tree is gone; the cgroup, network and uid are freed after the answer.
-        self.tasks.spawn(worker.release());
+        let false_ends = self.false_ends.clone();
+        let mut slot = if self.early_answer && collected.is_ok() {
+            slot.take()
+        } else {
+            None
+        };
+        let release = async move {
+            let aftermath = worker.until_gone().await;
+            // The run is over: its slot may serve the next one.
+            slot.take();
+            let counter = match aftermath {
+                Aftermath::Ended => None,
+                Aftermath::FalseEnd => Some(&false_ends.misreported),
+                Aftermath::KilledAfterAnswer => Some(&false_ends.killed_after_answer),
+            };
+            if let Some(c) = counter {
+                c.inc();
+            }
+            worker.free(aftermath).await;
+        };
+        if self.early_answer && collected.is_ok() {
+            // The answer goes now; the slot stays taken until the run is gone.
+            self.tasks.spawn(release);
+        } else {
+            release.await;
+        }
         let c = collected?;
         let stderr = String::from_utf8_lossy(&c.stderr).into_owned();
         let (exit_code, limit, error) = outcome::conclude(

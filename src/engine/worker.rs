@@ -21,7 +21,7 @@ use crate::isolation::cgroup::RunCgroup;
 use crate::isolation::helper::HelperReport;
 use crate::isolation::net::netns::NetLease;
 use crate::isolation::spec::SandboxSpec;
-use crate::isolation::uids::UidLease;
+use crate::isolation::uids::{UidLease, processes_of};
 use crate::isolation::{channel, snippet};
 
 /// The helper is this very binary (`sandbox __exec`).
@@ -101,6 +101,11 @@ pub struct Worker {
     /// The run ended by itself and its owner was seen gone: nothing of it is left, so its
     /// network namespace may serve another run.
     ended_cleanly: bool,
+    /// The exit status a run announced and was answered on while its processes may still
+    /// run: `release` holds it to the owner's own report.
+    announced: Option<i32>,
+    /// The helper's reports (lines on the channel) read so far and not yet taken.
+    reports: ReportLines,
     /// The run's private directory on the host, under the chroot level (which has no
     /// private tmpfs to vanish with the run).
     chroot_tmp: Option<PathBuf>,
@@ -188,6 +193,8 @@ impl Worker {
                 uid: lease.uid,
                 lease: Some(lease),
                 ended_cleanly: false,
+                announced: None,
+                reports: ReportLines::default(),
                 chroot_tmp,
                 out_dir: spec.out_dir.clone(),
                 stdin: Some(stdin),
@@ -226,6 +233,8 @@ impl Worker {
             uid: lease.uid,
             lease: Some(lease),
             ended_cleanly: false,
+            announced: None,
+            reports: ReportLines::default(),
             chroot_tmp: None,
             out_dir: None,
             stdin: Some(pipes.stdin),
@@ -247,15 +256,22 @@ impl Worker {
     }
 
     /// Send `frame` (see `isolation::snippet`) and collect the output, each stream
-    /// capped at `cap` bytes, until the run ends or `timeout` passes.
+    /// capped at `cap` bytes, until the run ends or `timeout` passes. With `early_answer`
+    /// a run that announced its end (its output closed) is answered at once and held to
+    /// it by `release`; without, the run is watched until its owner says how it really
+    /// ended.
     pub async fn run(
         &mut self,
         frame: &[u8],
-        timeout: Duration,
-        cap: usize,
+        limits: RunBounds,
         watch: Watch,
         sink: Option<Sink>,
     ) -> Result<Collected, RunError> {
+        let RunBounds {
+            timeout,
+            output_cap: cap,
+            early_answer,
+        } = limits;
         let overflow = Arc::new(Notify::new());
         let (out_sink, err_sink) = (sink.clone(), sink);
         let stdout = self.stdout.take().map(|s| {
@@ -279,15 +295,15 @@ impl Worker {
 
         let root = self.owner.pid();
         let (mut status_rd, mut code_wr) = self.channel.split();
-        let owner = &mut self.owner;
+        let (owner, reports) = (&mut self.owner, &mut self.reports);
         let talk = async {
             // The run may fail before reading everything; its report says why.
             let _ = code_wr.write_all(frame).await;
             let _ = code_wr.shutdown().await;
-            match owner {
+            let first = match &mut *owner {
                 // The helper's report: sent once the run has ended, or once it announced
-                // its end with its output closed (the helper then waits for its exit).
-                Owner::Helper(_) => read_report(&mut status_rd).await,
+                // its end with its output closed (then a second one when it is gone).
+                Owner::Helper(_) => reports.next(&mut status_rd).await,
                 Owner::Keeper { report, .. } => {
                     // The run's fd 3: the acknowledgement, then perhaps its announced end.
                     let mut text = Vec::new();
@@ -296,7 +312,7 @@ impl Worker {
                         .read_to_end(&mut text)
                         .await;
                     if let Some(code) = snippet::announced_end(&text) {
-                        return Some(HelperReport::Exited { code });
+                        return Some(HelperReport::Announced { code });
                     }
                     let acknowledged = text.first() == Some(&snippet::ACK);
                     match read_report(report).await {
@@ -305,6 +321,14 @@ impl Worker {
                         other => other,
                     }
                 }
+            };
+            if early_answer || !matches!(first, Some(HelperReport::Announced { .. })) {
+                return first;
+            }
+            // Without an early answer the run's limits stay watched until it is gone.
+            match owner {
+                Owner::Helper(_) => reports.next(&mut status_rd).await,
+                Owner::Keeper { report, .. } => read_report(report).await,
             }
         };
         let memory = async {
@@ -333,16 +357,16 @@ impl Worker {
             _ = memory => { stopped_for = Some(LimitHit::Memory); None }
             _ = disk => { stopped_for = Some(LimitHit::Disk); None }
         };
-        if stopped_for.is_some() {
-            self.kill_tree();
-        }
         // A report comes once the run is gone, or once it announced its end with its
-        // output closed; the owner's own exit is awaited after the answer, by `release`.
+        // output closed; then the owner's own report is awaited after the answer, by
+        // `release`.
         let reported = report.is_some();
-        if !reported {
+        if stopped_for.is_some() {
+            self.stop().await;
+        } else if !reported {
             let _ = tokio::time::timeout(DRAIN, self.owner.wait()).await;
         }
-        self.ended_cleanly = stopped_for.is_none() && reported;
+        let mut lied = false;
         let readers = futures::future::join(join_reader(stdout), join_reader(stderr));
         let ((out, out_over), (err, err_over)) = if reported {
             // Both streams end now, or the run did not end as it said and is stopped.
@@ -350,6 +374,7 @@ impl Worker {
             match tokio::time::timeout(EXIT_GRACE, &mut readers).await {
                 Ok(both) => both,
                 Err(_) => {
+                    lied = true;
                     self.kill_tree();
                     readers.await
                 }
@@ -357,10 +382,23 @@ impl Worker {
         } else {
             readers.await
         };
+        if lied {
+            tracing::warn!(
+                uid = self.uid,
+                "a run reported its end but kept its output open; killed"
+            );
+        }
+        self.ended_cleanly = stopped_for.is_none() && reported && !lied;
         if stopped_for.is_none() && (out_over || err_over) {
             stopped_for = Some(LimitHit::Output);
         }
         let ending = match report {
+            Some(HelperReport::Announced { code }) => {
+                if !lied {
+                    self.announced = Some(code);
+                }
+                Ending::Exited(code)
+            }
             Some(HelperReport::Exited { code }) => Ending::Exited(code),
             Some(HelperReport::Signaled { signal }) => Ending::Signaled(signal),
             Some(HelperReport::SetupFailed { message }) => return Err(RunError::Setup(message)),
@@ -383,44 +421,202 @@ impl Worker {
         })
     }
 
-    /// SIGKILL the owner and everything left in the run's cgroup.
+    /// SIGKILL everything of the run. Where a cgroup holds the run, its owner is spared
+    /// to reap the run and exit by itself (see `RunCgroup::kill_all_but`); without one,
+    /// the owner's death takes the run along (its parent-death signal).
     fn kill_tree(&mut self) {
-        self.owner.start_kill();
-        if let Some(cg) = &self.cgroup {
-            cg.kill_all();
+        match (&self.cgroup, self.owner.pid()) {
+            (Some(cg), Some(owner)) => cg.kill_all_but(owner),
+            (cg, _) => {
+                self.owner.start_kill();
+                if let Some(cg) = cg {
+                    cg.kill_all();
+                }
+            }
         }
     }
 
-    /// After the process tree is gone: remove the cgroup, the network and private files,
-    /// then give the uid back (dropping the lease last).
-    pub async fn release(mut self) {
-        // The owner may still be exiting after the run's end was reported (a keeper is in
-        // the run's cgroup); one that is not gone soon (its run announced an end it did
-        // not make) is killed, and the run's network is not kept.
-        let gone = tokio::time::timeout(EXIT_GRACE, self.owner.wait())
+    /// Kill the run and wait for its owner; an owner that does not go is killed too.
+    async fn stop(&mut self) {
+        self.kill_tree();
+        // A helper leaves once the server's side of its channel is shut.
+        let _ = self.channel.shutdown().await;
+        if tokio::time::timeout(DRAIN, self.owner.wait())
             .await
-            .is_ok();
-        if !gone {
-            self.kill_tree();
+            .is_err()
+        {
+            self.owner.start_kill();
+            if let Some(cg) = &self.cgroup {
+                cg.kill_all();
+            }
             let _ = tokio::time::timeout(DRAIN, self.owner.wait()).await;
         }
+    }
+
+    /// Once every process of the run is gone: remove the cgroup, the network and private
+    /// files, then give the uid back (dropping the lease last). A run answered on its
+    /// announced end is held to it: its owner must report the same end within
+    /// `EXIT_GRACE`, or the run is killed now, and either way its network is not kept.
+    pub async fn release(mut self) -> Aftermath {
+        let aftermath = self.until_gone().await;
+        self.free(aftermath).await;
+        aftermath
+    }
+
+    /// Until every process of the run is gone (see `release`).
+    pub async fn until_gone(&mut self) -> Aftermath {
+        let mut aftermath = Aftermath::Ended;
+        let gone = match self.announced {
+            Some(said) => match tokio::time::timeout(EXIT_GRACE, self.real_end()).await {
+                Ok(real) => {
+                    if real != Some(HelperReport::Exited { code: said }) {
+                        tracing::warn!(uid = self.uid, announced = said, real = ?real, "a run announced an end it did not make");
+                        aftermath = Aftermath::FalseEnd;
+                    }
+                    true
+                }
+                Err(_) => false,
+            },
+            None => tokio::time::timeout(EXIT_GRACE, self.owner.wait())
+                .await
+                .is_ok(),
+        };
+        if !gone {
+            if self.announced.is_some() {
+                tracing::warn!(
+                    uid = self.uid,
+                    "a run kept running after its announced end; killed after its answer"
+                );
+                aftermath = Aftermath::KilledAfterAnswer;
+            }
+            self.stop().await;
+        }
+        // Whatever ended by itself and still left a process behind was not over either.
+        if !self.wait_until_empty().await && self.ended_cleanly && aftermath == Aftermath::Ended {
+            tracing::warn!(
+                uid = self.uid,
+                "a run left processes behind its end; killed"
+            );
+            aftermath = Aftermath::KilledAfterAnswer;
+        }
+        aftermath
+    }
+
+    /// Free what the run held once it is gone; its network is kept for another run only
+    /// when it ended as it said and left no trace.
+    pub async fn free(mut self, aftermath: Aftermath) {
         if let Some(cg) = self.cgroup.take() {
             let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
         }
         if let Some(net) = self.network.take() {
-            net.release(self.lease.take(), self.ended_cleanly && gone)
-                .await;
+            let keep = self.ended_cleanly && aftermath == Aftermath::Ended;
+            net.release(self.lease.take(), keep).await;
         }
         if let Some(dir) = self.chroot_tmp.take() {
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         }
     }
 
+    /// The owner's report of how the run really ended, once it is gone.
+    async fn real_end(&mut self) -> Option<HelperReport> {
+        let real = match &mut self.owner {
+            Owner::Helper(_) => self.reports.next(&mut self.channel).await,
+            Owner::Keeper { report, .. } => read_report(report).await,
+        };
+        self.owner.wait().await;
+        real
+    }
+
+    /// Whether no process of the run is left: its cgroup is empty, or, at the chroot
+    /// level without one (no pid namespace to take them down), its uid runs nothing.
+    fn is_empty(&self) -> bool {
+        match &self.cgroup {
+            Some(cg) => cg.is_empty(),
+            None if self.chroot_tmp.is_some() => processes_of(self.uid).is_empty(),
+            None => true,
+        }
+    }
+
+    /// Until no process of the run is left, killing what stays: false when something
+    /// had to be killed (or would not go).
+    async fn wait_until_empty(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + DRAIN;
+        let mut pause = Duration::from_millis(1);
+        let mut killed = false;
+        while !self.is_empty() {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::error!(uid = self.uid, "a run's processes would not go");
+                return false;
+            }
+            // The owner's exit takes the run's pid namespace down; give the kernel a
+            // moment before killing what is left.
+            if pause >= Duration::from_millis(16) {
+                killed = true;
+                self.kill_tree();
+                if self.cgroup.is_none() {
+                    for pid in processes_of(self.uid) {
+                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                    }
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+        !killed
+    }
+
     /// Kill a worker that will not run anything and free what it held.
     pub async fn discard(mut self) {
-        self.owner.start_kill();
-        let _ = tokio::time::timeout(DRAIN, self.owner.wait()).await;
+        self.stop().await;
         self.release().await;
+    }
+}
+
+/// How a run's processes ended after its answer, as `release` found them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aftermath {
+    /// As reported: nothing of the run outlived its end.
+    Ended,
+    /// It announced an end and then exited otherwise (another status, a signal).
+    FalseEnd,
+    /// It was still running after its announced end (or its owner's), and was killed.
+    KilledAfterAnswer,
+}
+
+/// The bounds `Worker::run` holds a run to.
+#[derive(Debug, Clone, Copy)]
+pub struct RunBounds {
+    pub timeout: Duration,
+    /// Bytes kept of each output stream; more stops the run.
+    pub output_cap: usize,
+    /// Answer on a run's announced end (see `Worker::run`).
+    pub early_answer: bool,
+}
+
+/// The helper's reports, one JSON line each, read as they come: bytes past a line are
+/// kept for the next one.
+#[derive(Default)]
+struct ReportLines {
+    pending: Vec<u8>,
+}
+
+impl ReportLines {
+    /// The next whole report; None when the helper closed its side first.
+    async fn next(&mut self, from: &mut (impl AsyncRead + Unpin)) -> Option<HelperReport> {
+        let mut chunk = [0u8; 512];
+        loop {
+            if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=end).collect();
+                return serde_json::from_slice(line.trim_ascii()).ok();
+            }
+            match from.read(&mut chunk).await {
+                Ok(0) | Err(_) => {
+                    let rest = std::mem::take(&mut self.pending);
+                    return serde_json::from_slice(rest.trim_ascii()).ok();
+                }
+                Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
+            }
+        }
     }
 }
 

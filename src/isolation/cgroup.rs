@@ -261,6 +261,36 @@ impl RunCgroup {
         Self::counter(&self.pids.join("pids.events"), "max") > 0
     }
 
+    /// Whether no process is left in the run (a directory already gone counts as empty).
+    pub fn is_empty(&self) -> bool {
+        self.dirs().into_iter().all(|d| {
+            fs::read_to_string(d.join("cgroup.procs")).map_or(true, |p| p.trim().is_empty())
+        })
+    }
+
+    /// SIGKILL every process of the run but `spared` (the run's owner, which then reaps
+    /// what it forked: a process whose parent is killed too is left a zombie for init).
+    pub fn kill_all_but(&self, spared: u32) {
+        for _ in 0..50 {
+            let procs = fs::read_to_string(self.memory.join("cgroup.procs")).unwrap_or_default();
+            let pids: Vec<i32> = procs
+                .split_whitespace()
+                .filter(|p| *p != spared.to_string())
+                .filter_map(|p| p.parse().ok())
+                .collect();
+            if pids.is_empty() {
+                return;
+            }
+            for pid in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// SIGKILL every process left in the run.
     pub fn kill_all(&self) {
         if self.v2 && fs::write(self.memory.join("cgroup.kill"), "1").is_ok() {

@@ -44,10 +44,16 @@ const ERROR_FD: i32 = 1022;
 /// Where the snippet's socket waits while the low descriptors are cleared.
 const CODE_PARKING_FD: i32 = 1021;
 
-/// How a run ended, as the helper tells the server (one JSON line on its stdin socket).
+/// How a run ended, as the helper tells the server (one JSON line on its stdin socket;
+/// two when the run announced its end: `Announced` first, then how it really ended).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HelperReport {
+    /// The run closed its output and said it exits with `code`; its processes may still
+    /// be running. The server may answer on it, but the run is over only at the next report.
+    Announced {
+        code: i32,
+    },
     Exited {
         code: i32,
     },
@@ -80,18 +86,15 @@ pub fn main() -> i32 {
             return 125;
         }
     };
-    let mut told = false;
     let report = match channel::recv_spec(&channel).and_then(|(json, fds)| {
         serde_json::from_slice::<SandboxSpec>(&json)
             .map(|spec| (spec, fds))
             .map_err(|e| format!("invalid helper spec: {e}"))
     }) {
-        Ok((spec, fds)) => run(&spec, fds, &mut channel, &mut told),
+        Ok((spec, fds)) => run(&spec, fds, &mut channel),
         Err(message) => HelperReport::SetupFailed { message },
     };
-    if !told {
-        tell(&mut channel, &report);
-    }
+    tell(&mut channel, &report);
     // Leave only once the server has closed its side: closing a Unix socket with
     // unread data resets it, and the server would lose this report.
     let mut sink = [0u8; 4096];
@@ -112,13 +115,8 @@ fn setup_failed(step: Step, what: &str, e: nix::errno::Errno) -> HelperReport {
 }
 
 /// The descriptors come in `channel`'s order: the run's stdin, then its network namespace.
-/// `told` is set when the run's announced end was sent to the server already.
-fn run(
-    spec: &SandboxSpec,
-    fds: Vec<OwnedFd>,
-    channel: &mut UnixStream,
-    told: &mut bool,
-) -> HelperReport {
+/// A run's announced end is sent from here; the returned report is how it really ended.
+fn run(spec: &SandboxSpec, fds: Vec<OwnedFd>, channel: &mut UnixStream) -> HelperReport {
     let mut fds = fds.into_iter();
     let (stdin, netns) = (fds.next(), fds.next());
     if !spec.level.private_root() && (spec.job_dir.is_some() || spec.out_dir.is_some()) {
@@ -198,8 +196,7 @@ fn run(
             };
             if let Some(code) = snippet::announced_end(&said) {
                 // Its output is closed: the server may answer before the teardown.
-                tell(channel, &HelperReport::Exited { code });
-                *told = true;
+                tell(channel, &HelperReport::Announced { code });
             }
             let status = loop {
                 match waitpid(child, None) {

@@ -116,6 +116,31 @@ fn uids_of_live_processes() -> std::collections::HashSet<u32> {
         .collect()
 }
 
+/// The processes running as `uid` (real, effective or saved), read from each process's
+/// `status`: its /proc directory belongs to root once it is not dumpable (a forked run).
+pub fn processes_of(uid: u32) -> Vec<nix::unistd::Pid> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .is_some_and(|ids| {
+                        ids.split_whitespace()
+                            .take(3)
+                            .any(|id| id.parse() == Ok(uid))
+                    })
+            })
+        })
+        .map(nix::unistd::Pid::from_raw)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +156,14 @@ mod tests {
         let freed = a.uid;
         drop(a);
         assert_eq!(pool.acquire().expect("after release").uid, freed);
+    }
+
+    #[test]
+    fn processes_are_found_by_their_uid() {
+        let me = nix::unistd::getuid().as_raw();
+        assert!(processes_of(me).contains(&nix::unistd::getpid()));
+        // No process runs as the last uid.
+        assert!(processes_of(u32::MAX - 1).is_empty());
     }
 
     #[test]

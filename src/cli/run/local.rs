@@ -72,7 +72,10 @@ pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCod
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let engine = rt.block_on(Engine::build(config))?;
+    let mut engine = rt.block_on(Engine::build(config))?;
+    // The command's status is the run's own, known once its last process is gone; --out
+    // is collected only after that.
+    engine.answer_when_gone();
     if let (true, RunNetwork::Host { guard: None, .. }) = (args.network, &engine.network) {
         eprintln!(
             "sandbox: warning: the run shares this host's network unguarded ({})",

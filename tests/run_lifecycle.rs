@@ -1,0 +1,351 @@
+//! A run is over only when its last process is gone. A snippet can announce an end it
+//! does not make (a forked Python run writes its end marker itself; Node's 'exit' event
+//! can be emitted by hand) and keep running after its answer: these tests try that and
+//! check that it never escapes `max_workers`, is killed, logged and counted, leaves its
+//! network namespace to no other run, and that `sandbox run` waits for it.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::Server;
+
+/// The uids runs execute as.
+const SANDBOX_UID_RANGE: std::ops::Range<u32> = 10000..11000;
+use serde_json::json;
+
+fn out(d: &serde_json::Value) -> String {
+    d["stdout"].as_str().unwrap_or_default().to_string()
+}
+
+/// Runs of the server `pid` alive now: the distinct sandbox uids among the processes of
+/// its run cgroups.
+fn live_runs(pid: u32) -> usize {
+    let mut uids = BTreeSet::new();
+    for cg in common::run_cgroups_of(pid) {
+        let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+        for p in procs.split_whitespace() {
+            let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+            let uid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().nth(1))
+                .and_then(|u| u.parse::<u32>().ok());
+            if let Some(uid) = uid.filter(|u| SANDBOX_UID_RANGE.contains(u)) {
+                uids.insert(uid);
+            }
+        }
+    }
+    uids.len()
+}
+
+/// A forked Python run writes its end marker on its highest descriptor and closes its
+/// output, then holds 50 MB and works on for 3 s. (A plain worker has no such marker: the
+/// write fails quietly and the run simply works for 3 s.)
+const PYTHON_FORGED_END: &str = r#"
+import os, resource, time
+hold = bytearray(50 << 20)
+for i in range(0, len(hold), 4096):
+    hold[i] = 1
+try:
+    e = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1
+    os.write(e, b"=0")
+    os.close(e)
+except OSError:
+    pass
+os.close(1)
+os.close(2)
+t = time.time()
+while time.time() - t < 3:
+    pass
+raise SystemExit(3)
+"#;
+
+/// Node's bootstrap announces the run's end on 'exit'; the snippet emits it by hand.
+const NODE_FORGED_END: &str = r#"
+const hold = Buffer.alloc(50 << 20, 1);
+process.emit('exit', 0);
+const t = Date.now();
+while (Date.now() - t < 3000) { hold[0]++; }
+process.exit(3);
+"#;
+
+async fn metric(s: &Server, name: &str) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", s.base))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_ends_never_hold_more_runs_than_max_workers() {
+    let s = Arc::new(
+        Server::start(&[
+            ("MAX_WORKERS", "4"),
+            ("WARM_WORKERS", "0"),
+            ("WORKER_TIMEOUT", "10"),
+        ])
+        .await,
+    );
+    let (most, stop) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let sampler = {
+        let (most, stop, pid) = (most.clone(), stop.clone(), s.pid());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                most.fetch_max(live_runs(pid), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let mut clients = Vec::new();
+    for i in 0..12 {
+        let s = s.clone();
+        clients.push(tokio::spawn(async move {
+            let (language, code) = if i % 2 == 0 {
+                ("python3", PYTHON_FORGED_END)
+            } else {
+                ("nodejs", NODE_FORGED_END)
+            };
+            for _ in 0..2 {
+                let (status, body) = s
+                    .run_json(json!({"language": language, "code": code, "enable_network": false}))
+                    .await;
+                assert_eq!((status, &body["code"]), (200, &json!(0)), "{body}");
+            }
+        }));
+    }
+    for c in clients {
+        c.await.expect("client");
+    }
+    // Let the last runs' clean-ups finish while still sampling.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().expect("sampler");
+    let most = most.load(Ordering::Relaxed);
+    assert!(most >= 2, "the load never ran runs side by side ({most})");
+    assert!(
+        most <= 4,
+        "{most} runs were alive at once with max_workers 4"
+    );
+    // Every Node run (12) announced an end it did not make and was killed after its
+    // answer; so was every forked Python run.
+    let killed = metric(&s, "sandbox_runs_killed_after_answer_total").await;
+    assert!(
+        killed >= 12,
+        "{killed} runs counted as killed after their answer"
+    );
+    assert_eq!(live_runs(s.pid()), 0, "runs outlived the load");
+}
+
+#[tokio::test]
+async fn a_run_killed_after_its_answer_is_logged_counted_and_its_namespace_not_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("serve.log");
+    let s = Server::start_logging(
+        &[
+            ("WARM_WORKERS", "0"),
+            ("WORKER_TIMEOUT", "20"),
+            ("SANDBOX_LOG", "warn"),
+        ],
+        &log,
+    )
+    .await;
+    let probe = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little"))  # SO_NETNS_COOKIE
+"#;
+    let first = cookie(&s, probe).await;
+    assert_eq!(
+        cookie(&s, probe).await,
+        first,
+        "an untouched namespace was not kept"
+    );
+
+    // Takes the kept namespace, announces its end and works on.
+    settled(&s).await;
+    let started = std::time::Instant::now();
+    let code = "console.log(process.getuid()); process.emit('exit', 0); \
+                const t = Date.now(); while (Date.now() - t < 5000) {}";
+    let (status, body) = s
+        .run_json(json!({"language": "nodejs", "code": code, "enable_network": true}))
+        .await;
+    assert_eq!((status, &body["code"]), (200, &json!(0)), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the answer waited"
+    );
+    let uid: u32 = out(&body["data"]).trim().parse().expect("the run's uid");
+    assert!(
+        common::no_process_of(uid, Duration::from_secs(3)).await,
+        "the run still runs as uid {uid} after its answer"
+    );
+    settled(&s).await;
+    assert_eq!(
+        metric(&s, "sandbox_runs_killed_after_answer_total").await,
+        1,
+        "the kill after the answer is not counted"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains("killed after its answer"),
+        "the kill after the answer is not logged: {logged}"
+    );
+    assert_ne!(
+        cookie(&s, probe).await,
+        first,
+        "the namespace of a run killed after its answer served the next run"
+    );
+}
+
+/// The network namespace cookie a networked run of `probe` prints, once the previous
+/// run's namespace was kept or destroyed.
+async fn cookie(s: &Server, probe: &str) -> String {
+    settled(s).await;
+    let (status, body) = s
+        .run_json(json!({"language": "python3", "code": probe, "enable_network": true}))
+        .await;
+    assert_eq!((status, &body["code"]), (200, &json!(0)), "{body}");
+    out(&body["data"]).trim().to_string()
+}
+
+/// Run cgroups left by servers or commands that are gone.
+fn orphaned_run_cgroups() -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for root in [
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/pids",
+    ] {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        for line in own.lines() {
+            let path = line.splitn(3, ':').nth(2).unwrap_or("");
+            let dir = std::path::Path::new(root).join(path.trim_start_matches('/'));
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let owner = name
+                    .strip_prefix("sandbox-run-")
+                    .and_then(|rest| rest.split('-').next())
+                    .and_then(|pid| pid.parse::<u32>().ok());
+                if owner.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+                {
+                    found.push(e.path());
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Until the server has no clean-up in progress.
+async fn settled(s: &Server) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(s, "sandbox_background_tasks").await != 0 {
+        assert!(std::time::Instant::now() < deadline, "clean-ups never end");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn dir_size(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[test]
+fn sandbox_run_waits_for_a_forged_end_and_exits_with_the_real_status() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let env = [("SANDBOX_STATE_DIR", state.to_str().expect("utf-8 path"))];
+
+    // Writes 8 MB files forever after a forged end: held to --tmp-size, stopped for it.
+    let script = work.path().join("forge.js");
+    std::fs::write(
+        &script,
+        "console.log(process.getuid());\nprocess.emit('exit', 0);\n\
+         const fs = require('fs'); const b = Buffer.alloc(8 << 20, 1);\n\
+         for (let i = 0; ; i++) fs.writeFileSync('/tmp/out/f' + i, b);\n",
+    )
+    .expect("script");
+    let out_dir = work.path().join("out");
+    let o = common::sandbox(
+        &[
+            "run",
+            "--tmp-size",
+            "200",
+            "--out",
+            out_dir.to_str().expect("utf-8 path"),
+            script.to_str().expect("utf-8 path"),
+        ],
+        &env,
+    );
+    let uid: u32 = common::stdout(&o).trim().parse().expect("the run's uid");
+    assert_ne!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    assert!(
+        common::stderr(&o).contains("disk limit"),
+        "{}",
+        common::stderr(&o)
+    );
+    assert!(
+        dir_size(&out_dir) <= 200 << 20,
+        "--out holds {} bytes, past --tmp-size",
+        dir_size(&out_dir)
+    );
+    let runs = state.join("runs");
+    let left: Vec<_> = std::fs::read_dir(&runs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "stages left behind: {left:?}");
+    assert_eq!(orphaned_run_cgroups(), Vec::<std::path::PathBuf>::new());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    assert!(
+        rt.block_on(common::no_process_of(uid, Duration::ZERO)),
+        "a process of the run (uid {uid}) outlived the command"
+    );
+
+    // A forged end, then a real one: the command's status is the real one, and what the
+    // run wrote after its forged end is collected.
+    let script = work.path().join("real.js");
+    std::fs::write(
+        &script,
+        "const fs = require('fs');\nprocess.emit('exit', 0);\n\
+         const t = Date.now(); while (Date.now() - t < 700) {}\n\
+         fs.writeFileSync('/tmp/out/late.txt', 'late');\nprocess.exit(3);\n",
+    )
+    .expect("script");
+    let out_dir = work.path().join("out2");
+    let o = common::sandbox(
+        &[
+            "run",
+            "--out",
+            out_dir.to_str().expect("utf-8 path"),
+            script.to_str().expect("utf-8 path"),
+        ],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", common::stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("late.txt"))
+            .ok()
+            .as_deref(),
+        Some("late")
+    );
+}
