@@ -270,25 +270,9 @@ impl RunCgroup {
 
     /// SIGKILL every process of the run but `spared` (the run's owner, which then reaps
     /// what it forked: a process whose parent is killed too is left a zombie for init).
+    /// One pass: a run cannot fork, and the caller waits for the cgroup to empty.
     pub fn kill_all_but(&self, spared: u32) {
-        for _ in 0..50 {
-            let procs = fs::read_to_string(self.memory.join("cgroup.procs")).unwrap_or_default();
-            let pids: Vec<i32> = procs
-                .split_whitespace()
-                .filter(|p| *p != spared.to_string())
-                .filter_map(|p| p.parse().ok())
-                .collect();
-            if pids.is_empty() {
-                return;
-            }
-            for pid in pids {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        self.signal_procs(Some(spared));
     }
 
     /// SIGKILL every process left in the run.
@@ -297,22 +281,28 @@ impl RunCgroup {
             return;
         }
         for _ in 0..50 {
-            let procs = fs::read_to_string(self.memory.join("cgroup.procs")).unwrap_or_default();
-            let pids: Vec<i32> = procs
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect();
-            if pids.is_empty() {
+            if self.signal_procs(None) == 0 {
                 return;
-            }
-            for pid in pids {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// SIGKILL the processes listed in the run's cgroup but `spared`; how many there were.
+    fn signal_procs(&self, spared: Option<u32>) -> usize {
+        let procs = fs::read_to_string(self.memory.join("cgroup.procs")).unwrap_or_default();
+        let pids: Vec<i32> = procs
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .filter(|p| u32::try_from(*p).ok() != spared)
+            .collect();
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        pids.len()
     }
 
     /// Kill what is left and remove the directories (retrying while the kernel
