@@ -8,8 +8,9 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
@@ -188,6 +189,18 @@ pub(super) fn follow_beneath(root: &OwnedFd, rel: &Path) -> Result<(OwnedFd, Fil
         }
     }
     Err(last)
+}
+
+/// Set the mode of the directory `name` in `dir`, never through a link: the directory
+/// is pinned by an O_PATH descriptor first (which needs no permission on it), then
+/// changed through /proc/self/fd, which names that very directory (fchmod refuses O_PATH
+/// descriptors; fchmodat follows a link that replaced it).
+pub(super) fn set_dir_mode(dir: impl AsFd, name: &OsStr, mode: u32) -> Result<(), Errno> {
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let pinned = openat(dir, name, flags, Mode::empty())?;
+    let path = format!("/proc/self/fd/{}", pinned.as_raw_fd());
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| e.raw_os_error().map_or(Errno::EIO, Errno::from_raw))
 }
 
 /// The names in directory `fd`, sorted, without `.` and `..`.

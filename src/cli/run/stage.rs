@@ -75,25 +75,35 @@ impl Drop for Stage {
 
 /// Remove a run's directory. remove_dir_all never follows a link the run left; a
 /// directory the run made unwritable (rootless, where its files are this user's) is
-/// made writable again first.
+/// made writable again first, by descriptor: a run still alive could swap one for a
+/// link, and a chmod by path would then apply to what the link names.
 fn remove(dir: &Path) {
     if fs::remove_dir_all(dir).is_ok() {
         return;
     }
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        if fs::symlink_metadata(&d).is_ok_and(|m| m.is_dir()) {
-            let _ = fs::set_permissions(&d, fs::Permissions::from_mode(0o700));
-            todo.extend(
-                fs::read_dir(&d)
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .map(|e| e.path()),
-            );
-        }
+    if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name())
+        && let Ok(parent) = beneath::open_root(parent)
+    {
+        unlock(&parent, name, 0);
     }
     let _ = fs::remove_dir_all(dir);
+}
+
+/// Directories nest this deep at most in what `unlock` reopens (each level holds a
+/// descriptor); deeper ones stay for the next command's `remove_stale`.
+const MAX_UNLOCK_DEPTH: usize = 256;
+
+/// Make the directory `name` in `parent`, and every directory below it, 0700.
+fn unlock(parent: &OwnedFd, name: &std::ffi::OsStr, depth: usize) {
+    if depth > MAX_UNLOCK_DEPTH || beneath::set_dir_mode(parent, name, 0o700).is_err() {
+        return;
+    }
+    let Ok(dir) = beneath::open_dir(parent, name) else {
+        return;
+    };
+    for entry in beneath::list(&dir).unwrap_or_default() {
+        unlock(&dir, &entry, depth + 1);
+    }
 }
 
 /// Remove `runs/<pid>-*` whose command no longer runs.
@@ -679,5 +689,34 @@ mod tests {
         // The script replaces a file an input put at its name, never a directory.
         s.add_script("pkg", "x").unwrap_err();
         assert!(job.path().join("pkg/m.py").is_file());
+    }
+
+    #[test]
+    fn unlocking_a_stage_never_changes_what_a_link_in_it_names() {
+        let base = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+        fs::set_permissions(outside.path(), fs::Permissions::from_mode(0o751)).unwrap();
+        let run = base.path().join("run");
+        fs::create_dir_all(run.join("a/b")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), run.join("a/evil")).unwrap();
+        fs::write(run.join("a/file"), "").unwrap();
+        fs::set_permissions(run.join("a/file"), fs::Permissions::from_mode(0o444)).unwrap();
+        for d in ["a/b", "a"] {
+            fs::set_permissions(run.join(d), fs::Permissions::from_mode(0o500)).unwrap();
+        }
+        unlock(&beneath::open_root(base.path()).unwrap(), "run".as_ref(), 0);
+        for d in ["", "a", "a/b"] {
+            assert_eq!(mode(&run.join(d)), 0o700, "{d}");
+        }
+        assert_eq!(
+            mode(outside.path()),
+            0o751,
+            "the link's target is left alone"
+        );
+        assert_eq!(mode(&run.join("a/file")), 0o444, "files are left alone");
+        remove(&run);
+        assert!(!run.exists());
+        assert!(outside.path().exists());
     }
 }
