@@ -2,21 +2,23 @@
 //! run is gone. The run wrote those files, so each is treated as hostile: only regular
 //! files and directories are copied, no link is followed (neither the run's nor one
 //! already in DIR), nothing is opened by a path a link could redirect (every step is
-//! relative to a directory descriptor, with O_NOFOLLOW), sizes are bounded by the run's
-//! own /tmp size, and names are sanitised. What is refused is reported, not copied.
+//! relative to a directory descriptor, with O_NOFOLLOW: `beneath`, shared with the
+//! stage), sizes are bounded by the run's own /tmp size, and names are sanitised. What
+//! is refused is reported, not copied.
 
 use std::ffi::OsStr;
-use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, open, openat};
-use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat, mkdirat};
+use nix::fcntl::AtFlags;
+use nix::sys::stat::{FileStat, SFlag, fstatat};
 use nix::unistd::{UnlinkatFlags, unlinkat};
 use serde::Serialize;
+
+use super::beneath::{self, Perm, kind, list};
 
 use crate::isolation::spec::OUT_MOUNT;
 
@@ -59,11 +61,10 @@ pub(super) fn sanitise(name: &OsStr) -> Option<String> {
 pub(super) fn collect(from: &Path, to: &Path, limit: u64) -> Result<Collected, String> {
     std::fs::create_dir_all(to)
         .map_err(|e| format!("--out {}: cannot create it: {e}", to.display()))?;
-    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
     // DIR itself is the user's to name, link or not; nothing below it is followed.
-    let dest = open(to, dir_flags, Mode::empty())
+    let dest = beneath::open_root(to)
         .map_err(|e| format!("--out {}: cannot open it: {}", to.display(), e.desc()))?;
-    let source = open(from, dir_flags | OFlag::O_NOFOLLOW, Mode::empty())
+    let source = beneath::open_dir(nix::fcntl::AT_FDCWD, from.as_os_str())
         .map_err(|e| format!("cannot read the run's {OUT_MOUNT}: {}", e.desc()))?;
     let mut copy = Copy {
         room: limit,
@@ -88,10 +89,6 @@ struct Entry<'a> {
     raw: &'a OsStr,
     name: &'a str,
     rel: &'a str,
-}
-
-fn kind(st: &FileStat) -> SFlag {
-    SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
 }
 
 fn join(rel: &str, name: &str) -> String {
@@ -162,22 +159,17 @@ impl Copy {
 
     fn subdir(&mut self, src: &OwnedFd, dst: &OwnedFd, e: &Entry<'_>, depth: usize) {
         let Entry { raw, name, rel } = *e;
-        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        let from = match openat(src.as_fd(), raw, flags, Mode::empty()) {
+        let from = match beneath::open_dir(src, raw) {
             Ok(fd) => fd,
             Err(e) => return self.refuse(rel, e.desc()),
         };
-        match mkdirat(dst.as_fd(), name, Mode::from_bits_truncate(0o755)) {
-            Ok(()) | Err(Errno::EEXIST) => {}
-            Err(e) => return self.refuse(rel, format!("cannot create it in --out: {}", e.desc())),
-        }
-        // O_NOFOLLOW: a link already in DIR under this name is refused, not entered.
-        let to = match openat(dst.as_fd(), name, flags, Mode::empty()) {
-            Ok(fd) => fd,
+        // A link already in DIR under this name is refused, not entered.
+        let to = match beneath::make_dir(dst, OsStr::new(name), Perm::Umask(0o755)) {
+            Ok((fd, _)) => fd,
             Err(Errno::ELOOP | Errno::ENOTDIR) => {
                 return self.refuse(rel, "--out already holds a link or file there");
             }
-            Err(e) => return self.refuse(rel, e.desc()),
+            Err(e) => return self.refuse(rel, format!("cannot create it in --out: {}", e.desc())),
         };
         self.dir(&from, &to, rel, depth + 1);
     }
@@ -195,16 +187,12 @@ impl Copy {
                 ),
             );
         }
-        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-        let input = match openat(src.as_fd(), raw, flags, Mode::empty()) {
-            Ok(fd) => fd,
+        // What is opened is what was checked.
+        let input = match beneath::open_file(src, raw, st) {
+            Ok(Some(file)) => file,
+            Ok(None) => return self.refuse(rel, "changed while it was copied"),
             Err(e) => return self.refuse(rel, format!("cannot read it: {}", e.desc())),
         };
-        // What was opened is what was checked.
-        match fstat(&input) {
-            Ok(now) if kind(&now) == SFlag::S_IFREG && now.st_ino == st.st_ino => {}
-            _ => return self.refuse(rel, "changed while it was copied"),
-        }
         match fstatat(dst.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(there) if kind(&there) == SFlag::S_IFREG => {
                 // An earlier copy: replaced, never written through.
@@ -220,13 +208,11 @@ impl Copy {
             }
             Err(_) => {}
         }
-        let create =
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        let output = match openat(dst.as_fd(), name, create, Mode::from_bits_truncate(0o644)) {
-            Ok(fd) => fd,
+        let mut writer = match beneath::create_file(dst, OsStr::new(name), Perm::Umask(0o644)) {
+            Ok(file) => file,
             Err(e) => return self.refuse(rel, format!("cannot create it in --out: {}", e.desc())),
         };
-        let (mut reader, mut writer) = (File::from(input).take(size), File::from(output));
+        let mut reader = input.take(size);
         let copied =
             std::io::copy(&mut reader, &mut writer).and_then(|n| writer.flush().map(|()| n));
         match copied {
@@ -243,20 +229,6 @@ impl Copy {
             }
         }
     }
-}
-
-/// The names in directory `fd`, sorted, without `.` and `..`.
-fn list(fd: &OwnedFd) -> Result<Vec<std::ffi::OsString>, Errno> {
-    let mut dir = nix::dir::Dir::from_fd(fd.try_clone().map_err(|_| Errno::EMFILE)?)?;
-    let mut names = Vec::new();
-    for entry in dir.iter() {
-        let name = entry?.file_name().to_bytes().to_vec();
-        if name != b"." && name != b".." {
-            names.push(std::ffi::OsString::from_vec(name));
-        }
-    }
-    names.sort();
-    Ok(names)
 }
 
 #[cfg(test)]
@@ -289,7 +261,8 @@ mod tests {
         symlink("/etc/passwd", f.join("passwd")).unwrap();
         symlink(outside.path(), f.join("escape")).unwrap();
         std::fs::write(f.join("victim"), "from the run").unwrap();
-        nix::unistd::mkfifo(&f.join("fifo"), Mode::from_bits_truncate(0o600)).unwrap();
+        let fifo_mode = nix::sys::stat::Mode::from_bits_truncate(0o600);
+        nix::unistd::mkfifo(&f.join("fifo"), fifo_mode).unwrap();
         // DIR already holds a link where the run writes a file: left alone.
         let target = outside.path().join("target");
         std::fs::write(&target, "untouched").unwrap();
@@ -326,7 +299,7 @@ mod tests {
     fn sizes_are_bounded_by_the_apparent_size() {
         let from = tempfile::tempdir().unwrap();
         let to = tempfile::tempdir().unwrap();
-        let sparse = File::create(from.path().join("sparse")).unwrap();
+        let sparse = std::fs::File::create(from.path().join("sparse")).unwrap();
         sparse.set_len(10 << 30).unwrap();
         std::fs::write(from.path().join("a"), vec![1u8; 600]).unwrap();
         std::fs::write(from.path().join("b"), vec![1u8; 600]).unwrap();

@@ -99,7 +99,7 @@ pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCod
     };
     let script = Script::of(args);
     if let Some(stage) = &stage {
-        let mut stager = Stager::new(&stage.job, run.max_input_mb);
+        let mut stager = Stager::new(&stage.job, run.max_input_mb).map_err(anyhow::Error::msg)?;
         for input in &run.inputs {
             stager.add(input).map_err(usage)?;
         }

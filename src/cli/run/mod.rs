@@ -4,10 +4,12 @@
 //! input files at /job and output files back from /tmp/out.
 //!
 //! - `input`: the code and its language; `invocation`: argv, environment, stdin.
-//! - `stage`: the run's /job and /tmp/out on the host; `collect`: `--out`, the copy back.
+//! - `stage`: the run's /job and /tmp/out on the host; `collect`: `--out`, the copy back;
+//!   `beneath`: what both make and open, by descriptor, no link followed.
 //! - `local`: the run through the engine; `remote` and `prelude`: through a server.
 //! - `report`: streams, notes, `--json`, exit code.
 
+mod beneath;
 mod collect;
 mod input;
 mod invocation;

@@ -6,14 +6,23 @@
 
 use std::fs;
 use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, readlinkat};
+use nix::sys::stat::{FileStat, SFlag, fstat, fstatat};
+use nix::unistd::{UnlinkatFlags, unlinkat};
+
+use super::beneath::{self, Perm};
 use crate::engine::RunFiles;
 use crate::state::StateDir;
 
 /// Entries one run may be given: far beyond a project's sources, short of a disk's worth.
 const MAX_INPUT_ENTRIES: u64 = 65_536;
+/// Directories of one input nest at most this deep.
+const MAX_DEPTH: usize = 64;
 
 /// A run's directories, removed on drop.
 pub(super) struct Stage {
@@ -66,25 +75,35 @@ impl Drop for Stage {
 
 /// Remove a run's directory. remove_dir_all never follows a link the run left; a
 /// directory the run made unwritable (rootless, where its files are this user's) is
-/// made writable again first.
+/// made writable again first, by descriptor: a run still alive could swap one for a
+/// link, and a chmod by path would then apply to what the link names.
 fn remove(dir: &Path) {
     if fs::remove_dir_all(dir).is_ok() {
         return;
     }
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        if fs::symlink_metadata(&d).is_ok_and(|m| m.is_dir()) {
-            let _ = fs::set_permissions(&d, fs::Permissions::from_mode(0o700));
-            todo.extend(
-                fs::read_dir(&d)
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .map(|e| e.path()),
-            );
-        }
+    if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name())
+        && let Ok(parent) = beneath::open_root(parent)
+    {
+        unlock(&parent, name, 0);
     }
     let _ = fs::remove_dir_all(dir);
+}
+
+/// Directories nest this deep at most in what `unlock` reopens (each level holds a
+/// descriptor); deeper ones stay for the next command's `remove_stale`.
+const MAX_UNLOCK_DEPTH: usize = 256;
+
+/// Make the directory `name` in `parent`, and every directory below it, 0700.
+fn unlock(parent: &OwnedFd, name: &std::ffi::OsStr, depth: usize) {
+    if depth > MAX_UNLOCK_DEPTH || beneath::set_dir_mode(parent, name, 0o700).is_err() {
+        return;
+    }
+    let Ok(dir) = beneath::open_dir(parent, name) else {
+        return;
+    };
+    for entry in beneath::list(&dir).unwrap_or_default() {
+        unlock(&dir, &entry, depth + 1);
+    }
 }
 
 /// Remove `runs/<pid>-*` whose command no longer runs.
@@ -174,28 +193,58 @@ pub(super) fn check_dest(raw: &str) -> Result<PathBuf, String> {
     Ok(dest)
 }
 
-/// Copies inputs into a job directory, keeping count against the limits.
-pub(super) struct Stager<'a> {
-    job: &'a Path,
+/// Copies inputs into a job directory, keeping count against the limits. Every step is
+/// taken by descriptor (see `beneath`): the stage holds only directories and regular
+/// files, never a link, so nothing staged earlier can redirect a later input; an input's
+/// own links are copied as what they name while that stays inside the input, and refused
+/// otherwise.
+pub(super) struct Stager {
+    job: OwnedFd,
     /// Bytes that may still be copied.
     room: u64,
     limit_mb: u64,
     entries: u64,
 }
 
-impl<'a> Stager<'a> {
-    pub fn new(job: &'a Path, limit_mb: u64) -> Self {
-        Self {
+/// One `--dir` being copied: its root (links inside it are followed beneath this only)
+/// and the directories on the way down, to refuse a link back to one of them.
+struct Tree<'a> {
+    input: &'a Input,
+    root: OwnedFd,
+    chain: Vec<(u64, u64)>,
+}
+
+impl Tree<'_> {
+    /// The source path of `rel`, as the user would write it.
+    fn shown(&self, rel: &Path) -> String {
+        self.input.source.join(rel).display().to_string()
+    }
+}
+
+/// A destination below /job, for messages.
+fn in_job(at: &Path) -> String {
+    Path::new("/job").join(at).display().to_string()
+}
+
+/// Whatever this command's umask: the run's uid must enter and read everything.
+const DIR_PERM: Perm = Perm::Exact(0o755);
+const FILE_PERM: Perm = Perm::Exact(0o644);
+
+impl Stager {
+    pub fn new(job: &Path, limit_mb: u64) -> Result<Self, String> {
+        let job = beneath::open_root(job)
+            .map_err(|e| format!("cannot open the run's {}: {}", job.display(), e.desc()))?;
+        Ok(Self {
             job,
             room: limit_mb << 20,
             limit_mb,
             entries: 0,
-        }
+        })
     }
 
-    /// Copy one input; errors name it and say what to do.
+    /// Copy one input; errors name it and say what to do. The path the user typed is
+    /// taken as given, links in it followed (like cp): they named it.
     pub fn add(&mut self, input: &Input) -> Result<(), String> {
-        let at = self.job.join(&input.dest);
         let meta = fs::metadata(&input.source).map_err(|e| {
             format!(
                 "{}: cannot read {}: {e}",
@@ -203,30 +252,89 @@ impl<'a> Stager<'a> {
                 input.source.display()
             )
         })?;
-        if let Some(parent) = at.parent() {
-            self.make_dirs(parent, input)?;
-        }
         match (input.dir, meta.is_dir()) {
-            (true, true) => self.copy_dir(&input.source, &at, input, 0),
-            (false, false) if meta.is_file() => self.copy_file(&input.source, &at, input),
+            (true, true) => self.add_dir(input),
+            (false, false) if meta.is_file() => self.add_file(input),
             (true, false) => Err(format!("{}: not a directory; use --file", input.given)),
             (false, true) => Err(format!("{}: a directory; use --dir", input.given)),
             (false, false) => Err(format!("{}: not a regular file", input.given)),
         }
     }
 
-    /// The script itself, at /job/<name>, over anything an input put there.
-    pub fn add_script(&mut self, name: &str, code: &str) -> Result<(), String> {
-        let at = self.job.join(name);
-        if fs::symlink_metadata(&at).is_ok_and(|m| !m.is_dir()) {
-            let _ = fs::remove_file(&at);
+    fn add_file(&mut self, input: &Input) -> Result<(), String> {
+        let unreadable = |e: &dyn std::fmt::Display| {
+            format!(
+                "{}: cannot read {}: {e}",
+                input.given,
+                input.source.display()
+            )
+        };
+        let (Some(parent), Some(name)) = (input.dest.parent(), input.dest.file_name()) else {
+            return Err(format!("{}: a file needs a name in /job", input.given));
+        };
+        let parent = self.make_dirs(parent, input)?;
+        // O_NONBLOCK: a FIFO put there since the check must not hang the command.
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&input.source)
+            .map_err(|e| unreadable(&e))?;
+        match file.metadata() {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return Err(format!("{}: not a regular file", input.given)),
+            Err(e) => return Err(unreadable(&e)),
         }
-        write_new(&at, code.as_bytes())
-            .map_err(|e| format!("cannot stage the script as {}: {e}", at.display()))
+        self.copy_file(file, &parent, name, &input.dest, input)
     }
 
-    fn count(&mut self, input: &Input) -> Result<(), String> {
-        self.entries += 1;
+    fn add_dir(&mut self, input: &Input) -> Result<(), String> {
+        let root = beneath::open_root(&input.source).map_err(|e| {
+            format!(
+                "{}: cannot open {}: {}",
+                input.given,
+                input.source.display(),
+                e.desc()
+            )
+        })?;
+        let st = fstat(&root).map_err(|e| format!("{}: {}", input.given, e.desc()))?;
+        let dst = self.make_dirs(&input.dest, input)?;
+        let src = root
+            .try_clone()
+            .map_err(|e| format!("{}: {e}", input.given))?;
+        let mut tree = Tree {
+            input,
+            root,
+            chain: vec![(st.st_dev, st.st_ino)],
+        };
+        self.copy_dir(&mut tree, &src, &dst, Path::new(""), &input.dest)
+    }
+
+    /// The script itself, at /job/<name>, over any file an input put there.
+    pub fn add_script(&mut self, name: &str, code: &str) -> Result<(), String> {
+        let cannot =
+            |e: &dyn std::fmt::Display| format!("cannot stage the script as /job/{name}: {e}");
+        let single = Path::new(name).file_name().is_some_and(|n| n == name);
+        if !single {
+            return Err(cannot(&"not a plain file name"));
+        }
+        let name = std::ffi::OsStr::new(name);
+        match fstatat(&self.job, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) if beneath::kind(&st) == SFlag::S_IFDIR => {
+                return Err(cannot(
+                    &"an input put a directory there; give that input another destination (PATH:DEST)",
+                ));
+            }
+            Ok(_) => unlinkat(&self.job, name, UnlinkatFlags::NoRemoveDir)
+                .map_err(|e| cannot(&e.desc()))?,
+            Err(_) => {}
+        }
+        let mut file =
+            beneath::create_file(&self.job, name, FILE_PERM).map_err(|e| cannot(&e.desc()))?;
+        file.write_all(code.as_bytes()).map_err(|e| cannot(&e))
+    }
+
+    fn count(&mut self, input: &Input, n: u64) -> Result<(), String> {
+        self.entries += n;
         if self.entries > MAX_INPUT_ENTRIES {
             return Err(format!(
                 "{}: more than {MAX_INPUT_ENTRIES} files and directories of input; give fewer",
@@ -243,114 +351,190 @@ impl<'a> Stager<'a> {
         )
     }
 
-    fn make_dirs(&mut self, dir: &Path, input: &Input) -> Result<(), String> {
-        if dir.is_dir() {
-            return Ok(());
-        }
-        if let Some(parent) = dir.parent() {
-            self.make_dirs(parent, input)?;
-        }
-        self.count(input)?;
-        fs::DirBuilder::new()
-            .mode(0o755)
-            .create(dir)
-            .and_then(|()| fs::set_permissions(dir, fs::Permissions::from_mode(0o755)))
-            .map_err(|e| {
-                format!(
-                    "{}: cannot create /job/{}: {e}",
+    /// `/job/<rel>`, made as needed and entered.
+    fn make_dirs(&mut self, rel: &Path, input: &Input) -> Result<OwnedFd, String> {
+        let (fd, made) =
+            beneath::make_dirs(&self.job, rel, DIR_PERM).map_err(|s| match s.errno {
+                Errno::ENOTDIR | Errno::ELOOP => already_file(input, &s.at),
+                e => format!(
+                    "{}: cannot create {}: {}",
                     input.given,
-                    self.inside(dir)
-                )
-            })
+                    in_job(&s.at),
+                    e.desc()
+                ),
+            })?;
+        self.count(input, made)?;
+        Ok(fd)
     }
 
-    fn inside(&self, at: &Path) -> String {
-        at.strip_prefix(self.job)
-            .unwrap_or(at)
-            .display()
-            .to_string()
-    }
-
-    fn copy_file(&mut self, src: &Path, at: &Path, input: &Input) -> Result<(), String> {
-        self.count(input)?;
-        let file = fs::File::open(src)
-            .map_err(|e| format!("{}: cannot read {}: {e}", input.given, src.display()))?;
-        // Read one byte past the room: a file that grew past it is caught, not cut.
-        let mut data = Vec::new();
-        file.take(self.room + 1)
-            .read_to_end(&mut data)
-            .map_err(|e| format!("{}: cannot read {}: {e}", input.given, src.display()))?;
-        if data.len() as u64 > self.room {
+    /// Copy `src` to a new file `name` in `dir` (`at` below /job), within the room left.
+    fn copy_file(
+        &mut self,
+        src: fs::File,
+        dir: &OwnedFd,
+        name: &std::ffi::OsStr,
+        at: &Path,
+        input: &Input,
+    ) -> Result<(), String> {
+        self.count(input, 1)?;
+        let mut out = beneath::create_file(dir, name, FILE_PERM).map_err(|e| match e {
+            Errno::EEXIST => match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(st) if beneath::kind(&st) == SFlag::S_IFDIR => format!(
+                    "{}: {} is already a directory (from an earlier input); give one of them another destination (PATH:DEST)",
+                    input.given,
+                    in_job(at)
+                ),
+                _ => format!(
+                    "{}: {} is given twice; give one of them another destination (PATH:DEST)",
+                    input.given,
+                    in_job(at)
+                ),
+            },
+            e => format!("{}: cannot copy to {}: {}", input.given, in_job(at), e.desc()),
+        })?;
+        // One byte past the room: a file that grew past it is caught, not cut.
+        let copied = std::io::copy(&mut src.take(self.room + 1), &mut out)
+            .map_err(|e| format!("{}: cannot copy to {}: {e}", input.given, in_job(at)))?;
+        if copied > self.room {
             return Err(self.too_large(input));
         }
-        self.room -= data.len() as u64;
-        write_new(at, &data).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => format!(
-                "{}: /job/{} is given twice; give one of them another destination (PATH:DEST)",
-                input.given,
-                self.inside(at)
-            ),
-            _ => format!(
-                "{}: cannot copy to /job/{}: {e}",
-                input.given,
-                self.inside(at)
-            ),
-        })
+        self.room -= copied;
+        Ok(())
     }
 
-    fn copy_dir(&mut self, src: &Path, at: &Path, input: &Input, depth: u32) -> Result<(), String> {
-        if depth > 64 {
-            return Err(format!("{}: directories nest deeper than 64", input.given));
-        }
-        self.make_dirs(at, input)?;
-        let mut entries: Vec<_> = fs::read_dir(src)
-            .and_then(|d| d.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| format!("{}: cannot list {}: {e}", input.given, src.display()))?;
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            let (from, to) = (entry.path(), at.join(entry.file_name()));
-            let kind = entry
-                .file_type()
-                .map_err(|e| format!("{}: {}: {e}", input.given, from.display()))?;
-            if kind.is_dir() {
-                self.copy_dir(&from, &to, input, depth + 1)?;
-            } else if kind.is_file() {
-                self.copy_file(&from, &to, input)?;
-            } else if kind.is_symlink() {
-                // Kept as a link, not followed: it resolves inside the run, against the
-                // run's own files.
-                self.count(input)?;
-                let target = fs::read_link(&from)
-                    .map_err(|e| format!("{}: {}: {e}", input.given, from.display()))?;
-                std::os::unix::fs::symlink(target, &to).map_err(|e| {
-                    format!(
-                        "{}: cannot link /job/{}: {e}",
-                        input.given,
-                        self.inside(&to)
-                    )
-                })?;
-            } else {
-                return Err(format!(
-                    "{}: {} is not a regular file, a directory or a link",
-                    input.given,
-                    from.display()
-                ));
+    /// Copy the entries of `src` (`rel` below the input's root) into `dst` (`at` below
+    /// /job).
+    fn copy_dir(
+        &mut self,
+        tree: &mut Tree<'_>,
+        src: &OwnedFd,
+        dst: &OwnedFd,
+        rel: &Path,
+        at: &Path,
+    ) -> Result<(), String> {
+        let given = &tree.input.given;
+        let names = beneath::list(src)
+            .map_err(|e| format!("{given}: cannot list {}: {}", tree.shown(rel), e.desc()))?;
+        for name in names {
+            let (from, to) = (rel.join(&name), at.join(&name));
+            let st = fstatat(src, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map_err(|e| format!("{given}: {}: {}", tree.shown(&from), e.desc()))?;
+            let changed = || {
+                format!(
+                    "{given}: {} changed while it was copied; try again",
+                    tree.shown(&from)
+                )
+            };
+            match beneath::kind(&st) {
+                SFlag::S_IFREG => {
+                    let file = beneath::open_file(src, &name, &st)
+                        .map_err(|e| {
+                            format!("{given}: cannot read {}: {}", tree.shown(&from), e.desc())
+                        })?
+                        .ok_or_else(changed)?;
+                    self.copy_file(file, dst, &name, &to, tree.input)?;
+                }
+                SFlag::S_IFDIR => {
+                    let sub = beneath::open_dir(src, &name).map_err(|e| match e {
+                        Errno::ELOOP | Errno::ENOTDIR => changed(),
+                        e => format!("{given}: cannot open {}: {}", tree.shown(&from), e.desc()),
+                    })?;
+                    self.copy_subdir(tree, (&sub, &st), dst, &name, (&from, &to), false)?;
+                }
+                SFlag::S_IFLNK => self.copy_link(tree, src, dst, &name, (&from, &to))?,
+                _ => {
+                    return Err(format!(
+                        "{given}: {} is not a regular file, a directory or a link",
+                        tree.shown(&from)
+                    ));
+                }
             }
         }
         Ok(())
     }
+
+    /// A link of the input tree: what it names, copied, when that stays inside the tree.
+    fn copy_link(
+        &mut self,
+        tree: &mut Tree<'_>,
+        src: &OwnedFd,
+        dst: &OwnedFd,
+        name: &std::ffi::OsStr,
+        (from, to): (&Path, &Path),
+    ) -> Result<(), String> {
+        let target = readlinkat(src, name)
+            .map(|t| PathBuf::from(t).display().to_string())
+            .unwrap_or_else(|_| "?".into());
+        let link = format!(
+            "{}: {} is a link to {target}",
+            tree.input.given,
+            tree.shown(from)
+        );
+        let (fd, st) = beneath::follow_beneath(&tree.root, from).map_err(|e| match e {
+            Errno::EXDEV => format!(
+                "{}: {} is a link leading outside {} (to {target}): a --dir's links are copied only when what they name is inside it; remove the link, or give what it names by itself (--file PATH:DEST or --dir DIR:DEST)",
+                tree.input.given,
+                tree.shown(from),
+                tree.input.source.display()
+            ),
+            Errno::ENOENT => format!("{link}, which names nothing; remove it or make it name a file inside {}", tree.input.source.display()),
+            Errno::ELOOP => format!("{link}: links lead in a circle (or more than 40 deep); remove it"),
+            e => format!("{link}: cannot follow it: {}", e.desc()),
+        })?;
+        match beneath::kind(&st) {
+            SFlag::S_IFREG => self.copy_file(fs::File::from(fd), dst, name, to, tree.input),
+            SFlag::S_IFDIR => self.copy_subdir(tree, (&fd, &st), dst, name, (from, to), true),
+            _ => Err(format!(
+                "{link}, which is not a regular file or a directory; remove it"
+            )),
+        }
+    }
+
+    /// A directory of the input (reached through a link when `linked`), copied into a
+    /// directory `name` of `dst`, made or merged with what an earlier input put there.
+    fn copy_subdir(
+        &mut self,
+        tree: &mut Tree<'_>,
+        (src, st): (&OwnedFd, &FileStat),
+        dst: &OwnedFd,
+        name: &std::ffi::OsStr,
+        (from, to): (&Path, &Path),
+        linked: bool,
+    ) -> Result<(), String> {
+        let given = &tree.input.given;
+        if tree.chain.len() > MAX_DEPTH {
+            return Err(format!("{given}: directories nest deeper than {MAX_DEPTH}"));
+        }
+        if tree.chain.contains(&(st.st_dev, st.st_ino)) {
+            return Err(match linked {
+                true => format!(
+                    "{given}: {} is a link to a directory that holds it, which would copy forever; remove it",
+                    tree.shown(from)
+                ),
+                false => format!(
+                    "{given}: {} is a directory that holds itself (a bind mount?); give its parts instead",
+                    tree.shown(from)
+                ),
+            });
+        }
+        let (sub, made) = beneath::make_dir(dst, name, DIR_PERM).map_err(|e| match e {
+            Errno::ENOTDIR | Errno::ELOOP => already_file(tree.input, to),
+            e => format!("{given}: cannot create {}: {}", in_job(to), e.desc()),
+        })?;
+        self.count(tree.input, u64::from(made))?;
+        tree.chain.push((st.st_dev, st.st_ino));
+        let copied = self.copy_dir(tree, src, &sub, from, to);
+        tree.chain.pop();
+        copied
+    }
 }
 
-/// Create `at` (never an existing file or link) readable by every uid, with `data`.
-fn write_new(at: &Path, data: &[u8]) -> std::io::Result<()> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(at)?;
-    // The mode given at creation passes through this command's umask.
-    f.set_permissions(fs::Permissions::from_mode(0o644))?;
-    f.write_all(data)
+fn already_file(input: &Input, at: &Path) -> String {
+    format!(
+        "{}: {} is already a file (from an earlier input); give one of them another destination (PATH:DEST)",
+        input.given,
+        in_job(at)
+    )
 }
 
 #[cfg(test)]
@@ -436,7 +620,7 @@ mod tests {
         std::fs::write(&secret, "s").unwrap();
         std::fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
         let p = |rel: &str| src.path().join(rel).to_str().unwrap().to_string();
-        let mut s = Stager::new(job.path(), 1);
+        let mut s = Stager::new(job.path(), 1).unwrap();
         s.add(&Input::parse(&p("lib"), true).unwrap()).unwrap();
         s.add(&Input::parse(&format!("{}:deep/er/s.txt", p("secret.txt")), false).unwrap())
             .unwrap();
@@ -444,10 +628,10 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&copied).unwrap(), "s");
         let mode = std::fs::metadata(&copied).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o644, "readable by the run's uid");
-        assert_eq!(
-            std::fs::read_link(job.path().join("lib/alias.py")).unwrap(),
-            PathBuf::from("helper.py")
-        );
+        // A link inside the tree: copied as the file it names.
+        let alias = job.path().join("lib/alias.py");
+        assert!(std::fs::symlink_metadata(&alias).unwrap().is_file());
+        assert_eq!(std::fs::read_to_string(&alias).unwrap(), "X = 1\n");
         let twice =
             s.add(&Input::parse(&format!("{}:lib/helper.py", p("secret.txt")), false).unwrap());
         assert!(twice.unwrap_err().contains("given twice"));
@@ -461,5 +645,78 @@ mod tests {
             std::fs::read_to_string(job.path().join("helper.py")).unwrap(),
             "print(2)"
         );
+    }
+
+    #[test]
+    fn the_stage_never_holds_a_link_and_nothing_lands_outside_it() {
+        let src = tempfile::tempdir().unwrap();
+        let job = tempfile::tempdir().unwrap();
+        let host = tempfile::tempdir().unwrap();
+        let p = |rel: &str| src.path().join(rel).to_str().unwrap().to_string();
+        std::fs::create_dir_all(src.path().join("lib/pkg")).unwrap();
+        std::fs::create_dir_all(src.path().join("data/evil")).unwrap();
+        std::fs::write(src.path().join("data/evil/payload.txt"), "p").unwrap();
+        std::fs::write(src.path().join("lib/pkg/m.py"), "M = 1").unwrap();
+        std::os::unix::fs::symlink("pkg", src.path().join("lib/inner")).unwrap();
+        let mut s = Stager::new(job.path(), 1).unwrap();
+        s.add(&Input::parse(&format!("{}:.", p("lib")), true).unwrap())
+            .unwrap();
+        // The link became a directory of its own: a later input merges into it, in /job.
+        s.add(&Input::parse(&format!("{}:inner", p("data")), true).unwrap())
+            .unwrap();
+        assert!(job.path().join("inner/evil/payload.txt").is_file());
+        assert!(job.path().join("inner/m.py").is_file());
+        assert!(job.path().join("pkg/m.py").is_file());
+        // A link leading out of its tree: refused by name, nothing read or written there.
+        std::os::unix::fs::symlink(host.path(), src.path().join("lib/evil")).unwrap();
+        let mut s = Stager::new(job.path(), 1).unwrap();
+        let e = s
+            .add(&Input::parse(&format!("{}:other", p("lib")), true).unwrap())
+            .unwrap_err();
+        assert!(e.contains("lib/evil is a link leading outside"), "{e}");
+        let mut links = vec![job.path().to_path_buf()];
+        while let Some(d) = links.pop() {
+            for entry in std::fs::read_dir(&d).unwrap() {
+                let entry = entry.unwrap();
+                let kind = entry.file_type().unwrap();
+                assert!(!kind.is_symlink(), "{:?} is a link", entry.path());
+                if kind.is_dir() {
+                    links.push(entry.path());
+                }
+            }
+        }
+        assert_eq!(std::fs::read_dir(host.path()).unwrap().count(), 0);
+        // The script replaces a file an input put at its name, never a directory.
+        s.add_script("pkg", "x").unwrap_err();
+        assert!(job.path().join("pkg/m.py").is_file());
+    }
+
+    #[test]
+    fn unlocking_a_stage_never_changes_what_a_link_in_it_names() {
+        let base = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+        fs::set_permissions(outside.path(), fs::Permissions::from_mode(0o751)).unwrap();
+        let run = base.path().join("run");
+        fs::create_dir_all(run.join("a/b")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), run.join("a/evil")).unwrap();
+        fs::write(run.join("a/file"), "").unwrap();
+        fs::set_permissions(run.join("a/file"), fs::Permissions::from_mode(0o444)).unwrap();
+        for d in ["a/b", "a"] {
+            fs::set_permissions(run.join(d), fs::Permissions::from_mode(0o500)).unwrap();
+        }
+        unlock(&beneath::open_root(base.path()).unwrap(), "run".as_ref(), 0);
+        for d in ["", "a", "a/b"] {
+            assert_eq!(mode(&run.join(d)), 0o700, "{d}");
+        }
+        assert_eq!(
+            mode(outside.path()),
+            0o751,
+            "the link's target is left alone"
+        );
+        assert_eq!(mode(&run.join("a/file")), 0o444, "files are left alone");
+        remove(&run);
+        assert!(!run.exists());
+        assert!(outside.path().exists());
     }
 }
