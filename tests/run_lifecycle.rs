@@ -349,3 +349,36 @@ fn sandbox_run_waits_for_a_forged_end_and_exits_with_the_real_status() {
         Some("late")
     );
 }
+
+#[tokio::test]
+async fn a_remote_sandbox_run_exits_with_the_real_status_too() {
+    let s = Server::start(&[("WARM_WORKERS", "0")]).await;
+    let code = "process.emit('exit', 0);\n\
+                const t = Date.now(); while (Date.now() - t < 300) {}\nprocess.exit(3);";
+    let base = s.base.clone();
+    let o = tokio::task::spawn_blocking(move || {
+        common::sandbox(
+            &[
+                "run",
+                "--server",
+                &base,
+                "--key",
+                common::KEY,
+                "-l",
+                "nodejs",
+                "-e",
+                code,
+            ],
+            &[],
+        )
+    })
+    .await
+    .expect("sandbox run");
+    assert_eq!(o.status.code(), Some(3), "{}", common::stderr(&o));
+    // Dify's own requests are still answered on the announced end.
+    let (status, body) = s
+        .run_json(json!({"language": "nodejs", "code": code, "enable_network": false}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"]["error"], "", "{body}");
+}

@@ -277,6 +277,7 @@ async fn run_admitted(
             invocation: Default::default(),
             stdin: None,
             files: Default::default(),
+            wait_for_exit: req.wait_for_exit,
         })
         .instrument(span.clone())
         .await;

@@ -50,6 +50,9 @@ pub struct RunBody {
     pub code: String,
     pub preload: String,
     pub enable_network: bool,
+    /// Not Dify's: answer only once the run's last process is gone (`sandbox run
+    /// --server`), with the status it really ended with.
+    pub wait_for_exit: bool,
 }
 
 fn missing(field: &str) -> ApiError {
@@ -130,17 +133,18 @@ impl RunBody {
                 Some(_) => Err(wrong_type(field, "a string")),
             }
         };
-        let enable_network = match obj.get("enable_network") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(Value::String(s)) => parse_bool("enable_network", s)?,
-            Some(_) => return Err(wrong_type("enable_network", "true or false")),
+        let flag = |field: &str| match obj.get(field) {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(Value::String(s)) => parse_bool(field, s),
+            Some(_) => Err(wrong_type(field, "true or false")),
         };
         Ok(Self {
             language: string("language", true)?,
             code: string("code", true)?,
             preload: string("preload", false)?,
-            enable_network,
+            enable_network: flag("enable_network")?,
+            wait_for_exit: flag("wait_for_exit")?,
         })
     }
 
@@ -153,14 +157,13 @@ impl RunBody {
                 .map(|(_, v)| v.clone())
         };
         let required = |k: &str| get(k).filter(|v| !v.is_empty()).ok_or_else(|| missing(k));
+        let flag = |k: &str| get(k).map_or(Ok(false), |v| parse_bool(k, &v));
         Ok(Self {
             language: required("language")?,
             code: required("code")?,
             preload: get("preload").unwrap_or_default(),
-            enable_network: match get("enable_network") {
-                Some(v) => parse_bool("enable_network", &v)?,
-                None => false,
-            },
+            enable_network: flag("enable_network")?,
+            wait_for_exit: flag("wait_for_exit")?,
         })
     }
 }

@@ -124,7 +124,6 @@ impl Engine {
             network,
             fork_server,
             restarting: std::sync::atomic::AtomicBool::new(false),
-            early_answer: true,
             false_ends: Default::default(),
             tasks: tokio_util::task::TaskTracker::new(),
         })

@@ -77,9 +77,6 @@ pub struct Engine {
     /// Background work that must finish before the server exits: warm workers being
     /// started, clean-up after runs.
     tasks: tokio_util::task::TaskTracker,
-    /// Answer a run on its announced end, before its processes are gone (`serve`); off,
-    /// every answer waits for the run's last process (`sandbox run`).
-    early_answer: bool,
     /// Runs found not to have ended as they reported.
     pub false_ends: crate::metrics::FalseEnds,
 }
@@ -94,12 +91,6 @@ impl Engine {
                 "not configured".into(),
             )),
         }
-    }
-
-    /// Answer every run only once its last process is gone, with the status it really
-    /// ended with (a command's exit status must be the run's own).
-    pub fn answer_when_gone(&mut self) {
-        self.early_answer = false;
     }
 
     /// Runs waiting for a worker slot.
@@ -474,12 +465,12 @@ impl Engine {
         let bounds = RunBounds {
             timeout: l.timeout,
             output_cap: l.max_output_bytes,
-            early_answer: self.early_answer,
+            early_answer: !req.wait_for_exit,
         };
         let collected = worker.run(&frame, bounds, watch, req.sink.clone()).await;
         let uid = worker.uid();
         let false_ends = self.false_ends.clone();
-        let mut slot = if self.early_answer && collected.is_ok() {
+        let mut slot = if !req.wait_for_exit && collected.is_ok() {
             slot.take()
         } else {
             None
@@ -498,7 +489,7 @@ impl Engine {
             }
             worker.free(aftermath).await;
         };
-        if self.early_answer && collected.is_ok() {
+        if !req.wait_for_exit && collected.is_ok() {
             // The answer goes now; the slot stays taken until the run is gone.
             self.tasks.spawn(release);
         } else {

@@ -22,6 +22,9 @@ pub struct RunRequest {
     pub stdin: Option<StdinFeed>,
     /// Host directories bound into the run; a run with any gets a worker of its own.
     pub files: RunFiles,
+    /// Answer only once the run's last process is gone, with the status it really ended
+    /// with (`sandbox run`, locally or remotely); otherwise a run's announced end answers.
+    pub wait_for_exit: bool,
 }
 
 /// A run's directories on the host (see `SandboxSpec::job_dir` and `out_dir`).

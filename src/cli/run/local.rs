@@ -72,10 +72,7 @@ pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCod
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let mut engine = rt.block_on(Engine::build(config))?;
-    // The command's status is the run's own, known once its last process is gone; --out
-    // is collected only after that.
-    engine.answer_when_gone();
+    let engine = rt.block_on(Engine::build(config))?;
     if let (true, RunNetwork::Host { guard: None, .. }) = (args.network, &engine.network) {
         eprintln!(
             "sandbox: warning: the run shares this host's network unguarded ({})",
@@ -125,6 +122,9 @@ pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCod
             invocation: how,
             stdin: feed,
             files: stage.as_ref().map(Stage::files).unwrap_or_else(RunFiles::default),
+            // The command's status is the run's own, known once its last process is gone;
+            // --out is collected only after that.
+            wait_for_exit: true,
         }))
         .map_err(|e| match e {
             RunError::NetworkDisabled => usage(

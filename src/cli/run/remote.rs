@@ -27,6 +27,9 @@ struct RemoteRequest<'a> {
     code: &'a str,
     preload: &'a str,
     enable_network: bool,
+    /// This server's own field: the answer waits for the run's last process and gives
+    /// the status it really ended with.
+    wait_for_exit: bool,
 }
 
 /// Errors talking to a remote server; all mean the sandbox could not run the snippet.
@@ -130,6 +133,7 @@ pub(super) fn run_remote(run: RemoteRun<'_>) -> anyhow::Result<ExitCode> {
         code: &code,
         preload: "",
         enable_network: network,
+        wait_for_exit: true,
     };
     let (status, text) = rt
         .block_on(async {
