@@ -329,32 +329,36 @@ fn policy(
     deny_verdict: &str,
     allow_verdict: &str,
 ) -> Vec<String> {
+    /// A denied block (`None`) or an allow entry.
+    struct Entry<'a> {
+        net: IpNet,
+        allow: Option<&'a AllowRule>,
+    }
+    impl Entry<'_> {
+        /// IPv6 after IPv4, the longest prefix first, an allow entry before a denied
+        /// block of the same length.
+        fn order(&self) -> (bool, std::cmp::Reverse<u8>, bool) {
+            (
+                self.net.addr().is_ipv6(),
+                std::cmp::Reverse(self.net.prefix_len()),
+                self.allow.is_none(),
+            )
+        }
+    }
     let keep = |n: &IpNet| families == Family::Both || matches!(n, IpNet::V4(_));
-    // (IPv6 after IPv4, longest prefix first, an allow entry before a denied block of
-    // the same length).
-    let mut entries: Vec<(bool, std::cmp::Reverse<u8>, bool, Option<&AllowRule>, IpNet)> = deny
+    let mut entries: Vec<Entry<'_>> = deny
         .iter()
         .filter(|n| keep(n))
-        .map(|n| {
-            (
-                n.addr().is_ipv6(),
-                std::cmp::Reverse(n.prefix_len()),
-                true,
-                None,
-                n.trunc(),
-            )
+        .map(|n| Entry {
+            net: n.trunc(),
+            allow: None,
         })
-        .chain(allow.iter().filter(|a| keep(&a.net)).map(|a| {
-            (
-                a.net.addr().is_ipv6(),
-                std::cmp::Reverse(a.net.prefix_len()),
-                false,
-                Some(a),
-                a.net,
-            )
+        .chain(allow.iter().filter(|a| keep(&a.net)).map(|a| Entry {
+            net: a.net,
+            allow: Some(a),
         }))
         .collect();
-    entries.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+    entries.sort_by_key(Entry::order);
     let mut rules = Vec::new();
     let mut denied: Vec<IpNet> = Vec::new();
     let flush = |denied: &mut Vec<IpNet>, rules: &mut Vec<String>| {
@@ -363,9 +367,9 @@ fn policy(
         }
         denied.clear();
     };
-    for (_, _, _, allowed, net) in entries {
-        match allowed {
-            None => denied.push(net),
+    for entry in entries {
+        match entry.allow {
+            None => denied.push(entry.net),
             Some(a) => {
                 flush(&mut denied, &mut rules);
                 rules.push(allow_rule(a, allow_verdict));
@@ -613,7 +617,7 @@ mod tests {
             &t,
             "ip daddr 203.0.113.0/24 meta l4proto { tcp, udp } th dport 443 return",
         );
-        let private = position(&t, &format!("ip daddr {{ 10.0.0.0/8, "));
+        let private = position(&t, "ip daddr { 10.0.0.0/8, ");
         let last = position(&t, &format!("    {DENY}\n  }}"));
         assert!(db < private && private < last, "{t}");
         assert!(one < block && block < last, "{t}");
