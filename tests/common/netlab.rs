@@ -1,9 +1,11 @@
 //! A stand-in external host for network tests: a network namespace of its own joined to
 //! this host by a veth pair (`198.51.100.1` here, `198.51.100.2` there: TEST-NET-2, which
 //! nothing routes), running a TCP server that answers `pong:<what it got>`, a UDP echo,
-//! and a DNS resolver that knows `ext.test`. One lab per test process, shared by its
-//! tests; its servers end with the test process, and its namespace and veth pair are
-//! removed by the next test process that makes a lab.
+//! and a DNS resolver that knows `ext.test`; on demand it also answers on an address in
+//! each private range, routed into it (`private_addresses`). One lab per test process,
+//! shared by its tests; its servers end with the test process, and its namespace and
+//! veth pair (and the routes through it) are removed by the next test process that
+//! makes a lab.
 
 use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
