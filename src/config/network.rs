@@ -223,7 +223,11 @@ fn parse_allow(item: &str) -> Result<AllowRule, String> {
             Some((first, last))
         }
     };
-    Ok(AllowRule { net, ports })
+    // `10.0.0.5/8` means its block, as nft would read it.
+    Ok(AllowRule {
+        net: net.trunc(),
+        ports,
+    })
 }
 
 #[cfg(test)]
@@ -238,6 +242,10 @@ mod tests {
                 net: "203.0.113.0/24".parse().unwrap(),
                 ports: None
             }
+        );
+        assert_eq!(
+            parse_allow("10.1.2.3/8").unwrap().net,
+            "10.0.0.0/8".parse::<IpNet>().unwrap()
         );
         assert_eq!(
             parse_allow("198.51.100.7:443").unwrap().ports,

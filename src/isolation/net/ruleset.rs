@@ -6,7 +6,7 @@
 //! - `isolated`: runs in network namespaces of their own, joined to the host by veth
 //!   pairs named `sbx<uid>`. Their traffic is forwarded and masqueraded; anything aimed
 //!   at the host itself, at other runs, or at denied blocks is refused; nothing but
-//!   replies enters a run, from the host itself either.
+//!   replies to a run's own traffic enters it, not even from the host.
 //! - `guard`: runs sharing the host's network namespace (the chroot level, or
 //!   `network_isolation: shared`): their sockets are recognised by uid.
 //!
