@@ -1,8 +1,9 @@
 //! Runs that share the host's network (the chroot level, which cannot make namespaces,
 //! and `network_isolation: shared`, asked for explicitly) are kept off the host by the
 //! uid guard: every address of the host, loopback and metadata refused, the outside
-//! reachable, `network_deny` honoured; the guard's table lives exactly as long as its
-//! server.
+//! reachable, `network_deny` honoured, private ranges refused unless `network_allow`
+//! opens them (a proxy there stays reachable); the guard's table lives exactly as long
+//! as its server.
 
 mod common;
 
@@ -131,4 +132,38 @@ fn sandbox_run_with_network_reaches_the_outside_and_not_the_host() {
     let o = sandbox(&["run", "--network", "-l", "python3", "-e", &code], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(stdout(&o), expected);
+}
+
+#[tokio::test]
+async fn shared_runs_reach_a_private_range_only_where_allowed_or_proxied() {
+    let _turn = SERIAL.lock().await;
+    let private = netlab::lab().private_addresses().to_vec();
+    let (proxy, opened) = (private[0].to_string(), private[1].to_string());
+    let ext = EXT.to_string();
+    let mut targets: Vec<(String, u16)> =
+        private.iter().map(|a| (a.to_string(), TCP_PORT)).collect();
+    targets.push((ext.clone(), TCP_PORT));
+    let list: Vec<(&str, u16)> = targets.iter().map(|(h, p)| (h.as_str(), *p)).collect();
+    let code = connect_code(&list);
+    // 111: ECONNREFUSED, the guard's reset.
+    let expect = |reached: &[bool]| -> String {
+        targets
+            .iter()
+            .zip(reached)
+            .map(|((h, _), ok)| format!("{h} {}\n", if *ok { "ok" } else { "111" }))
+            .collect()
+    };
+    let http = format!("http://{proxy}:{TCP_PORT}");
+    let s = Server::start(&[("NETWORK_ISOLATION", "shared"), ("HTTP_PROXY", &http)]).await;
+    assert_eq!(
+        networked(&s, &code).await,
+        expect(&[true, false, false, false, true])
+    );
+    drop(s);
+    let allow = format!("0.0.0.0/0,{opened}:{TCP_PORT}");
+    let s = Server::start(&[("NETWORK_ISOLATION", "shared"), ("NETWORK_ALLOW", &allow)]).await;
+    assert_eq!(
+        networked(&s, &code).await,
+        expect(&[false, true, false, false, true])
+    );
 }

@@ -1,9 +1,12 @@
 //! Networked runs in networks of their own, tried as an attacker would, as root on the
 //! real kernel: a run reaches a stand-in external host (by name, TCP and UDP) and
 //! nothing of the host it runs on (any of its addresses, loopback, metadata, its abstract
-//! Unix sockets, its sockets in /proc/net), nor another run; the configured proxies stay
-//! reachable; when the plumbing cannot be made, networked runs are refused and nothing
-//! is left behind; a server's network goes with it, even when it is killed.
+//! Unix sockets, its sockets in /proc/net), nor another run, nor a private range unless
+//! `network_allow` opens it; the configured proxies stay reachable, on a private address
+//! too; no other server's runs nor the host reach into a run or a kept namespace, and a
+//! kept namespace that changed anyway is not handed out; when the plumbing cannot be
+//! made, networked runs are refused and nothing is left behind; a server's network goes
+//! with it, even when it is killed.
 
 mod common;
 
@@ -193,7 +196,7 @@ print("reached" if r else "alone")
     // Give it time to start; then try every run address and gateway there is.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut targets = Vec::new();
-    for a in run_addresses() {
+    for a in run_addresses("sbx") {
         for host in [a.0, a.1] {
             targets.push((host.to_string(), 9000, "tcp", None));
             targets.push((host.to_string(), 9001, "udp", None));
@@ -208,8 +211,9 @@ print("reached" if r else "alone")
     assert_eq!(first["data"]["stdout"], "alone\n", "{first}");
 }
 
-/// (gateway, run address) of every run interface on the host.
-fn run_addresses() -> Vec<(Ipv4Addr, Ipv4Addr)> {
+/// (gateway, run address) of every run interface on the host whose name starts with
+/// `prefix`.
+fn run_addresses(prefix: &str) -> Vec<(Ipv4Addr, Ipv4Addr)> {
     let o = Command::new("ip")
         .args(["-o", "-4", "addr", "show"])
         .output()
@@ -219,7 +223,7 @@ fn run_addresses() -> Vec<(Ipv4Addr, Ipv4Addr)> {
         .filter(|l| {
             l.split_whitespace()
                 .nth(1)
-                .is_some_and(|n| n.starts_with("sbx"))
+                .is_some_and(|n| n.starts_with(prefix))
         })
         .filter_map(|l| {
             let cidr = l.split_whitespace().nth(3)?;
@@ -351,10 +355,14 @@ fn table_of(pid: u32) -> bool {
     String::from_utf8_lossy(&o.stdout).contains(&format!("sandbox_net_{ns}_{pid}"))
 }
 
-/// The interfaces of the runs of the server with process id `pid` (its tag is its pid's
-/// last three hex digits, when no other server holds them).
+/// The interface names of the runs of the server with process id `pid` start with this
+/// (its tag is its pid's last three hex digits, when no other server holds them).
+fn interface_prefix(pid: u32) -> String {
+    format!("sbx{:03x}", pid % 4096)
+}
+
 fn run_interfaces(pid: u32) -> usize {
-    let prefix = format!("sbx{:03x}", pid % 4096);
+    let prefix = interface_prefix(pid);
     std::fs::read_dir("/sys/class/net")
         .unwrap()
         .flatten()
@@ -571,13 +579,15 @@ async fn many_networked_runs_leave_no_interface_or_connection_behind() {
 }
 
 /// Prints the run's network namespace cookie (never reused, unlike its inode number) and
-/// a digest of what a run can read about its namespace, then runs `LEAVE`.
+/// a digest of what a run can read about its namespace, then runs `LEAVE`. Sockstat's
+/// orphan, alloc and mem fields count every namespace of the host, so they are left out.
 const NAMESPACE_PROBE: &str = r#"
-import array, hashlib, socket, time
+import array, hashlib, re, socket, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little")  # SO_NETNS_COOKIE
 s.close()
 seen = "".join(open("/proc/net/" + f).read() for f in ("snmp", "sockstat", "tcp", "udp", "unix"))
+seen = re.sub(r" (orphan|alloc|mem) \d+", "", seen)
 print(cookie, hashlib.sha256(seen.encode()).hexdigest()[:16], flush=True)
 "#;
 
@@ -721,6 +731,200 @@ for group in ("239.1.1.1", "224.0.0.251"):
             libc::ENOBUFS,
             libc::ENOBUFS
         ),
+        "{d}"
+    );
+}
+
+/// Every way into the runs of the server `pid` there is from beside it: runs of a server
+/// sharing the host's network, of an isolated server on the same subnet and of one on
+/// another subnet, each trying every address and gateway of those runs (TCP and UDP),
+/// and each refused on its own side (a reset: ECONNREFUSED); then the host itself (this
+/// test, as root, no sandbox uid) sending to the runs' addresses.
+async fn reach_into_runs_of(pid: u32, attackers: &[&Server]) {
+    let addresses = run_addresses(&interface_prefix(pid));
+    assert!(!addresses.is_empty(), "no run interface of {pid}");
+    let mut targets = Vec::new();
+    for (gateway, address) in &addresses {
+        for host in [gateway, address] {
+            targets.push((host.to_string(), 9000, "tcp", None));
+            targets.push((host.to_string(), 9001, "udp", None));
+        }
+    }
+    let code = try_code(&targets);
+    for attacker in attackers {
+        let d = networked(attacker, "python3", &code).await;
+        let lines = out(&d);
+        assert_eq!(lines.lines().count(), targets.len(), "{d}");
+        for line in lines.lines() {
+            assert!(
+                line.contains(" err "),
+                "reached a run of another server: {line}"
+            );
+            if line.contains(" tcp ") {
+                let refused = format!(" err {}", libc::ECONNREFUSED);
+                assert!(line.ends_with(&refused), "not refused by its guard: {line}");
+            }
+        }
+    }
+    let udp = UdpSocket::bind("0.0.0.0:0").unwrap();
+    for (_, address) in &addresses {
+        let _ = udp.send_to(b"x", (*address, 9001));
+        let _ = std::net::TcpStream::connect_timeout(
+            &(*address, 9000).into(),
+            Duration::from_millis(300),
+        );
+    }
+    // Anything that got through has arrived by now.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn other_servers_runs_and_the_host_reach_neither_a_run_nor_a_kept_namespace() {
+    let _turn = SERIAL.lock().await;
+    let s = lab_server(&[("WARM_WORKERS", "0"), ("WORKER_TIMEOUT", "20")]).await;
+    // Their operators opened 10.0.0.0/8, where runs' subnets lie: runs stay out of it.
+    let open = ("NETWORK_ALLOW", "0.0.0.0/0,10.0.0.0/8");
+    let shared = lab_server(&[("WARM_WORKERS", "0"), ("NETWORK_ISOLATION", "shared"), open]).await;
+    let same = lab_server(&[("WARM_WORKERS", "0"), open]).await;
+    let other = lab_server(&[
+        ("WARM_WORKERS", "0"),
+        ("NETWORK_SUBNET", "10.214.0.0/20"),
+        open,
+    ])
+    .await;
+    let attackers = [&shared, &same, &other];
+
+    // A kept namespace: had anything reached it, the next run would get a new one (the
+    // handover check) or see what arrived.
+    let kept = namespace_probe(&s, "").await;
+    reach_into_runs_of(s.pid(), &attackers).await;
+    let next = namespace_probe(&s, "").await;
+    assert_eq!(next, kept, "the kept namespace was reached while it waited");
+
+    // A run in progress, listening, which sends nothing itself: nothing arrives.
+    let listener = r#"
+import select, socket
+def received():
+    ip = [l.split() for l in open("/proc/net/snmp") if l.startswith("Ip:")]
+    return dict(zip(ip[0], ip[1]))["InReceives"]
+before = received()
+t = socket.socket(); t.bind(("0.0.0.0", 9000)); t.listen()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 9001))
+r, _, _ = select.select([t, u], [], [], 8)
+print("reached" if r else "alone", before == received())
+"#;
+    settled(&s).await;
+    let waiting =
+        s.spawn_run(json!({"language": "python3", "code": listener, "enable_network": true}));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    reach_into_runs_of(s.pid(), &attackers).await;
+    let body = waiting.await.unwrap();
+    assert_eq!(body["data"]["stdout"], "alone True\n", "{body}");
+}
+
+/// The paths of the network namespaces the process `pid` holds descriptors of, its own
+/// (the host's) excepted.
+fn namespace_descriptors(pid: u32) -> Vec<String> {
+    let own = std::fs::read_link("/proc/self/ns/net").unwrap();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let target = std::fs::read_link(e.path()).ok()?;
+            (target.to_string_lossy().starts_with("net:[") && target != own)
+                .then(|| e.path().to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_kept_namespace_that_changed_while_it_waited_is_not_handed_out() {
+    let _turn = SERIAL.lock().await;
+    let s = lab_server(&[("WARM_WORKERS", "0")]).await;
+    let fresh = namespace_probe(&s, "").await;
+    let kept = namespace_probe(&s, "").await;
+    assert_eq!(kept, fresh, "an untouched namespace is kept");
+    settled(&s).await;
+    // Something moves its counters after it was parked: a datagram on its loopback,
+    // sent from inside it through the server's own descriptor of it.
+    let held = namespace_descriptors(s.pid());
+    assert_eq!(held.len(), 1, "one kept namespace: {held:?}");
+    let o = Command::new("nsenter")
+        .arg(format!("--net={}", held[0]))
+        .args([
+            "python3",
+            "-c",
+            "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9))",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let next = namespace_probe(&s, "").await;
+    assert_ne!(
+        next.0, kept.0,
+        "a namespace that changed while it was kept was handed out"
+    );
+    assert_eq!(next.1, fresh.1, "the next run's namespace reads as made");
+    // And that one is kept in turn.
+    let again = namespace_probe(&s, "").await;
+    assert_eq!(again.0, next.0);
+}
+
+#[tokio::test]
+async fn private_ranges_are_refused_unless_allowed_and_a_proxy_there_stays_reachable() {
+    let _turn = SERIAL.lock().await;
+    let private = netlab::lab().private_addresses().to_vec();
+    let (proxy, opened) = (private[0], private[1]);
+    let mut targets: Vec<(String, u16, &str, Option<&str>)> = private
+        .iter()
+        .map(|a| (a.to_string(), TCP_PORT, "tcp", None))
+        .collect();
+    targets.push((opened.to_string(), UDP_PORT, "udp", None));
+    targets.push((EXT.to_string(), TCP_PORT, "tcp", None));
+    let code = try_code(&targets);
+    // What each target gave, in order.
+    let results = |d: &Value| -> Vec<bool> {
+        let lines = out(d);
+        assert_eq!(lines.lines().count(), targets.len(), "{d}");
+        lines.lines().map(|l| l.contains(" ok ")).collect()
+    };
+    let refused_at_once = |d: &Value, host: Ipv4Addr| {
+        let line = format!("{host} {TCP_PORT} tcp err {}", libc::ECONNREFUSED);
+        assert!(out(d).contains(&line), "{line}: {d}");
+    };
+
+    // By default none is reached but the proxy, configured on a private address.
+    let http = format!("http://{proxy}:{TCP_PORT}");
+    let s = lab_server(&[("HTTP_PROXY", &http), ("WARM_WORKERS", "0")]).await;
+    let d = networked(&s, "python3", &code).await;
+    assert_eq!(
+        results(&d),
+        [true, false, false, false, false, true],
+        "proxy, the other private addresses, UDP, the outside: {d}"
+    );
+    refused_at_once(&d, opened);
+    drop(s);
+
+    // network_allow names one address and port: that opens, the rest of the private
+    // ranges stays refused, and 0.0.0.0/0 keeps the outside reachable.
+    let allow = format!("0.0.0.0/0,{opened}:{TCP_PORT}");
+    let s = lab_server(&[("NETWORK_ALLOW", &allow), ("WARM_WORKERS", "0")]).await;
+    let d = networked(&s, "python3", &code).await;
+    assert_eq!(
+        results(&d),
+        [false, true, false, false, false, true],
+        "not a proxy any more, the address opened, the others, another port, the outside: {d}"
+    );
+    refused_at_once(&d, proxy);
+    drop(s);
+
+    // Without 0.0.0.0/0 the list is an allow-list: the opened address only.
+    let allow = format!("{opened}:{TCP_PORT}");
+    let s = lab_server(&[("NETWORK_ALLOW", &allow), ("WARM_WORKERS", "0")]).await;
+    let d = networked(&s, "python3", &code).await;
+    assert_eq!(
+        results(&d),
+        [false, true, false, false, false, false],
         "{d}"
     );
 }

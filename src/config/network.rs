@@ -19,7 +19,8 @@ pub enum NetworkIsolation {
     Shared,
 }
 
-/// A destination networked runs may reach when an allow-list is set.
+/// An entry of `network_allow`: an exception to the denied blocks it lies inside, and a
+/// destination of the allow-list the entries make (see `NetworkSettings::allow`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AllowRule {
     pub net: IpNet,
@@ -33,10 +34,14 @@ pub struct NetworkSettings {
     /// Where runs' own addresses come from: a /30 per sandbox uid.
     pub subnet: Ipv4Net,
     /// What networked runs may not reach, on top of what is always denied (the host's
-    /// own addresses, loopback, link-local and multicast).
+    /// own addresses, loopback, link-local, multicast, runs' subnets) and of the private
+    /// ranges (`PRIVATE_RANGES`, see `denied`).
     pub deny: Vec<IpNet>,
-    /// When not empty, the only destinations networked runs may reach (proxies and DNS
-    /// excepted).
+    /// Two roles, one rule (the most specific entry wins): an entry inside a denied block
+    /// (a private range, `network_deny`) opens that address or block as an exception;
+    /// and when the list is not empty, its entries are the only destinations networked
+    /// runs may reach (proxies and DNS excepted). `0.0.0.0/0` keeps everything else not
+    /// denied reachable beside the exceptions. What is always denied stays denied.
     pub allow: Vec<AllowRule>,
     /// The resolvers runs' DNS queries are relayed to; empty: those of /etc/resolv.conf.
     pub dns: Vec<IpAddr>,
@@ -53,6 +58,44 @@ pub const DEFAULT_NETWORK_DENY: &[&str] = &[
     "fe80::/10",
     "fd00:ec2::254/128",
 ];
+
+/// Private and shared address space: the operator's databases and internal services.
+/// Denied to networked runs whatever `network_deny` says (an old copy of the
+/// configuration file lists `network_deny` without them), as Dify's `ssrf_proxy` does;
+/// `network_allow` opens an address or block inside them.
+pub const PRIVATE_RANGES: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "fc00::/7",
+];
+
+impl NetworkSettings {
+    /// Every block networked runs may not reach unless `network_allow` opens it: the
+    /// configured `network_deny` and the private ranges.
+    pub fn denied(&self) -> Vec<IpNet> {
+        let mut all = self.deny.clone();
+        all.extend(
+            PRIVATE_RANGES
+                .iter()
+                .filter_map(|s| s.parse::<IpNet>().ok()),
+        );
+        all
+    }
+
+    /// Where runs of any server on this host may have their addresses, as far as this
+    /// configuration knows: its own subnet and the default one.
+    pub fn sandbox_subnets(&self) -> Vec<Ipv4Net> {
+        let mut subnets = vec![self.subnet];
+        if let Ok(default) = DEFAULT_NETWORK_SUBNET.parse::<Ipv4Net>()
+            && default != self.subnet
+        {
+            subnets.push(default);
+        }
+        subnets
+    }
+}
 
 /// Runs' addresses: rarely routed anywhere, and big enough for a /30 per sandbox uid.
 pub const DEFAULT_NETWORK_SUBNET: &str = "10.213.0.0/20";
@@ -144,18 +187,30 @@ fn parse_net(item: &str) -> Result<IpNet, String> {
         })
 }
 
-/// `NET`, `NET:PORT` or `NET:FIRST-LAST`, with NET an IPv4 address or block (runs
-/// have IPv4 only).
+/// `NET`, `NET:PORT` or `NET:FIRST-LAST`; an IPv6 NET takes its ports in brackets,
+/// `[NET]:PORT` (only runs in the host's network have IPv6).
 fn parse_allow(item: &str) -> Result<AllowRule, String> {
-    let usage = "expected an IPv4 address or block, optionally with :PORT or :FIRST-LAST, such as 203.0.113.0/24:443";
-    let (net, ports) = match item.rsplit_once(':') {
-        Some((net, ports)) => (net, Some(ports)),
-        None => (item, None),
+    let usage = "expected an address or block, optionally with :PORT or :FIRST-LAST, such as 203.0.113.0/24:443, 10.0.0.5:5432 or [fd00::5]:5432";
+    let item = item.trim();
+    let (net, ports) = if let Some(rest) = item.strip_prefix('[') {
+        let (net, after) = rest.split_once(']').ok_or_else(|| usage.to_string())?;
+        match after {
+            "" => (net, None),
+            _ => (
+                net,
+                Some(after.strip_prefix(':').ok_or_else(|| usage.to_string())?),
+            ),
+        }
+    } else if item.matches(':').count() > 1 {
+        // An IPv6 address or block without ports.
+        (item, None)
+    } else {
+        match item.rsplit_once(':') {
+            Some((net, ports)) => (net, Some(ports)),
+            None => (item, None),
+        }
     };
     let net = parse_net(net).map_err(|_| usage.to_string())?;
-    if !matches!(net, IpNet::V4(_)) {
-        return Err(format!("{usage}; runs have no IPv6"));
-    }
     let ports = match ports {
         None => None,
         Some(p) => {
@@ -168,7 +223,11 @@ fn parse_allow(item: &str) -> Result<AllowRule, String> {
             Some((first, last))
         }
     };
-    Ok(AllowRule { net, ports })
+    // `10.0.0.5/8` means its block, as nft would read it.
+    Ok(AllowRule {
+        net: net.trunc(),
+        ports,
+    })
 }
 
 #[cfg(test)]
@@ -185,6 +244,10 @@ mod tests {
             }
         );
         assert_eq!(
+            parse_allow("10.1.2.3/8").unwrap().net,
+            "10.0.0.0/8".parse::<IpNet>().unwrap()
+        );
+        assert_eq!(
             parse_allow("198.51.100.7:443").unwrap().ports,
             Some((443, 443))
         );
@@ -192,14 +255,54 @@ mod tests {
             parse_allow("10.0.0.0/8:8000-8100").unwrap().ports,
             Some((8000, 8100))
         );
+        assert_eq!(
+            parse_allow("fd00:1::/64").unwrap(),
+            AllowRule {
+                net: "fd00:1::/64".parse().unwrap(),
+                ports: None
+            }
+        );
+        assert_eq!(
+            parse_allow("[fd00::5]:5432").unwrap(),
+            AllowRule {
+                net: "fd00::5/128".parse().unwrap(),
+                ports: Some((5432, 5432))
+            }
+        );
         for bad in [
             "example.com",
             "10.0.0.0/8:0",
             "10.0.0.1:9-8",
-            "::1",
             "1.2.3.4:x",
+            "[fd00::5]5432",
+            "[fd00::5",
         ] {
             assert!(parse_allow(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn private_ranges_are_denied_whatever_network_deny_says() {
+        let settings = |deny: Vec<IpNet>| NetworkSettings {
+            isolation: NetworkIsolation::Auto,
+            subnet: DEFAULT_NETWORK_SUBNET.parse().unwrap(),
+            deny,
+            allow: Vec::new(),
+            dns: Vec::new(),
+        };
+        for deny in [Vec::new(), vec!["192.0.2.0/24".parse().unwrap()]] {
+            let denied = settings(deny.clone()).denied();
+            for private in [
+                "10.1.2.3",
+                "172.31.0.1",
+                "192.168.1.1",
+                "100.64.0.1",
+                "fd12::1",
+            ] {
+                let ip: IpAddr = private.parse().unwrap();
+                assert!(denied.iter().any(|n| n.contains(&ip)), "{private}");
+            }
+            assert!(deny.iter().all(|d| denied.contains(d)));
         }
     }
 

@@ -130,7 +130,8 @@ impl RunNetwork {
                 uids,
                 resolvers: &resolvers,
                 proxies,
-                deny: &config.network.deny,
+                subnets: &config.network.sandbox_subnets(),
+                deny: &config.network.denied(),
                 allow: &config.network.allow,
             })
             .map_err(|e| tracing::error!(error = %e, "cannot install the network guard"))
@@ -305,10 +306,11 @@ impl Isolated {
             table: &name,
             tag: &tag,
             subnet: n.subnet,
+            subnets: &n.sandbox_subnets(),
             uids: uids.clone(),
             relay_port: relay.port(),
             proxies: &routes,
-            deny: &n.deny,
+            deny: &n.denied(),
             allow: &n.allow,
             confine_forwarding: forwarding.switched_on,
         });

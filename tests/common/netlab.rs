@@ -1,9 +1,11 @@
 //! A stand-in external host for network tests: a network namespace of its own joined to
 //! this host by a veth pair (`198.51.100.1` here, `198.51.100.2` there: TEST-NET-2, which
 //! nothing routes), running a TCP server that answers `pong:<what it got>`, a UDP echo,
-//! and a DNS resolver that knows `ext.test`. One lab per test process, shared by its
-//! tests; its servers end with the test process, and its namespace and veth pair are
-//! removed by the next test process that makes a lab.
+//! and a DNS resolver that knows `ext.test`; on demand it also answers on an address in
+//! each private range, routed into it (`private_addresses`). One lab per test process,
+//! shared by its tests; its servers end with the test process, and its namespace and
+//! veth pair (and the routes through it) are removed by the next test process that
+//! makes a lab.
 
 use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
@@ -68,6 +70,7 @@ pub struct Lab {
     pub netns: String,
     host_if: String,
     servers: std::sync::Mutex<Option<Child>>,
+    private: OnceLock<Vec<Ipv4Addr>>,
 }
 
 fn ip(args: &[&str]) -> std::process::Output {
@@ -123,6 +126,7 @@ impl Lab {
             netns,
             host_if,
             servers: std::sync::Mutex::new(Some(servers)),
+            private: OnceLock::new(),
         };
         lab.wait_ready();
         lab
@@ -155,6 +159,47 @@ impl Lab {
 
     pub fn host_interface(&self) -> &str {
         &self.host_if
+    }
+
+    /// The lab's addresses in private ranges (10/8, 172.16/12, 192.168/16, 100.64/10),
+    /// standing for an operator's internal hosts; the lab's servers answer there too.
+    /// Each is routed to the lab by a host route of this host (a /32: the most specific
+    /// route there is), and `ip route get` must show it going into the lab's veth before
+    /// any test uses it, so nothing sent to it can leave the machine. The last two
+    /// octets come from the test process's pid, so labs of several test processes do
+    /// not share addresses.
+    pub fn private_addresses(&self) -> &[Ipv4Addr] {
+        self.private.get_or_init(|| {
+            let pid = std::process::id();
+            let (a, b) = (((pid >> 8) & 0xff) as u8, (pid % 254 + 1) as u8);
+            let addresses = [
+                Ipv4Addr::new(10, 254, a, b),
+                Ipv4Addr::new(172, 31, a, b),
+                Ipv4Addr::new(192, 168, a, b),
+                Ipv4Addr::new(100, 127, a, b),
+            ];
+            for addr in addresses {
+                let host = format!("{addr}/32");
+                must(&["-n", &self.netns, "addr", "add", &host, "dev", "eth0"]);
+                must(&[
+                    "route",
+                    "replace",
+                    &host,
+                    "via",
+                    &EXT.to_string(),
+                    "dev",
+                    &self.host_if,
+                ]);
+                let route = ip(&["-o", "route", "get", &addr.to_string()]);
+                let text = String::from_utf8_lossy(&route.stdout);
+                assert!(
+                    route.status.success()
+                        && text.contains(&format!(" via {EXT} dev {} ", self.host_if)),
+                    "{addr} is not routed into the lab, refusing to use it: {text}"
+                );
+            }
+            addresses.to_vec()
+        })
     }
 }
 

@@ -1,14 +1,15 @@
 //! The uid guard: for runs that share the host's network namespace (the chroot level,
 //! or `network_isolation: shared`), an nftables table on the output hook refuses what
-//! sockets of the sandbox uids may not reach: every address of the host itself, the
-//! denied blocks, and everything outside the allow-list when there is one. DNS to the
-//! host's resolvers and the configured proxies stay reachable. It matches the sandbox
-//! uids only, so the server and the rest of the host are untouched.
+//! sockets of the sandbox uids may not reach: every address of the host itself, every
+//! server's runs (their veth pairs, runs' subnets), the denied blocks unless an allow
+//! entry opens them, and everything outside the allow-list when there is one. DNS to
+//! the host's resolvers and the configured proxies stay reachable. It matches the
+//! sandbox uids only, so the server and the rest of the host are untouched.
 
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 
 use super::nft::{self, NftError, Table};
 use super::ruleset;
@@ -21,6 +22,9 @@ pub struct GuardRules<'a> {
     pub uids: Range<u32>,
     pub resolvers: &'a [IpAddr],
     pub proxies: &'a [SocketAddr],
+    /// Runs' subnets: this configuration's and the default.
+    pub subnets: &'a [Ipv4Net],
+    /// Every denied block (`network_deny` and the private ranges).
     pub deny: &'a [IpNet],
     pub allow: &'a [AllowRule],
 }
@@ -39,6 +43,7 @@ impl NetGuard {
             uids: rules.uids.clone(),
             resolvers: rules.resolvers,
             proxies: rules.proxies,
+            subnets: rules.subnets,
             deny: rules.deny,
             allow: rules.allow,
         });

@@ -6,7 +6,9 @@
 //! When a run ends, its namespace is kept for the next networked run of the same uid if
 //! the run left no trace in it (see `traces`): most runs never touch the network they
 //! asked for. Otherwise it is destroyed with its last reference, which takes the veth
-//! pair with it; releasing the run waits for that.
+//! pair with it; releasing the run waits for that. Its counters are read again when it
+//! is handed to the next run: one that moved while it waited is destroyed the same way
+//! and the run gets a new one.
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
@@ -104,26 +106,38 @@ impl NetLease {
             },
             uid => (uid, address, kept),
         };
-        drop(kept);
-        // The namespace dies with its last reference and the kernel then deletes both veth
-        // ends, batched with other dying namespaces. Deleting the link ourselves would
-        // hold the rtnl lock through an RCU grace period per run, stalling every other
-        // run's plumbing: networked throughput fell to a third. So wait for it to go, and
-        // delete it only if it does not (something still holds the namespace).
-        if !gone(&host, &address.host_if, LINK_GONE_WAIT).await {
-            remove_link(&host, &address.host_if).await;
-        }
-        // A run that sent no packet has no connection to forget.
-        if !untouched {
-            let mark = address.ct_mark;
-            let flushed = tokio::task::spawn_blocking(move || conntrack::flush_mark(mark)).await;
-            if let Ok(Err(e)) = flushed {
-                tracing::warn!(error = %e, uid = address.uid, "cannot forget a run's connections");
-            }
-        }
-        // The uid goes back last: nothing of its network is left for its next holder.
-        drop(uid);
+        destroy(&host, uid, address, kept, untouched).await;
     }
+}
+
+/// Destroy a namespace, its veth pair and its connections (unless `untouched`: nothing
+/// was sent in it), then give its uid back.
+async fn destroy(
+    host: &Handle,
+    uid: Option<UidLease>,
+    address: RunAddress,
+    kept: Kept,
+    untouched: bool,
+) {
+    drop(kept);
+    // The namespace dies with its last reference and the kernel then deletes both veth
+    // ends, batched with other dying namespaces. Deleting the link ourselves would
+    // hold the rtnl lock through an RCU grace period per run, stalling every other
+    // run's plumbing: networked throughput fell to a third. So wait for it to go, and
+    // delete it only if it does not (something still holds the namespace).
+    if !gone(host, &address.host_if, LINK_GONE_WAIT).await {
+        remove_link(host, &address.host_if).await;
+    }
+    // A run that sent no packet has no connection to forget.
+    if !untouched {
+        let mark = address.ct_mark;
+        let flushed = tokio::task::spawn_blocking(move || conntrack::flush_mark(mark)).await;
+        if let Ok(Err(e)) = flushed {
+            tracing::warn!(error = %e, uid = address.uid, "cannot forget a run's connections");
+        }
+    }
+    // The uid goes back last: nothing of its network is left for its next holder.
+    drop(uid);
 }
 
 /// Namespaces kept for the next networked run, each with its uid's lease (so no other
@@ -131,6 +145,8 @@ impl NetLease {
 struct Lot {
     parked: Mutex<Vec<Parked>>,
     limit: usize,
+    /// Namespaces found moved at their handover, being destroyed.
+    discarding: tokio_util::task::TaskTracker,
 }
 
 struct Parked {
@@ -205,13 +221,27 @@ impl Plumbing {
             lot: Arc::new(Lot {
                 parked: Mutex::new(Vec::new()),
                 limit: keep,
+                discarding: tokio_util::task::TaskTracker::new(),
             }),
         })
     }
 
-    /// A namespace a finished run left untouched, with its uid's lease.
+    /// A namespace a finished run left untouched, with its uid's lease. Its counters
+    /// are read again first: one that something reached while it waited (a packet from
+    /// another server's runs, say) is destroyed in the background, and the next one is
+    /// tried.
     pub fn reuse(&self) -> Option<(UidLease, RunNetns)> {
-        let p = self.lot.parked().pop()?;
+        let p = loop {
+            let p = self.lot.parked().pop()?;
+            if p.kept.traces.none_left() {
+                break p;
+            }
+            tracing::warn!(
+                uid = p.address.uid,
+                "a kept network namespace changed while it waited for its next run; destroyed"
+            );
+            self.discard(p);
+        };
         // On failure `p` is dropped: the namespace goes, and the uid with it.
         let fd = p.kept.ns.try_clone().ok()?;
         Some((
@@ -228,6 +258,23 @@ impl Plumbing {
         ))
     }
 
+    /// Destroy `p` without holding up the caller: the uid goes back once its veth pair
+    /// and connections are gone.
+    fn discard(&self, p: Parked) {
+        let host = self.host.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                self.lot.discarding.spawn_on(
+                    async move { destroy(&host, Some(p.uid), p.address, p.kept, false).await },
+                    &runtime,
+                );
+            }
+            // Outside the runtime: the namespace goes with `p`; a veth pair the kernel
+            // has not removed yet is removed by the next `create` for this uid.
+            Err(_) => drop(p),
+        }
+    }
+
     /// How many namespaces wait for reuse.
     pub fn kept(&self) -> usize {
         self.lot.parked().len()
@@ -235,6 +282,8 @@ impl Plumbing {
 
     /// Destroy the namespaces kept for reuse and wait until their veth pairs are gone.
     pub async fn close(&self) {
+        self.lot.discarding.close();
+        self.lot.discarding.wait().await;
         let parked = std::mem::take(&mut *self.lot.parked());
         // Every namespace's last references go at once (`kept` dropped), then the uids
         // go back once the veth pairs are gone.

@@ -5,9 +5,13 @@
 //! Two rulesets:
 //! - `isolated`: runs in network namespaces of their own, joined to the host by veth
 //!   pairs named `sbx<uid>`. Their traffic is forwarded and masqueraded; anything aimed
-//!   at the host itself, at other runs, or at denied blocks is refused.
+//!   at the host itself, at other runs, or at denied blocks is refused; nothing but
+//!   replies to a run's own traffic enters it, not even from the host.
 //! - `guard`: runs sharing the host's network namespace (the chroot level, or
 //!   `network_isolation: shared`): their sockets are recognised by uid.
+//!
+//! Both end with the operator's policy (`policy`): the denied blocks and the allow
+//! entries, the most specific first.
 
 use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -23,14 +27,25 @@ use crate::config::AllowRule;
 /// disturbed.
 pub const DENY_MARK: u32 = 0x1000_0000;
 
-/// Destinations no run ever reaches, whatever `network_deny` says: "this" network,
-/// loopback, link-local (cloud metadata), multicast and reserved blocks.
+/// Destinations no run ever reaches, whatever `network_deny` and `network_allow` say:
+/// "this" network, loopback, link-local (cloud metadata), multicast and reserved blocks.
+/// Runs' subnets are added to them.
 const ALWAYS_DENIED_V4: &[&str] = &[
     "0.0.0.0/8",
     "127.0.0.0/8",
     "169.254.0.0/16",
     "224.0.0.0/4",
     "240.0.0.0/4",
+];
+
+/// The same for runs in the host's network, which have IPv6: unspecified, loopback,
+/// link-local, multicast, and the cloud metadata service's address.
+const ALWAYS_DENIED_V6: &[&str] = &[
+    "::/128",
+    "::1/128",
+    "fe80::/10",
+    "ff00::/8",
+    "fd00:ec2::254/128",
 ];
 
 /// A proxy runs must reach (Dify's `ssrf_proxy`), wherever it listens.
@@ -47,11 +62,15 @@ pub struct Isolated<'a> {
     pub table: &'a str,
     /// This server's tag: its runs' interfaces are `sbx<tag>...`.
     pub tag: &'a str,
+    /// This server's runs' addresses.
     pub subnet: Ipv4Net,
+    /// Every server's runs' subnets (this one's and the default): never a destination.
+    pub subnets: &'a [Ipv4Net],
     pub uids: Range<u32>,
     /// The DNS relay's port on 127.0.0.1 (UDP and TCP).
     pub relay_port: u16,
     pub proxies: &'a [ProxyRoute],
+    /// Every denied block (`network_deny` and the private ranges).
     pub deny: &'a [IpNet],
     pub allow: &'a [AllowRule],
     /// The server switched IPv4 forwarding on for runs: forwarding between the host's
@@ -104,19 +123,14 @@ pub fn isolated(r: &Isolated<'_>) -> String {
     from_run.push(format!(
         "fib daddr type {{ local, broadcast, multicast, anycast }} {deny}"
     ));
-    let mut always: Vec<IpNet> = ALWAYS_DENIED_V4
-        .iter()
-        .filter_map(|s| s.parse().ok())
-        .collect();
+    let mut always = always_denied(ALWAYS_DENIED_V4, r.subnets);
     always.push(IpNet::V4(r.subnet));
-    always.extend(r.deny.iter().filter(|n| matches!(n, IpNet::V4(_))));
     for (fam, set) in sets(&always) {
         from_run.push(format!("{fam} daddr {{ {set} }} {deny}"));
     }
+    // Runs have IPv4 only: IPv6 entries have nothing to match.
+    from_run.extend(policy(r.deny, r.allow, Family::V4, &deny, "return"));
     if !r.allow.is_empty() {
-        for a in r.allow {
-            from_run.push(allow_rule(a, "return"));
-        }
         from_run.push(deny.clone());
     }
 
@@ -192,6 +206,19 @@ pub fn isolated(r: &Isolated<'_>) -> String {
         Some("filter hook forward priority 0"),
         &forward,
     );
+    // Nothing of the host starts a connection into a run, or sends it a datagram that
+    // is no reply (a run in the host's network, any local user): a run, a kept namespace
+    // and a warm worker's namespace receive only what answers their own traffic, and the
+    // host's resets and ICMP errors for it (conntrack counts those as related).
+    chain(
+        &mut t,
+        "run_out",
+        Some("filter hook output priority 0"),
+        &[
+            format!("oifname {runs} ct state established,related accept"),
+            format!("oifname {runs} drop"),
+        ],
+    );
     chain(
         &mut t,
         "run_post",
@@ -209,6 +236,9 @@ pub struct Guard<'a> {
     pub uids: Range<u32>,
     pub resolvers: &'a [IpAddr],
     pub proxies: &'a [SocketAddr],
+    /// Runs' subnets (this configuration's and the default): other servers' runs.
+    pub subnets: &'a [Ipv4Net],
+    /// Every denied block (`network_deny` and the private ranges).
     pub deny: &'a [IpNet],
     pub allow: &'a [AllowRule],
 }
@@ -233,14 +263,23 @@ pub fn guard(g: &Guard<'_>) -> String {
             p.port()
         ));
     }
-    rules.push("fib daddr type local jump refuse".into());
-    for (fam, set) in sets(g.deny) {
+    rules.push("fib daddr type { local, broadcast, multicast, anycast } jump refuse".into());
+    // Any server's runs in namespaces of their own, whatever their subnet: the host
+    // reaches them through their veth pairs.
+    rules.push(format!("oifname \"{IFNAME_PREFIX}*\" jump refuse"));
+    let mut always = always_denied(ALWAYS_DENIED_V4, g.subnets);
+    always.extend(always_denied(ALWAYS_DENIED_V6, &[]));
+    for (fam, set) in sets(&always) {
         rules.push(format!("{fam} daddr {{ {set} }} jump refuse"));
     }
+    rules.extend(policy(
+        g.deny,
+        g.allow,
+        Family::Both,
+        "jump refuse",
+        "accept",
+    ));
     if !g.allow.is_empty() {
-        for a in g.allow {
-            rules.push(allow_rule(a, "accept"));
-        }
         rules.push("jump refuse".into());
     }
     let mut t = String::new();
@@ -260,6 +299,85 @@ pub fn guard(g: &Guard<'_>) -> String {
     chain(&mut t, "refuse", None, &refuse());
     t.push_str("}\n");
     t
+}
+
+fn always_denied(blocks: &[&str], subnets: &[Ipv4Net]) -> Vec<IpNet> {
+    blocks
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .chain(subnets.iter().map(|n| IpNet::V4(*n)))
+        .collect()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    Both,
+}
+
+/// The operator's policy, after what is always denied: the denied blocks and the allow
+/// entries, most specific first, so the most specific entry decides. An allow entry
+/// inside a denied block (`10.0.0.5:5432` in `10.0.0.0/8`) opens it, for its ports; a
+/// denied block inside an allow entry (`10.0.0.0/8` in `0.0.0.0/0`) stays denied; an
+/// allow entry naming a denied block exactly opens it. Neighbouring denied blocks share
+/// one set. Whether anything not named is refused (a non-empty allow-list) is the
+/// caller's last rule.
+fn policy(
+    deny: &[IpNet],
+    allow: &[AllowRule],
+    families: Family,
+    deny_verdict: &str,
+    allow_verdict: &str,
+) -> Vec<String> {
+    /// A denied block (`None`) or an allow entry.
+    struct Entry<'a> {
+        net: IpNet,
+        allow: Option<&'a AllowRule>,
+    }
+    impl Entry<'_> {
+        /// IPv6 after IPv4, the longest prefix first, an allow entry before a denied
+        /// block of the same length.
+        fn order(&self) -> (bool, std::cmp::Reverse<u8>, bool) {
+            (
+                self.net.addr().is_ipv6(),
+                std::cmp::Reverse(self.net.prefix_len()),
+                self.allow.is_none(),
+            )
+        }
+    }
+    let keep = |n: &IpNet| families == Family::Both || matches!(n, IpNet::V4(_));
+    let mut entries: Vec<Entry<'_>> = deny
+        .iter()
+        .filter(|n| keep(n))
+        .map(|n| Entry {
+            net: n.trunc(),
+            allow: None,
+        })
+        .chain(allow.iter().filter(|a| keep(&a.net)).map(|a| Entry {
+            net: a.net,
+            allow: Some(a),
+        }))
+        .collect();
+    entries.sort_by_key(Entry::order);
+    let mut rules = Vec::new();
+    let mut denied: Vec<IpNet> = Vec::new();
+    let flush = |denied: &mut Vec<IpNet>, rules: &mut Vec<String>| {
+        for (fam, set) in sets(denied) {
+            rules.push(format!("{fam} daddr {{ {set} }} {deny_verdict}"));
+        }
+        denied.clear();
+    };
+    for entry in entries {
+        match entry.allow {
+            None => denied.push(entry.net),
+            Some(a) => {
+                flush(&mut denied, &mut rules);
+                rules.push(allow_rule(a, allow_verdict));
+            }
+        }
+    }
+    flush(&mut denied, &mut rules);
+    rules
 }
 
 /// A refusal the snippet sees at once: a reset for TCP, "administratively prohibited"
@@ -348,26 +466,57 @@ mod tests {
             .unwrap_or_else(|| panic!("{needle:?} missing from\n{text}"))
     }
 
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    fn rule(net: &str, ports: Option<(u16, u16)>) -> AllowRule {
+        AllowRule {
+            net: net.parse().unwrap(),
+            ports,
+        }
+    }
+
+    /// `network_deny` as in the tests, with the private ranges.
+    fn denied() -> Vec<IpNet> {
+        nets(&[
+            "169.254.0.0/16",
+            "10.9.0.0/16",
+            "::1/128",
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "100.64.0.0/10",
+            "fc00::/7",
+        ])
+    }
+
+    fn subnets() -> Vec<Ipv4Net> {
+        vec![
+            "10.214.0.0/20".parse().unwrap(),
+            "10.213.0.0/20".parse().unwrap(),
+        ]
+    }
+
     fn isolated_text(allow: &[AllowRule], confine: bool) -> String {
-        let deny: Vec<IpNet> = ["169.254.0.0/16", "10.9.0.0/16", "::1/128"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
         isolated(&Isolated {
             table: "sandbox_net_1_2",
             tag: "0a1",
-            subnet: "10.213.0.0/20".parse().unwrap(),
+            subnet: "10.214.0.0/20".parse().unwrap(),
+            subnets: &subnets(),
             uids: 10000..10003,
             relay_port: 40053,
             proxies: &[
                 ProxyRoute::Loopback(3128),
                 ProxyRoute::Direct("172.17.0.1:8080".parse().unwrap()),
             ],
-            deny: &deny,
+            deny: &denied(),
             allow,
             confine_forwarding: confine,
         })
     }
+
+    const DENY: &str = "meta mark set meta mark | 0x10000000 return";
 
     #[test]
     fn runs_cannot_spoof_and_their_connections_carry_their_mark() {
@@ -376,7 +525,7 @@ mod tests {
             "elements = { \"sbx0a110000\" : 0x5b000000, \"sbx0a110001\" : 0x5b000001, \"sbx0a110002\" : 0x5b000002 }"
         ));
         let spoof = position(&t, "fib saddr . iif oif missing drop");
-        assert!(position(&t, "ip saddr != 10.213.0.0/20 drop") < spoof);
+        assert!(position(&t, "ip saddr != 10.214.0.0/20 drop") < spoof);
         assert!(spoof < position(&t, "ct state new ct mark set iifname map @run_marks"));
         assert!(t.contains("meta nfproto ipv6 drop"));
     }
@@ -391,6 +540,7 @@ mod tests {
         for exception in [
             "fib daddr . iif type local meta l4proto { tcp, udp } th dport 53 return",
             "fib daddr . iif type local tcp dport 3128 return",
+            // A proxy on a private address: before the private ranges are denied.
             "ip daddr 172.17.0.1 tcp dport 8080 return",
         ] {
             assert!(position(&t, exception) < host, "{exception}");
@@ -402,12 +552,25 @@ mod tests {
     }
 
     #[test]
-    fn loopback_metadata_other_runs_and_denied_blocks_are_refused() {
+    fn loopback_metadata_every_runs_subnet_and_private_ranges_are_refused() {
         let t = isolated_text(&[], false);
-        assert!(t.contains(
-            "ip daddr { 0.0.0.0/8, 10.9.0.0/16, 10.213.0.0/20, 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/3 } meta mark set meta mark | 0x10000000 return"
-        ), "{t}");
-        assert!(!t.contains("::1"), "runs have no IPv6: {t}");
+        let always = position(
+            &t,
+            &format!(
+                "ip daddr {{ 0.0.0.0/8, 10.213.0.0/20, 10.214.0.0/20, 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/3 }} {DENY}"
+            ),
+        );
+        let private = position(
+            &t,
+            &format!(
+                "ip daddr {{ 10.0.0.0/8, 100.64.0.0/10, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16 }} {DENY}"
+            ),
+        );
+        assert!(always < private, "{t}");
+        assert!(
+            !t.contains("::1") && !t.contains("fc00"),
+            "runs have no IPv6: {t}"
+        );
         assert!(
             t.contains("iifname \"sbx0a1*\" oifname \"sbx*\" jump refuse"),
             "to any run"
@@ -419,30 +582,46 @@ mod tests {
             "this server's runs only"
         );
         // Without an allow-list, whatever is not denied is reachable.
-        assert!(!t.contains("from_run {\n    meta mark set"));
+        assert!(!t.contains(&format!("from_run {{\n    {DENY}")));
+        assert!(!t.contains(&format!("    {DENY}\n  }}")), "{t}");
         assert!(!t.contains("iifname != \"sbx*\" oifname != \"sbx*\" drop"));
     }
 
     #[test]
-    fn an_allow_list_ends_with_a_denial() {
+    fn the_host_sends_a_run_nothing_but_replies() {
+        let t = isolated_text(&[], false);
+        let out = &t[position(&t, "chain run_out {")..];
+        assert!(
+            out.starts_with(
+                "chain run_out {\n    type filter hook output priority 0; policy accept;\n    oifname \"sbx0a1*\" ct state established,related accept\n    oifname \"sbx0a1*\" drop\n  }"
+            ),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn an_allow_entry_inside_a_denied_block_opens_it_and_an_allow_list_ends_with_a_denial() {
         let allow = [
-            AllowRule {
-                net: "203.0.113.0/24".parse().unwrap(),
-                ports: Some((443, 443)),
-            },
-            AllowRule {
-                net: "198.51.100.7/32".parse().unwrap(),
-                ports: None,
-            },
+            rule("203.0.113.0/24", Some((443, 443))),
+            rule("198.51.100.7/32", None),
+            rule("10.0.0.5/32", Some((5432, 5432))),
+            rule("fd00::5/128", None),
         ];
         let t = isolated_text(&allow, true);
-        let first = position(
+        let db = position(
+            &t,
+            "ip daddr 10.0.0.5 meta l4proto { tcp, udp } th dport 5432 return",
+        );
+        let one = position(&t, "ip daddr 198.51.100.7 return");
+        let block = position(
             &t,
             "ip daddr 203.0.113.0/24 meta l4proto { tcp, udp } th dport 443 return",
         );
-        let second = position(&t, "ip daddr 198.51.100.7 return");
-        let last = position(&t, "    meta mark set meta mark | 0x10000000 return\n  }");
-        assert!(first < second && second < last, "{t}");
+        let private = position(&t, "ip daddr { 10.0.0.0/8, ");
+        let last = position(&t, &format!("    {DENY}\n  }}"));
+        assert!(db < private && private < last, "{t}");
+        assert!(one < block && block < last, "{t}");
+        assert!(!t.contains("fd00::5"), "runs have no IPv6: {t}");
         assert!(
             t.contains("iifname != \"sbx*\" oifname != \"sbx*\" drop"),
             "forwarding stays confined"
@@ -450,20 +629,65 @@ mod tests {
     }
 
     #[test]
-    fn the_guard_matches_sandbox_uids_and_refuses_the_host() {
-        let deny: Vec<IpNet> = ["127.0.0.0/8", "127.1.0.0/16", "::1/128", "169.254.0.0/16"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
+    fn the_most_specific_entry_decides() {
+        let d = " D";
+        let policy =
+            |deny: &[&str], allow: &[AllowRule]| policy(&nets(deny), allow, Family::Both, "D", "A");
+        // Everything else stays open, but 10.1.2.0/24 inside the opened 10.1.0.0/16
+        // stays denied, and so does the rest of 10.0.0.0/8.
+        assert_eq!(
+            policy(
+                &["10.0.0.0/8", "10.1.2.0/24", "fc00::/7"],
+                &[rule("0.0.0.0/0", None), rule("10.1.0.0/16", None)]
+            ),
+            vec![
+                format!("ip daddr {{ 10.1.2.0/24 }}{d}"),
+                "ip daddr 10.1.0.0/16 A".to_string(),
+                format!("ip daddr {{ 10.0.0.0/8 }}{d}"),
+                "ip daddr 0.0.0.0/0 A".to_string(),
+                format!("ip6 daddr {{ fc00::/7 }}{d}"),
+            ]
+        );
+        // Naming a denied block exactly opens it; neighbouring denials share a set.
+        assert_eq!(
+            policy(
+                &["192.168.0.0/16", "172.16.0.0/12", "127.0.0.0/8"],
+                &[rule("192.168.0.0/16", Some((80, 90)))]
+            ),
+            vec![
+                "ip daddr 192.168.0.0/16 meta l4proto { tcp, udp } th dport 80-90 A".to_string(),
+                format!("ip daddr {{ 127.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 }}{d}"),
+            ]
+        );
+        // A block named wider than a denied one does not open it.
+        assert_eq!(
+            policy(&["10.0.0.0/8"], &[rule("10.0.0.0/7", None)]),
+            vec![
+                format!("ip daddr {{ 10.0.0.0/8 }}{d}"),
+                "ip daddr 10.0.0.0/7 A".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_guard_matches_sandbox_uids_and_refuses_the_host_and_every_run() {
         let resolvers: Vec<IpAddr> =
             vec!["127.0.0.11".parse().unwrap(), "fe80::1".parse().unwrap()];
+        let mut deny = denied();
+        // 127.1.0.0/16 lies inside 127.0.0.0/8: merged, or nft would refuse the set.
+        deny.extend(nets(&["127.0.0.0/8", "127.1.0.0/16"]));
+        let allow = [rule("fd00::5/128", Some((5432, 5432)))];
         let t = guard(&Guard {
             table: "sandbox_guard_7",
             uids: 10000..11000,
             resolvers: &resolvers,
-            proxies: &["127.0.0.1:3128".parse().unwrap()],
+            proxies: &[
+                "127.0.0.1:3128".parse().unwrap(),
+                "10.1.1.1:3128".parse().unwrap(),
+            ],
+            subnets: &subnets(),
             deny: &deny,
-            allow: &[],
+            allow: &allow,
         });
         assert!(t.starts_with("table inet sandbox_guard_7 {"), "{t}");
         assert!(t.contains("meta skuid 10000-10999 jump from_sandbox"));
@@ -471,15 +695,37 @@ mod tests {
             &t,
             "ip daddr { 127.0.0.11 } meta l4proto { tcp, udp } th dport 53 accept",
         );
+        assert!(t.contains("ip6 daddr { fe80::1 } meta l4proto"), "{t}");
         let proxy = position(&t, "ip daddr 127.0.0.1 tcp dport 3128 accept");
-        let local = position(&t, "fib daddr type local jump refuse");
-        assert!(dns < local && proxy < local, "{t}");
-        // 127.1.0.0/16 lies inside 127.0.0.0/8: merged, or nft would refuse the set.
+        let private_proxy = position(&t, "ip daddr 10.1.1.1 tcp dport 3128 accept");
+        let local = position(
+            &t,
+            "fib daddr type { local, broadcast, multicast, anycast } jump refuse",
+        );
+        assert!(dns < local && proxy < local && private_proxy < local, "{t}");
+        let runs = position(&t, "oifname \"sbx*\" jump refuse");
+        let always = position(
+            &t,
+            "ip daddr { 0.0.0.0/8, 10.213.0.0/20, 10.214.0.0/20, 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/3 } jump refuse",
+        );
+        let always6 = position(
+            &t,
+            "ip6 daddr { ::/127, fd00:ec2::254, fe80::/10, ff00::/8 } jump refuse",
+        );
+        let private = position(
+            &t,
+            "ip daddr { 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16 } jump refuse",
+        );
+        let opened = position(
+            &t,
+            "ip6 daddr fd00::5 meta l4proto { tcp, udp } th dport 5432 accept",
+        );
+        let private6 = position(&t, "ip6 daddr { ::1, fc00::/7 } jump refuse");
+        assert!(local < runs && runs < always && always < always6, "{t}");
         assert!(
-            t.contains("ip daddr { 127.0.0.0/8, 169.254.0.0/16 } jump refuse"),
+            always6 < private && private < opened && opened < private6,
             "{t}"
         );
-        assert!(t.contains("ip6 daddr { ::1 } jump refuse"), "{t}");
-        assert!(t.contains("ip6 daddr { fe80::1 } meta l4proto"), "{t}");
+        assert!(t.ends_with("    jump refuse\n  }\n  chain refuse {\n    meta l4proto tcp reject with tcp reset\n    reject with icmpx admin-prohibited\n  }\n}\n"), "{t}");
     }
 }
