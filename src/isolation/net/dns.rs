@@ -371,7 +371,11 @@ async fn serve_tcp(
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(r) => r,
-                Err(_) => continue,
+                // Out of descriptors, most likely: a pause instead of a busy loop.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
             },
         };
         // Over quota: closed at once, so the client's read ends now.
