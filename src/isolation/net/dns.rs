@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use nix::sys::socket::{setsockopt, sockopt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
@@ -41,6 +42,8 @@ pub const TCP_IDLE: Duration = Duration::from_secs(2);
 /// hold at once: runs that just ended may still hold theirs for `UPSTREAM_TIMEOUT`.
 const MIN_QUERIES: usize = 256;
 const MIN_CONNECTIONS: usize = 64;
+/// The UDP socket's receive buffer: a few thousand queries.
+const RECEIVE_BUFFER: usize = 1 << 20;
 /// How often refusals are logged at most.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
@@ -75,6 +78,14 @@ impl DnsRelay {
             .collect();
         let (udp, tcp) = bind_pair().await.map_err(DnsError::Bind)?;
         let port = udp.local_addr().map_err(DnsError::Bind)?.port();
+        // Room for bursts from every run while the relay is not scheduled; the ruleset
+        // bounds each run's rate. Beyond `rmem_max` as root (SO_RCVBUFFORCE).
+        if setsockopt(&udp, sockopt::RcvBufForce, &RECEIVE_BUFFER)
+            .or_else(|_| setsockopt(&udp, sockopt::RcvBuf, &RECEIVE_BUFFER))
+            .is_err()
+        {
+            tracing::debug!("DNS relay: the receive buffer keeps its default size");
+        }
         let stop = CancellationToken::new();
         let up = Arc::new(upstreams.clone());
         tokio::spawn(serve_udp(
