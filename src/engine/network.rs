@@ -266,7 +266,7 @@ impl Isolated {
         } else {
             n.dns.clone()
         };
-        let relay = DnsRelay::start(&upstreams)
+        let relay = DnsRelay::start(&upstreams, config.max_workers)
             .await
             .map_err(|e| e.to_string())?;
         let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();

@@ -48,6 +48,13 @@ const ALWAYS_DENIED_V6: &[&str] = &[
     "fd00:ec2::254/128",
 ];
 
+/// Per run, DNS packets (UDP) and connections (TCP) to its gateway beyond these rates
+/// are dropped before they reach the relay, whose socket and accept queue all runs
+/// share: a flood fills neither for the others (the relay's quotas then bound what
+/// each run holds).
+pub const DNS_RATE: &str = "1000/second burst 500 packets";
+pub const DNS_TCP_RATE: &str = "100/second burst 50 packets";
+
 /// A proxy runs must reach (Dify's `ssrf_proxy`), wherever it listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyRoute {
@@ -104,6 +111,12 @@ pub fn isolated(r: &Isolated<'_>) -> String {
         format!("ip saddr != {} drop", r.subnet),
         "fib saddr . iif oif missing drop".to_string(),
         "ct state new ct mark set iifname map @run_marks".to_string(),
+        format!(
+            "fib daddr . iif type local udp dport 53 update @dns_rate {{ ip saddr limit rate over {DNS_RATE} }} drop"
+        ),
+        format!(
+            "fib daddr . iif type local tcp dport 53 ct state new update @dns_tcp_rate {{ ip saddr limit rate over {DNS_TCP_RATE} }} drop"
+        ),
         // DNS on the gateway goes to the relay (see run_dnat).
         "fib daddr . iif type local meta l4proto { tcp, udp } th dport 53 return".to_string(),
     ];
@@ -180,6 +193,12 @@ pub fn isolated(r: &Isolated<'_>) -> String {
         "  map run_marks {{\n    type ifname : mark\n    elements = {{ {} }}\n  }}",
         marks.join(", ")
     );
+    for set in ["dns_rate", "dns_tcp_rate"] {
+        let _ = writeln!(
+            t,
+            "  set {set} {{\n    type ipv4_addr\n    flags dynamic,timeout\n    timeout 10s\n  }}"
+        );
+    }
     chain(
         &mut t,
         "run_pre",
@@ -528,6 +547,31 @@ mod tests {
         assert!(position(&t, "ip saddr != 10.214.0.0/20 drop") < spoof);
         assert!(spoof < position(&t, "ct state new ct mark set iifname map @run_marks"));
         assert!(t.contains("meta nfproto ipv6 drop"));
+    }
+
+    #[test]
+    fn a_runs_dns_beyond_its_rate_is_dropped_before_the_relay() {
+        let t = isolated_text(&[], false);
+        assert!(t.contains("set dns_rate {\n    type ipv4_addr\n    flags dynamic,timeout"));
+        assert!(t.contains("set dns_tcp_rate {"));
+        let udp = position(
+            &t,
+            "fib daddr . iif type local udp dport 53 update @dns_rate { ip saddr limit rate over 1000/second burst 500 packets } drop",
+        );
+        let tcp = position(
+            &t,
+            "fib daddr . iif type local tcp dport 53 ct state new update @dns_tcp_rate { ip saddr limit rate over 100/second burst 50 packets } drop",
+        );
+        // Counted by the run's own address: after the checks that it is its own.
+        let spoof = position(&t, "fib saddr . iif oif missing drop");
+        let relay = position(
+            &t,
+            "fib daddr . iif type local meta l4proto { tcp, udp } th dport 53 return",
+        );
+        assert!(
+            spoof < udp && udp < relay && spoof < tcp && tcp < relay,
+            "{t}"
+        );
     }
 
     #[test]
