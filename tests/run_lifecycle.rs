@@ -382,3 +382,62 @@ async fn a_remote_sandbox_run_exits_with_the_real_status_too() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"]["error"], "", "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_dropped_mid_run_never_hold_more_runs_than_max_workers() {
+    use tokio::io::AsyncWriteExt;
+    let s = Server::start(&[
+        ("MAX_WORKERS", "2"),
+        ("WARM_WORKERS", "0"),
+        ("WORKER_TIMEOUT", "10"),
+    ])
+    .await;
+    let (most, stop) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let sampler = {
+        let (most, stop, pid) = (most.clone(), stop.clone(), s.pid());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                most.fetch_max(live_runs(pid), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    // Each client asks for a run holding 50 MB and hangs up while it runs.
+    let body =
+        json!({"language": "nodejs", "code": NODE_FORGED_END, "enable_network": false}).to_string();
+    let mut clients = Vec::new();
+    for i in 0..16u64 {
+        let (addr, body) = (s.addr().to_string(), body.clone());
+        clients.push(tokio::spawn(async move {
+            let mut c = tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect");
+            let head = common::raw::run_head("application/json", body.len());
+            c.write_all(head.as_bytes()).await.expect("head");
+            c.write_all(body.as_bytes()).await.expect("body");
+            tokio::time::sleep(Duration::from_millis(150 + 40 * (i % 5))).await;
+            drop(c);
+        }));
+    }
+    for c in clients {
+        c.await.expect("client");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().expect("sampler");
+    let most = most.load(Ordering::Relaxed);
+    assert!(most >= 1, "no run was ever seen");
+    assert!(
+        most <= 2,
+        "{most} runs were alive at once with max_workers 2"
+    );
+    assert!(s.healthy().await);
+    assert_eq!(
+        live_runs(s.pid()),
+        0,
+        "runs outlived their dropped requests"
+    );
+}

@@ -431,9 +431,9 @@ impl Engine {
         Worker::spawn(&spec, netns, lease, net_lease, cgroup, chroot_tmp)
     }
 
-    /// Send the snippet to `worker`, collect its output under the limits, clean up. A run
-    /// answered before its processes are gone takes `slot` along: it is given back once
-    /// they are.
+    /// Send the snippet to `worker`, collect its output under the limits, clean up. The
+    /// run holds `slot` until its last process is gone; a run answered before that takes
+    /// it along, any other gives it back (for a retry).
     async fn run_worker(
         &self,
         mut worker: Worker,
@@ -467,18 +467,15 @@ impl Engine {
             output_cap: l.max_output_bytes,
             early_answer: !req.wait_for_exit,
         };
+        worker.hold_slot(slot.take());
         let collected = worker.run(&frame, bounds, watch, req.sink.clone()).await;
         let uid = worker.uid();
         let false_ends = self.false_ends.clone();
-        let mut slot = if !req.wait_for_exit && collected.is_ok() {
-            slot.take()
-        } else {
-            None
-        };
+        let early = !req.wait_for_exit && collected.is_ok();
+        // Returns the slot once the run is over: it may serve the next run (or a retry).
         let release = async move {
             let aftermath = worker.until_gone().await;
-            // The run is over: its slot may serve the next one.
-            slot.take();
+            let slot = worker.take_slot();
             let counter = match aftermath {
                 Aftermath::Ended => None,
                 Aftermath::FalseEnd => Some(&false_ends.misreported),
@@ -487,13 +484,20 @@ impl Engine {
             if let Some(c) = counter {
                 c.inc();
             }
-            worker.free(aftermath).await;
+            if early {
+                drop(slot);
+                worker.free(aftermath).await;
+                None
+            } else {
+                worker.free(aftermath).await;
+                slot
+            }
         };
-        if !req.wait_for_exit && collected.is_ok() {
+        if early {
             // The answer goes now; the slot stays taken until the run is gone.
             self.tasks.spawn(release);
         } else {
-            release.await;
+            *slot = release.await;
         }
         let c = collected?;
         let stderr = String::from_utf8_lossy(&c.stderr).into_owned();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use super::RunError;
 use super::capture::{DRAIN, EXIT_GRACE, join_reader, read_capped};
@@ -114,6 +114,9 @@ pub struct Worker {
     out_dir: Option<PathBuf>,
     /// The write end of the run's stdin pipe, until the run starts (see `stdin`).
     stdin: Option<OwnedFd>,
+    /// The run's worker slot while it runs: held until its last process is gone, even
+    /// when the request is dropped before that (see `Drop`).
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 /// The limits a worker enforces by watching (see `watch`), where the kernel does not.
@@ -198,6 +201,7 @@ impl Worker {
                 chroot_tmp,
                 out_dir: spec.out_dir.clone(),
                 stdin: Some(stdin),
+                slot: None,
             }),
             Err(e) => {
                 if let Some(cg) = cgroup {
@@ -238,6 +242,7 @@ impl Worker {
             chroot_tmp: None,
             out_dir: None,
             stdin: Some(pipes.stdin),
+            slot: None,
         }
     }
 
@@ -248,6 +253,16 @@ impl Worker {
     /// Whether a fork server's keeper owns the run.
     pub fn is_forked(&self) -> bool {
         matches!(self.owner, Owner::Keeper { .. })
+    }
+
+    /// Hold the run's worker slot until its last process is gone (see `take_slot`).
+    pub fn hold_slot(&mut self, slot: Option<OwnedSemaphorePermit>) {
+        self.slot = slot;
+    }
+
+    /// The worker slot back, once `until_gone` has returned.
+    pub fn take_slot(&mut self) -> Option<OwnedSemaphorePermit> {
+        self.slot.take()
     }
 
     /// The write end of the run's stdin pipe (once): feed it, or drop it for end of input.
@@ -647,8 +662,13 @@ impl Drop for Worker {
         {
             self.owner.start_kill();
         }
+        // The slot is given back once the cgroup is empty and gone.
+        let slot = self.slot.take();
         if let Some(cg) = self.cgroup.take() {
-            std::thread::spawn(move || cg.remove());
+            std::thread::spawn(move || {
+                cg.remove();
+                drop(slot);
+            });
         }
         if let Some(net) = self.network.take()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
