@@ -106,6 +106,8 @@ pub struct Worker {
     announced: Option<i32>,
     /// The helper's reports (lines on the channel) read so far and not yet taken.
     reports: ReportLines,
+    /// The run announced an end but kept its output open, and was killed for it.
+    lied: bool,
     /// The run's private directory on the host, under the chroot level (which has no
     /// private tmpfs to vanish with the run).
     chroot_tmp: Option<PathBuf>,
@@ -198,6 +200,7 @@ impl Worker {
                 ended_cleanly: false,
                 announced: None,
                 reports: ReportLines::default(),
+                lied: false,
                 chroot_tmp,
                 out_dir: spec.out_dir.clone(),
                 stdin: Some(stdin),
@@ -239,6 +242,7 @@ impl Worker {
             ended_cleanly: false,
             announced: None,
             reports: ReportLines::default(),
+            lied: false,
             chroot_tmp: None,
             out_dir: None,
             stdin: Some(pipes.stdin),
@@ -381,7 +385,6 @@ impl Worker {
         } else if !reported {
             let _ = tokio::time::timeout(DRAIN, self.owner.wait()).await;
         }
-        let mut lied = false;
         let readers = futures::future::join(join_reader(stdout), join_reader(stderr));
         let ((out, out_over), (err, err_over)) = if reported {
             // Both streams end now, or the run did not end as it said and is stopped.
@@ -389,7 +392,7 @@ impl Worker {
             match tokio::time::timeout(EXIT_GRACE, &mut readers).await {
                 Ok(both) => both,
                 Err(_) => {
-                    lied = true;
+                    self.lied = true;
                     self.kill_tree();
                     readers.await
                 }
@@ -397,21 +400,21 @@ impl Worker {
         } else {
             readers.await
         };
-        if lied {
+        if self.lied {
             tracing::warn!(
                 uid = self.uid,
-                "a run reported its end but kept its output open; killed"
+                "a run announced its end but kept its output open; killed"
             );
         }
-        self.ended_cleanly = stopped_for.is_none() && reported && !lied;
+        self.ended_cleanly = stopped_for.is_none() && reported && !self.lied;
         if stopped_for.is_none() && (out_over || err_over) {
             stopped_for = Some(LimitHit::Output);
         }
         let ending = match report {
+            // Its end was not the one it announced: the server's kill.
+            Some(HelperReport::Announced { .. }) if self.lied => Ending::Killed,
             Some(HelperReport::Announced { code }) => {
-                if !lied {
-                    self.announced = Some(code);
-                }
+                self.announced = Some(code);
                 Ending::Exited(code)
             }
             Some(HelperReport::Exited { code }) => Ending::Exited(code),
@@ -480,7 +483,10 @@ impl Worker {
 
     /// Until every process of the run is gone (see `release`).
     pub async fn until_gone(&mut self) -> Aftermath {
-        let mut aftermath = Aftermath::Ended;
+        let mut aftermath = match self.lied {
+            true => Aftermath::FalseEnd,
+            false => Aftermath::Ended,
+        };
         let gone = match self.announced {
             Some(said) => match tokio::time::timeout(EXIT_GRACE, self.real_end()).await {
                 Ok(real) => {
