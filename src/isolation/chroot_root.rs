@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, FileTimes, OpenOptions};
+use std::hash::{Hash, Hasher};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use super::spec::RootPlan;
 
 const MARKER: &str = ".sandbox-root";
 /// Changes when the layout below does, so older roots are rebuilt.
-const LAYOUT: &str = "2";
+const LAYOUT: &str = "3";
 
 /// One root's state: None while it is being prepared.
 type Readiness = tokio::sync::watch::Receiver<Option<Result<(), Arc<str>>>>;
@@ -114,11 +115,12 @@ fn prepare_one(dir: &Path, plan: &RootPlan, filler: &mut Filler) -> Result<(), P
         source,
     };
     let stamp = format!(
-        "{LAYOUT} {}",
+        "{LAYOUT} {:016x} {}",
+        fingerprint(plan),
         serde_json::to_string(plan).map_err(|e| at(io::Error::other(e)))?
     );
     if fs::read_to_string(dir.join(MARKER)).ok().as_deref() == Some(stamp.as_str()) {
-        return Ok(());
+        return refresh_files(dir, plan).map_err(at);
     }
     lay_out(dir, plan, filler).map_err(at)?;
     filler
@@ -126,6 +128,84 @@ fn prepare_one(dir: &Path, plan: &RootPlan, filler: &mut Filler) -> Result<(), P
         .map_err(|(path, source)| PrepareError { path, source })?;
     // The marker last: a start interrupted before this point rebuilds the root.
     fs::write(dir.join(MARKER), stamp).map_err(at)
+}
+
+/// What the plan's directories hold now: every path under them with its inode, size,
+/// mode and mtime. A root kept from an earlier start (a persistent state directory) is
+/// rebuilt when any changed: an upgrade replaces files by renaming new ones over them,
+/// which a hard link or a copy would not follow. Binds that are single files are left
+/// out: `refresh_files` brings those up to date in a kept root (Docker gives each
+/// container an /etc/hosts and /etc/resolv.conf of its own, which must not cost a
+/// rebuild).
+fn fingerprint(plan: &RootPlan) -> u64 {
+    fn visit(path: &Path, h: &mut impl Hasher) {
+        path.hash(h);
+        let Ok(meta) = fs::symlink_metadata(path) else {
+            0u8.hash(h);
+            return;
+        };
+        (
+            meta.ino(),
+            meta.size(),
+            meta.mode(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+        )
+            .hash(h);
+        if meta.is_dir() {
+            let mut names: Vec<_> = fs::read_dir(path)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            names.sort();
+            for name in names {
+                visit(&path.join(name), h);
+            }
+        }
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    for bind in plan.binds.iter().filter(|b| !b.is_file()) {
+        visit(bind, &mut h);
+    }
+    h.finish()
+}
+
+/// In a kept root, the binds that are single files replaced where the host's changed
+/// (size or mtime; the same inode when linked): a copy renamed over the old one.
+fn refresh_files(dir: &Path, plan: &RootPlan) -> io::Result<()> {
+    for src in &plan.binds {
+        let Ok(meta) = fs::symlink_metadata(src) else {
+            continue;
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        let dst = inside(dir, src);
+        let current = fs::symlink_metadata(&dst).is_ok_and(|d| {
+            (d.dev(), d.ino()) == (meta.dev(), meta.ino())
+                || (d.size(), d.mtime(), d.mtime_nsec())
+                    == (meta.size(), meta.mtime(), meta.mtime_nsec())
+        });
+        if current {
+            continue;
+        }
+        let (Some(parent), Some(name)) = (dst.parent(), dst.file_name()) else {
+            continue;
+        };
+        let fresh = parent.join(format!(".{}.new", name.to_string_lossy()));
+        let _ = fs::remove_file(&fresh);
+        copy_file(&Job {
+            src: src.clone(),
+            dst: fresh.clone(),
+            fill: Fill::Copy,
+            id: (meta.dev(), meta.ino()),
+            meta,
+        })?;
+        fs::rename(&fresh, &dst)?;
+    }
+    Ok(())
 }
 
 /// Everything but the files' contents: directories, symlinks, /tmp, /dev, /etc/passwd.
@@ -204,6 +284,8 @@ struct Filler {
     fill: Fill,
     /// Forced in tests; else chosen per root by `choose`.
     forced: Option<Fill>,
+    /// The device of the root being filled.
+    dst_dev: u64,
     jobs: Vec<Job>,
     /// Where each source file was copied to so far (copies only).
     copied: HashMap<(u64, u64), PathBuf>,
@@ -222,6 +304,7 @@ impl Filler {
             None if overlay => Fill::Copy,
             None => Fill::Link,
         };
+        self.dst_dev = fs::metadata(dir).map_or(0, |m| m.dev());
     }
 
     /// Create `dst` (its parents too), its directories and symlinks now; its files are
@@ -259,7 +342,13 @@ impl Filler {
             self.jobs.push(Job {
                 src: src.to_path_buf(),
                 dst: dst.to_path_buf(),
-                fill: self.fill,
+                // No link crosses filesystems (a volume on the state directory): a copy,
+                // once per source file.
+                fill: if self.forced.is_none() && meta.dev() != self.dst_dev {
+                    Fill::Copy
+                } else {
+                    self.fill
+                },
                 id: (meta.dev(), meta.ino()),
                 meta,
             });
@@ -457,6 +546,77 @@ mod tests {
         prepare_one(&root, &plan(&[&src, &other]), &mut forced(Fill::Copy)).unwrap();
         assert!(!stray.exists(), "a new plan kept the old root");
         assert!(inside(&root, &other).is_dir());
+    }
+
+    /// What an upgrade does: a new file renamed over the old one. A root linked to the
+    /// old one is rebuilt at the next start.
+    #[test]
+    fn a_replaced_source_file_rebuilds_the_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, _) = source(tmp.path());
+        let root = tmp.path().join("root");
+        prepare_one(&root, &plan(&[&src]), &mut Filler::default()).unwrap();
+        let file = src.join("sub/mod.py");
+        let new = src.join("sub/.mod.py.new");
+        fs::write(&new, "x = 2\n").unwrap();
+        fs::rename(&new, &file).unwrap();
+        let copy = inside(&root, &file);
+        assert_eq!(fs::read_to_string(&copy).unwrap(), "x = 1\n");
+        prepare_one(&root, &plan(&[&src]), &mut Filler::default()).unwrap();
+        assert_eq!(fs::read_to_string(&copy).unwrap(), "x = 2\n");
+    }
+
+    /// A state directory on a filesystem of its own (a volume): copies, shared by roots.
+    #[test]
+    fn across_filesystems_a_file_is_copied_once_for_all_roots() {
+        use nix::mount::{MntFlags, MsFlags, mount, umount2};
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, _) = source(tmp.path());
+        let state = tmp.path().join("state");
+        fs::create_dir_all(&state).unwrap();
+        mount(
+            Some("tmpfs"),
+            &state,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some("size=16m"),
+        )
+        .expect("mount a tmpfs");
+        let mut filler = Filler::default();
+        let (a, b) = (state.join("a"), state.join("b"));
+        let prepared = prepare_one(&a, &plan(&[&src]), &mut filler)
+            .and_then(|()| prepare_one(&b, &plan(&[&src]), &mut filler));
+        let ino =
+            |root: &Path| fs::metadata(inside(root, &src.join("sub/mod.py"))).map(|m| m.ino());
+        let (ia, ib) = (ino(&a), ino(&b));
+        let _ = umount2(&state, MntFlags::MNT_DETACH);
+        prepared.unwrap();
+        assert_eq!(ia.unwrap(), ib.unwrap());
+    }
+
+    /// Docker's per-container /etc/hosts: a kept root gets the new one, not a rebuild.
+    #[test]
+    fn a_kept_root_gets_the_current_copy_of_a_single_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, _) = source(tmp.path());
+        let hosts = tmp.path().join("hosts");
+        fs::write(&hosts, "10.0.0.1 old\n").unwrap();
+        let root = tmp.path().join("root");
+        let plan = plan(&[&src, &hosts]);
+        prepare_one(&root, &plan, &mut forced(Fill::Copy)).unwrap();
+        let stray = root.join("etc/stray");
+        fs::write(&stray, "").unwrap();
+        fs::write(&hosts, "10.0.0.2 new-container\n").unwrap();
+        prepare_one(&root, &plan, &mut forced(Fill::Copy)).unwrap();
+        assert!(stray.exists(), "the root was rebuilt");
+        assert_eq!(
+            fs::read_to_string(inside(&root, &hosts)).unwrap(),
+            "10.0.0.2 new-container\n"
+        );
     }
 
     /// The container case for real: the state directory and the interpreter's files on
