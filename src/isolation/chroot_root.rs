@@ -1,6 +1,7 @@
 //! The degraded level's root: where mounts are not permitted (an unprivileged
 //! container), the language root is copied (hard-linked where that is cheap) into a
-//! directory once at start, and runs chroot into it.
+//! directory in the background at start, kept for later starts while the interpreter's
+//! files are unchanged, and runs chroot into it.
 
 use std::collections::HashMap;
 use std::fs::{self, File, FileTimes, OpenOptions};
@@ -107,8 +108,9 @@ pub struct PrepareError {
     pub source: io::Error,
 }
 
-/// (Re)build `dir` from `plan` unless it already holds this exact plan. Files `filler`
-/// copied for an earlier root are linked from there.
+/// (Re)build `dir` from `plan` unless it already holds this plan over the same files
+/// (then only its single files are refreshed). Files `filler` copied for an earlier root
+/// are linked from there.
 fn prepare_one(dir: &Path, plan: &RootPlan, filler: &mut Filler) -> Result<(), PrepareError> {
     let at = |source| PrepareError {
         path: dir.to_path_buf(),
