@@ -132,43 +132,36 @@ fn prepare_one(dir: &Path, plan: &RootPlan, filler: &mut Filler) -> Result<(), P
     fs::write(dir.join(MARKER), stamp).map_err(at)
 }
 
-/// What the plan's directories hold now: every path under them with its inode, size,
-/// mode and mtime. A root kept from an earlier start (a persistent state directory) is
-/// rebuilt when any changed: an upgrade replaces files by renaming new ones over them,
-/// which a hard link or a copy would not follow. Binds that are single files are left
-/// out: `refresh_files` brings those up to date in a kept root (Docker gives each
-/// container an /etc/hosts and /etc/resolv.conf of its own, which must not cost a
-/// rebuild).
+/// What the plan's directories hold now: each directory under them with its inode and
+/// mtime. A root kept from an earlier start (a persistent state directory) is rebuilt
+/// when any changed: upgrades (dpkg, pip) replace a file by renaming a new one over it or
+/// removing it, which changes its directory's mtime, and which neither a hard link nor a
+/// copy would follow. Only directories are read (no file is looked at), so checking a
+/// kept root costs little. Binds that are single files are left out: `refresh_files`
+/// brings those up to date in a kept root (Docker gives each container an /etc/hosts and
+/// /etc/resolv.conf of its own, which must not cost a rebuild).
 fn fingerprint(plan: &RootPlan) -> u64 {
-    fn visit(path: &Path, h: &mut impl Hasher) {
-        path.hash(h);
-        let Ok(meta) = fs::symlink_metadata(path) else {
+    fn visit(dir: &Path, h: &mut impl Hasher) {
+        dir.hash(h);
+        let Ok(meta) = fs::symlink_metadata(dir) else {
             0u8.hash(h);
             return;
         };
-        (
-            meta.ino(),
-            meta.size(),
-            meta.mode(),
-            meta.mtime(),
-            meta.mtime_nsec(),
-        )
-            .hash(h);
-        if meta.is_dir() {
-            let mut names: Vec<_> = fs::read_dir(path)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.file_name())
-                .collect();
-            names.sort();
-            for name in names {
-                visit(&path.join(name), h);
-            }
+        (meta.ino(), meta.mtime(), meta.mtime_nsec()).hash(h);
+        let mut below: Vec<PathBuf> = fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect();
+        below.sort();
+        for sub in below {
+            visit(&sub, h);
         }
     }
     let mut h = std::hash::DefaultHasher::new();
-    for bind in plan.binds.iter().filter(|b| !b.is_file()) {
+    for bind in plan.binds.iter().filter(|b| b.is_dir()) {
         visit(bind, &mut h);
     }
     h.finish()
