@@ -115,8 +115,8 @@ pub struct Dependencies {
     root: PathBuf,
     mirror: String,
     /// Chroot roots holding a copy of the package directory (the chroot level cannot
-    /// bind-mount it); each new generation is copied there too.
-    chroot_copies: Vec<PathBuf>,
+    /// bind-mount it); each new generation is copied there too, once the root is ready.
+    chroot_copies: Vec<(PathBuf, crate::isolation::chroot_root::Roots)>,
     /// One install at a time in this process (the file lock covers other processes).
     busy: tokio::sync::Mutex<()>,
     /// Counts switches to a new generation, for whoever keeps modules loaded.
@@ -161,9 +161,15 @@ impl Dependencies {
         Ok(deps)
     }
 
-    /// Also keep the copy of the package directory inside this chroot root current.
-    pub fn add_chroot_copy(&mut self, chroot_root: PathBuf) {
-        self.chroot_copies.push(chroot_root);
+    /// Also keep the copy of the package directory inside this chroot root current;
+    /// installs wait for `ready` (the root's copy of the package directory is taken
+    /// while it is built).
+    pub fn add_chroot_copy(
+        &mut self,
+        chroot_root: PathBuf,
+        ready: crate::isolation::chroot_root::Roots,
+    ) {
+        self.chroot_copies.push((chroot_root, ready));
     }
 
     /// The directory bound read-only into every Python root.
@@ -200,6 +206,12 @@ impl Dependencies {
     /// false, nothing happens when the live generation was built from the same text.
     pub async fn install(&self, force: bool) -> Result<(), DepsError> {
         let _busy = self.busy.lock().await;
+        for (copy, ready) in &self.chroot_copies {
+            ready.wait(copy).await.map_err(|e| DepsError::Dir {
+                path: copy.display().to_string(),
+                source: std::io::Error::other(e),
+            })?;
+        }
         let text = self.read_requirements()?;
         let live = fs::read_to_string(self.current().join(STAMP)).ok();
         let nothing_requested = requirement_names(&text).is_empty();
@@ -247,7 +259,7 @@ impl Dependencies {
                     path: dir.display().to_string(),
                     source,
                 })?;
-                for copy in &self.chroot_copies {
+                for (copy, _) in &self.chroot_copies {
                     let inside = crate::isolation::rootfs::inside(copy, &dir);
                     let link = crate::isolation::rootfs::inside(copy, &self.current());
                     crate::isolation::chroot_root::copy_tree(&dir, &inside)

@@ -16,7 +16,7 @@ use super::warm::WarmPool;
 use super::{Engine, RUN_PREFIX};
 use crate::config::Config;
 use crate::deps::{Dependencies, DepsError};
-use crate::isolation::chroot_root;
+use crate::isolation::chroot_root::Roots;
 use crate::isolation::detect::{self, DetectError};
 use crate::isolation::spec::IsolationLevel;
 use crate::isolation::uids::{SANDBOX_UIDS, UidError, UidPool};
@@ -38,12 +38,6 @@ pub enum BuildError {
     Discovery(#[from] DiscoveryError),
     #[error(transparent)]
     Deps(#[from] DepsError),
-    #[error("cannot prepare the chroot root {path}: {source}")]
-    ChrootRoot {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error(transparent)]
     Uids(#[from] UidError),
 }
@@ -69,36 +63,66 @@ impl Engine {
         })?;
         let force = config.force_chroot.then_some(IsolationLevel::Chroot);
         let host = detect::detect(&mount_point, force)?;
-        let mut runtimes = discover_runtimes(&config)?;
-        let chroot = host.level == IsolationLevel::Chroot;
-        // Extra Python packages live in the state directory and are bound into the root.
-        let deps = match runtimes.get_mut(&Language::Python3) {
-            Some(Ok(python)) => {
-                let mut deps = Dependencies::new(
-                    python.program.clone(),
-                    config.dependencies_path.clone(),
-                    &state,
-                    config.python_pip_mirror_url.clone(),
-                )?;
-                python.add_package_dir(deps.root(), &deps.current());
-                if chroot {
-                    deps.add_chroot_copy(state.chroot_root(Language::Python3));
-                }
-                Some(Arc::new(deps))
-            }
-            _ => None,
+        // The interpreters are asked about themselves while the network is set up: both
+        // mostly wait for other processes (the interpreters, nft).
+        let discovery = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || discover_runtimes(&config))
         };
-        if chroot {
-            for rt in runtimes.values().flatten() {
-                let path = state.chroot_root(rt.language);
-                chroot_root::prepare(&path, &rt.root)
-                    .map_err(|source| BuildError::ChrootRoot { path, source })?;
-            }
-        }
         let root = host.level != IsolationLevel::Rootless;
         let uids = UidPool::new(&state.uid_leases(root), SANDBOX_UIDS)?;
         let network =
             RunNetwork::build(&config, &host, uids.range(), |uid| uids.is_held(uid)).await;
+        let discovered = discovery
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let mut runtimes = match discovered {
+            Ok(runtimes) => runtimes,
+            Err(e) => {
+                network.close().await;
+                return Err(e.into());
+            }
+        };
+        let chroot = host.level == IsolationLevel::Chroot;
+        // Extra Python packages live in the state directory and are bound into the root.
+        let mut deps = match runtimes.get_mut(&Language::Python3) {
+            Some(Ok(python)) => {
+                let made = Dependencies::new(
+                    python.program.clone(),
+                    config.dependencies_path.clone(),
+                    &state,
+                    config.python_pip_mirror_url.clone(),
+                );
+                let deps = match made {
+                    Ok(deps) => deps,
+                    Err(e) => {
+                        network.close().await;
+                        return Err(e.into());
+                    }
+                };
+                python.add_package_dir(deps.root(), &deps.current());
+                Some(deps)
+            }
+            _ => None,
+        };
+        // Copied in the background: the server listens meanwhile, runs wait for them.
+        let roots = if chroot {
+            // Python first: most of Dify's code nodes.
+            let roots = Roots::prepare(
+                Language::ALL
+                    .into_iter()
+                    .filter_map(|lang| runtimes.get(&lang)?.as_ref().ok())
+                    .map(|rt| (state.chroot_root(rt.language), rt.root.clone()))
+                    .collect(),
+            );
+            if let Some(deps) = &mut deps {
+                deps.add_chroot_copy(state.chroot_root(Language::Python3), roots.clone());
+            }
+            roots
+        } else {
+            Roots::none()
+        };
+        let deps = deps.map(Arc::new);
         if let Some(cg) = &host.cgroup {
             cg.remove_stale(RUN_PREFIX);
         }
@@ -121,6 +145,7 @@ impl Engine {
             counter: AtomicU64::new(0),
             queued: AtomicI64::new(0),
             deps,
+            roots,
             network,
             fork_server,
             restarting: std::sync::atomic::AtomicBool::new(false),
@@ -150,9 +175,29 @@ fn discover_runtimes(
             config.nodejs_path_explicit,
         ),
     ];
+    // Each language asks its interpreter, which takes a good part of the start: at once.
+    let found: Vec<_> = std::thread::scope(|scope| {
+        let asked: Vec<_> = languages
+            .map(|(language, discover, path, explicit)| {
+                let system_libs = &config.system_lib_requirements;
+                let asking = scope.spawn(move || discover(path, system_libs));
+                (language, explicit, asking)
+            })
+            .into_iter()
+            .collect();
+        asked
+            .into_iter()
+            .map(|(language, explicit, asking)| {
+                let found = asking
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (language, explicit, found)
+            })
+            .collect()
+    });
     let mut map = HashMap::new();
-    for (language, discover, path, explicit) in languages {
-        match discover(path, &config.system_lib_requirements) {
+    for (language, explicit, found) in found {
+        match found {
             Ok(rt) => {
                 map.insert(language, Ok(rt));
             }

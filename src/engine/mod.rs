@@ -68,6 +68,8 @@ pub struct Engine {
     queued: AtomicI64,
     /// Extra Python packages (None when Python is unavailable).
     pub deps: Option<Arc<Dependencies>>,
+    /// The chroot level's roots, prepared in the background; workers wait for them.
+    roots: crate::isolation::chroot_root::Roots,
     /// How networked runs reach the network.
     pub network: network::RunNetwork,
     /// Where Python runs are forked from, when it runs (see `forkserver`).
@@ -343,6 +345,10 @@ impl Engine {
         files: &RunFiles,
     ) -> Result<Worker, RunError> {
         let runtime = self.runtime(key.language)?;
+        self.roots
+            .wait(&self.state.chroot_root(key.language))
+            .await
+            .map_err(RunError::Setup)?;
         // A networked run takes a namespace a finished run left untouched, with its uid.
         let (lease, reused) = match key.network.then(|| self.network.reuse()).flatten() {
             Some((lease, netns)) => (lease, Some(netns)),

@@ -156,8 +156,15 @@ pub fn probe(mount_dir: &Path) -> Probe {
     let root = nix::unistd::geteuid().is_root();
     let not_root = || Err::<(), String>("not root".into());
     // Without root the same probe runs inside a user namespace (the rootless level).
-    let namespaces = probe_namespaces(mount_dir);
-    let chroot = if root { probe_chroot() } else { not_root() };
+    // The two probes are processes of their own: started together.
+    let (namespaces, chroot) = std::thread::scope(|scope| {
+        let chroot = scope.spawn(|| if root { probe_chroot() } else { not_root() });
+        let namespaces = probe_namespaces(mount_dir);
+        let chroot = chroot
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (namespaces, chroot)
+    });
     let seccomp = probe_seccomp();
     let self_cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let cgroup = if root {
