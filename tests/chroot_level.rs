@@ -179,3 +179,52 @@ async fn the_disk_a_run_fills_is_bounded_and_named() {
         "{data}"
     );
 }
+
+/// The chroot level has no network namespace: every run, offline too, sits in the host's,
+/// where the host's abstract Unix socket names are in reach. A service of the host's root
+/// listening on one stands in for the host's own (a container shim, a desktop bus, X11).
+#[tokio::test]
+async fn no_run_at_the_chroot_level_reaches_the_hosts_abstract_unix_sockets() {
+    use std::io::Write;
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("sandbox-chroot-abstract-{}", std::process::id());
+    let addr =
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract name");
+    let listener = std::os::unix::net::UnixListener::bind_addr(&addr).expect("bind");
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let _ = conn.write_all(b"host-service-as-root\n");
+        }
+    });
+    let s = Server::start(&[("SANDBOX_ISOLATION", "chroot"), ("WARM_WORKERS", "0")]).await;
+    let code = format!(
+        r#"
+import socket
+u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    u.connect("\0{name}")
+    print("reached", u.recv(100).decode().strip())
+except OSError as e:
+    print("refused", e)
+"#
+    );
+    for network in [true, false] {
+        let (status, body) = s
+            .run_json(
+                serde_json::json!({"language": "python3", "code": code, "enable_network": network}),
+            )
+            .await;
+        assert_eq!(
+            (status, &body["code"]),
+            (200, &serde_json::json!(0)),
+            "{body}"
+        );
+        let out = body["data"]["stdout"].as_str().unwrap_or_default();
+        assert!(
+            !out.contains("reached"),
+            "a run (enable_network: {network}) at the chroot level reached a host service on \
+             an abstract Unix socket: {}",
+            body["data"]
+        );
+    }
+}

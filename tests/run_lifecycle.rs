@@ -441,3 +441,82 @@ async fn requests_dropped_mid_run_never_hold_more_runs_than_max_workers() {
         "runs outlived their dropped requests"
     );
 }
+
+/// Node: the end marker written on fd 3 by hand and fd 3 closed, stdout left open, then
+/// the run works on for 3 s and would exit 3.
+const NODE_ANNOUNCE_KEEP_OUTPUT: &str = r#"
+const fs = require('fs');
+console.log('partial');
+fs.writeSync(3, '=0');
+fs.closeSync(3);
+const t = Date.now();
+while (Date.now() - t < 3000) {}
+process.exitCode = 3;
+"#;
+
+/// Forked Python: the end marker on the highest descriptor, stdout kept open by a
+/// duplicate, then the run works on for 3 s and would exit 3.
+const PYTHON_ANNOUNCE_KEEP_OUTPUT: &str = r#"
+import os, resource, time
+keep = os.dup(1)
+print("partial", flush=True)
+e = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1
+try:
+    os.write(e, b"=0")
+    os.close(e)
+except OSError:
+    pass
+os.close(1)
+os.close(2)
+t = time.time()
+while time.time() - t < 3:
+    pass
+raise SystemExit(3)
+"#;
+
+async fn killed_before_its_answer_is_not_a_clean_exit(language: &str, code: &str) {
+    let s = Server::start(&[("WARM_WORKERS", "0"), ("WORKER_TIMEOUT", "10")]).await;
+    let before = metric(&s, "sandbox_runs_killed_after_answer_total").await
+        + metric(&s, "sandbox_runs_misreported_end_total").await;
+    let started = std::time::Instant::now();
+    let (status, body) = s
+        .run_json(json!({"language": language, "code": code, "enable_network": false}))
+        .await;
+    let took = started.elapsed();
+    assert_eq!((status, &body["code"]), (200, &json!(0)), "{body}");
+    settled(&s).await;
+    let after = metric(&s, "sandbox_runs_killed_after_answer_total").await
+        + metric(&s, "sandbox_runs_misreported_end_total").await;
+    let data = &body["data"];
+    // A plain Python worker has no end marker to forge: the run simply works on and is
+    // answered on its real end.
+    if language == "python3" && data["exit_code"] == json!(3) {
+        return;
+    }
+    // The run never exited: the server killed it (about 0.5 s after its marker, far
+    // before the 3 s it would have worked). Reporting the announced `exit 0` with no
+    // error tells Dify a clean success that never happened.
+    assert_eq!(data["exit_code"], json!(137), "{data}");
+    assert!(
+        took < Duration::from_secs(2),
+        "the run was not stopped early ({took:?}): {body}"
+    );
+    assert!(
+        data["exit_code"] != json!(0) || data["error"] != json!(""),
+        "a run the server killed is answered as a clean exit 0: {data}"
+    );
+    assert!(
+        after > before,
+        "a run killed for a false end is counted nowhere in /metrics"
+    );
+}
+
+#[tokio::test]
+async fn node_announcing_its_end_with_output_open_is_not_answered_as_a_clean_exit() {
+    killed_before_its_answer_is_not_a_clean_exit("nodejs", NODE_ANNOUNCE_KEEP_OUTPUT).await;
+}
+
+#[tokio::test]
+async fn forked_python_announcing_its_end_with_output_open_is_not_answered_as_a_clean_exit() {
+    killed_before_its_answer_is_not_a_clean_exit("python3", PYTHON_ANNOUNCE_KEEP_OUTPUT).await;
+}

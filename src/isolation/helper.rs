@@ -416,7 +416,7 @@ fn child_setup(spec: &SandboxSpec, fds: ChildFds) -> Result<Never, StepError> {
     prctl::set_no_new_privs().map_err(|e| StepError::new(Step::NoNewPrivs, "prctl", e.desc()))?;
     seccomp::apply(&FilterOptions {
         profile: spec.profile,
-        sockets: SocketPolicy::for_network(spec.network),
+        sockets: SocketPolicy::for_run(spec.network, spec.level),
         allowed_syscalls: &spec.allowed_syscalls,
         extra_syscalls: &spec.extra_syscalls,
         exec_path: Some(exec_path),

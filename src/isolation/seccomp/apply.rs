@@ -5,7 +5,7 @@ use libseccomp::{
 };
 
 use super::policy;
-use crate::isolation::spec::{NetworkSetup, Profile};
+use crate::isolation::spec::{IsolationLevel, NetworkSetup, Profile};
 use crate::isolation::sys;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +43,21 @@ pub struct SocketPolicy {
 }
 
 impl SocketPolicy {
+    /// What a run at `level` with `network` may create. The chroot level has no network
+    /// namespace: an offline run there is in the host's too, so it gets the host's rules
+    /// for Unix sockets (the host's abstract names would otherwise be in reach).
+    pub fn for_run(network: NetworkSetup, level: IsolationLevel) -> Self {
+        let policy = Self::for_network(network);
+        match level {
+            IsolationLevel::Chroot => Self {
+                unix: false,
+                stream_pairs_only: true,
+                ..policy
+            },
+            _ => policy,
+        }
+    }
+
     pub fn for_network(network: NetworkSetup) -> Self {
         match network {
             NetworkSetup::Offline => Self {
@@ -369,6 +384,16 @@ mod tests {
             exec_path: Some(0x1000),
         })
         .expect("custom list builds");
+    }
+
+    #[test]
+    fn no_run_in_the_hosts_network_namespace_makes_unix_sockets() {
+        for network in [NetworkSetup::Offline, NetworkSetup::Host] {
+            let chroot = SocketPolicy::for_run(network, IsolationLevel::Chroot);
+            assert!(!chroot.unix && chroot.stream_pairs_only, "{network:?}");
+        }
+        let offline = SocketPolicy::for_run(NetworkSetup::Offline, IsolationLevel::Namespaces);
+        assert!(offline.unix && !offline.inet);
     }
 
     #[test]
