@@ -288,6 +288,25 @@ pub fn guard(g: &Guard<'_>) -> String {
     rules.push(format!("oifname \"{IFNAME_PREFIX}*\" jump refuse"));
     let mut always = always_denied(ALWAYS_DENIED_V4, g.subnets);
     always.extend(always_denied(ALWAYS_DENIED_V6, &[]));
+    // Through a NAT64 gateway (IPv6-only networks with DNS64), an IPv4 block is reached
+    // at its embedding in the well-known prefix: what is denied by IPv4 is denied there
+    // too, and the local-use prefix, whose embedding varies, as a whole.
+    let v4_denied: Vec<Ipv4Net> = always
+        .iter()
+        .chain(g.deny)
+        .filter_map(|n| match n {
+            IpNet::V4(v4) => Some(*v4),
+            IpNet::V6(_) => None,
+        })
+        .collect();
+    // Aggregated: a set's intervals must not overlap.
+    always.extend(
+        Ipv4Net::aggregate(&v4_denied)
+            .into_iter()
+            .filter_map(nat64)
+            .map(IpNet::V6),
+    );
+    always.extend("64:ff9b:1::/48".parse::<IpNet>().ok());
     for (fam, set) in sets(&always) {
         rules.push(format!("{fam} daddr {{ {set} }} jump refuse"));
     }
@@ -318,6 +337,22 @@ pub fn guard(g: &Guard<'_>) -> String {
     chain(&mut t, "refuse", None, &refuse());
     t.push_str("}\n");
     t
+}
+
+/// `net` as a NAT64 gateway reaches it: embedded in the well-known prefix 64:ff9b::/96.
+fn nat64(net: Ipv4Net) -> Option<ipnet::Ipv6Net> {
+    let [a, b, c, d] = net.network().octets();
+    let addr = std::net::Ipv6Addr::new(
+        0x64,
+        0xff9b,
+        0,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([a, b]),
+        u16::from_be_bytes([c, d]),
+    );
+    ipnet::Ipv6Net::new(addr, 96 + net.prefix_len()).ok()
 }
 
 fn always_denied(blocks: &[&str], subnets: &[Ipv4Net]) -> Vec<IpNet> {
@@ -754,7 +789,13 @@ mod tests {
         );
         let always6 = position(
             &t,
-            "ip6 daddr { ::/127, fd00:ec2::254, fe80::/10, ff00::/8 } jump refuse",
+            // With what a NAT64 gateway would reach of the denied IPv4 blocks
+            // (0/8, 10/8, 100.64/10, 127/8, 169.254/16, 172.16/12, 192.168/16,
+            // multicast and reserved), and the local-use NAT64 prefix.
+            "ip6 daddr { ::/127, 64:ff9b::/104, 64:ff9b::a00:0/104, 64:ff9b::6440:0/106, \
+             64:ff9b::7f00:0/104, 64:ff9b::a9fe:0/112, 64:ff9b::ac10:0/108, \
+             64:ff9b::c0a8:0/112, 64:ff9b::e000:0/99, 64:ff9b:1::/48, fd00:ec2::254, \
+             fe80::/10, ff00::/8 } jump refuse",
         );
         let private = position(
             &t,
