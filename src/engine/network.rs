@@ -106,7 +106,7 @@ impl RunNetwork {
             (NetworkIsolation::Auto, IsolationLevel::Chroot) => {
                 match Self::host_guarded(config, uids, &proxies, root, false) {
                     Self::Host { guard: None, .. } => Self::Unavailable(
-                        "the chroot level shares the host's network and its guard could not be installed (see the log); or set network_isolation: shared to let runs use the host's network unguarded".into(),
+                        "the chroot level shares the host's network and its guard (an nftables table) could not be installed (see the log): give the server CAP_NET_ADMIN (in Docker: --cap-add NET_ADMIN), or set network_isolation: shared (NETWORK_ISOLATION=shared) to let runs use the host's network unguarded".into(),
                     ),
                     other => other,
                 }
