@@ -2,8 +2,8 @@
 //! serve`: one run sending hundreds of queries nobody answers (in a burst, or as fast
 //! as it can for seconds), or holding hundreds of TCP connections to its gateway's
 //! port 53, gets refusals beyond its quota, and another run's lookups keep their
-//! latency (measured against a baseline taken in the
-//! same test). The upstream is a stand-in resolver in this test process on a loopback
+//! latency (measured against a baseline taken in the same test); so do runs that
+//! filled their quotas and ended, their queries dropped with them. The upstream is a stand-in resolver in this test process on a loopback
 //! address of its own: it answers every name at once except those under `void.test`,
 //! which it never answers. No query leaves this machine.
 
@@ -172,11 +172,18 @@ fn stand_in_address(test: u8) -> Ipv4Addr {
 
 /// A server relaying to a stand-in resolver of test `test`'s own.
 async fn lab(test: u8) -> (Server, Log) {
+    lab_with(test, &[]).await
+}
+
+/// `lab` with more of the server's settings.
+async fn lab_with(test: u8, env: &[(&str, &str)]) -> (Server, Log) {
     let log = Log::default();
     let addr = stand_in_address(test);
     stand_in(addr, log.clone()).await;
     let dns = addr.to_string();
-    let server = Server::start(&[("NETWORK_DNS", dns.as_str()), ("WORKER_TIMEOUT", "20")]).await;
+    let mut env = env.to_vec();
+    env.extend([("NETWORK_DNS", dns.as_str()), ("WORKER_TIMEOUT", "20")]);
+    let server = Server::start(&env).await;
     (server, log)
 }
 
@@ -270,7 +277,7 @@ async fn a_udp_flood_by_one_run_leaves_another_runs_lookups_their_latency() {
 
     // 300 queries nobody answers, as fast as the run can send them; then it counts the
     // refusals that come back, times its own lookup (over its quota) until it fails,
-    // and ends, leaving its queries with the relay.
+    // and ends (its queries then stop counting: see `ended_runs_leave_the_relay_to_the_next`).
     let flood = format!(
         "{PRELUDE}
 for i in range(300):
@@ -313,7 +320,8 @@ print(refused, failed, round(own, 2))
         (200..=300 - RUN_QUERIES).contains(&refused),
         "the rest refused, not dropped: {refused}"
     );
-    // The victim ran while the flood's queries were still held by the relay.
+    // The victim ran while the flood's queries would still be held, had they not ended
+    // with their run.
     let last = victims.iter().map(|q| q.at).max().unwrap();
     assert!(
         last < flood_at + UPSTREAM_TIMEOUT,
@@ -503,4 +511,158 @@ print(sent)
         victims.iter().all(|q| q.at < started.at + FLOOD),
         "the victim ran during the flood"
     );
+}
+
+/// Eight runs, two at a time, each fill their quota with queries nobody answers (over
+/// UDP, or over TCP to a resolver that takes them and never answers) and end: more
+/// than the relay holds in all for a server of 4 workers. Their queries stop counting
+/// as their runs end, so the next run's lookups keep their latency.
+async fn ended_runs_leave_the_relay_to_the_next(test: u8, tcp: bool) {
+    let _turn = SERIAL.lock().await;
+    let (s, log) = lab_with(test, &[("MAX_WORKERS", "4")]).await;
+    let baseline = victim(&s, "before").await;
+    const RUNS: usize = 8;
+    let each = if tcp { RUN_CONNECTIONS } else { RUN_QUERIES };
+    // Each reports what the relay turned away: refusals over UDP, or connections
+    // closed on it over TCP; none, so the relay held all of them when the run ended.
+    let code = |run: usize| {
+        format!(
+            "{PRELUDE}
+RUN, N, TCP = {run}, {each}, {tcp}
+def name(i):
+    return 'n%d-r%d.ended.void.test' % (i, RUN)
+if TCP:
+    conns = []
+    for i in range(N):
+        c = socket.create_connection((gw, 53), timeout=2)
+        m = query(i, name(i))
+        c.sendall(struct.pack('>H', len(m)) + m)
+        conns.append(c)
+    time.sleep(0.05)
+    closed = 0
+    for c in conns:
+        c.setblocking(False)
+        try:
+            closed += c.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b''
+        except BlockingIOError:
+            pass
+    print(closed)
+else:
+    for i in range(N):
+        udp.send(query(i, name(i)))
+    print(refusals(0.05))
+",
+            tcp = if tcp { "True" } else { "False" }
+        )
+    };
+    let started = Instant::now();
+    for pair in 0..RUNS / 2 {
+        let runs: Vec<_> = (0..2)
+            .map(|i| {
+                let body = json!({"language": "python3", "code": code(2 * pair + i), "enable_network": true});
+                s.spawn_run(body)
+            })
+            .collect();
+        for run in runs {
+            assert_eq!(
+                output(200, &run.await.unwrap()),
+                "0\n",
+                "the relay held them all"
+            );
+        }
+    }
+    let flooded = started.elapsed();
+    let ended = || log.matching(|q| q.tcp == tcp && q.name.ends_with(".ended.void.test"));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while ended().len() < RUNS * each && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ended = ended();
+    let during = victim(&s, "after").await;
+    let first = ended.iter().map(|q| q.at).min().unwrap();
+    let victims = log.matching(|q| q.name.contains("-after.ok.test"));
+    let last = victims.iter().map(|q| q.at).max().unwrap();
+    println!(
+        "{RUNS} runs left {} {} nobody answers in {flooded:?}; the victim asked up to {:?} after the first; its worst lookup (UDP, TCP): before {baseline:?} ms, after {during:?} ms",
+        ended.len(),
+        if tcp { "TCP queries" } else { "UDP queries" },
+        last - first,
+    );
+    assert_eq!(
+        ended.len(),
+        RUNS * each,
+        "every run's quota reached the upstream"
+    );
+    assert!(during.0 < 100.0 && during.1 < 100.0, "{during:?} ms");
+    // The victim asked while the ended runs' queries would still count, had they not
+    // stopped with their runs.
+    assert!(
+        last < first + UPSTREAM_TIMEOUT,
+        "the victim came too late to meet the ended runs' queries"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_runs_unanswered_udp_queries_stop_counting_with_them() {
+    ended_runs_leave_the_relay_to_the_next(4, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_runs_unanswered_tcp_queries_stop_counting_with_them() {
+    ended_runs_leave_the_relay_to_the_next(5, true).await;
+}
+
+/// Until the server has no clean-up in progress (a released namespace is kept then).
+async fn settled(s: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = reqwest::get(format!("{}/metrics", s.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.lines().any(|l| l == "sandbox_background_tasks 0") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "clean-ups never end: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The network namespace a run is in: its `SO_NETNS_COOKIE` (a socket made, nothing sent).
+const COOKIE: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little")
+s.close()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_namespace_is_served_afresh_for_its_next_run() {
+    let _turn = SERIAL.lock().await;
+    // No warm workers: the next run takes the namespace the previous one left.
+    let (s, log) = lab_with(6, &[("WARM_WORKERS", "0")]).await;
+    let first = networked(&s, &format!("{COOKIE}\nprint(cookie)")).await;
+    settled(&s).await;
+    // Its address was released with the run that sent nothing, and is served again:
+    // names resolve, and the whole quota is there.
+    let code = format!(
+        "{COOKIE}
+{PRELUDE}
+name = socket.gethostbyname('kept.ok.test')
+for i in range({n}):
+    udp.send(query(i, 'n%d.kept.void.test' % i))
+print(cookie, name, refusals(0.3))
+",
+        n = RUN_QUERIES + 1
+    );
+    let out = networked(&s, &code).await;
+    assert_eq!(
+        out,
+        format!("{} {KNOWN} 1\n", first.trim()),
+        "the same namespace; resolved; one query over the quota refused"
+    );
+    let admitted = log.matching(|q| q.name.ends_with(".kept.void.test"));
+    assert_eq!(admitted.len(), RUN_QUERIES);
 }

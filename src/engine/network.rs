@@ -317,7 +317,8 @@ impl Isolated {
         let table = Table::install(name, &script).map_err(|e| e.to_string())?;
         // Enough for every worker slot and warm worker to find a namespace kept for it.
         let keep = config.max_workers + config.warm_workers * Language::ALL.len();
-        let plumbing = Plumbing::new(n.subnet, uids, tag, keep).map_err(|e| e.to_string())?;
+        let plumbing =
+            Plumbing::new(n.subnet, uids, tag, keep, relay.runs()).map_err(|e| e.to_string())?;
         let stale = plumbing.remove_stale(held).await;
         if stale > 0 {
             tracing::info!(

@@ -10,9 +10,15 @@
 //! relay sees the run's own address (its /30 is its identity: nothing else routes
 //! there, and the ruleset drops any other source). A query over its run's quota is
 //! answered REFUSED at once (the client gives up in a round trip; a dropped query would
-//! make it wait its 5 s timeout), a connection over quota is closed at once. The quotas
-//! and the upstream deadline make the relay's whole capacity more than its runs can
-//! hold: one run cannot starve another.
+//! make it wait its 5 s timeout), a connection over quota is closed at once.
+//!
+//! The relay serves a run from the moment its network is prepared to the moment it is
+//! released (`Runs::admit`, `Admission`): its queries and connections still in flight
+//! then are dropped with everything they hold, since their answers have nobody to go
+//! to, and stop counting at once. What the relay holds is thereby only what its live
+//! runs hold, at most their quotas: one run, live or ended, cannot starve another. A
+//! source that is no live run's (an ended run's query still queued, a process on the
+//! host's loopback) gets nothing.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -38,10 +44,6 @@ pub const RUN_CONNECTIONS: usize = 8;
 /// A TCP connection with no query (or no whole query) coming for this long is closed;
 /// so is one whose answer the client does not take within it.
 pub const TCP_IDLE: Duration = Duration::from_secs(2);
-/// The relay's capacity in all is at least this, and at least twice what its runs can
-/// hold at once: runs that just ended may still hold theirs for `UPSTREAM_TIMEOUT`.
-const MIN_QUERIES: usize = 256;
-const MIN_CONNECTIONS: usize = 64;
 /// The UDP socket's receive buffer: a few thousand queries.
 const RECEIVE_BUFFER: usize = 1 << 20;
 /// How often refusals are logged at most.
@@ -61,6 +63,7 @@ pub enum DnsError {
 pub struct DnsRelay {
     port: u16,
     upstreams: Vec<SocketAddr>,
+    runs: Runs,
     stop: CancellationToken,
 }
 
@@ -88,23 +91,25 @@ impl DnsRelay {
         }
         let stop = CancellationToken::new();
         let up = Arc::new(upstreams.clone());
+        let book = Runs::new(runs);
         tokio::spawn(serve_udp(
             Arc::new(udp),
             up.clone(),
-            Quota::new("queries", RUN_QUERIES, MIN_QUERIES, runs),
+            book.clone(),
             stop.clone(),
         ));
-        tokio::spawn(serve_tcp(
-            tcp,
-            up,
-            Quota::new("connections", RUN_CONNECTIONS, MIN_CONNECTIONS, runs),
-            stop.clone(),
-        ));
+        tokio::spawn(serve_tcp(tcp, up, book.clone(), stop.clone()));
         Ok(Self {
             port,
             upstreams,
+            runs: book,
             stop,
         })
+    }
+
+    /// The runs this relay serves: each is admitted with its network.
+    pub fn runs(&self) -> Runs {
+        self.runs.clone()
     }
 
     pub fn port(&self) -> u16 {
@@ -145,84 +150,213 @@ fn run_of(peer: IpAddr) -> IpAddr {
     }
 }
 
-/// What runs hold of one of the relay's resources: so many per run, so many in all.
-struct Quota {
-    what: &'static str,
-    per_run: usize,
-    total: usize,
-    state: Mutex<Holdings>,
+/// One of the relay's resources a run holds a share of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resource {
+    /// UDP queries in flight.
+    Queries,
+    /// TCP connections open.
+    Connections,
+}
+
+impl Resource {
+    const ALL: [Resource; 2] = [Resource::Queries, Resource::Connections];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn per_run(self) -> usize {
+        match self {
+            Self::Queries => RUN_QUERIES,
+            Self::Connections => RUN_CONNECTIONS,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Queries => "queries",
+            Self::Connections => "connections",
+        }
+    }
+}
+
+/// The runs the relay serves and what each holds of it. One lock for all: a run's end
+/// and a new query of that run never cross.
+#[derive(Clone)]
+pub struct Runs(Arc<Book>);
+
+struct Book {
+    /// What the relay holds in all, per resource: what `max_workers` live runs can
+    /// hold (ended runs hold nothing), so never reached while each keeps to its quota;
+    /// it bounds the relay's sockets should that ever not hold.
+    total: [usize; 2],
+    ledger: Mutex<Ledger>,
 }
 
 #[derive(Default)]
-struct Holdings {
-    total: usize,
-    by_run: HashMap<IpAddr, usize>,
+struct Ledger {
+    /// Live runs, by their /30.
+    runs: HashMap<IpAddr, Run>,
+    held: [usize; 2],
+    /// Tells a run from an earlier one at the same address.
+    admitted: u64,
     /// Refusals not yet logged, and when they last were.
-    refused: u64,
-    reported: Option<Instant>,
+    refused: [u64; 2],
+    reported: [Option<Instant>; 2],
 }
 
-/// One unit of a run's quota, given back when dropped.
-struct Held {
-    quota: Arc<Quota>,
+/// A live run's holdings.
+struct Run {
+    epoch: u64,
+    held: [usize; 2],
+    /// Cancelled when the run ends: its queries and connections are dropped.
+    ended: CancellationToken,
+}
+
+/// Why the relay does not serve a query or a connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Refused {
+    /// Its run holds its quota already (or the relay is full): refused in words.
+    OverQuota,
+    /// It comes from no live run: dropped.
+    NoRun,
+}
+
+/// A run the relay serves, until this is dropped: the run's network is released.
+#[must_use = "the run is served only while its admission is held"]
+pub struct Admission {
+    book: Arc<Book>,
     run: IpAddr,
+    epoch: u64,
 }
 
-impl Quota {
-    fn new(what: &'static str, per_run: usize, floor: usize, runs: usize) -> Arc<Self> {
-        Arc::new(Self {
-            what,
-            per_run,
-            total: floor.max(per_run.saturating_mul(runs).saturating_mul(2)),
-            state: Mutex::default(),
-        })
+/// One unit of a live run's quota, given back when dropped.
+struct Held {
+    book: Arc<Book>,
+    resource: Resource,
+    run: IpAddr,
+    epoch: u64,
+    /// Cancelled when the run ends.
+    ended: CancellationToken,
+}
+
+impl Runs {
+    /// The book of a relay for `runs` live runs at most (the server's `max_workers`).
+    fn new(runs: usize) -> Self {
+        let total = Resource::ALL.map(|r| r.per_run().saturating_mul(runs.max(1)));
+        Self(Arc::new(Book {
+            total,
+            ledger: Mutex::default(),
+        }))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Holdings> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Serve the run at `address` until the admission is dropped, holding nothing yet:
+    /// an earlier run at this address has nothing left with the relay.
+    pub fn admit(&self, address: Ipv4Addr) -> Admission {
+        let run = run_of(IpAddr::V4(address));
+        let mut l = self.0.lock();
+        l.admitted += 1;
+        let epoch = l.admitted;
+        let earlier = l.runs.insert(
+            run,
+            Run {
+                epoch,
+                held: [0; 2],
+                ended: CancellationToken::new(),
+            },
+        );
+        if let Some(earlier) = earlier {
+            l.forget(earlier);
+        }
+        Admission {
+            book: self.0.clone(),
+            run,
+            epoch,
+        }
     }
 
-    /// One unit for `peer`'s run, unless it holds its share already or the relay is
-    /// full; a refusal is counted and logged at most once a second.
-    fn take(self: &Arc<Self>, peer: IpAddr) -> Option<Held> {
+    /// One unit of `resource` for `peer`'s run, unless it is no live run's, holds its
+    /// share already, or the relay is full; a refusal is counted and logged at most
+    /// once a second.
+    fn take(&self, resource: Resource, peer: IpAddr) -> Result<Held, Refused> {
         let run = run_of(peer);
-        let mut h = self.lock();
-        let mine = h.by_run.get(&run).copied().unwrap_or(0);
-        if mine < self.per_run && h.total < self.total {
-            h.total += 1;
-            *h.by_run.entry(run).or_default() += 1;
-            return Some(Held {
-                quota: self.clone(),
+        let i = resource.index();
+        let mut l = self.0.lock();
+        let full = l.held[i] >= self.0.total[i];
+        let Some(r) = l.runs.get_mut(&run) else {
+            return Err(Refused::NoRun);
+        };
+        let mine = r.held[i];
+        if mine < resource.per_run() && !full {
+            r.held[i] += 1;
+            let (epoch, ended) = (r.epoch, r.ended.clone());
+            l.held[i] += 1;
+            return Ok(Held {
+                book: self.0.clone(),
+                resource,
                 run,
+                epoch,
+                ended,
             });
         }
-        h.refused += 1;
+        l.refused[i] += 1;
         let now = Instant::now();
-        if h.reported.is_none_or(|t| now - t >= REPORT_EVERY) {
+        if l.reported[i].is_none_or(|t| now - t >= REPORT_EVERY) {
             tracing::warn!(
-                refused = h.refused,
+                refused = l.refused[i],
                 latest = %peer,
                 "DNS relay: {} refused over runs' quotas ({} per run, {} in all) since the last report; the latest run held {mine}",
-                self.what,
-                self.per_run,
-                self.total,
+                resource.name(),
+                resource.per_run(),
+                self.0.total[i],
             );
-            h.refused = 0;
-            h.reported = Some(now);
+            l.refused[i] = 0;
+            l.reported[i] = Some(now);
         }
-        None
+        Err(Refused::OverQuota)
+    }
+}
+
+impl Book {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Ledger {
+    /// An ended run: what it held stops counting, and its queries and connections are
+    /// dropped (their tasks see `ended` and return).
+    fn forget(&mut self, run: Run) {
+        for (total, held) in self.held.iter_mut().zip(run.held) {
+            *total = total.saturating_sub(held);
+        }
+        run.ended.cancel();
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut l = self.book.lock();
+        if let Entry::Occupied(e) = l.runs.entry(self.run)
+            && e.get().epoch == self.epoch
+        {
+            let run = e.remove();
+            l.forget(run);
+        }
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        let mut h = self.quota.lock();
-        h.total = h.total.saturating_sub(1);
-        if let Entry::Occupied(mut e) = h.by_run.entry(self.run) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
+        let mut l = self.book.lock();
+        let i = self.resource.index();
+        // A unit of an ended run was counted off with it.
+        if let Some(r) = l.runs.get_mut(&self.run)
+            && r.epoch == self.epoch
+        {
+            r.held[i] = r.held[i].saturating_sub(1);
+            l.held[i] = l.held[i].saturating_sub(1);
         }
     }
 }
@@ -270,7 +404,7 @@ fn refusal(query: &[u8]) -> Option<Vec<u8>> {
 async fn serve_udp(
     socket: Arc<UdpSocket>,
     upstreams: Arc<Vec<SocketAddr>>,
-    quota: Arc<Quota>,
+    runs: Runs,
     stop: CancellationToken,
 ) {
     let mut buf = vec![0u8; 4096];
@@ -282,18 +416,28 @@ async fn serve_udp(
                 Err(_) => continue,
             },
         };
-        let Some(held) = quota.take(client.ip()) else {
-            // Never waits: a refusal the socket has no room for is dropped instead.
-            if let Some(answer) = refusal(&buf[..n]) {
-                let _ = socket.try_send_to(&answer, client);
+        let held = match runs.take(Resource::Queries, client.ip()) {
+            Ok(held) => held,
+            Err(Refused::OverQuota) => {
+                // Never waits: a refusal the socket has no room for is dropped instead.
+                if let Some(answer) = refusal(&buf[..n]) {
+                    let _ = socket.try_send_to(&answer, client);
+                }
+                continue;
             }
-            continue;
+            Err(Refused::NoRun) => continue,
         };
         let query = buf[..n].to_vec();
         let (socket, upstreams) = (socket.clone(), upstreams.clone());
         tokio::spawn(async move {
-            if let Some(answer) = first_answer(&upstreams, |up| ask_udp(up, &query)).await {
-                let _ = socket.send_to(&answer, client).await;
+            // The run's end drops the query and its upstream sockets.
+            tokio::select! {
+                () = held.ended.cancelled() => {}
+                answer = first_answer(&upstreams, |up| ask_udp(up, &query)) => {
+                    if let Some(answer) = answer {
+                        let _ = socket.send_to(&answer, client).await;
+                    }
+                }
             }
             drop(held);
         });
@@ -374,7 +518,7 @@ async fn ask_tcp(upstream: &SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
 async fn serve_tcp(
     listener: TcpListener,
     upstreams: Arc<Vec<SocketAddr>>,
-    quota: Arc<Quota>,
+    runs: Runs,
     stop: CancellationToken,
 ) {
     loop {
@@ -389,13 +533,17 @@ async fn serve_tcp(
                 }
             },
         };
-        // Over quota: closed at once, so the client's read ends now.
-        let Some(held) = quota.take(peer.ip()) else {
+        // Over quota, or no live run's: closed at once, so the client's read ends now.
+        let Ok(held) = runs.take(Resource::Connections, peer.ip()) else {
             continue;
         };
         let upstreams = upstreams.clone();
         tokio::spawn(async move {
-            let _ = relay_tcp(client, &upstreams).await;
+            // The run's end closes the connection and its query's upstream one.
+            tokio::select! {
+                () = held.ended.cancelled() => {}
+                _ = relay_tcp(client, &upstreams) => {}
+            }
             drop(held);
         });
     }
@@ -475,32 +623,285 @@ mod tests {
         assert_eq!(refusal(&bad), None, "a label type that does not exist");
     }
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn v4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    /// What the book counts for `run` (none: not a live run) and in all.
+    fn counted(runs: &Runs, resource: Resource, run: &str) -> (Option<usize>, usize) {
+        let l = runs.0.lock();
+        let i = resource.index();
+        (l.runs.get(&run_of(ip(run))).map(|r| r.held[i]), l.held[i])
+    }
+
     #[test]
     fn a_run_holds_its_share_and_no_more_and_gives_it_back() {
-        let quota = Quota::new("queries", 3, 7, 1);
-        assert_eq!(quota.total, 7, "the floor, above 2 x 3 x 1");
-        assert_eq!(Quota::new("queries", 3, 7, 4).total, 24);
-        let run: IpAddr = "10.213.0.2".parse().unwrap();
-        let held: Vec<Held> = (0..3).filter_map(|_| quota.take(run)).collect();
-        assert_eq!(held.len(), 3);
-        assert!(quota.take(run).is_none(), "over its share");
-        // Its whole /30 is the run: another address of its block changes nothing.
-        assert!(quota.take("10.213.0.3".parse().unwrap()).is_none());
-        // Another run still gets its own, up to the relay's total.
-        let other: IpAddr = "10.213.0.6".parse().unwrap();
-        let others: Vec<Held> = (0..3).filter_map(|_| quota.take(other)).collect();
-        assert_eq!(others.len(), 3);
-        let third = quota.take("10.213.0.10".parse().unwrap());
-        assert!(third.is_some());
-        assert!(
-            quota.take("10.213.0.14".parse().unwrap()).is_none(),
-            "the relay is full"
+        let runs = Runs::new(3);
+        assert_eq!(runs.0.total, [3 * RUN_QUERIES, 3 * RUN_CONNECTIONS]);
+        let _a = runs.admit(v4("10.213.0.2"));
+        let _b = runs.admit(v4("10.213.0.6"));
+        let take = |peer: &str, n: usize| -> Vec<Held> {
+            (0..n)
+                .map(|_| runs.take(Resource::Queries, ip(peer)).expect("within"))
+                .collect()
+        };
+        let held = take("10.213.0.2", RUN_QUERIES);
+        assert_eq!(
+            runs.take(Resource::Queries, ip("10.213.0.2")).err(),
+            Some(Refused::OverQuota)
+        );
+        // Its whole /30 is the run: its gateway's address changes nothing.
+        assert_eq!(
+            runs.take(Resource::Queries, ip("10.213.0.1")).err(),
+            Some(Refused::OverQuota)
+        );
+        // Its connections are a quota of their own.
+        let conn = runs.take(Resource::Connections, ip("10.213.0.2"));
+        assert!(conn.is_ok());
+        // Another run still gets its own.
+        let others = take("10.213.0.6", RUN_QUERIES);
+        assert_eq!(
+            counted(&runs, Resource::Queries, "10.213.0.6"),
+            (Some(RUN_QUERIES), 2 * RUN_QUERIES)
         );
         drop(held);
-        assert!(quota.take(run).is_some(), "given back");
-        drop((others, third));
-        assert_eq!(quota.lock().total, 0);
-        assert!(quota.lock().by_run.is_empty(), "no run is remembered");
+        assert_eq!(
+            counted(&runs, Resource::Queries, "10.213.0.2"),
+            (Some(0), RUN_QUERIES),
+            "given back"
+        );
+        assert!(runs.take(Resource::Queries, ip("10.213.0.2")).is_ok());
+        drop((others, conn));
+        assert_eq!(runs.0.lock().held, [0, 0]);
+    }
+
+    #[test]
+    fn only_live_runs_are_served() {
+        let runs = Runs::new(4);
+        // Never admitted: a process on the host's loopback, say.
+        assert_eq!(
+            runs.take(Resource::Queries, ip("127.0.0.1")).err(),
+            Some(Refused::NoRun)
+        );
+        let admission = runs.admit(v4("10.213.0.2"));
+        assert!(runs.take(Resource::Connections, ip("10.213.0.2")).is_ok());
+        drop(admission);
+        // Ended: a query of it still queued in the relay's socket gets nothing.
+        assert_eq!(
+            runs.take(Resource::Queries, ip("10.213.0.2")).err(),
+            Some(Refused::NoRun)
+        );
+        assert_eq!(
+            runs.take(Resource::Connections, ip("10.213.0.2")).err(),
+            Some(Refused::NoRun)
+        );
+        assert!(runs.0.lock().runs.is_empty(), "no run is remembered");
+    }
+
+    #[test]
+    fn an_ended_runs_holdings_stop_counting_at_once_and_the_next_run_starts_at_zero() {
+        // One worker: the ended run's holdings are all the relay holds.
+        let runs = Runs::new(1);
+        let first = runs.admit(v4("10.213.0.2"));
+        let queries: Vec<Held> = (0..RUN_QUERIES)
+            .map(|_| runs.take(Resource::Queries, ip("10.213.0.2")).unwrap())
+            .collect();
+        let conns: Vec<Held> = (0..RUN_CONNECTIONS)
+            .map(|_| runs.take(Resource::Connections, ip("10.213.0.2")).unwrap())
+            .collect();
+        let other = runs.admit(v4("10.213.0.6"));
+        assert_eq!(
+            runs.take(Resource::Queries, ip("10.213.0.6")).err(),
+            Some(Refused::OverQuota),
+            "the relay is full"
+        );
+        assert!(
+            queries
+                .iter()
+                .chain(&conns)
+                .all(|h| !h.ended.is_cancelled())
+        );
+
+        drop(first);
+        // Every task of the run is told to drop its query or connection.
+        assert!(queries.iter().chain(&conns).all(|h| h.ended.is_cancelled()));
+        assert_eq!(runs.0.lock().held, [0, 0], "nothing counts any more");
+        let mine = runs.take(Resource::Queries, ip("10.213.0.6"));
+        assert!(mine.is_ok(), "another run is served at once");
+        drop((mine, other));
+
+        // The namespace, and its address, handed to the next run: it starts at zero,
+        // and the ended run's units, dropped late, are not taken off its count.
+        let next = runs.admit(v4("10.213.0.2"));
+        let held: Vec<Held> = (0..RUN_QUERIES)
+            .map(|_| {
+                runs.take(Resource::Queries, ip("10.213.0.2"))
+                    .expect("a whole quota")
+            })
+            .collect();
+        drop((queries, conns));
+        assert_eq!(
+            counted(&runs, Resource::Queries, "10.213.0.2"),
+            (Some(RUN_QUERIES), RUN_QUERIES)
+        );
+        assert_eq!(
+            counted(&runs, Resource::Connections, "10.213.0.2"),
+            (Some(0), 0)
+        );
+        assert!(held.iter().all(|h| !h.ended.is_cancelled()));
+        drop(held);
+        drop(next);
+        assert!(runs.0.lock().runs.is_empty());
+    }
+
+    #[test]
+    fn an_admission_for_an_address_in_use_ends_the_earlier_run() {
+        // Not expected (an address is one uid's, and a uid one run's), but exact if so.
+        let runs = Runs::new(2);
+        let earlier = runs.admit(v4("10.213.0.2"));
+        let held = runs.take(Resource::Queries, ip("10.213.0.2")).unwrap();
+        let later = runs.admit(v4("10.213.0.2"));
+        assert!(held.ended.is_cancelled());
+        assert_eq!(
+            counted(&runs, Resource::Queries, "10.213.0.2"),
+            (Some(0), 0)
+        );
+        // The earlier admission's end leaves the later run alone.
+        drop((earlier, held));
+        assert!(runs.take(Resource::Queries, ip("10.213.0.2")).is_ok());
+        drop(later);
+    }
+
+    /// The references to `runs`' book (the relay's loop, the test's, each admission's
+    /// and each unit's, held by a task relaying a query or connection), once they are
+    /// `want` or `within` has passed.
+    async fn references(runs: &Runs, want: usize, within: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let n = Arc::strong_count(&runs.0);
+            if n == want || tokio::time::Instant::now() >= deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ended_runs_udp_queries_are_dropped_with_their_upstream_sockets() {
+        // An upstream that never answers; the run is this test's 127.0.0.1.
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let relay = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let relay_addr = relay.local_addr().unwrap();
+        let runs = Runs::new(1);
+        let stop = CancellationToken::new();
+        let _stop = stop.clone().drop_guard();
+        let upstreams = Arc::new(vec![silent.local_addr().unwrap()]);
+        tokio::spawn(serve_udp(relay, upstreams, runs.clone(), stop));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(relay_addr).await.unwrap();
+
+        // Not admitted yet: neither passed on nor answered.
+        client.send(&query(1, "early.void.test")).await.unwrap();
+        let mut buf = [0u8; 512];
+        let nothing = tokio::time::timeout(Duration::from_millis(100), client.recv(&mut buf)).await;
+        assert!(nothing.is_err(), "no answer to what is no live run's");
+        assert!(silent.try_recv_from(&mut buf).is_err(), "nothing passed on");
+
+        let base = Arc::strong_count(&runs.0);
+        let run = runs.admit(v4("127.0.0.1"));
+        for i in 0..RUN_QUERIES as u16 + 1 {
+            client.send(&query(i, "n.void.test")).await.unwrap();
+        }
+        let n = client.recv(&mut buf).await.unwrap();
+        assert_eq!(
+            buf[3] & 0x0f,
+            5,
+            "the one over the quota refused: {:?}",
+            &buf[..n]
+        );
+        let mut upstream_saw = 0;
+        while upstream_saw < RUN_QUERIES {
+            silent.recv_from(&mut buf).await.unwrap();
+            upstream_saw += 1;
+        }
+        let holding = base + 1 + RUN_QUERIES;
+        assert_eq!(
+            references(&runs, holding, Duration::from_secs(1)).await,
+            holding
+        );
+
+        // The run ends: every one of its queries is dropped now, not at the deadline.
+        let ended = tokio::time::Instant::now();
+        drop(run);
+        assert_eq!(runs.0.lock().held, [0, 0]);
+        let left = references(&runs, base, Duration::from_millis(500)).await;
+        assert_eq!(
+            left,
+            base,
+            "tasks still holding after {:?}",
+            ended.elapsed()
+        );
+        assert!(ended.elapsed() < UPSTREAM_TIMEOUT / 10);
+
+        // The same address for the next run: a whole quota again.
+        let _next = runs.admit(v4("127.0.0.1"));
+        for i in 0..RUN_QUERIES as u16 {
+            client.send(&query(i, "m.void.test")).await.unwrap();
+        }
+        for _ in 0..RUN_QUERIES {
+            silent.recv_from(&mut buf).await.unwrap();
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), client.recv(&mut buf))
+                .await
+                .is_err(),
+            "none refused"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_ended_runs_tcp_connections_are_closed_both_ways() {
+        // An upstream that takes a query and never answers.
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstreams = Arc::new(vec![upstream.local_addr().unwrap()]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay_addr = listener.local_addr().unwrap();
+        let runs = Runs::new(1);
+        let stop = CancellationToken::new();
+        let _stop = stop.clone().drop_guard();
+        tokio::spawn(serve_tcp(listener, upstreams, runs.clone(), stop));
+
+        let base = Arc::strong_count(&runs.0);
+        // Not admitted: closed at once.
+        let mut early = TcpStream::connect(relay_addr).await.unwrap();
+        let mut byte = [0u8; 1];
+        assert_eq!(early.read(&mut byte).await.unwrap(), 0, "closed at once");
+
+        let run = runs.admit(v4("127.0.0.1"));
+        let mut client = TcpStream::connect(relay_addr).await.unwrap();
+        let q = query(7, "held.void.test");
+        client.write_u16(q.len() as u16).await.unwrap();
+        client.write_all(&q).await.unwrap();
+        let (mut asked, _) = upstream.accept().await.unwrap();
+        let len = asked.read_u16().await.unwrap();
+        let mut got = vec![0u8; usize::from(len)];
+        asked.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, q);
+
+        let ended = tokio::time::Instant::now();
+        drop(run);
+        let within = Duration::from_millis(500);
+        let closed = tokio::time::timeout(within, client.read(&mut byte)).await;
+        assert_eq!(closed.expect("the run's side closed").unwrap(), 0);
+        let closed = tokio::time::timeout(within, asked.read(&mut byte)).await;
+        assert_eq!(closed.expect("the upstream's side closed").unwrap(), 0);
+        assert!(ended.elapsed() < TCP_IDLE / 4, "{:?}", ended.elapsed());
+        assert_eq!(references(&runs, base, within).await, base);
+        assert_eq!(runs.0.lock().held, [0, 0]);
     }
 
     #[tokio::test]

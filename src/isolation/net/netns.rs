@@ -9,6 +9,10 @@
 //! pair with it; releasing the run waits for that. Its counters are read again when it
 //! is handed to the next run: one that moved while it waited is destroyed the same way
 //! and the run gets a new one.
+//!
+//! The DNS relay serves a run while its lease is held: released (kept or destroyed) or
+//! dropped, its queries and connections still with the relay are dropped at once and
+//! stop counting against the relay; the next run at its address starts at zero.
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
@@ -25,6 +29,7 @@ use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBu
 
 use super::addressing::{IFNAME_PREFIX, RUN_PREFIX_LEN, RunAddress, uid_of_interface};
 use super::conntrack;
+use super::dns::{Admission, Runs};
 use super::traces::{TraceFiles, Traces};
 use crate::isolation::uids::UidLease;
 
@@ -83,6 +88,8 @@ pub struct NetLease {
     pub address: RunAddress,
     kept: Kept,
     lot: Arc<Lot>,
+    /// The DNS relay serves the run until this goes.
+    dns: Admission,
 }
 
 impl NetLease {
@@ -96,7 +103,10 @@ impl NetLease {
             address,
             kept,
             lot,
+            dns,
         } = self;
+        // First: the run is over, whatever it left with the relay has nobody to go to.
+        drop(dns);
         let untouched = run_gone && kept.traces.none_left();
         let (uid, address, kept) = match uid {
             Some(uid) if untouched => match lot.park(Parked { uid, address, kept }) {
@@ -199,16 +209,19 @@ pub struct Plumbing {
     /// This server's tag in its runs' interface names.
     tag: String,
     lot: Arc<Lot>,
+    /// The DNS relay's runs: each lease is one while it is held.
+    dns: Runs,
 }
 
 impl Plumbing {
     /// Must run inside a tokio runtime: the host's netlink connection is spawned on it.
-    /// At most `keep` namespaces are kept for reuse.
+    /// At most `keep` namespaces are kept for reuse; `dns` serves each run's DNS.
     pub fn new(
         subnet: Ipv4Net,
         uids: Range<u32>,
         tag: String,
         keep: usize,
+        dns: Runs,
     ) -> Result<Self, NetnsError> {
         let (connection, host, _) = rtnetlink::new_connection()
             .map_err(|e| NetnsError::Namespace(format!("netlink socket: {e}")))?;
@@ -223,6 +236,7 @@ impl Plumbing {
                 limit: keep,
                 discarding: tokio_util::task::TaskTracker::new(),
             }),
+            dns,
         })
     }
 
@@ -250,6 +264,7 @@ impl Plumbing {
                 fd,
                 lease: NetLease {
                     host: self.host.clone(),
+                    dns: self.dns.admit(p.address.address),
                     address: p.address,
                     kept: p.kept,
                     lot: self.lot.clone(),
@@ -321,6 +336,7 @@ impl Plumbing {
                 fd,
                 lease: NetLease {
                     host: self.host.clone(),
+                    dns: self.dns.admit(address.address),
                     address,
                     kept: Kept {
                         ns,
