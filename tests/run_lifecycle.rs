@@ -24,6 +24,11 @@ fn out(d: &serde_json::Value) -> String {
 /// Runs of the server `pid` alive now: the distinct sandbox uids among the processes of
 /// its run cgroups.
 fn live_runs(pid: u32) -> usize {
+    run_uids(pid).len()
+}
+
+/// The sandbox uids of the processes in the run cgroups of the server `pid`.
+fn run_uids(pid: u32) -> BTreeSet<u32> {
     let mut uids = BTreeSet::new();
     for cg in common::run_cgroups_of(pid) {
         let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
@@ -39,7 +44,7 @@ fn live_runs(pid: u32) -> usize {
             }
         }
     }
-    uids.len()
+    uids
 }
 
 /// A forked Python run writes its end marker on its highest descriptor and closes its
@@ -519,4 +524,41 @@ async fn node_announcing_its_end_with_output_open_is_not_answered_as_a_clean_exi
 #[tokio::test]
 async fn forked_python_announcing_its_end_with_output_open_is_not_answered_as_a_clean_exit() {
     killed_before_its_answer_is_not_a_clean_exit("python3", PYTHON_ANNOUNCE_KEEP_OUTPUT).await;
+}
+
+#[tokio::test]
+async fn runs_of_a_server_killed_without_its_shutdown_are_killed_by_the_next_start() {
+    let env = [("WARM_WORKERS", "0"), ("WORKER_TIMEOUT", "60")];
+    let s = Server::start(&env).await;
+    let mut runs = Vec::new();
+    for language in ["python3", "nodejs"] {
+        let code = match language {
+            "python3" => "import time\ntime.sleep(60)",
+            _ => "setTimeout(() => {}, 60000)",
+        };
+        runs.push(
+            s.spawn_run(json!({"language": language, "code": code, "enable_network": false})),
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut uids = run_uids(s.pid());
+    while uids.len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        uids = run_uids(s.pid());
+    }
+    assert_eq!(uids.len(), 2, "the two runs never started");
+    // As an OOM kill or a crash would: no shutdown, nothing cleaned up.
+    common::nix_kill(s.pid(), "KILL").expect("kill -9");
+    s.terminate();
+    for r in runs {
+        r.abort();
+    }
+    let next = Server::start(&env).await;
+    for uid in uids {
+        assert!(
+            common::no_process_of(uid, Duration::from_secs(3)).await,
+            "a run of the killed server (uid {uid}) still runs after the next start"
+        );
+    }
+    drop(next);
 }

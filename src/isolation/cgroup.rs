@@ -70,7 +70,15 @@ impl CgroupDriver {
         if mount_root.join("cgroup.controllers").exists()
             && let Some((_, p)) = entries.iter().find(|(c, _)| c.is_empty())
         {
-            let base = join_cgroup(mount_root, p);
+            let mut base = join_cgroup(mount_root, p);
+            // Started from the leaf an earlier server moved its cgroup's processes into
+            // (a restart from its shell, say): that server's runs, and the place for ours,
+            // are beside it.
+            if base.file_name().is_some_and(|n| n == SERVER_LEAF)
+                && let Some(parent) = base.parent()
+            {
+                base = parent.to_path_buf();
+            }
             return Self::prepare_v2(&base).map(|base| Self::V2 { base });
         }
         match (v1_path("memory"), v1_path("pids")) {
@@ -101,7 +109,7 @@ impl CgroupDriver {
         }
         let subtree = base.join("cgroup.subtree_control");
         if fs::write(&subtree, "+memory +pids").is_err() {
-            let leaf = base.join("sandbox-server");
+            let leaf = base.join(SERVER_LEAF);
             fs::create_dir_all(&leaf).map_err(io_err("create", &leaf))?;
             let procs = fs::read_to_string(base.join("cgroup.procs")).unwrap_or_default();
             for pid in procs.split_whitespace() {
@@ -185,13 +193,48 @@ impl CgroupDriver {
                     continue;
                 };
                 let owner = rest.split('-').next().unwrap_or("");
-                if !owner.is_empty() && !Path::new("/proc").join(owner).exists() {
-                    let _ = fs::remove_dir(entry.path());
+                if !owner.is_empty() && !alive(owner) {
+                    remove_orphan(&entry.path());
                 }
             }
         }
     }
 }
+
+/// Whether process `pid` runs: a zombie (killed, its parent not yet told) does not.
+fn alive(pid: &str) -> bool {
+    fs::read_to_string(Path::new("/proc").join(pid).join("stat")).is_ok_and(|stat| {
+        // The state follows the command name, which ends at the last ')'.
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// A run cgroup whose server is gone (killed without its shutdown): its runs may still
+/// be running, past any timeout, so they are killed before it is removed.
+fn remove_orphan(dir: &Path) {
+    let _ = fs::write(dir.join("cgroup.kill"), "1");
+    for attempt in 0..100 {
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.split_whitespace().filter_map(|p| p.parse().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        match fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) if attempt == 99 => {
+                tracing::warn!(path = %dir.display(), error = %e, "could not remove a run cgroup left by a server that is gone");
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// The leaf a server moves its cgroup's processes into, so that the cgroup may hold runs'.
+const SERVER_LEAF: &str = "sandbox-server";
 
 fn join_cgroup(root: &Path, rel: &str) -> PathBuf {
     root.join(rel.trim_start_matches('/'))
