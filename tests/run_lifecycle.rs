@@ -562,3 +562,64 @@ async fn runs_of_a_server_killed_without_its_shutdown_are_killed_by_the_next_sta
     }
     drop(next);
 }
+
+/// SIGTERM, SIGINT (Ctrl-C) or SIGHUP to `sandbox run` stops its run: killed, its stage
+/// and cgroup removed, before the command exits with 128 + the signal.
+#[tokio::test]
+async fn a_stopped_sandbox_run_takes_its_run_and_stage_along() {
+    for (signal, name) in [(15, "TERM"), (2, "INT")] {
+        let state = tempfile::tempdir().expect("tempdir");
+        let mut cli = tokio::process::Command::new(common::bin())
+            .args([
+                "run",
+                "--timeout",
+                "30",
+                "-l",
+                "python3",
+                "-e",
+                "import os, time\nprint(os.getuid(), flush=True)\ntime.sleep(60)",
+            ])
+            .env("SANDBOX_STATE_DIR", state.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("sandbox run");
+        let mut out = tokio::io::BufReader::new(cli.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
+            .await
+            .expect("the run's first line");
+        let uid: u32 = line.trim().parse().expect("the run's uid");
+        let pid = cli.id().expect("pid");
+        common::nix_kill(pid, name).expect("signal");
+        let done = tokio::time::timeout(Duration::from_secs(10), cli.wait_with_output())
+            .await
+            .expect("sandbox run did not end after the signal")
+            .expect("wait");
+        assert_eq!(
+            done.status.code(),
+            Some(128 + signal),
+            "{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&done.stderr).contains("the run was killed"),
+            "{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        // Gone when the command is: no waiting.
+        assert!(
+            common::no_process_of(uid, Duration::ZERO).await,
+            "SIG{name}: the run (uid {uid}) outlived `sandbox run`"
+        );
+        let stages: Vec<_> = std::fs::read_dir(state.path().join("runs"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(stages.is_empty(), "SIG{name}: stages left: {stages:?}");
+        assert!(
+            common::run_cgroups_of(pid).is_empty(),
+            "SIG{name}: run cgroups left"
+        );
+    }
+}

@@ -278,6 +278,7 @@ async fn run_admitted(
             stdin: None,
             files: Default::default(),
             wait_for_exit: req.wait_for_exit,
+            cancel: None,
         })
         .instrument(span.clone())
         .await;

@@ -474,7 +474,9 @@ impl Engine {
             early_answer: !req.wait_for_exit,
         };
         worker.hold_slot(slot.take());
-        let collected = worker.run(&frame, bounds, watch, req.sink.clone()).await;
+        let collected = worker
+            .run(&frame, bounds, watch, req.sink.clone(), req.cancel.clone())
+            .await;
         let uid = worker.uid();
         let false_ends = self.false_ends.clone();
         let early = !req.wait_for_exit && collected.is_ok();

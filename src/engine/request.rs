@@ -25,6 +25,9 @@ pub struct RunRequest {
     /// Answer only once the run's last process is gone, with the status it really ended
     /// with (`sandbox run`, locally or remotely); otherwise a run's announced end answers.
     pub wait_for_exit: bool,
+    /// Cancelled: the run is killed and reported as such (`sandbox run` on SIGINT or
+    /// SIGTERM, so that nothing of it outlives the command).
+    pub cancel: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// A run's directories on the host (see `SandboxSpec::job_dir` and `out_dir`).

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
 
 use super::RunError;
 use super::capture::{DRAIN, EXIT_GRACE, join_reader, read_capped};
@@ -285,6 +286,7 @@ impl Worker {
         limits: RunBounds,
         watch: Watch,
         sink: Option<Sink>,
+        cancel: Option<CancellationToken>,
     ) -> Result<Collected, RunError> {
         let RunBounds {
             timeout,
@@ -368,6 +370,7 @@ impl Worker {
                 _ => std::future::pending().await,
             }
         };
+        let mut killed = false;
         let mut stopped_for = None;
         let report = tokio::select! {
             r = talk => r,
@@ -375,12 +378,13 @@ impl Worker {
             _ = overflow.notified() => { stopped_for = Some(LimitHit::Output); None }
             _ = memory => { stopped_for = Some(LimitHit::Memory); None }
             _ = disk => { stopped_for = Some(LimitHit::Disk); None }
+            _ = cancelled(cancel.as_ref()) => { killed = true; None }
         };
         // A report comes once the run is gone, or once it announced its end with its
         // output closed; then the owner's own report is awaited after the answer, by
         // `release`.
         let reported = report.is_some();
-        if stopped_for.is_some() {
+        if stopped_for.is_some() || killed {
             self.stop().await;
         } else if !reported {
             let _ = tokio::time::timeout(DRAIN, self.owner.wait()).await;
@@ -638,6 +642,14 @@ impl ReportLines {
                 Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
             }
         }
+    }
+}
+
+/// Until `cancel` is cancelled; never without one.
+async fn cancelled(cancel: Option<&CancellationToken>) {
+    match cancel {
+        Some(c) => c.cancelled().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use nix::sys::signal::Signal;
+use tokio_util::sync::CancellationToken;
 
 use super::collect::collect;
 use super::invocation::Script;
@@ -31,6 +33,21 @@ pub(super) struct LocalRun {
     pub inputs: Vec<Input>,
     pub stdin: Option<Box<dyn Read + Send>>,
     pub max_input_mb: u64,
+}
+
+/// The first of SIGINT, SIGTERM and SIGHUP to come (handlers installed now).
+fn stop_signals() -> std::io::Result<impl std::future::Future<Output = Signal>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => Signal::SIGINT,
+            _ = term.recv() => Signal::SIGTERM,
+            _ = hup.recv() => Signal::SIGHUP,
+        }
+    })
 }
 
 pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCode> {
@@ -112,28 +129,59 @@ pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCod
         .stdin
         .map(|source| StdinFeed::new(source, run.max_input_mb << 20));
     let fed = feed.as_ref().map(StdinFeed::report);
-    let outcome = rt
-        .block_on(engine.execute(RunRequest {
-            language: run.language,
-            code: run.code,
-            preload: String::new(),
-            network: args.network,
-            sink,
-            invocation: how,
-            stdin: feed,
-            files: stage.as_ref().map(Stage::files).unwrap_or_else(RunFiles::default),
-            // The command's status is the run's own, known once its last process is gone;
-            // --out is collected only after that.
-            wait_for_exit: true,
-        }))
-        .map_err(|e| match e {
-            RunError::NetworkDisabled => usage(
-                "--network is refused: enable_network is false in the configuration (ENABLE_NETWORK)"
-                    .into(),
-            ),
-            other => other.into(),
-        })?;
+    // SIGINT, SIGTERM or SIGHUP stop the run: killed, then cleaned up like any other end,
+    // so nothing of it (process, cgroup, stage) outlives the command.
+    let cancel = CancellationToken::new();
+    let stop_signal = rt
+        .block_on(async { stop_signals() })
+        .context("cannot watch for SIGINT and SIGTERM")?;
+    let request = RunRequest {
+        language: run.language,
+        code: run.code,
+        preload: String::new(),
+        network: args.network,
+        sink,
+        invocation: how,
+        stdin: feed,
+        files: stage
+            .as_ref()
+            .map(Stage::files)
+            .unwrap_or_else(RunFiles::default),
+        // The command's status is the run's own, known once its last process is gone;
+        // --out is collected only after that.
+        wait_for_exit: true,
+        cancel: Some(cancel.clone()),
+    };
+    let (outcome, stopped_by) = rt.block_on(async {
+        let run = engine.execute(request);
+        tokio::pin!(run, stop_signal);
+        let mut stopped_by = None;
+        loop {
+            tokio::select! {
+                outcome = &mut run => return (outcome, stopped_by),
+                signal = &mut stop_signal, if stopped_by.is_none() => {
+                    stopped_by = Some(signal);
+                    cancel.cancel();
+                }
+            }
+        }
+    });
+    let outcome = outcome.map_err(|e| match e {
+        RunError::NetworkDisabled => usage(
+            "--network is refused: enable_network is false in the configuration (ENABLE_NETWORK)"
+                .into(),
+        ),
+        other => other.into(),
+    })?;
     let mut result = Outcome::from(outcome);
+    if let Some(signal) = stopped_by {
+        result.notes.push(format!(
+            "stopped by {}: the run was killed",
+            signal.as_str()
+        ));
+        result.exit_code = 128 + signal as i32;
+        result.limit = None;
+    }
     if fed.is_some_and(|r| r.cut()) {
         result.notes.push(stdin_cut_note(run.max_input_mb));
     }
