@@ -3,7 +3,9 @@
 //! as it can for seconds), or holding hundreds of TCP connections to its gateway's
 //! port 53, gets refusals beyond its quota, and another run's lookups keep their
 //! latency (measured against a baseline taken in the same test); so do runs that
-//! filled their quotas and ended, their queries dropped with them. The upstream is a stand-in resolver in this test process on a loopback
+//! filled their quotas and ended, their queries dropped with them. It passes on queries
+//! only, and serves runs only, not a host process bound to a run's gateway address.
+//! The upstream is a stand-in resolver in this test process on a loopback
 //! address of its own: it answers every name at once except those under `void.test`,
 //! which it never answers. No query leaves this machine.
 
@@ -44,10 +46,26 @@ struct Seen {
 #[derive(Clone, Default)]
 struct Log {
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Every message received, whatever it is, with its header's byte 2 (QR, opcode).
+    raw: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
 }
 
 impl Log {
+    fn received(&self, m: &[u8], tcp: bool) {
+        self.raw.lock().unwrap().push(format!(
+            "{} bytes over {}, byte 2 {:?}: {:?}",
+            m.len(),
+            if tcp { "TCP" } else { "UDP" },
+            m.get(2),
+            String::from_utf8_lossy(m)
+        ));
+    }
+
+    fn raw(&self) -> Vec<String> {
+        self.raw.lock().unwrap().clone()
+    }
+
     fn push(&self, name: String, tcp: bool) {
         self.seen.lock().unwrap().push(Seen {
             name,
@@ -127,6 +145,7 @@ async fn stand_in(addr: Ipv4Addr, log: Log) {
     tokio::spawn(async move {
         let mut buf = [0u8; 4096];
         while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+            udp_log.received(&buf[..n], false);
             if let Some((name, reply)) = answer(&buf[..n], udp_log.stop.load(Ordering::SeqCst)) {
                 udp_log.push(name, false);
                 if let Some(reply) = reply {
@@ -144,6 +163,7 @@ async fn stand_in(addr: Ipv4Addr, log: Log) {
                     if conn.read_exact(&mut q).await.is_err() {
                         return;
                     }
+                    log.received(&q, true);
                     let Some((name, reply)) = answer(&q, log.stop.load(Ordering::SeqCst)) else {
                         return;
                     };
@@ -665,4 +685,171 @@ print(cookie, name, refusals(0.3))
     );
     let admitted = log.matching(|q| q.name.ends_with(".kept.void.test"));
     assert_eq!(admitted.len(), RUN_QUERIES);
+}
+
+/// What a run sends its gateway's port 53 that is no query: an UPDATE (opcode 5) of zone
+/// `update.ok.test`, a NOTIFY (opcode 4), a message flagged as an answer (QR 1), and
+/// an HTTP request line; `tcp_closed(m)` sends one over a TCP connection of its own and
+/// says whether the relay closed it unanswered.
+const NOT_QUERIES: &str = r#"
+def with_flags(flags, name):
+    m = bytearray(query(7, name))
+    m[2:4] = struct.pack(">H", flags)
+    return bytes(m)
+not_queries = [
+    with_flags(0x2800, "update.ok.test"),
+    with_flags(0x2400, "notify.ok.test"),
+    with_flags(0x8180, "answer.ok.test"),
+    b"GET / HTTP/1.0\r\n\r\n",
+]
+def tcp_closed(m):
+    with socket.create_connection((gw, 53), timeout=5) as c:
+        c.sendall(struct.pack(">H", len(m)) + m)
+        try:
+            return c.recv(512) == b""
+        except ConnectionResetError:
+            return True
+"#;
+
+/// The relay passes on queries only: what a run sends to its gateway's port 53 that is
+/// no query (an UPDATE a resolver trusting its host would apply, an answer, bytes that
+/// are no DNS) reaches the upstream from nowhere, over UDP or TCP; the queries sent
+/// around them do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dns_relay_passes_on_queries_only() {
+    let _turn = SERIAL.lock().await;
+    let (s, log) = lab(7).await;
+    let code = format!(
+        "{PRELUDE}
+{NOT_QUERIES}
+before = signal('before.ok.test')
+for m in not_queries:
+    udp.send(m)
+# Sent after them over the same socket: answered, so they were read and dropped.
+after = signal('after.ok.test')
+closed = [tcp_closed(m) for m in not_queries]
+print(before, after, closed)
+"
+    );
+    let out = networked(&s, &code).await;
+    assert_eq!(
+        out,
+        format!("{KNOWN} {KNOWN} [True, True, True, True]\n"),
+        "queries answered, each TCP connection with no query closed"
+    );
+    // The stand-in saw the two queries and nothing else, by UDP or TCP.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let raw = log.raw();
+    assert_eq!(raw.len(), 2, "passed to the upstream: {raw:?}");
+    let names: Vec<String> = log.matching(|_| true).into_iter().map(|q| q.name).collect();
+    assert_eq!(names, ["before.ok.test", "after.ok.test"], "{raw:?}");
+}
+
+/// The server's relay port and the host ends (gateways) of its runs' veth pairs, read
+/// from its nftables table and the host's addresses.
+fn relay_and_gateways(server: u32) -> (u16, Vec<Ipv4Addr>) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = run(&["nft", "list", "tables"])
+        .lines()
+        .filter_map(|l| l.strip_prefix("table inet "))
+        .find(|t| t.starts_with("sandbox_net_") && t.ends_with(&format!("_{server}")))
+        .expect("the server's table")
+        .to_string();
+    let rules = run(&["nft", "list", "table", "inet", &table]);
+    let port: u16 = rules
+        .split("dnat ip to 127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .expect("the relay's port in the table");
+    let prefix = rules
+        .split("iifname \"")
+        .nth(1)
+        .and_then(|r| r.split('*').next())
+        .expect("the runs' interface prefix")
+        .to_string();
+    let gateways = run(&["ip", "-4", "-o", "addr", "show"])
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|i| i.starts_with(&prefix))
+        })
+        .filter_map(|l| l.split_whitespace().nth(3)?.split('/').next()?.parse().ok())
+        .collect();
+    (port, gateways)
+}
+
+/// A host process that binds a run's gateway address (the host end of its veth, in the
+/// run's /30: any user may bind it) and asks the relay on 127.0.0.1 is no run: it gets
+/// nothing, not even a refusal, nothing is passed on, and it spends no run's quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_process_is_not_served_as_a_run_by_the_dns_relay() {
+    let _turn = SERIAL.lock().await;
+    // Warm networked workers: their runs are admitted with their namespaces, before
+    // any request.
+    let (s, log) = lab_with(8, &[("MAX_WORKERS", "2")]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (port, gateways) = loop {
+        let (port, gateways) = relay_and_gateways(s.pid());
+        if !gateways.is_empty() || Instant::now() > deadline {
+            break (port, gateways);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!gateways.is_empty(), "no run's veth pair on the host");
+    let mut sockets = Vec::new();
+    for gateway in &gateways {
+        let socket = UdpSocket::bind((*gateway, 0)).await.unwrap();
+        socket.connect((Ipv4Addr::LOCALHOST, port)).await.unwrap();
+        // One over a run's quota, of names never answered: they would hold it all.
+        for i in 0..=RUN_QUERIES {
+            let q = dns_query(i as u16, &format!("host{i}.void.test"));
+            socket.send(&q).await.unwrap();
+        }
+        let q = dns_query(99, "host.ok.test");
+        socket.send(&q).await.unwrap();
+        sockets.push(socket);
+    }
+    for (socket, gateway) in sockets.iter().zip(&gateways) {
+        let mut buf = [0u8; 512];
+        let answered = tokio::time::timeout(Duration::from_millis(500), socket.recv(&mut buf));
+        assert!(
+            answered.await.is_err(),
+            "a host process bound to the gateway address {gateway} was answered by the relay on 127.0.0.1:{port}"
+        );
+    }
+    let passed = log.matching(|q| q.name.starts_with("host"));
+    assert!(passed.is_empty(), "passed to the upstream: {passed:?}");
+
+    // A run meanwhile has its whole quota: one query over it refused, no more.
+    let code = format!(
+        "{PRELUDE}
+name = socket.gethostbyname('run.ok.test')
+for i in range({n}):
+    udp.send(query(i, 'n%d.run.void.test' % i))
+print(name, refusals(0.3))
+",
+        n = RUN_QUERIES + 1
+    );
+    let out = networked(&s, &code).await;
+    assert_eq!(out, format!("{KNOWN} 1\n"));
+}
+
+/// A DNS query for `name`, type A, RD set.
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
 }

@@ -3,12 +3,18 @@
 //! host's resolvers and the answer back. Runs thereby resolve names even where the
 //! host's resolver is a loopback stub they cannot reach (systemd-resolved's 127.0.0.53,
 //! Docker's 127.0.0.11), without ever being let into the host's loopback themselves.
-//! It reads nothing of the messages but a query's header and question, to refuse it.
+//! It reads nothing of the messages but their header, to pass on queries only (QR 0,
+//! opcode QUERY: an UPDATE, a NOTIFY, an answer or bytes that are no DNS would reach
+//! the resolver from the host's own address, which it may trust), and a query's
+//! question, to refuse it.
 //!
 //! The relay is shared by all runs, so each run has a quota of it: queries in flight
 //! over UDP and connections over TCP. The translation keeps a query's source, so the
-//! relay sees the run's own address (its /30 is its identity: nothing else routes
-//! there, and the ruleset drops any other source). A query over its run's quota is
+//! relay sees the run's own address, which is its identity: the ruleset drops what
+//! comes from a run's veth with another run's source or one outside the runs' block.
+//! Only that exact address is the run:
+//! the host end of its veth (its gateway, in the same /30) is the host's, and a host
+//! process that binds it gets nothing. A query over its run's quota is
 //! answered REFUSED at once (the client gives up in a round trip; a dropped query would
 //! make it wait its 5 s timeout), a connection over quota is closed at once.
 //!
@@ -141,13 +147,14 @@ async fn bind_pair() -> std::io::Result<(UdpSocket, TcpListener)> {
     Err(last.unwrap_or_else(|| std::io::Error::other("no free port")))
 }
 
-/// The run a peer address belongs to: its /30 for IPv4 (a run's block holds its
-/// address and its gateway), the address itself otherwise.
-fn run_of(peer: IpAddr) -> IpAddr {
-    match peer {
-        IpAddr::V4(v4) => IpAddr::V4(Ipv4Addr::from(u32::from(v4) & !3)),
-        v6 => v6,
-    }
+/// The length of a DNS message's header.
+const HEADER: usize = 12;
+
+/// Whether `message` is a query the relay passes on: a whole header, QR 0 (no answer)
+/// and opcode QUERY (no UPDATE, NOTIFY, ...). The rest goes as it is.
+fn is_query(message: &[u8]) -> bool {
+    // Byte 2: QR (1 bit), opcode (4 bits), AA, TC, RD.
+    message.len() >= HEADER && message[2] & 0xf8 == 0
 }
 
 /// One of the relay's resources a run holds a share of.
@@ -196,7 +203,7 @@ struct Book {
 
 #[derive(Default)]
 struct Ledger {
-    /// Live runs, by their /30.
+    /// Live runs, by their own address (not their gateway's).
     runs: HashMap<IpAddr, Run>,
     held: [usize; 2],
     /// Tells a run from an earlier one at the same address.
@@ -254,7 +261,7 @@ impl Runs {
     /// Serve the run at `address` until the admission is dropped, holding nothing yet:
     /// an earlier run at this address has nothing left with the relay.
     pub fn admit(&self, address: Ipv4Addr) -> Admission {
-        let run = run_of(IpAddr::V4(address));
+        let run = IpAddr::V4(address);
         let mut l = self.0.lock();
         l.admitted += 1;
         let epoch = l.admitted;
@@ -280,7 +287,7 @@ impl Runs {
     /// share already, or the relay is full; a refusal is counted and logged at most
     /// once a second.
     fn take(&self, resource: Resource, peer: IpAddr) -> Result<Held, Refused> {
-        let run = run_of(peer);
+        let run = peer;
         let i = resource.index();
         let mut l = self.0.lock();
         let full = l.held[i] >= self.0.total[i];
@@ -363,10 +370,9 @@ impl Drop for Held {
 
 /// The REFUSED answer to `query`: its header (id, opcode, RD) as an answer with RCODE 5,
 /// and its question section, which resolvers check against what they asked. `None`
-/// for what is no query (too short, an answer, a question that does not parse): dropped.
+/// for what is no query (see `is_query`) or whose question does not parse: dropped.
 fn refusal(query: &[u8]) -> Option<Vec<u8>> {
-    const HEADER: usize = 12;
-    if query.len() < HEADER || query[2] & 0x80 != 0 {
+    if !is_query(query) {
         return None;
     }
     let questions = u16::from_be_bytes([query[4], query[5]]);
@@ -416,6 +422,10 @@ async fn serve_udp(
                 Err(_) => continue,
             },
         };
+        // What is no query is dropped unanswered, before it counts against anything.
+        if !is_query(&buf[..n]) {
+            continue;
+        }
         let held = match runs.take(Resource::Queries, client.ip()) {
             Ok(held) => held,
             Err(Refused::OverQuota) => {
@@ -550,8 +560,8 @@ async fn serve_tcp(
 }
 
 /// Queries over TCP (each a two-byte length, then the message), one after the other,
-/// and their answers, until the client closes, idles for `TCP_IDLE`, or a query gets
-/// no answer.
+/// and their answers, until the client closes, idles for `TCP_IDLE`, sends what is no
+/// query (closed unanswered: nothing of it is passed on), or a query gets no answer.
 async fn relay_tcp(mut client: TcpStream, upstreams: &[SocketAddr]) -> std::io::Result<()> {
     let idle = || std::io::Error::new(std::io::ErrorKind::TimedOut, "idle");
     loop {
@@ -568,6 +578,12 @@ async fn relay_tcp(mut client: TcpStream, upstreams: &[SocketAddr]) -> std::io::
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         };
+        if !is_query(&query) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not a DNS query",
+            ));
+        }
         let Some(answer) = first_answer(upstreams, |up| ask_tcp(up, &query)).await else {
             return Ok(());
         };
@@ -635,7 +651,7 @@ mod tests {
     fn counted(runs: &Runs, resource: Resource, run: &str) -> (Option<usize>, usize) {
         let l = runs.0.lock();
         let i = resource.index();
-        (l.runs.get(&run_of(ip(run))).map(|r| r.held[i]), l.held[i])
+        (l.runs.get(&ip(run)).map(|r| r.held[i]), l.held[i])
     }
 
     #[test]
@@ -654,10 +670,10 @@ mod tests {
             runs.take(Resource::Queries, ip("10.213.0.2")).err(),
             Some(Refused::OverQuota)
         );
-        // Its whole /30 is the run: its gateway's address changes nothing.
+        // Its gateway's address, the host's end of its /30, is no run.
         assert_eq!(
             runs.take(Resource::Queries, ip("10.213.0.1")).err(),
-            Some(Refused::OverQuota)
+            Some(Refused::NoRun)
         );
         // Its connections are a quota of their own.
         let conn = runs.take(Resource::Connections, ip("10.213.0.2"));
@@ -934,19 +950,17 @@ mod tests {
                 s.write_all(&q).await.unwrap();
             }
         });
-        let (mut client, server) = {
-            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-            (c, l.accept().await.unwrap().0)
-        };
+        let (mut client, server) = tcp_pair().await;
         let relay = tokio::spawn(async move { relay_tcp(server, &[tcp_addr]).await });
-        for (q, a) in [(b"abc", b"cba"), (b"xyz", b"zyx")] {
-            client.write_u16(3).await.unwrap();
-            client.write_all(q).await.unwrap();
-            assert_eq!(client.read_u16().await.unwrap(), 3);
-            let mut back = [0u8; 3];
+        for q in [query(1, "a.void.test"), query(2, "b.void.test")] {
+            client.write_u16(q.len() as u16).await.unwrap();
+            client.write_all(&q).await.unwrap();
+            assert_eq!(usize::from(client.read_u16().await.unwrap()), q.len());
+            let mut back = vec![0u8; q.len()];
             client.read_exact(&mut back).await.unwrap();
-            assert_eq!(&back, a);
+            let mut reversed = q.clone();
+            reversed.reverse();
+            assert_eq!(back, reversed);
         }
         drop(client);
         relay.await.unwrap().unwrap();
@@ -1000,13 +1014,105 @@ mod tests {
         }
     }
 
+    /// A connected client and the relay's side of it.
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (c, l.accept().await.unwrap().0)
+    }
+
+    /// What is no query, each with why: an UPDATE, a NOTIFY, an answer, a header cut
+    /// short, and bytes that are no DNS at all.
+    fn not_queries() -> Vec<(&'static str, Vec<u8>)> {
+        let with_byte2 = |b: u8| {
+            let mut m = query(9, "zone.void.test");
+            m[2] = b;
+            m
+        };
+        vec![
+            ("an UPDATE (opcode 5)", with_byte2(5 << 3)),
+            ("a NOTIFY (opcode 4)", with_byte2((4 << 3) | 0x04)),
+            ("an IQUERY (opcode 1)", with_byte2(1 << 3)),
+            ("an answer (QR 1)", with_byte2(0x81)),
+            (
+                "a header cut short",
+                query(9, "zone.void.test")[..11].to_vec(),
+            ),
+            ("an HTTP request line", b"GET / HTTP/1.0\r\n\r\n".to_vec()),
+        ]
+    }
+
+    #[test]
+    fn only_queries_are_queries() {
+        assert!(is_query(&query(1, "a.void.test")));
+        // RD, TC, AA and the header alone are still a query.
+        let mut q = query(1, "a.void.test");
+        q[2] = 0x07;
+        assert!(is_query(&q));
+        assert!(is_query(&q[..HEADER]));
+        for (what, m) in not_queries() {
+            assert!(!is_query(&m), "{what}");
+            assert_eq!(refusal(&m), None, "{what} is not answered either");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_udp_relay_passes_on_queries_only() {
+        let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let relay = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let relay_addr = relay.local_addr().unwrap();
+        let runs = Runs::new(1);
+        let stop = CancellationToken::new();
+        let _stop = stop.clone().drop_guard();
+        let upstreams = Arc::new(vec![upstream.local_addr().unwrap()]);
+        tokio::spawn(serve_udp(relay, upstreams, runs.clone(), stop));
+        let _run = runs.admit(v4("127.0.0.1"));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(relay_addr).await.unwrap();
+
+        for (_, m) in not_queries() {
+            client.send(&m).await.unwrap();
+        }
+        // A query sent after them reaches the upstream first: they were dropped.
+        let q = query(3, "after.void.test");
+        client.send(&q).await.unwrap();
+        let mut buf = [0u8; 512];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(2), upstream.recv_from(&mut buf))
+            .await
+            .expect("the query passed on")
+            .unwrap();
+        assert_eq!(&buf[..n], &q[..], "the first the upstream saw is the query");
+        let more = tokio::time::timeout(Duration::from_millis(100), upstream.recv_from(&mut buf));
+        assert!(more.await.is_err(), "nothing else passed on");
+        let answered = tokio::time::timeout(Duration::from_millis(100), client.recv(&mut buf));
+        assert!(answered.await.is_err(), "what is no query is not answered");
+        assert_eq!(runs.0.lock().held[Resource::Queries.index()], 1);
+    }
+
+    #[tokio::test]
+    async fn the_tcp_relay_closes_a_connection_that_sends_no_query() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = [upstream.local_addr().unwrap()];
+        for (what, m) in not_queries() {
+            let (mut client, server) = tcp_pair().await;
+            client.write_u16(m.len() as u16).await.unwrap();
+            client.write_all(&m).await.unwrap();
+            let e = tokio::time::timeout(Duration::from_secs(1), relay_tcp(server, &up))
+                .await
+                .expect("closed at once")
+                .expect_err(what);
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{what}");
+            let mut byte = [0u8; 1];
+            assert_eq!(client.read(&mut byte).await.unwrap(), 0, "{what}: closed");
+        }
+        // Nothing reached the upstream, not even a connection.
+        let accepted = tokio::time::timeout(Duration::from_millis(100), upstream.accept());
+        assert!(accepted.await.is_err(), "nothing passed on");
+    }
+
     #[tokio::test]
     async fn an_idle_tcp_connection_is_closed() {
-        let (mut client, server) = {
-            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-            (c, l.accept().await.unwrap().0)
-        };
+        let (mut client, server) = tcp_pair().await;
         tokio::time::pause();
         let start = tokio::time::Instant::now();
         let upstream: SocketAddr = "127.0.0.1:9".parse().unwrap();
