@@ -4,6 +4,11 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
 use common::Server;
 use serde_json::json;
 
@@ -227,4 +232,116 @@ except OSError as e:
             body["data"]
         );
     }
+}
+
+/// The directory of the Python standard library the server's runs use (part of the
+/// chroot level's root).
+fn stdlib_dir() -> PathBuf {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_paths()['stdlib'])",
+        ])
+        .output()
+        .expect("python3");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// Removes a directory planted in the host's interpreter tree.
+struct Planted(PathBuf);
+
+impl Drop for Planted {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// With the state directory on the interpreter's filesystem, the root's files are hard
+/// links to the host's (same inode). A world-writable file of the interpreter's tree
+/// (harmless on the host behind /root, 0700) must reach the root as a copy the run cannot
+/// write, never as a link through which it would change the host's file.
+#[tokio::test]
+async fn a_chroot_run_cannot_write_a_host_file_through_its_root() {
+    let probe_dir = stdlib_dir().join(format!("sandbox_chroot_probe_{}", std::process::id()));
+    std::fs::create_dir_all(&probe_dir).unwrap();
+    let _planted = Planted(probe_dir.clone());
+    let probe = probe_dir.join("probe.txt");
+    std::fs::write(&probe, "original\n").unwrap();
+    std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o666)).unwrap();
+
+    let (s, _state) = chroot_server(&[("WARM_WORKERS", "0")]).await;
+    let code = format!(
+        "p = {:?}\nprint(open(p).read().strip())\ntry:\n    open(p, 'a').write('written by a run\\n')\n    print('wrote')\nexcept OSError as e:\n    print('refused', e.errno)",
+        probe.display().to_string()
+    );
+    let data = s.python(&code).await;
+    let host = std::fs::read_to_string(&probe).unwrap();
+    assert_eq!(
+        host,
+        "original\n",
+        "a run changed the host's {} through its chroot root: {data}",
+        probe.display()
+    );
+    // The file is in the root, readable, and refused for writing (EACCES).
+    assert_eq!(data["stdout"], "original\nrefused 13\n", "{data}");
+}
+
+/// The /dev nodes are made with mknod, whose mode the server's umask (022) would cut to
+/// 0644: runs (never root) must still write to /dev/null, as at every other level.
+#[tokio::test]
+async fn a_chroot_run_can_write_to_dev_null() {
+    let (s, _state) = chroot_server(&[("WARM_WORKERS", "0")]).await;
+    let data = s
+        .python("import os\nwith open(os.devnull, 'w') as f:\n    f.write('x')\nprint('ok')")
+        .await;
+    assert_eq!(data["stdout"], "ok\n", "{data}");
+    let data = s
+        .run(
+            "nodejs",
+            "require('fs').writeFileSync('/dev/null', 'x'); console.log('ok')",
+        )
+        .await;
+    assert_eq!(data["stdout"], "ok\n", "{data}");
+}
+
+/// The root is copied (linked) in the background at start; files that vanish while it is
+/// walked (a `.pyc` written as a temporary file then renamed, an upgrade, a cache
+/// cleaned) are skipped, and the language stays available.
+#[tokio::test]
+async fn a_file_vanishing_while_the_chroot_root_is_copied_does_not_disable_the_language() {
+    let churn_dir = stdlib_dir().join(format!("sandbox_chroot_churn_{}", std::process::id()));
+    std::fs::create_dir_all(&churn_dir).unwrap();
+    let _planted = Planted(churn_dir.clone());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (dir, stop) = (churn_dir.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut round = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // What Python does for bytecode: temporary files, gone (renamed) soon after.
+                let names: Vec<PathBuf> = (0..32)
+                    .map(|i| dir.join(format!("mod{i}.cpython.pyc.{round}")))
+                    .collect();
+                for n in &names {
+                    let _ = std::fs::write(n, b"x");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                for n in &names {
+                    let _ = std::fs::remove_file(n);
+                }
+                round += 1;
+            }
+        })
+    };
+    let (s, _state) = chroot_server(&[("WARM_WORKERS", "0")]).await;
+    // The first run waits for the root: the churn goes on until the root is ready (or
+    // failed), so the copy walks the churning directory whenever it gets there.
+    let body =
+        json!({"language": "python3", "code": "print(1)", "preload": "", "enable_network": false});
+    let first = s.run_json(body.clone()).await.1;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    churn.join().unwrap();
+    let later = s.run_json(body).await.1;
+    assert_eq!(first["data"]["stdout"], "1\n", "{first}");
+    assert_eq!(later["data"]["stdout"], "1\n", "{later}");
 }

@@ -17,10 +17,11 @@ use nix::sys::statfs::{OVERLAYFS_SUPER_MAGIC, statfs};
 
 use super::rootfs::{DEVICES, inside, make_dirs, recreate_symlinks};
 use super::spec::RootPlan;
+use super::uids::SANDBOX_UIDS;
 
 const MARKER: &str = ".sandbox-root";
 /// Changes when the layout below does, so older roots are rebuilt.
-const LAYOUT: &str = "3";
+const LAYOUT: &str = "4";
 
 /// One root's state: None while it is being prepared.
 type Readiness = tokio::sync::watch::Receiver<Option<Result<(), Arc<str>>>>;
@@ -217,23 +218,26 @@ fn lay_out(dir: &Path, plan: &RootPlan, filler: &mut Filler) -> io::Result<()> {
     // Runs may enter /tmp but neither list nor create anything in it: each writes only
     // in its own directory there (made by the helper, 0700), which goes when the run
     // ends. Nothing else in the root is writable by them (copies keep no group or other
-    // write bits).
+    // write bits; links are made only of files without them, see `linkable`).
     let tmp = dir.join("tmp");
     fs::create_dir_all(&tmp)?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o711))?;
     fs::create_dir_all(dir.join("dev"))?;
     for &(path, major, minor) in DEVICES {
         let node = inside(dir, Path::new(path));
-        if mknod(
+        let made = mknod(
             &node,
             SFlag::S_IFCHR,
             Mode::from_bits_truncate(0o666),
             makedev(major, minor),
-        )
-        .is_err()
-        {
+        );
+        if made.is_err() {
             tracing::warn!(node = %node.display(), "cannot create a device node (no CAP_MKNOD); runtimes that need it may fail");
+            continue;
         }
+        // mknod's mode is cut by the server's umask (0644 under 022); runs (never root)
+        // must be able to write to /dev/null.
+        fs::set_permissions(&node, fs::Permissions::from_mode(0o666))?;
     }
     fs::create_dir_all(dir.join("etc"))?;
     fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/:/nonexistent\n")
@@ -313,7 +317,17 @@ impl Filler {
 
     /// `walk` once `dst`'s parent exists. `top`: `dst` may exist already (two binds
     /// can share a directory); below it, everything is new.
+    ///
+    /// Below the top, a source gone meanwhile (a `.pyc` temporary file renamed, an
+    /// upgrade, a cache cleaned) is skipped: it would not be there a moment later either.
     fn walk_below(&mut self, src: &Path, dst: &Path, top: bool) -> io::Result<()> {
+        match self.walk_entry(src, dst, top) {
+            Err(e) if !top && e.kind() == io::ErrorKind::NotFound && gone(src) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn walk_entry(&mut self, src: &Path, dst: &Path, top: bool) -> io::Result<()> {
         let meta = fs::symlink_metadata(src)?;
         let ft = meta.file_type();
         if ft.is_symlink() {
@@ -329,7 +343,11 @@ impl Filler {
                 Err(e) if !(top && e.kind() == io::ErrorKind::AlreadyExists) => return Err(e),
                 _ => {}
             }
-            for entry in fs::read_dir(src)? {
+            let entries = match fs::read_dir(src) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && gone(src) => return Ok(()),
+                entries => entries?,
+            };
+            for entry in entries {
                 let entry = entry?;
                 self.walk_below(&entry.path(), &dst.join(entry.file_name()), false)?;
             }
@@ -338,8 +356,9 @@ impl Filler {
                 src: src.to_path_buf(),
                 dst: dst.to_path_buf(),
                 // No link crosses filesystems (a volume on the state directory): a copy,
-                // once per source file.
-                fill: if self.forced.is_none() && meta.dev() != self.dst_dev {
+                // once per source file. Nor is a file linked that a run could change
+                // through the link (see `linkable`).
+                fill: if (self.forced.is_none() && meta.dev() != self.dst_dev) || !linkable(&meta) {
                     Fill::Copy
                 } else {
                     self.fill
@@ -394,7 +413,7 @@ impl Filler {
         for (job, copy) in again {
             // Both copies live in the state directory, where a link is cheap.
             if fs::hard_link(copy, &job.dst).is_err() {
-                copy_file(job).map_err(|e| (job.dst.clone(), e))?;
+                place_copy(job).map_err(|e| (job.dst.clone(), e))?;
             }
         }
         for (id, dst) in first {
@@ -408,7 +427,31 @@ fn place(job: &Job) -> io::Result<()> {
     if job.fill == Fill::Link && fs::hard_link(&job.src, &job.dst).is_ok() {
         return Ok(());
     }
-    copy_file(job)
+    place_copy(job)
+}
+
+/// `copy_file`, where a source gone since the walk is skipped (see `walk_below`).
+fn place_copy(job: &Job) -> io::Result<()> {
+    match copy_file(job) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && gone(&job.src) => Ok(()),
+        other => other,
+    }
+}
+
+/// Whether `path` is gone: an error about it was its absence, not the destination's.
+fn gone(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
+}
+
+/// Whether a host file may be hard-linked into a root. A link is the host's own inode:
+/// a file with group or other write (harmless on the host behind a directory only root
+/// enters, like /root/.pyenv) would be writable by every run, changing the host's file;
+/// one owned by a run's uid or gid could be chmod'ed by that run; setuid and setgid
+/// would keep their bits. Such files are copied instead (copies drop those bits).
+fn linkable(meta: &fs::Metadata) -> bool {
+    meta.mode() & 0o6022 == 0
+        && !SANDBOX_UIDS.contains(&meta.uid())
+        && !SANDBOX_UIDS.contains(&meta.gid())
 }
 
 /// A copy with the source's times (Python trusts its cached bytecode only while the
@@ -452,10 +495,14 @@ mod tests {
         }
     }
 
-    /// A source tree: a world-writable setuid script with an old mtime, a link to it.
+    /// A source tree: a world-writable setuid script with an old mtime, a link to it, a
+    /// plain file.
     fn source(dir: &Path) -> (PathBuf, SystemTime) {
         let src = dir.join("lib");
         fs::create_dir_all(src.join("sub")).unwrap();
+        let plain = src.join("sub/plain.py");
+        fs::write(&plain, "y = 1\n").unwrap();
+        fs::set_permissions(&plain, fs::Permissions::from_mode(0o644)).unwrap();
         let file = src.join("sub/mod.py");
         fs::write(&file, "x = 1\n").unwrap();
         fs::set_permissions(&file, fs::Permissions::from_mode(0o4777)).unwrap();
@@ -519,11 +566,112 @@ mod tests {
         prepare_one(&root, &plan(&[&src]), &mut filler).unwrap();
         assert_eq!(filler.fill, Fill::Link);
         assert_eq!(
-            fs::metadata(inside(&root, &src.join("sub/mod.py")))
+            fs::metadata(inside(&root, &src.join("sub/plain.py")))
                 .unwrap()
                 .ino(),
-            fs::metadata(src.join("sub/mod.py")).unwrap().ino()
+            fs::metadata(src.join("sub/plain.py")).unwrap().ino()
         );
+    }
+
+    /// A link is the host's inode: a file writable by group or others, setuid or setgid,
+    /// or owned by a run's uid or gid, is copied without those bits, never linked.
+    #[test]
+    fn files_a_run_could_change_through_a_link_are_copied() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, _) = source(tmp.path());
+        let dir = src.join("sub");
+        let mut cases = vec![("mod.py", 0o4777), ("plain.py", 0o644)];
+        for (name, mode) in [("gw.py", 0o664), ("sgid.py", 0o2755), ("ow.py", 0o646)] {
+            fs::write(dir.join(name), name).unwrap();
+            fs::set_permissions(dir.join(name), fs::Permissions::from_mode(mode)).unwrap();
+            cases.push((name, mode));
+        }
+        let owned = nix::unistd::geteuid().is_root();
+        if owned {
+            for (name, uid, gid) in [
+                ("by_uid.py", SANDBOX_UIDS.start, 0),
+                ("by_gid.py", 0, SANDBOX_UIDS.start),
+            ] {
+                fs::write(dir.join(name), name).unwrap();
+                fs::set_permissions(dir.join(name), fs::Permissions::from_mode(0o644)).unwrap();
+                std::os::unix::fs::chown(dir.join(name), Some(uid), Some(gid)).unwrap();
+                cases.push((name, 0o644));
+            }
+        }
+        let root = tmp.path().join("root");
+        prepare_one(&root, &plan(&[&src]), &mut forced(Fill::Link)).unwrap();
+        for (name, mode) in cases {
+            let host = fs::metadata(dir.join(name)).unwrap();
+            let placed = fs::metadata(inside(&root, &dir.join(name))).unwrap();
+            let linked = placed.ino() == host.ino();
+            let safe = mode & 0o6022 == 0 && !name.starts_with("by_");
+            assert_eq!(linked, safe, "{name} (mode {mode:o}) linked: {linked}");
+            if !linked {
+                assert_eq!(placed.mode() & 0o7777, mode & 0o755, "{name}");
+                assert_eq!(
+                    host.mode() & 0o7777,
+                    mode,
+                    "{name}: the host's mode changed"
+                );
+                assert_ne!(placed.uid(), SANDBOX_UIDS.start, "{name}");
+            }
+        }
+    }
+
+    /// A file gone between the walk and its copy (a `.pyc` temporary file renamed) is
+    /// skipped; a failure that is not the source's absence still fails the root.
+    #[test]
+    fn a_source_file_gone_during_the_fill_is_skipped_other_errors_fail() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, _) = source(tmp.path());
+        for fill in [Fill::Link, Fill::Copy] {
+            let dst = tmp.path().join(format!("{fill:?}"));
+            let mut filler = forced(fill);
+            filler.walk(&src, &dst).unwrap();
+            fs::copy(src.join("sub/plain.py"), tmp.path().join("keep")).unwrap();
+            fs::remove_file(src.join("sub/plain.py")).unwrap();
+            filler.fill().unwrap();
+            assert!(!dst.join("sub/plain.py").exists());
+            assert_eq!(
+                fs::read_to_string(dst.join("sub/mod.py")).unwrap(),
+                "x = 1\n"
+            );
+            fs::rename(tmp.path().join("keep"), src.join("sub/plain.py")).unwrap();
+        }
+        // The destination's directory gone: not the source's absence, an error.
+        let dst = tmp.path().join("broken");
+        let mut filler = forced(Fill::Copy);
+        filler.walk(&src, &dst).unwrap();
+        fs::remove_dir_all(dst.join("sub")).unwrap();
+        let (path, err) = filler.fill().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(path.starts_with(dst.join("sub")), "{}", path.display());
+        // A missing bind (the top) still fails.
+        assert!(
+            forced(Fill::Copy)
+                .walk(&tmp.path().join("absent"), &tmp.path().join("x"))
+                .is_err()
+        );
+    }
+
+    /// mknod's mode goes through the umask; the nodes must be 0666 whatever it is.
+    #[test]
+    fn device_nodes_are_writable_by_runs() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: mknod needs CAP_MKNOD");
+            return;
+        }
+        use std::os::unix::fs::FileTypeExt;
+        // The usual umask (process-wide: the same for the other tests), set to be sure.
+        nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        prepare_one(&root, &plan(&[]), &mut Filler::default()).unwrap();
+        for &(path, _, _) in DEVICES {
+            let meta = fs::metadata(inside(&root, Path::new(path))).unwrap();
+            assert!(meta.file_type().is_char_device(), "{path}");
+            assert_eq!(meta.mode() & 0o7777, 0o666, "{path}");
+        }
     }
 
     #[test]
