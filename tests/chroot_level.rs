@@ -345,3 +345,49 @@ async fn a_file_vanishing_while_the_chroot_root_is_copied_does_not_disable_the_l
     assert_eq!(first["data"]["stdout"], "1\n", "{first}");
     assert_eq!(later["data"]["stdout"], "1\n", "{later}");
 }
+
+fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(t) = e.file_type() else { continue };
+        if t.is_dir() {
+            found.extend(files_under(&e.path()));
+        } else if t.is_file() {
+            found.push(e.path());
+        }
+    }
+    found
+}
+
+/// A request dropped mid-run (the client hangs up) leaves nothing of the run on the
+/// host's disk: its private directory goes with its cgroup.
+#[tokio::test]
+async fn a_run_dropped_by_its_client_leaves_no_files() {
+    use tokio::io::AsyncWriteExt;
+    let (s, state) = chroot_server(&[("WARM_WORKERS", "0")]).await;
+    // Warm the root so the run starts at once.
+    assert_eq!(s.python("print(1)").await["stdout"], "1\n");
+    let code = "import os, time\nd = '/tmp/run-%d' % os.getuid()\n\
+                open(d + '/left-behind', 'wb').write(b'x' * (8 << 20))\ntime.sleep(4)";
+    let body = json!({"language": "python3", "code": code, "enable_network": false}).to_string();
+    for _ in 0..2 {
+        let mut c = tokio::net::TcpStream::connect(s.addr())
+            .await
+            .expect("connect");
+        let head = common::raw::run_head("application/json", body.len());
+        c.write_all(head.as_bytes()).await.expect("head");
+        c.write_all(body.as_bytes()).await.expect("body");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        drop(c);
+    }
+    // Longer than the runs would have lived.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let left: Vec<PathBuf> = files_under(&state.path().join("root-python3/tmp"))
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == "left-behind"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "runs whose clients hung up left their files on the host: {left:?}"
+    );
+}

@@ -109,6 +109,8 @@ pub struct Worker {
     reports: ReportLines,
     /// The run announced an end but kept its output open, and was killed for it.
     lied: bool,
+    /// `until_gone` saw the owner and every process of the run gone.
+    owner_gone: bool,
     /// The run's private directory on the host, under the chroot level (which has no
     /// private tmpfs to vanish with the run).
     chroot_tmp: Option<PathBuf>,
@@ -202,6 +204,7 @@ impl Worker {
                 announced: None,
                 reports: ReportLines::default(),
                 lied: false,
+                owner_gone: false,
                 chroot_tmp,
                 out_dir: spec.out_dir.clone(),
                 stdin: Some(stdin),
@@ -244,6 +247,7 @@ impl Worker {
             announced: None,
             reports: ReportLines::default(),
             lied: false,
+            owner_gone: false,
             chroot_tmp: None,
             out_dir: None,
             stdin: Some(pipes.stdin),
@@ -524,6 +528,7 @@ impl Worker {
             );
             aftermath = Aftermath::KilledAfterAnswer;
         }
+        self.owner_gone = self.is_empty();
         aftermath
     }
 
@@ -673,25 +678,47 @@ async fn read_report(report: &mut (impl AsyncRead + Unpin)) -> Option<HelperRepo
 /// plain thread, since Drop cannot wait.
 impl Drop for Worker {
     fn drop(&mut self) {
-        // A keeper is not our child: nothing kills it on drop but this.
-        if matches!(self.owner, Owner::Keeper { .. })
-            || self.cgroup.is_some()
-            || self.network.is_some()
+        // A keeper is not our child: nothing kills it on drop but this. One seen gone is
+        // not signalled: its pid may be another process's by now.
+        if !self.owner_gone
+            && (matches!(self.owner, Owner::Keeper { .. })
+                || self.cgroup.is_some()
+                || self.network.is_some()
+                || self.chroot_tmp.is_some())
         {
             self.owner.start_kill();
         }
-        // The slot is given back once the cgroup is empty and gone.
-        let slot = self.slot.take();
-        if let Some(cg) = self.cgroup.take() {
-            std::thread::spawn(move || {
+        // What the run held is given back once its cgroup is empty and gone: its private
+        // directory, network and uid, its slot last.
+        let (slot, cgroup, tmp) = (self.slot.take(), self.cgroup.take(), self.chroot_tmp.take());
+        let (network, lease) = (self.network.take(), self.lease.take());
+        // Removing a cgroup or a directory takes a while: not on the runtime's thread.
+        let busy = cgroup.is_some() || tmp.is_some();
+        let release = move || {
+            if let Some(cg) = cgroup {
                 cg.remove();
-                drop(slot);
-            });
-        }
-        if let Some(net) = self.network.take()
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            rt.spawn(net.release(self.lease.take(), false));
+            }
+            if let Some(dir) = tmp {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            match (network, tokio::runtime::Handle::try_current()) {
+                (Some(net), Ok(rt)) => {
+                    rt.spawn(async move {
+                        net.release(lease, false).await;
+                        drop(slot);
+                    });
+                }
+                _ => drop((lease, slot)),
+            }
+        };
+        match (busy, tokio::runtime::Handle::try_current()) {
+            (true, Ok(rt)) => {
+                let _ = std::thread::spawn(move || {
+                    let _guard = rt.enter();
+                    release();
+                });
+            }
+            _ => release(),
         }
     }
 }
