@@ -164,8 +164,8 @@ print(os.listdir("."))
 async fn the_disk_a_run_fills_is_bounded_and_named() {
     let (s, _state) = chroot_server(&[("TMP_SIZE_MB", "8"), ("WORKER_TIMEOUT", "10")]).await;
     // Many files, each below the per-file limit: only the watch on the directory's size
-    // can stop them.
-    let code = "chunk = b'x' * (1 << 20)\nfor i in range(64):\n    open('f%d' % i, 'wb').write(chunk)\nprint('wrote all')";
+    // can stop them. Far more than a busy machine could write in the watch's interval.
+    let code = "chunk = b'x' * (1 << 20)\nfor i in range(2048):\n    open('f%d' % i, 'wb').write(chunk)\nprint('wrote all')";
     let data = s.python(code).await;
     let error = data["error"].as_str().unwrap();
     assert!(error.contains("disk limit reached"), "{data}");
