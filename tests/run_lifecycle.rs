@@ -47,6 +47,39 @@ fn run_uids(pid: u32) -> BTreeSet<u32> {
     uids
 }
 
+/// The most runs of a server seen alive at once, sampled every few milliseconds.
+struct LiveRuns {
+    most: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl LiveRuns {
+    fn sample(server: u32) -> Self {
+        let (most, stop) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let thread = {
+            let (most, stop) = (most.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    most.fetch_max(live_runs(server), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        Self { most, stop, thread }
+    }
+
+    /// Stop sampling: the most seen.
+    fn most(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("sampler");
+        self.most.load(Ordering::Relaxed)
+    }
+}
+
 /// A forked Python run writes its end marker on its highest descriptor and closes its
 /// output, then holds 50 MB and works on for 3 s. (A plain worker has no such marker: the
 /// write fails quietly and the run simply works for 3 s.)
@@ -100,19 +133,7 @@ async fn forged_ends_never_hold_more_runs_than_max_workers() {
         ])
         .await,
     );
-    let (most, stop) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let sampler = {
-        let (most, stop, pid) = (most.clone(), stop.clone(), s.pid());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                most.fetch_max(live_runs(pid), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        })
-    };
+    let sampler = LiveRuns::sample(s.pid());
     let mut clients = Vec::new();
     for i in 0..12 {
         let s = s.clone();
@@ -135,9 +156,7 @@ async fn forged_ends_never_hold_more_runs_than_max_workers() {
     }
     // Let the last runs' clean-ups finish while still sampling.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    sampler.join().expect("sampler");
-    let most = most.load(Ordering::Relaxed);
+    let most = sampler.most();
     assert!(most >= 2, "the load never ran runs side by side ({most})");
     assert!(
         most <= 4,
@@ -397,19 +416,7 @@ async fn requests_dropped_mid_run_never_hold_more_runs_than_max_workers() {
         ("WORKER_TIMEOUT", "10"),
     ])
     .await;
-    let (most, stop) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let sampler = {
-        let (most, stop, pid) = (most.clone(), stop.clone(), s.pid());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                most.fetch_max(live_runs(pid), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        })
-    };
+    let sampler = LiveRuns::sample(s.pid());
     // Each client asks for a run holding 50 MB and hangs up while it runs.
     let body =
         json!({"language": "nodejs", "code": NODE_FORGED_END, "enable_network": false}).to_string();
@@ -431,9 +438,7 @@ async fn requests_dropped_mid_run_never_hold_more_runs_than_max_workers() {
         c.await.expect("client");
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    sampler.join().expect("sampler");
-    let most = most.load(Ordering::Relaxed);
+    let most = sampler.most();
     assert!(most >= 1, "no run was ever seen");
     assert!(
         most <= 2,
