@@ -632,24 +632,6 @@ async fn ended_runs_unanswered_tcp_queries_stop_counting_with_them() {
     ended_runs_leave_the_relay_to_the_next(5, true).await;
 }
 
-/// Until the server has no clean-up in progress (a released namespace is kept then).
-async fn settled(s: &Server) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = reqwest::get(format!("{}/metrics", s.base))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if text.lines().any(|l| l == "sandbox_background_tasks 0") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "clean-ups never end: {text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The network namespace a run is in: its `SO_NETNS_COOKIE` (a socket made, nothing sent).
 const COOKIE: &str = r#"
 import socket
@@ -664,7 +646,7 @@ async fn a_kept_namespace_is_served_afresh_for_its_next_run() {
     // No warm workers: the next run takes the namespace the previous one left.
     let (s, log) = lab_with(6, &[("WARM_WORKERS", "0")]).await;
     let first = networked(&s, &format!("{COOKIE}\nprint(cookie)")).await;
-    settled(&s).await;
+    s.settled().await;
     // Its address was released with the run that sent nothing, and is served again:
     // names resolve, and the whole quota is there.
     let code = format!(

@@ -591,31 +591,10 @@ seen = re.sub(r" (orphan|alloc|mem) \d+", "", seen)
 print(cookie, hashlib.sha256(seen.encode()).hexdigest()[:16], flush=True)
 "#;
 
-/// Until the server has no clean-up in progress.
-async fn settled(s: &Server) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = reqwest::get(format!("{}/metrics", s.base))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if text.lines().any(|l| l == "sandbox_background_tasks 0") {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "clean-ups never end: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn namespace_probe(s: &Server, leave: &str) -> (String, String) {
     // The previous run's namespace is kept (or not) once its run is released, after
     // its answer.
-    settled(s).await;
+    s.settled().await;
     let d = networked(s, "python3", &format!("{NAMESPACE_PROBE}{leave}")).await;
     let text = out(&d);
     let mut words = text.split_whitespace().map(str::to_string);
@@ -813,7 +792,7 @@ u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 9001))
 r, _, _ = select.select([t, u], [], [], 8)
 print("reached" if r else "alone", before == received())
 "#;
-    settled(&s).await;
+    s.settled().await;
     let waiting =
         s.spawn_run(json!({"language": "python3", "code": listener, "enable_network": true}));
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -844,7 +823,7 @@ async fn a_kept_namespace_that_changed_while_it_waited_is_not_handed_out() {
     let fresh = namespace_probe(&s, "").await;
     let kept = namespace_probe(&s, "").await;
     assert_eq!(kept, fresh, "an untouched namespace is kept");
-    settled(&s).await;
+    s.settled().await;
     // Something moves its counters after it was parked: a datagram on its loopback,
     // sent from inside it through the server's own descriptor of it.
     let held = namespace_descriptors(s.pid());

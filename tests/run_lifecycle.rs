@@ -111,18 +111,6 @@ while (Date.now() - t < 3000) { hold[0]++; }
 process.exit(3);
 "#;
 
-async fn metric(s: &Server, name: &str) -> u64 {
-    let text = reqwest::get(format!("{}/metrics", s.base))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forged_ends_never_hold_more_runs_than_max_workers() {
     let s = Arc::new(
@@ -164,7 +152,7 @@ async fn forged_ends_never_hold_more_runs_than_max_workers() {
     );
     // Every Node run (12) announced an end it did not make and was killed after its
     // answer; so was every forked Python run.
-    let killed = metric(&s, "sandbox_runs_killed_after_answer_total").await;
+    let killed = s.metric("sandbox_runs_killed_after_answer_total").await;
     assert!(
         killed >= 12,
         "{killed} runs counted as killed after their answer"
@@ -198,7 +186,7 @@ print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little"))  # SO_NE
     );
 
     // Takes the kept namespace, announces its end and works on.
-    settled(&s).await;
+    s.settled().await;
     let started = std::time::Instant::now();
     let code = "console.log(process.getuid()); process.emit('exit', 0); \
                 const t = Date.now(); while (Date.now() - t < 5000) {}";
@@ -215,9 +203,9 @@ print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little"))  # SO_NE
         common::no_process_of(uid, Duration::from_secs(3)).await,
         "the run still runs as uid {uid} after its answer"
     );
-    settled(&s).await;
+    s.settled().await;
     assert_eq!(
-        metric(&s, "sandbox_runs_killed_after_answer_total").await,
+        s.metric("sandbox_runs_killed_after_answer_total").await,
         1,
         "the kill after the answer is not counted"
     );
@@ -236,7 +224,7 @@ print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little"))  # SO_NE
 /// The network namespace cookie a networked run of `probe` prints, once the previous
 /// run's namespace was kept or destroyed.
 async fn cookie(s: &Server, probe: &str) -> String {
-    settled(s).await;
+    s.settled().await;
     let (status, body) = s
         .run_json(json!({"language": "python3", "code": probe, "enable_network": true}))
         .await;
@@ -270,15 +258,6 @@ fn orphaned_run_cgroups() -> Vec<std::path::PathBuf> {
         }
     }
     found
-}
-
-/// Until the server has no clean-up in progress.
-async fn settled(s: &Server) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while metric(s, "sandbox_background_tasks").await != 0 {
-        assert!(std::time::Instant::now() < deadline, "clean-ups never end");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn dir_size(dir: &std::path::Path) -> u64 {
@@ -486,17 +465,17 @@ raise SystemExit(3)
 
 async fn killed_before_its_answer_is_not_a_clean_exit(language: &str, code: &str) {
     let s = Server::start(&[("WARM_WORKERS", "0"), ("WORKER_TIMEOUT", "10")]).await;
-    let before = metric(&s, "sandbox_runs_killed_after_answer_total").await
-        + metric(&s, "sandbox_runs_misreported_end_total").await;
+    let before = s.metric("sandbox_runs_killed_after_answer_total").await
+        + s.metric("sandbox_runs_misreported_end_total").await;
     let started = std::time::Instant::now();
     let (status, body) = s
         .run_json(json!({"language": language, "code": code, "enable_network": false}))
         .await;
     let took = started.elapsed();
     assert_eq!((status, &body["code"]), (200, &json!(0)), "{body}");
-    settled(&s).await;
-    let after = metric(&s, "sandbox_runs_killed_after_answer_total").await
-        + metric(&s, "sandbox_runs_misreported_end_total").await;
+    s.settled().await;
+    let after = s.metric("sandbox_runs_killed_after_answer_total").await
+        + s.metric("sandbox_runs_misreported_end_total").await;
     let data = &body["data"];
     // A plain Python worker has no end marker to forge: the run simply works on and is
     // answered on its real end.

@@ -109,7 +109,7 @@ pub struct Worker {
     reports: ReportLines,
     /// The run announced an end but kept its output open, and was killed for it.
     lied: bool,
-    /// `until_gone` saw the owner and every process of the run gone.
+    /// `until_gone` saw every process of the run gone, its owner included.
     owner_gone: bool,
     /// The run's private directory on the host, under the chroot level (which has no
     /// private tmpfs to vanish with the run).
@@ -528,7 +528,6 @@ impl Worker {
             );
             aftermath = Aftermath::KilledAfterAnswer;
         }
-        self.owner_gone = self.is_empty();
         aftermath
     }
 
@@ -568,7 +567,7 @@ impl Worker {
     }
 
     /// Until no process of the run is left, killing what stays: false when something
-    /// had to be killed (or would not go).
+    /// had to be killed (or would not go). Seen empty, the owner is known gone.
     async fn wait_until_empty(&mut self) -> bool {
         let deadline = tokio::time::Instant::now() + DRAIN;
         let mut pause = Duration::from_millis(1);
@@ -592,6 +591,7 @@ impl Worker {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(50));
         }
+        self.owner_gone = true;
         !killed
     }
 

@@ -181,11 +181,7 @@ impl CgroupDriver {
     /// `<prefix><server pid>-<n>`, and only those whose server is gone are touched
     /// (another live server may have just created one that is still empty).
     pub fn remove_stale(&self, prefix: &str) {
-        let dirs = match self {
-            Self::V1 { memory, pids } => vec![memory.clone(), pids.clone()],
-            Self::V2 { base } => vec![base.clone()],
-        };
-        for dir in dirs {
+        for dir in self.bases() {
             let Ok(rd) = fs::read_dir(&dir) else { continue };
             for entry in rd.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
@@ -194,7 +190,14 @@ impl CgroupDriver {
                 };
                 let owner = rest.split('-').next().unwrap_or("");
                 if !owner.is_empty() && !alive(owner) {
-                    remove_orphan(&entry.path());
+                    // Its runs may still be running, past any timeout: killed first.
+                    let path = entry.path();
+                    let orphan = RunCgroup {
+                        v2: matches!(self, Self::V2 { .. }),
+                        memory: path.clone(),
+                        pids: path,
+                    };
+                    orphan.remove();
                 }
             }
         }
@@ -208,29 +211,6 @@ fn alive(pid: &str) -> bool {
         stat.rsplit_once(')')
             .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
     })
-}
-
-/// A run cgroup whose server is gone (killed without its shutdown): its runs may still
-/// be running, past any timeout, so they are killed before it is removed.
-fn remove_orphan(dir: &Path) {
-    let _ = fs::write(dir.join("cgroup.kill"), "1");
-    for attempt in 0..100 {
-        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        for pid in procs.split_whitespace().filter_map(|p| p.parse().ok()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        match fs::remove_dir(dir) {
-            Ok(()) => return,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-            Err(e) if attempt == 99 => {
-                tracing::warn!(path = %dir.display(), error = %e, "could not remove a run cgroup left by a server that is gone");
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(5)),
-        }
-    }
 }
 
 /// The leaf a server moves its cgroup's processes into, so that the cgroup may hold runs'.

@@ -184,6 +184,29 @@ impl Server {
         self.run("python3", code).await
     }
 
+    /// A series of `/metrics` without labels (0 when absent).
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Until the server has no clean-up in progress (a released run's namespace is kept
+    /// or destroyed by then).
+    pub async fn settled(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.metric("sandbox_background_tasks").await != 0 {
+            assert!(Instant::now() < deadline, "clean-ups never end");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn healthy(&self) -> bool {
         match self
             .client
