@@ -21,13 +21,20 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
-use super::server::ConnLimits;
-
 /// The most a connection buffers: a request's headers must fit.
 const READ_BUFFER_MAX: usize = 32 * 1024;
 
 /// How long a closing connection reads and discards what its client still sends.
 const LINGER: Duration = Duration::from_secs(2);
+
+/// How long a connection may take over a request's headers, and wait idle for the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// From connecting, or from the first byte after an idle wait.
+    pub header_read: Duration,
+    /// Zero: one request per connection.
+    pub keepalive: Duration,
+}
 
 /// Where a connection is between requests, which decides its deadline.
 #[derive(Debug, Clone, Copy)]
@@ -66,10 +73,10 @@ impl Clock {
         }
     }
 
-    fn deadline(&self, limits: &ConnLimits) -> Option<Instant> {
+    fn deadline(&self, limits: &Deadlines) -> Option<Instant> {
         match self.phase() {
-            Phase::Head(since) => Some(since + limits.header_read_timeout),
-            Phase::Idle(since) => Some(since + limits.keepalive_timeout),
+            Phase::Head(since) => Some(since + limits.header_read),
+            Phase::Idle(since) => Some(since + limits.keepalive),
             Phase::Busy => None,
         }
     }
@@ -169,7 +176,7 @@ type Answering = Pin<Box<dyn Future<Output = Result<hyper::Response<Answer>, Inf
 pub(super) async fn serve(
     stream: TcpStream,
     router: Router,
-    limits: ConnLimits,
+    limits: Deadlines,
     stop: CancellationToken,
     _slot: OwnedSemaphorePermit,
 ) {
@@ -200,7 +207,7 @@ pub(super) async fn serve(
         // The deadlines are kept here, by phase: hyper's own header timer also runs while
         // a kept-alive connection waits, which would cut keep-alive to the header timeout.
         .header_read_timeout(None)
-        .keep_alive(!limits.keepalive_timeout.is_zero())
+        .keep_alive(!limits.keepalive.is_zero())
         // Headers beyond this get HTTP 431. Dify's are a few hundred bytes; hyper's
         // default (~400 KiB) would let each open connection hold that much.
         .max_buf_size(READ_BUFFER_MAX)

@@ -17,11 +17,10 @@ use super::conn;
 use crate::config::Config;
 use crate::runtime::Language;
 
-/// What a client's connection may hold, and for how long.
+/// How many connections may be open, and each one's deadlines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnLimits {
-    pub header_read_timeout: Duration,
-    pub keepalive_timeout: Duration,
+    pub deadlines: conn::Deadlines,
     pub max_connections: usize,
 }
 
@@ -43,8 +42,10 @@ impl ConnLimits {
     /// `nofile` less what the workers need.
     pub fn new(config: &Config, nofile: u64) -> Self {
         Self {
-            header_read_timeout: config.header_read_timeout,
-            keepalive_timeout: config.keepalive_timeout,
+            deadlines: conn::Deadlines {
+                header_read: config.header_read_timeout,
+                keepalive: config.keepalive_timeout,
+            },
             max_connections: config
                 .max_connections
                 .unwrap_or_else(|| derived_max_connections(nofile, workers(config))),
@@ -105,7 +106,7 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => match slots.clone().try_acquire_owned() {
                     Ok(slot) => {
-                        connections.spawn(conn::serve(stream, router.clone(), limits, stop.clone(), slot));
+                        connections.spawn(conn::serve(stream, router.clone(), limits.deadlines, stop.clone(), slot));
                     }
                     // Closed at once: the client learns now, not after a timeout, and the
                     // descriptor is free again for a run.

@@ -83,8 +83,8 @@ async fn serve(engine: Arc<Engine>, nofile: u64) -> anyhow::Result<()> {
     let limits = api::server::ConnLimits::new(&config, nofile);
     tracing::info!(
         max_connections = limits.max_connections,
-        header_read_timeout_s = limits.header_read_timeout.as_secs(),
-        keepalive_timeout_s = limits.keepalive_timeout.as_secs(),
+        header_read_timeout_s = limits.deadlines.header_read.as_secs(),
+        keepalive_timeout_s = limits.deadlines.keepalive.as_secs(),
         "connection limits"
     );
     if !api::server::fits_descriptor_limit(&config, &limits, nofile) {

@@ -2,8 +2,10 @@
 //! `Config`. The environment is passed in as a map so tests need not touch the process
 //! environment. `serde_yaml` is used here only.
 
+mod limits;
 mod network;
 mod raw;
+pub mod syscalls;
 mod values;
 
 use std::collections::HashMap;
@@ -12,8 +14,9 @@ use std::time::Duration;
 
 use raw::RawConfig;
 
+pub use limits::RunLimits;
 pub use network::{AllowRule, NetworkIsolation, NetworkSettings};
-use values::{Env, extra_syscalls, list_setting, one_of, parse_syscall_list};
+use values::{Env, NotAModule, extra_syscalls, list_setting, one_of, parse_syscall_list};
 
 /// The key Dify and the original sandbox ship with: public, so only fit for a port that
 /// nobody else can reach.
@@ -195,7 +198,7 @@ impl Config {
             e.string("SYSTEM_LIB_REQUIREMENTS"),
             raw.system_lib_requirements,
             &[],
-            |s| Ok(PathBuf::from(s)),
+            |s| Ok::<_, std::convert::Infallible>(PathBuf::from(s)),
         )?;
 
         let cfg = Config {
@@ -309,7 +312,7 @@ impl Config {
                     {
                         Ok(m.to_string())
                     } else {
-                        Err("expected a module name such as json or jinja2.sandbox".into())
+                        Err(NotAModule)
                     }
                 },
             )?,
@@ -465,9 +468,15 @@ impl Config {
         self.key == DEFAULT_KEY && !self.listen_addr().ip().is_loopback()
     }
 
-    /// The state directory's layout.
-    pub fn state(&self) -> crate::state::StateDir {
-        crate::state::StateDir::new(&self.state_dir)
+    /// The limits each run gets.
+    pub fn run_limits(&self) -> RunLimits {
+        RunLimits {
+            timeout: self.worker_timeout,
+            memory_mb: self.memory_limit_mb,
+            max_processes: self.max_processes,
+            max_output_bytes: self.max_output_bytes,
+            tmp_mb: self.tmp_size_mb,
+        }
     }
 }
 

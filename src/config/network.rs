@@ -129,7 +129,7 @@ pub(super) fn settings(raw: RawNetwork, e: &Env) -> Result<NetworkSettings, Conf
     let subnet = parse_subnet(&subnet_text).map_err(|reason| ConfigError::Value {
         key: "network_subnet".into(),
         value: subnet_text.clone(),
-        reason,
+        reason: reason.to_string(),
     })?;
     Ok(NetworkSettings {
         isolation,
@@ -153,53 +153,60 @@ pub(super) fn settings(raw: RawNetwork, e: &Env) -> Result<NetworkSettings, Conf
             e.string("NETWORK_DNS"),
             raw.dns,
             &[],
-            |s| {
-                s.parse::<IpAddr>()
-                    .map_err(|_| "expected a resolver's address such as 10.0.0.2".to_string())
-            },
+            |s| s.parse::<IpAddr>().map_err(|_| BadNet::Resolver),
         )?,
     })
 }
 
-fn parse_subnet(text: &str) -> Result<Ipv4Net, String> {
-    let net: Ipv4Net = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("expected an IPv4 block such as {DEFAULT_NETWORK_SUBNET}"))?;
+/// What is wrong with an address, block or rule in the network settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadNet {
+    #[error("expected an IPv4 block such as {DEFAULT_NETWORK_SUBNET}")]
+    NotIpv4Block,
+    #[error(
+        "a /{0} is too small: runs need a /30 each for 1000 uids, a /{SMALLEST_SUBNET_PREFIX} or larger"
+    )]
+    TooSmall(u8),
+    #[error("choose a private block that no route of this host uses")]
+    Unroutable,
+    #[error("expected an address or a CIDR block such as 169.254.0.0/16 or fe80::/10")]
+    NotANet,
+    #[error(
+        "expected an address or block, optionally with :PORT or :FIRST-LAST, such as 203.0.113.0/24:443, 10.0.0.5:5432 or [fd00::5]:5432"
+    )]
+    NotAnAllowRule,
+    #[error("expected a resolver's address such as 10.0.0.2")]
+    Resolver,
+}
+
+fn parse_subnet(text: &str) -> Result<Ipv4Net, BadNet> {
+    let net: Ipv4Net = text.trim().parse().map_err(|_| BadNet::NotIpv4Block)?;
     if net.prefix_len() > SMALLEST_SUBNET_PREFIX {
-        return Err(format!(
-            "a /{} is too small: runs need a /30 each for 1000 uids, a /{SMALLEST_SUBNET_PREFIX} or larger",
-            net.prefix_len()
-        ));
+        return Err(BadNet::TooSmall(net.prefix_len()));
     }
     if net.network() == Ipv4Addr::UNSPECIFIED || net.addr().is_loopback() {
-        return Err("choose a private block that no route of this host uses".into());
+        return Err(BadNet::Unroutable);
     }
     Ok(net.trunc())
 }
 
 /// An address (just that address) or a CIDR block.
-fn parse_net(item: &str) -> Result<IpNet, String> {
+fn parse_net(item: &str) -> Result<IpNet, BadNet> {
     item.parse::<IpNet>()
         .or_else(|_| item.parse::<IpAddr>().map(IpNet::from))
-        .map_err(|_| {
-            "expected an address or a CIDR block such as 169.254.0.0/16 or fe80::/10".to_string()
-        })
+        .map_err(|_| BadNet::NotANet)
 }
 
 /// `NET`, `NET:PORT` or `NET:FIRST-LAST`; an IPv6 NET takes its ports in brackets,
 /// `[NET]:PORT` (only runs in the host's network have IPv6).
-fn parse_allow(item: &str) -> Result<AllowRule, String> {
-    let usage = "expected an address or block, optionally with :PORT or :FIRST-LAST, such as 203.0.113.0/24:443, 10.0.0.5:5432 or [fd00::5]:5432";
+fn parse_allow(item: &str) -> Result<AllowRule, BadNet> {
+    let usage = BadNet::NotAnAllowRule;
     let item = item.trim();
     let (net, ports) = if let Some(rest) = item.strip_prefix('[') {
-        let (net, after) = rest.split_once(']').ok_or_else(|| usage.to_string())?;
+        let (net, after) = rest.split_once(']').ok_or(usage)?;
         match after {
             "" => (net, None),
-            _ => (
-                net,
-                Some(after.strip_prefix(':').ok_or_else(|| usage.to_string())?),
-            ),
+            _ => (net, Some(after.strip_prefix(':').ok_or(usage)?)),
         }
     } else if item.matches(':').count() > 1 {
         // An IPv6 address or block without ports.
@@ -210,15 +217,15 @@ fn parse_allow(item: &str) -> Result<AllowRule, String> {
             None => (item, None),
         }
     };
-    let net = parse_net(net).map_err(|_| usage.to_string())?;
+    let net = parse_net(net).map_err(|_| usage)?;
     let ports = match ports {
         None => None,
         Some(p) => {
             let (first, last) = p.split_once('-').unwrap_or((p, p));
-            let parse = |s: &str| s.trim().parse::<u16>().map_err(|_| usage.to_string());
+            let parse = |s: &str| s.trim().parse::<u16>().map_err(|_| usage);
             let (first, last) = (parse(first)?, parse(last)?);
             if first == 0 || first > last {
-                return Err(usage.to_string());
+                return Err(usage);
             }
             Some((first, last))
         }
@@ -277,7 +284,7 @@ mod tests {
             "[fd00::5]5432",
             "[fd00::5",
         ] {
-            assert!(parse_allow(bad).is_err(), "{bad}");
+            assert_eq!(parse_allow(bad), Err(BadNet::NotAnAllowRule), "{bad}");
         }
     }
 
@@ -312,12 +319,8 @@ mod tests {
             parse_subnet("10.213.5.0/20").unwrap(),
             "10.213.0.0/20".parse::<Ipv4Net>().unwrap()
         );
-        assert!(
-            parse_subnet("10.213.0.0/24")
-                .unwrap_err()
-                .contains("too small")
-        );
-        assert!(parse_subnet("127.0.0.0/8").is_err());
-        assert!(parse_subnet("fd00::/64").is_err());
+        assert_eq!(parse_subnet("10.213.0.0/24"), Err(BadNet::TooSmall(24)));
+        assert_eq!(parse_subnet("127.0.0.0/8"), Err(BadNet::Unroutable));
+        assert_eq!(parse_subnet("fd00::/64"), Err(BadNet::NotIpv4Block));
     }
 }

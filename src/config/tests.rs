@@ -293,3 +293,19 @@ fn every_key_of_the_shipped_file_is_documented() {
         "keys of conf/config.yaml missing from the README's table: {missing:?}"
     );
 }
+
+#[test]
+fn a_runs_limits_are_the_configured_ones() {
+    let c = Config::from_yaml(
+        "worker_timeout: 7\n",
+        Path::new("c.yaml"),
+        &env(&[("MEMORY_LIMIT_MB", "300")]),
+    )
+    .expect("loads");
+    let limits = c.run_limits();
+    assert_eq!(limits.timeout, Duration::from_secs(7));
+    assert_eq!(limits.memory_mb, 300);
+    assert_eq!(limits.max_processes, c.max_processes);
+    assert_eq!(limits.max_output_bytes, c.max_output_bytes);
+    assert_eq!(limits.tmp_mb, c.tmp_size_mb);
+}

@@ -62,6 +62,11 @@ pub(super) fn parse_syscall_list(list: &str) -> Result<Vec<i64>, ConfigError> {
         .collect()
 }
 
+/// A Python module's name that is not one.
+#[derive(Debug, thiserror::Error)]
+#[error("expected a module name such as json or jinja2.sandbox")]
+pub(super) struct NotAModule;
+
 /// A value that must be one of `allowed`; unset or empty means the first.
 pub(super) fn one_of(
     value: Option<String>,
@@ -104,19 +109,19 @@ pub(super) fn extra_syscalls(
         env,
         file,
         &[],
-        crate::isolation::seccomp::policy::resolve_token,
+        super::syscalls::resolve,
     )
 }
 
 /// A list setting: the environment's comma list wins over the file's list, which wins
 /// over `default`; each item goes through `parse`, and a failure names the variable or
 /// key it came from.
-pub(super) fn list_setting<T>(
+pub(super) fn list_setting<T, E: std::fmt::Display>(
     (var, key): (&str, &str),
     env: Option<String>,
     file: Option<Vec<String>>,
     default: &[&str],
-    parse: impl Fn(&str) -> Result<T, String>,
+    parse: impl Fn(&str) -> Result<T, E>,
 ) -> Result<Vec<T>, ConfigError> {
     let (items, from_env): (Vec<String>, bool) = match (env, file) {
         (Some(list), _) => (
@@ -133,6 +138,7 @@ pub(super) fn list_setting<T>(
         .iter()
         .map(|item| {
             parse(item).map_err(|reason| {
+                let reason = reason.to_string();
                 if from_env {
                     ConfigError::Env {
                         var: var.into(),

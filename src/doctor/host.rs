@@ -17,7 +17,7 @@ pub(super) fn effective_caps() -> Option<u64> {
 pub(super) fn privileges_check(
     root: bool,
     caps: u64,
-    user_namespaces: &Result<(), String>,
+    user_namespaces: &Result<(), detect::Refused>,
 ) -> Check {
     const NEEDED: &[(u32, &str)] = &[
         (6, "CAP_SETGID"),
@@ -135,7 +135,7 @@ pub(super) fn isolation_checks(report: &detect::HostReport) -> Vec<Check> {
         Err(e) => check(
             "kernel seccomp",
             Status::Failed,
-            e.clone(),
+            e.to_string(),
             Some("use a kernel built with CONFIG_SECCOMP=y and CONFIG_SECCOMP_FILTER=y".into()),
         ),
     });
@@ -181,7 +181,7 @@ pub(super) fn isolation_checks(report: &detect::HostReport) -> Vec<Check> {
 pub(super) fn state_dir_check(config: &Config) -> Check {
     let state_dir = &config.state_dir;
     let fix = Some("set state_dir / SANDBOX_STATE_DIR to a directory root can write".to_string());
-    let mount_dir = config.state().mount_point();
+    let mount_dir = crate::state::StateDir::new(&config.state_dir).mount_point();
     if let Err(e) = std::fs::create_dir_all(&mount_dir) {
         return check(
             "state directory",

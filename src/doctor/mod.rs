@@ -93,7 +93,7 @@ pub(crate) fn run_checks(config_path: Option<&Path>) -> Report {
     };
     checks.push(api_key_check(&config));
     let state = state_dir_check(&config);
-    let probe = detect::probe(&config.state().mount_point());
+    let probe = detect::probe(&crate::state::StateDir::new(&config.state_dir).mount_point());
     let host_report = &probe.report;
     let caps = effective_caps().unwrap_or(0);
     checks.push(privileges_check(

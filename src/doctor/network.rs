@@ -40,8 +40,7 @@ pub(super) fn network_checks(
     };
     runtime.block_on(async {
         let uids = UidPool::new(
-            &config
-                .state()
+            &crate::state::StateDir::new(&config.state_dir)
                 .uid_leases(host.level != IsolationLevel::Rootless),
             SANDBOX_UIDS,
         )

@@ -85,29 +85,55 @@ fn docker_endpoints() -> Vec<String> {
 /// How long a probe connection may take to connect, and each read or write.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Why an engine's endpoint did not answer.
+#[derive(Debug, thiserror::Error)]
+enum Unreachable {
+    #[error("cannot resolve {0}")]
+    Unresolved(String),
+    #[error("{at}: {source}")]
+    Connect {
+        at: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} did not answer /_ping")]
+    NoPing(String),
+    #[error("{0} did not answer /_ping (TLS endpoints are not checked)")]
+    NoPingTcp(String),
+    #[error("{0}: only unix:// and tcp:// are checked")]
+    Scheme(String),
+}
+
 /// Connect to `hostport`, reads and writes bounded by `PROBE_TIMEOUT`.
-fn connect_tcp(hostport: &str) -> Result<TcpStream, String> {
+fn connect_tcp(hostport: &str) -> Result<TcpStream, Unreachable> {
     let addr = hostport
         .to_socket_addrs()
         .ok()
         .and_then(|mut a| a.next())
-        .ok_or_else(|| format!("cannot resolve {hostport}"))?;
-    let s =
-        TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).map_err(|e| format!("{hostport}: {e}"))?;
+        .ok_or_else(|| Unreachable::Unresolved(hostport.into()))?;
+    let s = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).map_err(|source| {
+        Unreachable::Connect {
+            at: hostport.into(),
+            source,
+        }
+    })?;
     let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
     let _ = s.set_write_timeout(Some(PROBE_TIMEOUT));
     Ok(s)
 }
 
-fn docker_ping(endpoint: &str) -> Result<(), String> {
+fn docker_ping(endpoint: &str) -> Result<(), Unreachable> {
     if let Some(path) = endpoint.strip_prefix("unix://") {
-        let s = UnixStream::connect(path).map_err(|e| format!("{path}: {e}"))?;
+        let s = UnixStream::connect(path).map_err(|source| Unreachable::Connect {
+            at: path.into(),
+            source,
+        })?;
         let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
         let _ = s.set_write_timeout(Some(PROBE_TIMEOUT));
         return if http_ok(s, "/_ping") {
             Ok(())
         } else {
-            Err(format!("{path} did not answer /_ping"))
+            Err(Unreachable::NoPing(path.into()))
         };
     }
     if let Some(hostport) = endpoint.strip_prefix("tcp://") {
@@ -115,12 +141,10 @@ fn docker_ping(endpoint: &str) -> Result<(), String> {
         return if http_ok(s, "/_ping") {
             Ok(())
         } else {
-            Err(format!(
-                "{hostport} did not answer /_ping (TLS endpoints are not checked)"
-            ))
+            Err(Unreachable::NoPingTcp(hostport.into()))
         };
     }
-    Err(format!("{endpoint}: only unix:// and tcp:// are checked"))
+    Err(Unreachable::Scheme(endpoint.into()))
 }
 
 pub(super) fn docker_check(pm: PackageManager) -> Check {
@@ -133,7 +157,7 @@ pub(super) fn docker_check(pm: PackageManager) -> Check {
                     format!("engine answers at {endpoint} (for the xtask)"),
                 );
             }
-            Err(e) => errors.push(e),
+            Err(e) => errors.push(e.to_string()),
         }
     }
     check(
@@ -148,4 +172,30 @@ pub(super) fn docker_check(pm: PackageManager) -> Check {
             pm.install(Need::Docker)
         )),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_engine_says_where_and_why() {
+        assert!(matches!(
+            docker_ping("ssh://host"),
+            Err(Unreachable::Scheme(e)) if e == "ssh://host"
+        ));
+        let e = docker_ping("unix:///nonexistent/docker.sock").unwrap_err();
+        assert!(matches!(e, Unreachable::Connect { .. }), "{e}");
+        assert!(
+            e.to_string().starts_with("/nonexistent/docker.sock: "),
+            "{e}"
+        );
+        // A port nothing listens on: bound, then closed.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let e = docker_ping(&format!("tcp://127.0.0.1:{port}")).unwrap_err();
+        assert!(matches!(e, Unreachable::Connect { .. }), "{e}");
+    }
 }

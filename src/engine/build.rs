@@ -11,7 +11,6 @@ use tokio::sync::Semaphore;
 
 use super::forkserver::{ForkServer, Recipe};
 use super::network::RunNetwork;
-use super::outcome::RunLimits;
 use super::warm::WarmPool;
 use super::{Engine, RUN_PREFIX};
 use crate::config::Config;
@@ -21,6 +20,7 @@ use crate::isolation::detect::{self, DetectError};
 use crate::isolation::spec::IsolationLevel;
 use crate::isolation::uids::{SANDBOX_UIDS, UidError, UidPool};
 use crate::runtime::{DiscoveryError, Language, Runtime, nodejs, python};
+use crate::state::StateDir;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -55,7 +55,7 @@ impl Engine {
     /// prepared only when `config.enable_network` is set. Must run inside a tokio
     /// runtime (the network's netlink connection and DNS relay live on it).
     pub async fn build(config: Config) -> Result<Self, BuildError> {
-        let state = config.state();
+        let state = StateDir::new(&config.state_dir);
         let mount_point = state.mount_point();
         std::fs::create_dir_all(&mount_point).map_err(|source| BuildError::StateDir {
             path: mount_point.clone(),
@@ -128,13 +128,7 @@ impl Engine {
         }
         let fork_server = fork_server(&config, &host, &runtimes, &state).await;
         Ok(Self {
-            limits: RunLimits {
-                timeout: config.worker_timeout,
-                memory_mb: config.memory_limit_mb,
-                max_processes: config.max_processes,
-                max_output_bytes: config.max_output_bytes,
-                tmp_mb: config.tmp_size_mb,
-            },
+            limits: config.run_limits(),
             workers: Arc::new(Semaphore::new(config.max_workers)),
             warm: WarmPool::new(config.warm_workers),
             config: Arc::new(config),

@@ -7,7 +7,15 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Notify;
 
-use super::worker::{Sink, Stream};
+/// Which stream a chunk of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Receives output as it is produced (used by `sandbox run` to stream to a terminal).
+pub type Sink = Arc<dyn Fn(Stream, &[u8]) + Send + Sync>;
 
 /// How long the output readers may take to drain once the process tree is gone.
 pub const DRAIN: Duration = Duration::from_secs(5);

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::RunError;
 use super::worker::ForkedPipes;
+use super::{RunError, SetupError};
 use crate::isolation::cgroup::CgroupDriver;
 use crate::isolation::channel;
 use crate::isolation::rootfs::{MASKED_PROC_DIRS, MASKED_PROC_FILES};
@@ -313,8 +313,8 @@ impl ForkServer {
             this.send(&request, &fds)
         })
         .await
-        .map_err(|e| RunError::Setup(e.to_string()))?
-        .map_err(|e| RunError::Setup(e.to_string()))?;
+        .map_err(|e| SetupError::ForkServer(e.into()))?
+        .map_err(|e| SetupError::ForkServer(e.into()))?;
         ours.set_nonblocking(true).map_err(RunError::Spawn)?;
         let pipes = ForkedPipes {
             channel: tokio::net::UnixStream::from_std(ours).map_err(RunError::Spawn)?,
@@ -329,9 +329,7 @@ impl ForkServer {
     fn request(&self, spec: &SandboxSpec) -> Result<Vec<u8>, RunError> {
         if spec.job_dir.is_some() || spec.out_dir.is_some() {
             // The fork server's root does not see the host's directories.
-            return Err(RunError::Setup(
-                "a run with /job or /tmp/out is not forked".into(),
-            ));
+            return Err(SetupError::FilesNotForked.into());
         }
         let l = &spec.limits;
         let mut rlimits = vec![
@@ -348,12 +346,9 @@ impl ForkServer {
             .cgroup_procs
             .iter()
             .map(|p| {
-                self.recipe.inside(p).ok_or_else(|| {
-                    RunError::Setup(format!(
-                        "{} is outside the cgroups the fork server sees",
-                        p.display()
-                    ))
-                })
+                self.recipe
+                    .inside(p)
+                    .ok_or_else(|| SetupError::CgroupOutsideForkServer(p.clone()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         serde_json::to_vec(&Request {
@@ -389,7 +384,7 @@ impl ForkServer {
                 })
                 .collect(),
         })
-        .map_err(|e| RunError::Setup(e.to_string()))
+        .map_err(|e| SetupError::Encode(e).into())
     }
 
     /// One request and its answer (the keeper's pid), on the blocking control socket.
@@ -400,7 +395,7 @@ impl ForkServer {
         };
         let exchanged = channel::send_message(&zygote.control, request, fds)
             .map_err(|e| e.to_string())
-            .and_then(|()| channel::recv_message(&zygote.control));
+            .and_then(|()| channel::recv_message(&zygote.control).map_err(|e| e.to_string()));
         let answer = match exchanged {
             Ok(a) => a,
             Err(e) => {

@@ -30,16 +30,17 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+pub use crate::config::RunLimits;
 pub use build::BuildError;
-pub use outcome::{LimitHit, RunLimits, RunOutcome};
+pub use capture::{Sink, Stream};
+pub use outcome::{LimitHit, RunOutcome};
 use plan::PlanInput;
 use request::rerunnable;
-pub use request::{RunError, RunFiles, RunRequest};
+pub use request::{RunError, RunFiles, RunRequest, SetupError};
 pub use stdin::StdinFeed;
 pub use warm::PoolKey;
 use warm::WarmPool;
 use worker::{Aftermath, RunBounds, Watch, Worker};
-pub use worker::{Sink, Stream};
 
 use crate::config::Config;
 use crate::deps::Dependencies;
@@ -276,13 +277,15 @@ impl Engine {
                 // worker is safe.
                 Err(RunError::EndedBeforeCode) if rerunnable(&req) => {}
                 // A forked run that could not jail itself ran nothing either.
-                Err(RunError::Setup(message)) if forked && rerunnable(&req) => {
-                    self.fork_failed(&message);
+                Err(RunError::Setup(e)) if e.is_fork_servers() && rerunnable(&req) => {
+                    self.fork_failed(&e);
                     allow_fork = false;
                 }
                 other => {
                     if forked && let Some(fs) = &self.fork_server {
-                        fs.record(!matches!(other, Err(RunError::Setup(_))));
+                        fs.record(
+                            !matches!(&other, Err(RunError::Setup(e)) if e.is_fork_servers()),
+                        );
                     }
                     return other;
                 }
@@ -291,14 +294,16 @@ impl Engine {
         let worker = self.spawn_worker(key, allow_fork, &none).await?;
         if worker.is_forked() {
             match self.run_worker(worker, &req, slot).await {
-                Err(RunError::Setup(message)) if rerunnable(&req) => self.fork_failed(&message),
+                Err(RunError::Setup(e)) if e.is_fork_servers() && rerunnable(&req) => {
+                    self.fork_failed(&e)
+                }
                 Err(RunError::EndedBeforeCode) if rerunnable(&req) => {
                     self.fork_failed("the run ended before it read its snippet")
                 }
                 other => {
                     if let Some(fs) = &self.fork_server {
-                        let started =
-                            !matches!(other, Err(RunError::Setup(_) | RunError::EndedBeforeCode));
+                        let started = !matches!(&other, Err(RunError::EndedBeforeCode))
+                            && !matches!(&other, Err(RunError::Setup(e)) if e.is_fork_servers());
                         fs.record(started);
                     }
                     return other;
@@ -312,7 +317,7 @@ impl Engine {
 
     /// Note a forked run that failed to start; a fork server that keeps failing is put
     /// out of use.
-    fn fork_failed(&self, message: &str) {
+    fn fork_failed(&self, message: impl std::fmt::Display) {
         tracing::error!(%message, "a run forked by the Python fork server could not start; running it in a fresh interpreter");
         if let Some(fs) = &self.fork_server {
             fs.record(false);
@@ -328,11 +333,7 @@ impl Engine {
         slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<RunOutcome, RunError> {
         match self.run_worker(worker, req, slot).await {
-            Err(RunError::EndedBeforeCode) => Err(RunError::Setup(
-                "the interpreter exited before it could read the snippet; check that it starts \
-                 within memory_limit_mb (sandbox doctor)"
-                    .into(),
-            )),
+            Err(RunError::EndedBeforeCode) => Err(SetupError::InterpreterEnded.into()),
             other => other,
         }
     }
@@ -348,7 +349,7 @@ impl Engine {
         self.roots
             .wait(&self.state.chroot_root(key.language))
             .await
-            .map_err(RunError::Setup)?;
+            .map_err(SetupError::Root)?;
         // A networked run takes a namespace a finished run left untouched, with its uid.
         let (lease, reused) = match key.network.then(|| self.network.reuse()).flatten() {
             Some((lease, netns)) => (lease, Some(netns)),

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::config::RunLimits;
 use crate::runtime::Language;
 
 /// The limit that stopped a run, if any.
@@ -95,16 +96,6 @@ impl LimitHit {
             .find(|(l, p)| *l != Self::Timeout && last.starts_with(p))
             .map(|(l, _)| *l)
     }
-}
-
-/// Every run's limits, from the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunLimits {
-    pub timeout: Duration,
-    pub memory_mb: u64,
-    pub max_processes: u64,
-    pub max_output_bytes: usize,
-    pub tmp_mb: u64,
 }
 
 /// What a run produced.

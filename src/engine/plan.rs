@@ -5,8 +5,7 @@
 use std::path::PathBuf;
 
 use super::RunFiles;
-use super::outcome::RunLimits;
-use crate::config::Proxy;
+use crate::config::{Proxy, RunLimits};
 use crate::isolation::spec::{IsolationLevel, Limits, NetworkSetup, OUT_MOUNT, SandboxSpec};
 use crate::runtime::Runtime;
 use crate::state::StateDir;

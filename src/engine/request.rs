@@ -1,11 +1,13 @@
 //! What a run asks for and how it can fail: `RunRequest` (the snippet, its invocation,
-//! stdin and directories) and `RunError`.
+//! stdin and directories), `RunError`, and `SetupError`, whose kind decides whether a
+//! run that never started is tried again.
 
 use std::path::PathBuf;
 
-use super::Sink;
+use super::capture::Sink;
 use super::stdin::StdinFeed;
 use crate::isolation::cgroup::CgroupError;
+use crate::isolation::chroot_root::RootError;
 use crate::isolation::snippet::Invocation;
 use crate::isolation::uids::UidError;
 use crate::runtime::Language;
@@ -69,10 +71,8 @@ pub enum RunError {
         "could not start the sandbox helper: {0}; the server re-executes itself through /proc/self/exe, which must be mounted"
     )]
     Spawn(std::io::Error),
-    #[error(
-        "the sandbox could not be set up: {0}; run `sandbox doctor` to see what this host allows"
-    )]
-    Setup(String),
+    #[error("the sandbox could not be set up: {0}")]
+    Setup(#[from] SetupError),
     #[error("the server is shutting down; retry on another instance")]
     ShuttingDown,
     #[error("the interpreter ended before the snippet reached it")]
@@ -86,4 +86,97 @@ pub enum RunError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// Why a run's sandbox could not be set up; the snippet never ran. The kind decides what
+/// happens next: a run the fork server could not start is run again in a fresh
+/// interpreter (`is_fork_servers`), any other is the answer, saying what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A step of the jail failed, in the helper or (`forked`) in the fork server's
+    /// keeper; `message` names the step and the system's error.
+    #[error("{message}; run `sandbox doctor` to see what this host allows")]
+    Jail { message: String, forked: bool },
+    /// The fork server was not asked, or did not answer.
+    #[error(
+        "the Python fork server did not fork the run: {0}; if this persists, set python_fork_server: false"
+    )]
+    ForkServer(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(
+        "the run's cgroup {} is outside the cgroups the Python fork server sees; restart the server so that its fork server starts in the current cgroup tree", .0.display()
+    )]
+    CgroupOutsideForkServer(PathBuf),
+    #[error(
+        "a run with /job or /tmp/out cannot be forked: the fork server's root does not see the host's directories"
+    )]
+    FilesNotForked,
+    #[error("the run's sandbox could not be described to its helper: {0}; please report this")]
+    Encode(#[from] serde_json::Error),
+    /// The chroot level's copy of the interpreter's files is not there.
+    #[error(transparent)]
+    Root(#[from] RootError),
+    /// A fresh interpreter ended before its snippet reached it.
+    #[error(
+        "the interpreter exited before it could read the snippet; check that it starts within memory_limit_mb (sandbox doctor)"
+    )]
+    InterpreterEnded,
+}
+
+impl SetupError {
+    /// Whether the fork server failed the run, which then may run in a fresh interpreter;
+    /// every other kind would fail the same way again.
+    pub fn is_fork_servers(&self) -> bool {
+        match self {
+            Self::Jail { forked, .. } => *forked,
+            Self::ForkServer(_) | Self::CgroupOutsideForkServer(_) | Self::FilesNotForked => true,
+            Self::Encode(_) | Self::Root(_) | Self::InterpreterEnded => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_fork_servers_failures_are_run_again() {
+        let jail = |forked| SetupError::Jail {
+            message: "setgroups: Operation not permitted".into(),
+            forked,
+        };
+        assert!(jail(true).is_fork_servers());
+        assert!(
+            !jail(false).is_fork_servers(),
+            "a helper's step fails again"
+        );
+        assert!(SetupError::ForkServer("gone".into()).is_fork_servers());
+        assert!(SetupError::CgroupOutsideForkServer("/sys/fs/cgroup/x".into()).is_fork_servers());
+        assert!(SetupError::FilesNotForked.is_fork_servers());
+        assert!(!SetupError::InterpreterEnded.is_fork_servers());
+        let abandoned = RootError::Abandoned("/state/chroot/python3".into());
+        assert!(!SetupError::Root(abandoned).is_fork_servers());
+    }
+
+    #[test]
+    fn each_kind_says_what_to_do() {
+        let said = |e: SetupError| RunError::from(e).to_string();
+        let jail = said(SetupError::Jail {
+            message: "setgroups: Operation not permitted".into(),
+            forked: false,
+        });
+        assert!(
+            jail.starts_with("the sandbox could not be set up: setgroups"),
+            "{jail}"
+        );
+        assert!(jail.contains("sandbox doctor"), "{jail}");
+        let fork = said(SetupError::ForkServer("not running".into()));
+        assert!(fork.contains("python_fork_server: false"), "{fork}");
+        let ended = said(SetupError::InterpreterEnded);
+        assert!(ended.contains("memory_limit_mb"), "{ended}");
+        let root = said(SetupError::Root(RootError::Abandoned("/state/r".into())));
+        assert!(
+            root.contains("/state/r") && root.contains("restart"),
+            "{root}"
+        );
+    }
 }

@@ -13,11 +13,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
-use super::RunError;
-use super::capture::{DRAIN, EXIT_GRACE, join_reader, read_capped};
+use super::capture::{DRAIN, EXIT_GRACE, Sink, Stream, join_reader, read_capped};
 use super::outcome::{Counters, Ending, LimitHit};
 use super::warm::Idle;
 use super::watch;
+use super::{RunError, SetupError};
 use crate::isolation::cgroup::RunCgroup;
 use crate::isolation::helper::HelperReport;
 use crate::isolation::net::netns::NetLease;
@@ -27,16 +27,6 @@ use crate::isolation::{channel, snippet};
 
 /// The helper is this very binary (`sandbox __exec`).
 const HELPER: &str = "/proc/self/exe";
-
-/// Which stream a chunk of output came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stream {
-    Stdout,
-    Stderr,
-}
-
-/// Receives output as it is produced (used by `sandbox run` to stream to a terminal).
-pub type Sink = Arc<dyn Fn(Stream, &[u8]) + Send + Sync>;
 
 /// An output stream of a run, whoever owns it.
 type Output = Box<dyn AsyncRead + Send + Unpin>;
@@ -167,7 +157,7 @@ impl Worker {
         chroot_tmp: Option<PathBuf>,
     ) -> Result<Self, RunError> {
         let started = (|| {
-            let spec_json = serde_json::to_vec(spec).map_err(|e| RunError::Setup(e.to_string()))?;
+            let spec_json = serde_json::to_vec(spec).map_err(SetupError::Encode)?;
             let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(RunError::Spawn)?;
             let (stdin_read, stdin_write) = super::stdin::pipe()?;
             // Sent before the helper starts: the socket's buffer holds it, and the spec
@@ -427,7 +417,10 @@ impl Worker {
             }
             Some(HelperReport::Exited { code }) => Ending::Exited(code),
             Some(HelperReport::Signaled { signal }) => Ending::Signaled(signal),
-            Some(HelperReport::SetupFailed { message }) => return Err(RunError::Setup(message)),
+            Some(HelperReport::SetupFailed { message }) => {
+                let forked = self.is_forked();
+                return Err(SetupError::Jail { message, forked }.into());
+            }
             Some(HelperReport::EndedBeforeCode) => return Err(RunError::EndedBeforeCode),
             None => Ending::Killed,
         };

@@ -16,6 +16,20 @@ use super::sys;
 /// A spec larger than this is refused: nothing legitimate comes close.
 const MAX_SPEC_BYTES: usize = 16 << 20;
 
+/// Why a message could not be received: the sender is gone or broke the framing, so
+/// the process that waited for it cannot go on (its report says which).
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("reading the message's length: {}", .0.desc())]
+    Length(nix::errno::Errno),
+    #[error("the other side closed the channel before sending its message")]
+    Closed,
+    #[error("a message of {0} bytes is refused (at most {MAX_SPEC_BYTES})")]
+    TooLarge(usize),
+    #[error("reading the message: {0}")]
+    Body(#[source] std::io::Error),
+}
+
 /// Send one message (a spec, a fork server's request) on a blocking socket, framed as
 /// above, with `fds` alongside.
 pub fn send_message(
@@ -48,33 +62,33 @@ pub fn send_message(
 }
 
 /// Receive one framed message, dropping any descriptor (a fork server's answer).
-pub fn recv_message(socket: &UnixStream) -> Result<Vec<u8>, String> {
+pub fn recv_message(socket: &UnixStream) -> Result<Vec<u8>, ChannelError> {
     recv_spec(socket).map(|(m, _)| m)
 }
 
 /// Receive what `send_message` sent: the message's bytes and the descriptors, in the
 /// order they were sent.
-pub fn recv_spec(socket: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), String> {
+pub fn recv_spec(socket: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), ChannelError> {
     let mut len = [0u8; 4];
     let mut got = 0;
     let mut fds = Vec::new();
     while got < len.len() {
-        let (n, passed) = sys::recv_with_fds(socket.as_fd(), &mut len[got..])
-            .map_err(|e| format!("reading the spec's length: {}", e.desc()))?;
+        let (n, passed) =
+            sys::recv_with_fds(socket.as_fd(), &mut len[got..]).map_err(ChannelError::Length)?;
         if n == 0 {
-            return Err("the server closed the channel before sending the spec".into());
+            return Err(ChannelError::Closed);
         }
         fds.extend(passed);
         got += n;
     }
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_SPEC_BYTES {
-        return Err(format!("a spec of {len} bytes is refused"));
+        return Err(ChannelError::TooLarge(len));
     }
     let mut spec = vec![0u8; len];
     (&*socket)
         .read_exact(&mut spec)
-        .map_err(|e| format!("reading the spec: {e}"))?;
+        .map_err(ChannelError::Body)?;
     Ok((spec, fds))
 }
 
@@ -104,5 +118,24 @@ mod tests {
         assert_eq!(&rest, b"snippet");
         send_message(&a, b"{}", &[]).expect("send without a descriptor");
         assert!(recv_spec(&b).expect("receive").1.is_empty());
+    }
+
+    #[test]
+    fn a_closed_channel_a_cut_message_and_an_oversized_one_are_told_apart() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        drop(a);
+        assert!(matches!(recv_spec(&b), Err(ChannelError::Closed)));
+        let (a, b) = UnixStream::pair().expect("pair");
+        (&a).write_all(&(MAX_SPEC_BYTES as u32 + 1).to_le_bytes())
+            .expect("a length");
+        assert!(
+            matches!(recv_message(&b), Err(ChannelError::TooLarge(n)) if n == MAX_SPEC_BYTES + 1)
+        );
+        let (a, b) = UnixStream::pair().expect("pair");
+        (&a).write_all(&10u32.to_le_bytes()).expect("a length");
+        (&a).write_all(b"short").expect("part of it");
+        drop(a);
+        let e = recv_message(&b).expect_err("cut short");
+        assert!(matches!(e, ChannelError::Body(_)), "{e}");
     }
 }

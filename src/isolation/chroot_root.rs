@@ -24,7 +24,22 @@ const MARKER: &str = ".sandbox-root";
 const LAYOUT: &str = "4";
 
 /// One root's state: None while it is being prepared.
-type Readiness = tokio::sync::watch::Receiver<Option<Result<(), Arc<str>>>>;
+type Readiness = tokio::sync::watch::Receiver<Option<Result<(), RootError>>>;
+
+/// Why runs of a language cannot have their chroot root (until the server restarts).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RootError {
+    #[error(transparent)]
+    Prepare(Arc<PrepareError>),
+    #[error(
+        "cannot start the thread preparing the chroot roots: {0}; the host is short of threads or memory: restart the server once it has room"
+    )]
+    Thread(Arc<io::Error>),
+    #[error(
+        "the preparation of the chroot root {} ended without a result; restart the server, and read its log for why", .0.display()
+    )]
+    Abandoned(PathBuf),
+}
 
 /// The chroot level's roots, prepared one after the other on a thread of their own so
 /// that the server listens at once; a run (or warm worker) waits for its language's
@@ -55,9 +70,8 @@ impl Roots {
                 for ((dir, plan), tx) in roots.iter().zip(senders) {
                     let started = std::time::Instant::now();
                     let result = prepare_one(dir, plan, &mut filler).map_err(|e| {
-                        let message = e.to_string();
-                        tracing::error!(error = %message, "runs of this language cannot start until the server is restarted with this fixed");
-                        Arc::from(message)
+                        tracing::error!(error = %e, "runs of this language cannot start until the server is restarted with this fixed");
+                        RootError::Prepare(Arc::new(e))
                     });
                     if result.is_ok() {
                         tracing::info!(root = %dir.display(), ms = started.elapsed().as_millis() as u64, "chroot root ready");
@@ -66,12 +80,11 @@ impl Roots {
                 }
             });
         if let Err(e) = spawned {
-            let message: Arc<str> =
-                format!("cannot start the thread preparing the chroot roots: {e}").into();
+            let error = RootError::Thread(Arc::new(e));
             let failed = receivers
                 .iter()
                 .map(|(dir, _)| {
-                    let state = Some(Err(message.clone()));
+                    let state = Some(Err(error.clone()));
                     (dir.clone(), tokio::sync::watch::channel(state).1)
                 })
                 .collect();
@@ -82,20 +95,17 @@ impl Roots {
 
     /// Wait until the root at `dir` is ready (at once when it is not one of these); the
     /// error says why it never will be.
-    pub async fn wait(&self, dir: &Path) -> Result<(), String> {
+    pub async fn wait(&self, dir: &Path) -> Result<(), RootError> {
         let Some((_, rx)) = self.0.iter().find(|(d, _)| d == dir) else {
             return Ok(());
         };
         let mut rx = rx.clone();
         match rx.wait_for(Option::is_some).await {
             Ok(state) => match &*state {
-                Some(Err(e)) => Err(e.to_string()),
+                Some(Err(e)) => Err(e.clone()),
                 _ => Ok(()),
             },
-            Err(_) => Err(format!(
-                "the preparation of the chroot root {} ended without a result",
-                dir.display()
-            )),
+            Err(_) => Err(RootError::Abandoned(dir.to_path_buf())),
         }
     }
 }

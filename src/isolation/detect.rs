@@ -3,21 +3,40 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 
+use super::cgroup::{CgroupDriver, CgroupError};
+use super::spec::IsolationLevel;
 use nix::mount::{MsFlags, mount};
 use nix::sched::{CloneFlags, unshare};
-use serde::Serialize;
 
-use super::cgroup::CgroupDriver;
-use super::spec::IsolationLevel;
+/// What the host refused when a probe tried it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Refused {
+    /// Not tried: only root may (chroot, cgroups).
+    #[error("not root")]
+    NotRoot,
+    #[error("could not start the probe /proc/self/exe: {0}")]
+    ProbeNotStarted(Arc<std::io::Error>),
+    /// What the probe, a throw-away process, said on stderr.
+    #[error("{0}")]
+    Probe(String),
+    #[error("the kernel lacks the errno action (has: {0})")]
+    NoErrnoAction(String),
+    #[error("the kernel has no seccomp support")]
+    NoSeccomp,
+    #[error(transparent)]
+    Cgroup(Arc<CgroupError>),
+}
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct HostReport {
     pub root: bool,
-    pub namespaces: Result<(), String>,
-    pub chroot: Result<(), String>,
-    pub seccomp: Result<(), String>,
-    pub cgroup: Result<String, String>,
+    pub namespaces: Result<(), Refused>,
+    pub chroot: Result<(), Refused>,
+    pub seccomp: Result<(), Refused>,
+    /// The cgroup driver, described.
+    pub cgroup: Result<String, Refused>,
     /// vm.mmap_min_addr: where the exec lock's page can go (see `sys::empty_path`).
     pub mmap_min_addr: Option<u64>,
 }
@@ -34,15 +53,18 @@ pub enum DetectError {
     #[error(
         "the sandbox must run as root, or without root in a user namespace, which this host refuses ({0}). Run it with sudo or as root for the full sandbox (its own uid per run and cgroups), or allow unprivileged user namespaces (sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone, or the AppArmor restriction on Ubuntu 24.04: kernel.apparmor_restrict_unprivileged_userns=0). `sandbox run --server URL` runs snippets on a remote `sandbox serve` without either"
     )]
-    NotRoot(String),
+    NotRoot(Refused),
     #[error(
         "seccomp filters are not available: {0}. Use a kernel built with CONFIG_SECCOMP_FILTER"
     )]
-    NoSeccomp(String),
+    NoSeccomp(Refused),
     #[error(
-        "neither namespaces nor chroot are permitted here ({0}). In Docker, keep the default capabilities (CAP_SYS_CHROOT) or run with --privileged"
+        "neither namespaces nor chroot are permitted here (namespaces: {namespaces}; chroot: {chroot}). In Docker, keep the default capabilities (CAP_SYS_CHROOT) or run with --privileged"
     )]
-    NoIsolation(String),
+    NoIsolation {
+        namespaces: Refused,
+        chroot: Refused,
+    },
 }
 
 /// The probe's own entry (`sandbox __probe <dir>`): try what a run will do, in this
@@ -90,24 +112,26 @@ pub fn probe_main(mount_dir: &str) -> i32 {
 
 /// Run `sandbox <args>` (a hidden probe entry) in a throw-away process, so what it tries
 /// never touches this one; its stderr says why it failed.
-fn probe_in_child(args: &[&std::ffi::OsStr]) -> Result<(), String> {
+fn probe_in_child(args: &[&std::ffi::OsStr]) -> Result<(), Refused> {
     let out = Command::new("/proc/self/exe")
         .args(args)
         .output()
-        .map_err(|e| format!("could not start the probe /proc/self/exe: {e}"))?;
+        .map_err(|e| Refused::ProbeNotStarted(Arc::new(e)))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        Err(Refused::Probe(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
     }
 }
 
-fn probe_namespaces(mount_dir: &Path) -> Result<(), String> {
+fn probe_namespaces(mount_dir: &Path) -> Result<(), Refused> {
     probe_in_child(&["__probe".as_ref(), mount_dir.as_os_str()])
 }
 
 /// chroot needs CAP_SYS_CHROOT.
-fn probe_chroot() -> Result<(), String> {
+fn probe_chroot() -> Result<(), Refused> {
     probe_in_child(&["__probe-chroot".as_ref()])
 }
 
@@ -121,14 +145,11 @@ pub fn probe_chroot_main() -> i32 {
     }
 }
 
-fn probe_seccomp() -> Result<(), String> {
+fn probe_seccomp() -> Result<(), Refused> {
     let actions = Path::new("/proc/sys/kernel/seccomp/actions_avail");
     match std::fs::read_to_string(actions) {
         Ok(text) if text.contains("errno") => Ok(()),
-        Ok(text) => Err(format!(
-            "the kernel lacks the errno action (has: {})",
-            text.trim()
-        )),
+        Ok(text) => Err(Refused::NoErrnoAction(text.trim().into())),
         Err(_) => {
             // Older kernels lack the file; the Seccomp line of /proc/self/status still
             // tells whether filters exist.
@@ -136,7 +157,7 @@ fn probe_seccomp() -> Result<(), String> {
             if status.lines().any(|l| l.starts_with("Seccomp:")) {
                 Ok(())
             } else {
-                Err("the kernel has no seccomp support".into())
+                Err(Refused::NoSeccomp)
             }
         }
     }
@@ -154,7 +175,7 @@ pub struct Probe {
 /// (empty) directory private roots are mounted on.
 pub fn probe(mount_dir: &Path) -> Probe {
     let root = nix::unistd::geteuid().is_root();
-    let not_root = || Err::<(), String>("not root".into());
+    let not_root = || Err(Refused::NotRoot);
     // Without root the same probe runs inside a user namespace (the rootless level).
     // The two probes are processes of their own: started together.
     let (namespaces, chroot) = std::thread::scope(|scope| {
@@ -168,9 +189,10 @@ pub fn probe(mount_dir: &Path) -> Probe {
     let seccomp = probe_seccomp();
     let self_cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let cgroup = if root {
-        CgroupDriver::detect(Path::new("/sys/fs/cgroup"), &self_cgroup).map_err(|e| e.to_string())
+        CgroupDriver::detect(Path::new("/sys/fs/cgroup"), &self_cgroup)
+            .map_err(|e| Refused::Cgroup(Arc::new(e)))
     } else {
-        Err("not root".into())
+        Err(Refused::NotRoot)
     };
     let report = HostReport {
         root,
@@ -210,9 +232,10 @@ pub fn decide(probe: Probe, force: Option<IsolationLevel>) -> Result<Host, Detec
         (_, Ok(()), _) => IsolationLevel::Namespaces,
         (_, Err(_), Ok(())) => IsolationLevel::Chroot,
         (_, Err(n), Err(c)) => {
-            return Err(DetectError::NoIsolation(format!(
-                "namespaces: {n}; chroot: {c}"
-            )));
+            return Err(DetectError::NoIsolation {
+                namespaces: n.clone(),
+                chroot: c.clone(),
+            });
         }
     };
     Ok(Host {
@@ -231,14 +254,14 @@ pub fn detect(mount_dir: &Path, force: Option<IsolationLevel>) -> Result<Host, D
 mod tests {
     use super::*;
 
-    fn probe(root: bool, namespaces: Result<(), String>) -> Probe {
+    fn probe(root: bool, namespaces: Result<(), Refused>) -> Probe {
         Probe {
             report: HostReport {
                 root,
                 namespaces,
-                chroot: Err("not root".into()),
+                chroot: Err(Refused::NotRoot),
                 seccomp: Ok(()),
-                cgroup: Err("not root".into()),
+                cgroup: Err(Refused::NotRoot),
                 mmap_min_addr: Some(65536),
             },
             cgroup: None,
@@ -255,7 +278,10 @@ mod tests {
     #[test]
     fn without_root_or_user_namespaces_the_error_says_what_to_do() {
         let e = decide(
-            probe(false, Err("unshare: No space left on device".into())),
+            probe(
+                false,
+                Err(Refused::Probe("unshare: No space left on device".into())),
+            ),
             None,
         )
         .unwrap_err()
@@ -266,6 +292,21 @@ mod tests {
             "user.max_user_namespaces",
             "--server",
         ] {
+            assert!(e.contains(part), "{part}: {e}");
+        }
+    }
+
+    #[test]
+    fn with_neither_namespaces_nor_chroot_both_refusals_are_named() {
+        let mut p = probe(
+            true,
+            Err(Refused::Probe("unshare: Operation not permitted".into())),
+        );
+        p.report.chroot = Err(Refused::Probe("chroot: Operation not permitted".into()));
+        let e = decide(p, None).unwrap_err();
+        assert!(matches!(e, DetectError::NoIsolation { .. }), "{e}");
+        let e = e.to_string();
+        for part in ["namespaces: unshare", "chroot: chroot", "CAP_SYS_CHROOT"] {
             assert!(e.contains(part), "{part}: {e}");
         }
     }

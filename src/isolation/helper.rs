@@ -86,11 +86,13 @@ pub fn main() -> i32 {
             return 125;
         }
     };
-    let report = match channel::recv_spec(&channel).and_then(|(json, fds)| {
-        serde_json::from_slice::<SandboxSpec>(&json)
-            .map(|spec| (spec, fds))
-            .map_err(|e| format!("invalid helper spec: {e}"))
-    }) {
+    let report = match channel::recv_spec(&channel)
+        .map_err(|e| e.to_string())
+        .and_then(|(json, fds)| {
+            serde_json::from_slice::<SandboxSpec>(&json)
+                .map(|spec| (spec, fds))
+                .map_err(|e| format!("invalid helper spec: {e}"))
+        }) {
         Ok((spec, fds)) => run(&spec, fds, &mut channel),
         Err(message) => HelperReport::SetupFailed { message },
     };

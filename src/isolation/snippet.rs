@@ -70,21 +70,28 @@ pub struct Invocation {
     pub env: Vec<(String, String)>,
 }
 
+/// Why a variable cannot be set in a run's environment.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadVariable {
+    #[error("an environment variable needs a name: write NAME=VALUE")]
+    NoName,
+    #[error("{0:?} cannot be an environment variable's name: names hold neither '=' nor NUL")]
+    Name(String),
+    #[error("the value of {0} holds a NUL byte, which no environment can carry")]
+    NulInValue(String),
+}
+
 /// Whether `name=value` can be set in a run's environment: a name that is not empty and
 /// holds neither `=` nor NUL, a value without NUL (the C environment cannot hold them).
-pub fn check_variable(name: &str, value: &str) -> Result<(), String> {
+pub fn check_variable(name: &str, value: &str) -> Result<(), BadVariable> {
     if name.is_empty() {
-        return Err("an environment variable needs a name: write NAME=VALUE".into());
+        return Err(BadVariable::NoName);
     }
     if name.contains('=') || name.contains('\0') {
-        return Err(format!(
-            "{name:?} cannot be an environment variable's name: names hold neither '=' nor NUL"
-        ));
+        return Err(BadVariable::Name(name.into()));
     }
     if value.contains('\0') {
-        return Err(format!(
-            "the value of {name} holds a NUL byte, which no environment can carry"
-        ));
+        return Err(BadVariable::NulInValue(name.into()));
     }
     Ok(())
 }
@@ -241,14 +248,25 @@ mod tests {
         assert!(check_variable("MODE", "ci").is_ok());
         assert!(check_variable("PYTHONPATH", "/x").is_ok());
         assert!(check_variable("lower_1", "").is_ok());
-        for (name, value, needle) in [
-            ("", "x", "needs a name"),
-            ("A=B", "x", "neither '=' nor NUL"),
-            ("A\0B", "x", "neither '=' nor NUL"),
-            ("A", "x\0y", "NUL byte"),
+        for (name, value, kind, needle) in [
+            ("", "x", BadVariable::NoName, "needs a name"),
+            (
+                "A=B",
+                "x",
+                BadVariable::Name("A=B".into()),
+                "neither '=' nor NUL",
+            ),
+            (
+                "A\0B",
+                "x",
+                BadVariable::Name("A\0B".into()),
+                "neither '=' nor NUL",
+            ),
+            ("A", "x\0y", BadVariable::NulInValue("A".into()), "NUL byte"),
         ] {
             let e = check_variable(name, value).expect_err(name);
-            assert!(e.contains(needle), "{e}");
+            assert_eq!(e, kind);
+            assert!(e.to_string().contains(needle), "{e}");
         }
     }
 }

@@ -19,6 +19,7 @@ use crate::engine::network::RunNetwork;
 use crate::engine::{Engine, RunError, RunFiles, RunRequest, Sink, StdinFeed, Stream};
 use crate::isolation::snippet::Invocation;
 use crate::runtime::Language;
+use crate::state::StateDir;
 
 /// What `run` checked, for a local run.
 pub(super) struct LocalRun {
@@ -72,7 +73,7 @@ pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCod
     config.max_workers = 1;
     // One run: a fork server would cost more to start than it saves.
     config.python_fork_server = false;
-    let (state, tmp_bytes) = (config.state(), config.tmp_size_mb << 20);
+    let (state, tmp_bytes) = (StateDir::new(&config.state_dir), config.tmp_size_mb << 20);
     let sink: Option<Sink> = (!args.json).then(|| {
         Arc::new(|stream: Stream, bytes: &[u8]| {
             // A closed terminal or pipe must not stop the run; its result still counts.

@@ -202,52 +202,6 @@ pub const ENOSYS: &[(&str, &str)] = &[
     ),
 ];
 
-/// System calls whose rules are fixed: `allowed_syscalls` and `extra_syscalls` cannot
-/// open them, because the jail depends on them (no exec, no processes, no raising
-/// limits, sockets by family, no io_uring around seccomp).
-pub const FIXED: &[&str] = &[
-    "execve",
-    "execveat",
-    "fork",
-    "vfork",
-    "clone",
-    "clone3",
-    "prlimit64",
-    "socket",
-    "socketpair",
-    "io_uring_setup",
-    "io_uring_enter",
-    "io_uring_register",
-];
-
-/// Whether syscall number `nr` is one of the `FIXED` calls, whose rules no operator list
-/// may change.
-pub fn is_fixed(nr: i64) -> bool {
-    FIXED
-        .iter()
-        .filter_map(|n| libseccomp::ScmpSyscall::from_name(n).ok())
-        .any(|sc| i64::from(i32::from(sc)) == nr)
-}
-
-/// A syscall given by name or number, as its number on this architecture.
-pub fn resolve_token(token: &str) -> Result<i64, String> {
-    let token = token.trim();
-    let nr = match token.parse::<i64>() {
-        Ok(n) if n >= 0 => n,
-        Ok(n) => return Err(format!("{n} is not a syscall number")),
-        Err(_) => match libseccomp::ScmpSyscall::from_name(token) {
-            Ok(sc) => i64::from(i32::from(sc)),
-            Err(_) => {
-                return Err(format!(
-                    "{token:?} is not a system call this architecture knows"
-                ));
-            }
-        },
-    };
-    if is_fixed(nr) {
-        return Err(format!(
-            "{token} cannot be allowed: the sandbox's no-exec, no-process and network rules depend on it"
-        ));
-    }
-    Ok(nr)
-}
+/// The test for the calls no operator list may open (`config::syscalls::FIXED`): the
+/// configuration refuses them by name, the filter by number.
+pub use crate::config::syscalls::is_fixed;
