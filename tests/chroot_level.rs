@@ -4,6 +4,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;

@@ -12,6 +12,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};

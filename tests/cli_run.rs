@@ -18,6 +18,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;

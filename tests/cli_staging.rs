@@ -13,6 +13,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Output;

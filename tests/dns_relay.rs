@@ -11,6 +11,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -3,6 +3,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use common::{sandbox, stderr, stdout};
 use serde_json::Value;
 

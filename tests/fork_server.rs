@@ -7,6 +7,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use std::time::Duration;
 
 use common::Server;

@@ -5,6 +5,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;

@@ -4,6 +4,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

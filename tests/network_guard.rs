@@ -7,6 +7,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use std::net::TcpListener;
 use std::process::Command;
 

@@ -10,6 +10,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use std::net::{IpAddr, Ipv4Addr, TcpListener, UdpSocket};
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;

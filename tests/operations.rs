@@ -2,6 +2,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use std::time::{Duration, Instant};
 
 use common::{KEY, Server};

@@ -3,6 +3,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use std::sync::Arc;
 
 use common::raw::{self, read_answer};

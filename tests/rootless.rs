@@ -11,6 +11,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::Path;

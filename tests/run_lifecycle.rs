@@ -6,6 +6,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -2,6 +2,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use common::Server;
 use serde_json::{Value, json};
 

@@ -5,6 +5,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use std::collections::BTreeSet;
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;

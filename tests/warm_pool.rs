@@ -2,6 +2,8 @@
 
 mod common;
 
+common::needs_root!();
+
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 

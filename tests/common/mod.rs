@@ -1,5 +1,6 @@
 //! Shared helpers for the integration tests: a real `sandbox serve` on a free loopback
-//! port, and a small client for its API. The tests run as root, for real.
+//! port, and a small client for its API. The tests run as root, for real; a file that
+//! needs root says so with `common::needs_root!()`, and is skipped otherwise.
 #![allow(dead_code)]
 
 pub mod netlab;
@@ -13,6 +14,34 @@ use serde_json::{Value, json};
 pub mod raw;
 
 pub const KEY: &str = "dify-sandbox";
+
+/// Skips the test file it is written in, with one line saying why, when the tests do not
+/// run as root: they set up real jails (namespaces, cgroups, seccomp, runs as other
+/// uids), which only root may. CI runs them as root; `cargo test` as another user still
+/// runs the unit tests and the files that need no root.
+#[allow(unused_macros)]
+macro_rules! needs_root {
+    () => {
+        // SAFETY: runs before main, on the only thread: it reads the effective uid, may
+        // write one line and exit, and touches nothing the test harness uses.
+        #[ctor::ctor(unsafe)]
+        fn skip_unless_root() {
+            $crate::common::skip_unless_root(file!());
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use needs_root;
+
+/// Exit (successfully) with one line unless this process is root; see `needs_root!`.
+pub fn skip_unless_root(file: &str) {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "skipping {file}: needs root (its tests set up real jails: namespaces, cgroups, seccomp, runs as other uids); run it as root, as CI does"
+        );
+        std::process::exit(0);
+    }
+}
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_sandbox")
