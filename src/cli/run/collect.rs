@@ -56,16 +56,37 @@ pub(super) fn sanitise(name: &OsStr) -> Option<String> {
     Some(String::from_utf8_lossy(&clean).into_owned())
 }
 
+/// Why nothing at all could be copied back.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum CollectError {
+    #[error("--out {}: cannot create it: {source}", to.display())]
+    Create {
+        to: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--out {}: cannot open it: {}", to.display(), errno.desc())]
+    Open {
+        to: std::path::PathBuf,
+        errno: Errno,
+    },
+    #[error("cannot read the run's {OUT_MOUNT}: {}", .0.desc())]
+    Source(Errno),
+}
+
 /// Copy the run's output directory `from` into `to` (created if missing), at most
 /// `limit` bytes of file contents in all.
-pub(super) fn collect(from: &Path, to: &Path, limit: u64) -> Result<Collected, String> {
-    std::fs::create_dir_all(to)
-        .map_err(|e| format!("--out {}: cannot create it: {e}", to.display()))?;
+pub(super) fn collect(from: &Path, to: &Path, limit: u64) -> Result<Collected, CollectError> {
+    std::fs::create_dir_all(to).map_err(|source| CollectError::Create {
+        to: to.into(),
+        source,
+    })?;
     // DIR itself is the user's to name, link or not; nothing below it is followed.
-    let dest = beneath::open_root(to)
-        .map_err(|e| format!("--out {}: cannot open it: {}", to.display(), e.desc()))?;
-    let source = beneath::open_dir(nix::fcntl::AT_FDCWD, from.as_os_str())
-        .map_err(|e| format!("cannot read the run's {OUT_MOUNT}: {}", e.desc()))?;
+    let dest = beneath::open_root(to).map_err(|errno| CollectError::Open {
+        to: to.into(),
+        errno,
+    })?;
+    let source =
+        beneath::open_dir(nix::fcntl::AT_FDCWD, from.as_os_str()).map_err(CollectError::Source)?;
     let mut copy = Copy {
         room: limit,
         limit,

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::RunArgs;
-use crate::isolation::snippet::{Invocation, check_variable};
+use crate::isolation::snippet::{BadVariable, Invocation, check_variable};
 use crate::runtime::Language;
 
 /// Where the code came from, which names it the way `python3` and `node` would.
@@ -56,13 +56,50 @@ impl Script {
     }
 }
 
+/// Why the snippet's environment cannot be built from what was given.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum EnvError {
+    #[error("--env-file {}: {source}; check the path and that it is UTF-8 text", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--env-file {}: {line}", path.display())]
+    Line { path: PathBuf, line: BadLine },
+    #[error("{origin}: {variable}")]
+    Variable {
+        origin: String,
+        variable: BadVariable,
+    },
+}
+
+/// A line of an env file that is not `NAME=VALUE`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {number}: {text:?} is not NAME=VALUE (a name without spaces, then '=')")]
+pub(super) struct BadLine {
+    number: usize,
+    text: String,
+}
+
+/// Why `--stdin FILE` cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum StdinError {
+    #[error("--stdin {}: {source}; check the path and its permissions", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--stdin {}: a directory; give a file", .0.display())]
+    Directory(PathBuf),
+}
+
 /// The snippet's invocation: its name, argv (the script's name, then what follows `--`)
 /// and environment. `job`: whether the run has /job.
 pub(super) fn invocation(
     args: &RunArgs,
     language: Language,
     job: bool,
-) -> Result<Invocation, String> {
+) -> Result<Invocation, EnvError> {
     let script = Script::of(args);
     let mut argv = vec![script.argv0().to_string()];
     argv.extend(args.args.iter().cloned());
@@ -79,17 +116,17 @@ pub(super) fn invocation(
 pub(super) fn environment(
     args: &RunArgs,
     lookup: impl Fn(&str) -> Option<String>,
-) -> Result<Vec<(String, String)>, String> {
+) -> Result<Vec<(String, String)>, EnvError> {
     let mut given: Vec<(String, Option<String>, String)> = Vec::new();
     for file in &args.env_file {
-        let text = std::fs::read_to_string(file).map_err(|e| {
-            format!(
-                "--env-file {}: {e}; check the path and that it is UTF-8 text",
-                file.display()
-            )
+        let text = std::fs::read_to_string(file).map_err(|source| EnvError::Read {
+            path: file.clone(),
+            source,
         })?;
-        let lines =
-            parse_env_file(&text).map_err(|e| format!("--env-file {}: {e}", file.display()))?;
+        let lines = parse_env_file(&text).map_err(|line| EnvError::Line {
+            path: file.clone(),
+            line,
+        })?;
         for (line, name, value) in lines {
             given.push((name, value, format!("{}:{line}", file.display())));
         }
@@ -107,7 +144,9 @@ pub(super) fn environment(
                 None => continue,
             },
         };
-        check_variable(&name, &value).map_err(|e| format!("{origin}: {e}"))?;
+        if let Err(variable) = check_variable(&name, &value) {
+            return Err(EnvError::Variable { origin, variable });
+        }
         match env.iter_mut().find(|(n, _)| *n == name) {
             Some(slot) => slot.1 = value,
             None => env.push((name, value)),
@@ -127,7 +166,7 @@ fn assignment(raw: &str) -> (String, Option<String>) {
 /// An env file: one `NAME=VALUE` (or bare `NAME`) a line, taken literally (no quotes, no
 /// expansion, as Docker's `--env-file`); blank lines and `#` comments are skipped.
 /// Returns (line number, name, value).
-fn parse_env_file(text: &str) -> Result<Vec<(usize, String, Option<String>)>, String> {
+fn parse_env_file(text: &str) -> Result<Vec<(usize, String, Option<String>)>, BadLine> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.strip_suffix('\r').unwrap_or(line);
@@ -138,10 +177,10 @@ fn parse_env_file(text: &str) -> Result<Vec<(usize, String, Option<String>)>, St
         let (name, value) = assignment(trimmed);
         // `NAME = value` is a typo for NAME=value, not a name with spaces.
         if name.is_empty() || name.contains(char::is_whitespace) {
-            return Err(format!(
-                "line {}: {line:?} is not NAME=VALUE (a name without spaces, then '=')",
-                i + 1
-            ));
+            return Err(BadLine {
+                number: i + 1,
+                text: line.into(),
+            });
         }
         out.push((i + 1, name, value));
     }
@@ -169,7 +208,7 @@ impl StdinSource {
     }
 
     /// Open the source (`--stdin FILE` is checked here, before anything runs).
-    pub fn open(&self) -> Result<Option<Box<dyn std::io::Read + Send>>, String> {
+    pub fn open(&self) -> Result<Option<Box<dyn std::io::Read + Send>>, StdinError> {
         match self {
             Self::Empty => Ok(None),
             Self::Caller => Ok(Some(Box::new(std::io::stdin()))),
@@ -178,18 +217,13 @@ impl StdinSource {
     }
 }
 
-fn open_file(path: &Path) -> Result<std::fs::File, String> {
-    let file = std::fs::File::open(path).map_err(|e| {
-        format!(
-            "--stdin {}: {e}; check the path and its permissions",
-            path.display()
-        )
+fn open_file(path: &Path) -> Result<std::fs::File, StdinError> {
+    let file = std::fs::File::open(path).map_err(|source| StdinError::Open {
+        path: path.into(),
+        source,
     })?;
     match file.metadata() {
-        Ok(m) if m.is_dir() => Err(format!(
-            "--stdin {}: a directory; give a file",
-            path.display()
-        )),
+        Ok(m) if m.is_dir() => Err(StdinError::Directory(path.into())),
         _ => Ok(file),
     }
 }
@@ -229,7 +263,8 @@ mod tests {
         );
         assert_eq!(got[0].0, 3, "line numbers count from 1");
         let e = parse_env_file("OK=1\nBAD NAME=2\n").expect_err("a space in the name");
-        assert!(e.starts_with("line 2:"), "{e}");
+        assert_eq!(e.number, 2);
+        assert!(e.to_string().starts_with("line 2:"), "{e}");
         assert!(parse_env_file("=x\n").is_err());
     }
 
@@ -261,10 +296,26 @@ mod tests {
             ]
         );
         let e = environment(&args(&["--env", "=v"]), |_| None).expect_err("no name");
+        assert!(
+            matches!(
+                &e,
+                EnvError::Variable {
+                    variable: BadVariable::NoName,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = e.to_string();
         assert!(e.contains("--env =v") && e.contains("needs a name"), "{e}");
         std::fs::write(&file, "A=x\0y\n").unwrap();
-        let e = environment(&args(&["--env-file", f]), |_| None).expect_err("NUL");
+        let e = environment(&args(&["--env-file", f]), |_| None)
+            .expect_err("NUL")
+            .to_string();
         assert!(e.contains("ci.env:1") && e.contains("NUL"), "{e}");
+        let e = environment(&args(&["--env-file", "/nonexistent/ci.env"]), |_| None)
+            .expect_err("missing");
+        assert!(matches!(e, EnvError::Read { .. }), "{e}");
     }
 
     #[test]
@@ -300,6 +351,12 @@ mod tests {
             .open()
             .err()
             .expect("missing");
-        assert!(e.contains("--stdin /nonexistent/in"), "{e}");
+        assert!(matches!(e, StdinError::Open { .. }), "{e}");
+        assert!(e.to_string().contains("--stdin /nonexistent/in"), "{e}");
+        let e = StdinSource::File("/".into())
+            .open()
+            .err()
+            .expect("a directory");
+        assert!(matches!(e, StdinError::Directory(_)), "{e}");
     }
 }

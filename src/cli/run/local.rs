@@ -169,8 +169,7 @@ pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCod
     });
     let outcome = outcome.map_err(|e| match e {
         RunError::NetworkDisabled => usage(
-            "--network is refused: enable_network is false in the configuration (ENABLE_NETWORK)"
-                .into(),
+            "--network is refused: enable_network is false in the configuration (ENABLE_NETWORK)",
         ),
         other => other.into(),
     })?;
@@ -190,7 +189,7 @@ pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCod
     if let (Some(dir), Some(stage)) = (&args.out, &stage) {
         match collect(&stage.out, dir, tmp_bytes) {
             Ok(c) => (result.files, result.refused) = (c.files, c.refused),
-            Err(e) => result.refused.push(e),
+            Err(e) => result.refused.push(e.to_string()),
         }
     }
     drop(stage);

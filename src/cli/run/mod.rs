@@ -156,8 +156,8 @@ pub fn execute(args: RunArgs) -> ExitCode {
     }
 }
 
-pub(super) fn usage(msg: String) -> anyhow::Error {
-    UsageError(msg).into()
+pub(super) fn usage(msg: impl std::fmt::Display) -> anyhow::Error {
+    UsageError(msg.to_string()).into()
 }
 
 /// A whole number option within [min, max].

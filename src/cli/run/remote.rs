@@ -58,9 +58,7 @@ enum RemoteError {
 pub(super) fn server_base(server: &str) -> anyhow::Result<String> {
     let server = server.trim().trim_end_matches('/');
     if server.is_empty() {
-        return Err(usage(
-            "--server needs a URL such as http://host:8194".into(),
-        ));
+        return Err(usage("--server needs a URL such as http://host:8194"));
     }
     if server.starts_with("https://") {
         return Err(usage(format!(

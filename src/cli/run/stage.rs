@@ -125,6 +125,24 @@ fn remove_stale(runs: &Path) {
     }
 }
 
+/// Why a `--file` or `--dir` as written cannot be staged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum BadInput {
+    #[error("{given}: {dest}")]
+    Dest { given: String, dest: BadDest },
+    #[error("{given}: a file needs a name in /job: write {raw}:NAME")]
+    NoName { given: String, raw: String },
+}
+
+/// A destination that is not inside /job.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum BadDest {
+    #[error("the destination {0:?} leaves /job ('..'); give a path inside it")]
+    Leaves(String),
+    #[error("the destination {0:?} is absolute; give a path relative to /job")]
+    Absolute(String),
+}
+
 /// One `--file PATH[:DEST]` or `--dir DIR[:DEST]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Input {
@@ -139,7 +157,7 @@ pub(super) struct Input {
 impl Input {
     /// Parse `raw`: `PATH` or `PATH:DEST` (a PATH holding ':' is taken whole when it
     /// exists). The default DEST is PATH's own name, beside the script.
-    pub fn parse(raw: &str, dir: bool) -> Result<Self, String> {
+    pub fn parse(raw: &str, dir: bool) -> Result<Self, BadInput> {
         let flag = if dir { "--dir" } else { "--file" };
         let given = format!("{flag} {raw}");
         let (source, dest) = match raw.rsplit_once(':') {
@@ -148,7 +166,10 @@ impl Input {
         };
         let source = PathBuf::from(source);
         let dest = match dest {
-            Some(d) => check_dest(d).map_err(|e| format!("{given}: {e}"))?,
+            Some(d) => check_dest(d).map_err(|dest| BadInput::Dest {
+                given: given.clone(),
+                dest,
+            })?,
             None => match source.file_name() {
                 Some(name) if source.components().next_back() != Some(Component::ParentDir) => {
                     PathBuf::from(name)
@@ -157,9 +178,10 @@ impl Input {
             },
         };
         if dest.as_os_str().is_empty() && !dir {
-            return Err(format!(
-                "{given}: a file needs a name in /job: write {raw}:NAME"
-            ));
+            return Err(BadInput::NoName {
+                given,
+                raw: raw.into(),
+            });
         }
         Ok(Self {
             source,
@@ -172,21 +194,17 @@ impl Input {
 
 /// A destination inside /job: relative, and never leaving it (no `..`, no absolute
 /// path). `.` and an empty DEST are /job itself.
-pub(super) fn check_dest(raw: &str) -> Result<PathBuf, String> {
+pub(super) fn check_dest(raw: &str) -> Result<PathBuf, BadDest> {
     let mut dest = PathBuf::new();
     for c in Path::new(raw).components() {
         match c {
             Component::Normal(part) => dest.push(part),
             Component::CurDir => {}
             Component::ParentDir => {
-                return Err(format!(
-                    "the destination {raw:?} leaves /job ('..'); give a path inside it"
-                ));
+                return Err(BadDest::Leaves(raw.into()));
             }
             Component::RootDir | Component::Prefix(_) => {
-                return Err(format!(
-                    "the destination {raw:?} is absolute; give a path relative to /job"
-                ));
+                return Err(BadDest::Absolute(raw.into()));
             }
         }
     }
@@ -571,8 +589,20 @@ mod tests {
         for bad in ["../x", "a/../../x", "a/..", "/etc/x", "/"] {
             assert!(check_dest(bad).is_err(), "{bad}");
         }
-        assert!(check_dest("/etc").unwrap_err().contains("absolute"));
-        assert!(check_dest("a/../b").unwrap_err().contains("leaves /job"));
+        assert_eq!(check_dest("/etc"), Err(BadDest::Absolute("/etc".into())));
+        assert_eq!(check_dest("a/../b"), Err(BadDest::Leaves("a/../b".into())));
+        assert!(
+            check_dest("/etc")
+                .unwrap_err()
+                .to_string()
+                .contains("absolute")
+        );
+        assert!(
+            check_dest("a/../b")
+                .unwrap_err()
+                .to_string()
+                .contains("leaves /job")
+        );
     }
 
     #[test]
@@ -591,16 +621,12 @@ mod tests {
         assert_eq!(i.dest, PathBuf::from("lib"));
         let i = Input::parse("lib:.", true).unwrap();
         assert_eq!(i.dest, PathBuf::new());
-        assert!(
-            Input::parse("x:../y", false)
-                .unwrap_err()
-                .starts_with("--file x:../y:")
-        );
-        assert!(
-            Input::parse("x:.", false)
-                .unwrap_err()
-                .contains("needs a name")
-        );
+        let e = Input::parse("x:../y", false).unwrap_err();
+        assert!(matches!(e, BadInput::Dest { .. }), "{e}");
+        assert!(e.to_string().starts_with("--file x:../y:"), "{e}");
+        let e = Input::parse("x:.", false).unwrap_err();
+        assert!(matches!(e, BadInput::NoName { .. }), "{e}");
+        assert!(e.to_string().contains("needs a name"), "{e}");
         // A path with ':' that exists is taken whole.
         let dir = tempfile::tempdir().unwrap();
         let odd = dir.path().join("a:b");
