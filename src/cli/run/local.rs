@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::collect::collect;
 use super::invocation::Script;
 use super::report::{Outcome, stdin_cut_note};
-use super::stage::{Input, Stage, Stager};
+use super::stage::{Input, Stage, StageError, Stager};
 use super::{RunArgs, usage};
 use crate::engine::network::RunNetwork;
 use crate::engine::{Engine, RunError, RunFiles, RunRequest, Sink, StdinFeed, Stream};
@@ -114,14 +114,17 @@ pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCod
     };
     let script = Script::of(args);
     if let Some(stage) = &stage {
-        let mut stager = Stager::new(&stage.job, run.max_input_mb).map_err(anyhow::Error::msg)?;
+        // What the user gave is theirs to fix (exit code 2); the stage failing is not.
+        let failed = |e: StageError| match e.is_usage() {
+            true => usage(e),
+            false => anyhow::Error::new(e),
+        };
+        let mut stager = Stager::new(&stage.job, run.max_input_mb).map_err(failed)?;
         for input in &run.inputs {
-            stager.add(input).map_err(usage)?;
+            stager.add(input).map_err(failed)?;
         }
         if let Script::File(name) = &script {
-            stager
-                .add_script(name, &run.code)
-                .map_err(anyhow::Error::msg)?;
+            stager.add_script(name, &run.code).map_err(failed)?;
         }
     }
     let mut how = run.how;

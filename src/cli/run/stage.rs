@@ -248,12 +248,159 @@ fn in_job(at: &Path) -> String {
 const DIR_PERM: Perm = Perm::Exact(0o755);
 const FILE_PERM: Perm = Perm::Exact(0o644);
 
+/// What a system call or a read said, as the user is shown it.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Cause {
+    #[error("{}", .0.desc())]
+    Sys(Errno),
+    #[error("{0}")]
+    Io(std::io::Error),
+}
+
+impl From<Errno> for Cause {
+    fn from(e: Errno) -> Self {
+        Self::Sys(e)
+    }
+}
+
+impl From<std::io::Error> for Cause {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+/// Why staging stopped. The kind decides the exit code: an `Input` is the user's to fix
+/// (usage, 2); the run's directory or its script failing is the command's (1).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum StageError {
+    #[error("cannot open the run's {}: {}", job.display(), errno.desc())]
+    Job { job: PathBuf, errno: Errno },
+    #[error("cannot stage the script as /job/{name}: {problem}")]
+    Script {
+        name: String,
+        problem: ScriptProblem,
+    },
+    /// `given` is the option as the user wrote it.
+    #[error("{given}: {problem}")]
+    Input {
+        given: String,
+        problem: InputProblem,
+    },
+}
+
+impl StageError {
+    /// Whether what the user gave is at fault (exit code 2).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::Input { .. })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ScriptProblem {
+    #[error("not a plain file name")]
+    NotPlainName,
+    #[error("an input put a directory there; give that input another destination (PATH:DEST)")]
+    DirectoryThere,
+    #[error(transparent)]
+    Failed(#[from] Cause),
+}
+
+/// What is wrong with one input; each says what to do. Paths are shown as the user
+/// would write them (sources) or below /job (destinations).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum InputProblem {
+    #[error("cannot read {path}: {cause}")]
+    Read { path: String, cause: Cause },
+    #[error("cannot open {path}: {cause}")]
+    Open { path: String, cause: Cause },
+    #[error("cannot list {path}: {cause}")]
+    List { path: String, cause: Cause },
+    #[error("{path}: {cause}")]
+    Stat { path: String, cause: Cause },
+    #[error("{0}")]
+    Descriptor(std::io::Error),
+    #[error("not a directory; use --file")]
+    NotADirectory,
+    #[error("a directory; use --dir")]
+    ADirectory,
+    #[error("not a regular file")]
+    NotRegular,
+    #[error("a file needs a name in /job")]
+    NoName,
+    #[error("more than {MAX_INPUT_ENTRIES} files and directories of input; give fewer")]
+    TooMany,
+    #[error("the inputs hold more than {0} MB (--max-input {0}); raise --max-input or give less")]
+    TooLarge(u64),
+    #[error("directories nest deeper than {MAX_DEPTH}")]
+    TooDeep,
+    #[error(
+        "{at} is already a file (from an earlier input); give one of them another destination (PATH:DEST)"
+    )]
+    AlreadyFile { at: String },
+    #[error(
+        "{at} is already a directory (from an earlier input); give one of them another destination (PATH:DEST)"
+    )]
+    AlreadyDir { at: String },
+    #[error("{at} is given twice; give one of them another destination (PATH:DEST)")]
+    Twice { at: String },
+    #[error("cannot create {at}: {cause}")]
+    Create { at: String, cause: Cause },
+    #[error("cannot copy to {at}: {cause}")]
+    CopyTo { at: String, cause: Cause },
+    #[error("{path} changed while it was copied; try again")]
+    Changed { path: String },
+    #[error("{path} is not a regular file, a directory or a link")]
+    Odd { path: String },
+    #[error(
+        "{path} is a link leading outside {root} (to {target}): a --dir's links are copied only when what they name is inside it; remove the link, or give what it names by itself (--file PATH:DEST or --dir DIR:DEST)"
+    )]
+    LinkOutside {
+        path: String,
+        root: String,
+        target: String,
+    },
+    #[error(
+        "{path} is a link to {target}, which names nothing; remove it or make it name a file inside {root}"
+    )]
+    LinkToNothing {
+        path: String,
+        target: String,
+        root: String,
+    },
+    #[error(
+        "{path} is a link to {target}: links lead in a circle (or more than 40 deep); remove it"
+    )]
+    LinkLoop { path: String, target: String },
+    #[error("{path} is a link to {target}: cannot follow it: {cause}")]
+    LinkUnfollowed {
+        path: String,
+        target: String,
+        cause: Cause,
+    },
+    #[error("{path} is a link to {target}, which is not a regular file or a directory; remove it")]
+    LinkToOdd { path: String, target: String },
+    #[error("{path} is a link to a directory that holds it, which would copy forever; remove it")]
+    LinkCycle { path: String },
+    #[error("{path} is a directory that holds itself (a bind mount?); give its parts instead")]
+    HoldsItself { path: String },
+}
+
+/// An input's problem, named by the option as the user wrote it.
+fn bad(input: &Input, problem: InputProblem) -> StageError {
+    StageError::Input {
+        given: input.given.clone(),
+        problem,
+    }
+}
+
 impl Stager {
-    pub fn new(job: &Path, limit_mb: u64) -> Result<Self, String> {
-        let job = beneath::open_root(job)
-            .map_err(|e| format!("cannot open the run's {}: {}", job.display(), e.desc()))?;
+    pub fn new(job: &Path, limit_mb: u64) -> Result<Self, StageError> {
+        let job_fd = beneath::open_root(job).map_err(|errno| StageError::Job {
+            job: job.into(),
+            errno,
+        })?;
         Ok(Self {
-            job,
+            job: job_fd,
             room: limit_mb << 20,
             limit_mb,
             entries: 0,
@@ -262,33 +409,38 @@ impl Stager {
 
     /// Copy one input; errors name it and say what to do. The path the user typed is
     /// taken as given, links in it followed (like cp): they named it.
-    pub fn add(&mut self, input: &Input) -> Result<(), String> {
-        let meta = fs::metadata(&input.source).map_err(|e| {
-            format!(
-                "{}: cannot read {}: {e}",
-                input.given,
-                input.source.display()
+    pub fn add(&mut self, input: &Input) -> Result<(), StageError> {
+        let unreadable = |e: std::io::Error| {
+            bad(
+                input,
+                InputProblem::Read {
+                    path: input.source.display().to_string(),
+                    cause: e.into(),
+                },
             )
-        })?;
+        };
+        let meta = fs::metadata(&input.source).map_err(unreadable)?;
         match (input.dir, meta.is_dir()) {
             (true, true) => self.add_dir(input),
             (false, false) if meta.is_file() => self.add_file(input),
-            (true, false) => Err(format!("{}: not a directory; use --file", input.given)),
-            (false, true) => Err(format!("{}: a directory; use --dir", input.given)),
-            (false, false) => Err(format!("{}: not a regular file", input.given)),
+            (true, false) => Err(bad(input, InputProblem::NotADirectory)),
+            (false, true) => Err(bad(input, InputProblem::ADirectory)),
+            (false, false) => Err(bad(input, InputProblem::NotRegular)),
         }
     }
 
-    fn add_file(&mut self, input: &Input) -> Result<(), String> {
-        let unreadable = |e: &dyn std::fmt::Display| {
-            format!(
-                "{}: cannot read {}: {e}",
-                input.given,
-                input.source.display()
+    fn add_file(&mut self, input: &Input) -> Result<(), StageError> {
+        let unreadable = |e: std::io::Error| {
+            bad(
+                input,
+                InputProblem::Read {
+                    path: input.source.display().to_string(),
+                    cause: e.into(),
+                },
             )
         };
         let (Some(parent), Some(name)) = (input.dest.parent(), input.dest.file_name()) else {
-            return Err(format!("{}: a file needs a name in /job", input.given));
+            return Err(bad(input, InputProblem::NoName));
         };
         let parent = self.make_dirs(parent, input)?;
         // O_NONBLOCK: a FIFO put there since the check must not hang the command.
@@ -296,29 +448,39 @@ impl Stager {
             .read(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(&input.source)
-            .map_err(|e| unreadable(&e))?;
+            .map_err(unreadable)?;
         match file.metadata() {
             Ok(m) if m.is_file() => {}
-            Ok(_) => return Err(format!("{}: not a regular file", input.given)),
-            Err(e) => return Err(unreadable(&e)),
+            Ok(_) => return Err(bad(input, InputProblem::NotRegular)),
+            Err(e) => return Err(unreadable(e)),
         }
         self.copy_file(file, &parent, name, &input.dest, input)
     }
 
-    fn add_dir(&mut self, input: &Input) -> Result<(), String> {
+    fn add_dir(&mut self, input: &Input) -> Result<(), StageError> {
+        let path = || input.source.display().to_string();
         let root = beneath::open_root(&input.source).map_err(|e| {
-            format!(
-                "{}: cannot open {}: {}",
-                input.given,
-                input.source.display(),
-                e.desc()
+            bad(
+                input,
+                InputProblem::Open {
+                    path: path(),
+                    cause: e.into(),
+                },
             )
         })?;
-        let st = fstat(&root).map_err(|e| format!("{}: {}", input.given, e.desc()))?;
+        let st = fstat(&root).map_err(|e| {
+            bad(
+                input,
+                InputProblem::Stat {
+                    path: path(),
+                    cause: e.into(),
+                },
+            )
+        })?;
         let dst = self.make_dirs(&input.dest, input)?;
         let src = root
             .try_clone()
-            .map_err(|e| format!("{}: {e}", input.given))?;
+            .map_err(|e| bad(input, InputProblem::Descriptor(e)))?;
         let mut tree = Tree {
             input,
             root,
@@ -328,57 +490,50 @@ impl Stager {
     }
 
     /// The script itself, at /job/<name>, over any file an input put there.
-    pub fn add_script(&mut self, name: &str, code: &str) -> Result<(), String> {
-        let cannot =
-            |e: &dyn std::fmt::Display| format!("cannot stage the script as /job/{name}: {e}");
+    pub fn add_script(&mut self, name: &str, code: &str) -> Result<(), StageError> {
+        let cannot = |problem: ScriptProblem| StageError::Script {
+            name: name.into(),
+            problem,
+        };
+        let failed = |cause: Cause| cannot(ScriptProblem::Failed(cause));
         let single = Path::new(name).file_name().is_some_and(|n| n == name);
         if !single {
-            return Err(cannot(&"not a plain file name"));
+            return Err(cannot(ScriptProblem::NotPlainName));
         }
         let name = std::ffi::OsStr::new(name);
         match fstatat(&self.job, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) if beneath::kind(&st) == SFlag::S_IFDIR => {
-                return Err(cannot(
-                    &"an input put a directory there; give that input another destination (PATH:DEST)",
-                ));
+                return Err(cannot(ScriptProblem::DirectoryThere));
             }
             Ok(_) => unlinkat(&self.job, name, UnlinkatFlags::NoRemoveDir)
-                .map_err(|e| cannot(&e.desc()))?,
+                .map_err(|e| failed(e.into()))?,
             Err(_) => {}
         }
         let mut file =
-            beneath::create_file(&self.job, name, FILE_PERM).map_err(|e| cannot(&e.desc()))?;
-        file.write_all(code.as_bytes()).map_err(|e| cannot(&e))
+            beneath::create_file(&self.job, name, FILE_PERM).map_err(|e| failed(e.into()))?;
+        file.write_all(code.as_bytes())
+            .map_err(|e| failed(e.into()))
     }
 
-    fn count(&mut self, input: &Input, n: u64) -> Result<(), String> {
+    fn count(&mut self, input: &Input, n: u64) -> Result<(), StageError> {
         self.entries += n;
         if self.entries > MAX_INPUT_ENTRIES {
-            return Err(format!(
-                "{}: more than {MAX_INPUT_ENTRIES} files and directories of input; give fewer",
-                input.given
-            ));
+            return Err(bad(input, InputProblem::TooMany));
         }
         Ok(())
     }
 
-    fn too_large(&self, input: &Input) -> String {
-        format!(
-            "{}: the inputs hold more than {} MB (--max-input {}); raise --max-input or give less",
-            input.given, self.limit_mb, self.limit_mb
-        )
-    }
-
     /// `/job/<rel>`, made as needed and entered.
-    fn make_dirs(&mut self, rel: &Path, input: &Input) -> Result<OwnedFd, String> {
+    fn make_dirs(&mut self, rel: &Path, input: &Input) -> Result<OwnedFd, StageError> {
         let (fd, made) =
             beneath::make_dirs(&self.job, rel, DIR_PERM).map_err(|s| match s.errno {
                 Errno::ENOTDIR | Errno::ELOOP => already_file(input, &s.at),
-                e => format!(
-                    "{}: cannot create {}: {}",
-                    input.given,
-                    in_job(&s.at),
-                    e.desc()
+                e => bad(
+                    input,
+                    InputProblem::Create {
+                        at: in_job(&s.at),
+                        cause: e.into(),
+                    },
                 ),
             })?;
         self.count(input, made)?;
@@ -393,28 +548,36 @@ impl Stager {
         name: &std::ffi::OsStr,
         at: &Path,
         input: &Input,
-    ) -> Result<(), String> {
+    ) -> Result<(), StageError> {
         self.count(input, 1)?;
-        let mut out = beneath::create_file(dir, name, FILE_PERM).map_err(|e| match e {
-            Errno::EEXIST => match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-                Ok(st) if beneath::kind(&st) == SFlag::S_IFDIR => format!(
-                    "{}: {} is already a directory (from an earlier input); give one of them another destination (PATH:DEST)",
-                    input.given,
-                    in_job(at)
-                ),
-                _ => format!(
-                    "{}: {} is given twice; give one of them another destination (PATH:DEST)",
-                    input.given,
-                    in_job(at)
-                ),
-            },
-            e => format!("{}: cannot copy to {}: {}", input.given, in_job(at), e.desc()),
+        let mut out = beneath::create_file(dir, name, FILE_PERM).map_err(|e| {
+            let at = in_job(at);
+            let problem = match e {
+                Errno::EEXIST => match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                    Ok(st) if beneath::kind(&st) == SFlag::S_IFDIR => {
+                        InputProblem::AlreadyDir { at }
+                    }
+                    _ => InputProblem::Twice { at },
+                },
+                e => InputProblem::CopyTo {
+                    at,
+                    cause: e.into(),
+                },
+            };
+            bad(input, problem)
         })?;
         // One byte past the room: a file that grew past it is caught, not cut.
-        let copied = std::io::copy(&mut src.take(self.room + 1), &mut out)
-            .map_err(|e| format!("{}: cannot copy to {}: {e}", input.given, in_job(at)))?;
+        let copied = std::io::copy(&mut src.take(self.room + 1), &mut out).map_err(|e| {
+            bad(
+                input,
+                InputProblem::CopyTo {
+                    at: in_job(at),
+                    cause: e.into(),
+                },
+            )
+        })?;
         if copied > self.room {
-            return Err(self.too_large(input));
+            return Err(bad(input, InputProblem::TooLarge(self.limit_mb)));
         }
         self.room -= copied;
         Ok(())
@@ -429,43 +592,60 @@ impl Stager {
         dst: &OwnedFd,
         rel: &Path,
         at: &Path,
-    ) -> Result<(), String> {
-        let given = &tree.input.given;
-        let names = beneath::list(src)
-            .map_err(|e| format!("{given}: cannot list {}: {}", tree.shown(rel), e.desc()))?;
+    ) -> Result<(), StageError> {
+        let input = tree.input;
+        let names = beneath::list(src).map_err(|e| {
+            bad(
+                input,
+                InputProblem::List {
+                    path: tree.shown(rel),
+                    cause: e.into(),
+                },
+            )
+        })?;
         for name in names {
             let (from, to) = (rel.join(&name), at.join(&name));
-            let st = fstatat(src, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
-                .map_err(|e| format!("{given}: {}: {}", tree.shown(&from), e.desc()))?;
-            let changed = || {
-                format!(
-                    "{given}: {} changed while it was copied; try again",
-                    tree.shown(&from)
+            let path = tree.shown(&from);
+            let st = fstatat(src, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| {
+                bad(
+                    input,
+                    InputProblem::Stat {
+                        path: path.clone(),
+                        cause: e.into(),
+                    },
                 )
-            };
+            })?;
+            let changed = || bad(input, InputProblem::Changed { path: path.clone() });
             match beneath::kind(&st) {
                 SFlag::S_IFREG => {
                     let file = beneath::open_file(src, &name, &st)
                         .map_err(|e| {
-                            format!("{given}: cannot read {}: {}", tree.shown(&from), e.desc())
+                            bad(
+                                input,
+                                InputProblem::Read {
+                                    path: path.clone(),
+                                    cause: e.into(),
+                                },
+                            )
                         })?
                         .ok_or_else(changed)?;
-                    self.copy_file(file, dst, &name, &to, tree.input)?;
+                    self.copy_file(file, dst, &name, &to, input)?;
                 }
                 SFlag::S_IFDIR => {
                     let sub = beneath::open_dir(src, &name).map_err(|e| match e {
                         Errno::ELOOP | Errno::ENOTDIR => changed(),
-                        e => format!("{given}: cannot open {}: {}", tree.shown(&from), e.desc()),
+                        e => bad(
+                            input,
+                            InputProblem::Open {
+                                path: path.clone(),
+                                cause: e.into(),
+                            },
+                        ),
                     })?;
                     self.copy_subdir(tree, (&sub, &st), dst, &name, (&from, &to), false)?;
                 }
                 SFlag::S_IFLNK => self.copy_link(tree, src, dst, &name, (&from, &to))?,
-                _ => {
-                    return Err(format!(
-                        "{given}: {} is not a regular file, a directory or a link",
-                        tree.shown(&from)
-                    ));
-                }
+                _ => return Err(bad(input, InputProblem::Odd { path })),
             }
         }
         Ok(())
@@ -479,32 +659,29 @@ impl Stager {
         dst: &OwnedFd,
         name: &std::ffi::OsStr,
         (from, to): (&Path, &Path),
-    ) -> Result<(), String> {
+    ) -> Result<(), StageError> {
         let target = readlinkat(src, name)
             .map(|t| PathBuf::from(t).display().to_string())
             .unwrap_or_else(|_| "?".into());
-        let link = format!(
-            "{}: {} is a link to {target}",
-            tree.input.given,
-            tree.shown(from)
-        );
-        let (fd, st) = beneath::follow_beneath(&tree.root, from).map_err(|e| match e {
-            Errno::EXDEV => format!(
-                "{}: {} is a link leading outside {} (to {target}): a --dir's links are copied only when what they name is inside it; remove the link, or give what it names by itself (--file PATH:DEST or --dir DIR:DEST)",
-                tree.input.given,
-                tree.shown(from),
-                tree.input.source.display()
-            ),
-            Errno::ENOENT => format!("{link}, which names nothing; remove it or make it name a file inside {}", tree.input.source.display()),
-            Errno::ELOOP => format!("{link}: links lead in a circle (or more than 40 deep); remove it"),
-            e => format!("{link}: cannot follow it: {}", e.desc()),
+        let (path, root) = (tree.shown(from), tree.input.source.display().to_string());
+        let (fd, st) = beneath::follow_beneath(&tree.root, from).map_err(|e| {
+            let (path, target) = (path.clone(), target.clone());
+            let problem = match e {
+                Errno::EXDEV => InputProblem::LinkOutside { path, root, target },
+                Errno::ENOENT => InputProblem::LinkToNothing { path, target, root },
+                Errno::ELOOP => InputProblem::LinkLoop { path, target },
+                e => InputProblem::LinkUnfollowed {
+                    path,
+                    target,
+                    cause: e.into(),
+                },
+            };
+            bad(tree.input, problem)
         })?;
         match beneath::kind(&st) {
             SFlag::S_IFREG => self.copy_file(fs::File::from(fd), dst, name, to, tree.input),
             SFlag::S_IFDIR => self.copy_subdir(tree, (&fd, &st), dst, name, (from, to), true),
-            _ => Err(format!(
-                "{link}, which is not a regular file or a directory; remove it"
-            )),
+            _ => Err(bad(tree.input, InputProblem::LinkToOdd { path, target })),
         }
     }
 
@@ -518,28 +695,32 @@ impl Stager {
         name: &std::ffi::OsStr,
         (from, to): (&Path, &Path),
         linked: bool,
-    ) -> Result<(), String> {
-        let given = &tree.input.given;
+    ) -> Result<(), StageError> {
+        let input = tree.input;
         if tree.chain.len() > MAX_DEPTH {
-            return Err(format!("{given}: directories nest deeper than {MAX_DEPTH}"));
+            return Err(bad(input, InputProblem::TooDeep));
         }
         if tree.chain.contains(&(st.st_dev, st.st_ino)) {
-            return Err(match linked {
-                true => format!(
-                    "{given}: {} is a link to a directory that holds it, which would copy forever; remove it",
-                    tree.shown(from)
-                ),
-                false => format!(
-                    "{given}: {} is a directory that holds itself (a bind mount?); give its parts instead",
-                    tree.shown(from)
-                ),
-            });
+            let path = tree.shown(from);
+            return Err(bad(
+                input,
+                match linked {
+                    true => InputProblem::LinkCycle { path },
+                    false => InputProblem::HoldsItself { path },
+                },
+            ));
         }
         let (sub, made) = beneath::make_dir(dst, name, DIR_PERM).map_err(|e| match e {
-            Errno::ENOTDIR | Errno::ELOOP => already_file(tree.input, to),
-            e => format!("{given}: cannot create {}: {}", in_job(to), e.desc()),
+            Errno::ENOTDIR | Errno::ELOOP => already_file(input, to),
+            e => bad(
+                input,
+                InputProblem::Create {
+                    at: in_job(to),
+                    cause: e.into(),
+                },
+            ),
         })?;
-        self.count(tree.input, u64::from(made))?;
+        self.count(input, u64::from(made))?;
         tree.chain.push((st.st_dev, st.st_ino));
         let copied = self.copy_dir(tree, src, &sub, from, to);
         tree.chain.pop();
@@ -547,12 +728,8 @@ impl Stager {
     }
 }
 
-fn already_file(input: &Input, at: &Path) -> String {
-    format!(
-        "{}: {} is already a file (from an earlier input); give one of them another destination (PATH:DEST)",
-        input.given,
-        in_job(at)
-    )
+fn already_file(input: &Input, at: &Path) -> StageError {
+    bad(input, InputProblem::AlreadyFile { at: in_job(at) })
 }
 
 #[cfg(test)]
@@ -579,6 +756,40 @@ mod tests {
         drop(stage);
         assert!(!root.exists());
         assert!(next.root.exists(), "a live command's stage stays");
+    }
+
+    #[test]
+    fn only_what_the_user_gave_is_a_usage_error() {
+        let e = Stager::new(Path::new("/nonexistent/job"), 1)
+            .err()
+            .expect("no job");
+        assert!(matches!(e, StageError::Job { .. }) && !e.is_usage(), "{e}");
+        let job = tempfile::tempdir().unwrap();
+        let mut s = Stager::new(job.path(), 1).unwrap();
+        let e = s.add_script("a/b.py", "1").unwrap_err();
+        assert!(
+            matches!(e, StageError::Script { .. }) && !e.is_usage(),
+            "{e}"
+        );
+        let e = s
+            .add(&Input::parse("/nonexistent/x.py", false).unwrap())
+            .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                StageError::Input {
+                    problem: InputProblem::Read { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.is_usage());
+        assert!(
+            e.to_string()
+                .starts_with("--file /nonexistent/x.py: cannot read"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -660,11 +871,25 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&alias).unwrap(), "X = 1\n");
         let twice =
             s.add(&Input::parse(&format!("{}:lib/helper.py", p("secret.txt")), false).unwrap());
-        assert!(twice.unwrap_err().contains("given twice"));
+        let twice = twice.unwrap_err();
+        assert!(
+            matches!(
+                &twice,
+                StageError::Input {
+                    problem: InputProblem::Twice { .. },
+                    ..
+                }
+            ),
+            "{twice}"
+        );
+        assert!(twice.is_usage() && twice.to_string().contains("given twice"));
         // Over the limit: refused, naming the option.
         std::fs::write(src.path().join("big"), vec![0u8; (1 << 20) + 1]).unwrap();
         let e = s.add(&Input::parse(&p("big"), false).unwrap()).unwrap_err();
-        assert!(e.contains("more than 1 MB (--max-input 1)"), "{e}");
+        assert!(
+            e.to_string().contains("more than 1 MB (--max-input 1)"),
+            "{e}"
+        );
         s.add_script("helper.py", "print(1)").unwrap();
         s.add_script("helper.py", "print(2)").unwrap();
         assert_eq!(
@@ -699,7 +924,20 @@ mod tests {
         let e = s
             .add(&Input::parse(&format!("{}:other", p("lib")), true).unwrap())
             .unwrap_err();
-        assert!(e.contains("lib/evil is a link leading outside"), "{e}");
+        assert!(
+            matches!(
+                &e,
+                StageError::Input {
+                    problem: InputProblem::LinkOutside { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("lib/evil is a link leading outside"),
+            "{e}"
+        );
         let mut links = vec![job.path().to_path_buf()];
         while let Some(d) = links.pop() {
             for entry in std::fs::read_dir(&d).unwrap() {
