@@ -60,8 +60,8 @@ fn build_linux_end_to_end() {
         // CI starts an engine first (.ci/start-dockerd.sh), and fails if it cannot.
         Err(e) => {
             eprintln!(
-                "skipped: no Docker engine answers ({e}); this test needs one: start it with \
-                 .ci/start-dockerd.sh"
+                "skipped: no Docker engine answers; this test needs one: start it with \
+                 .ci/start-dockerd.sh. What was tried:\n{e}"
             );
             return;
         }
