@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64};
 use tokio::sync::Semaphore;
 
 use super::forkserver::{ForkServer, Recipe};
-use super::network::RunNetwork;
+use super::network::ServerNetwork;
 use super::outcome::RunLimits;
 use super::warm::WarmPool;
 use super::{Engine, RUN_PREFIX};
@@ -72,7 +72,7 @@ impl Engine {
         let root = host.level != IsolationLevel::Rootless;
         let uids = UidPool::new(&state.uid_leases(root), SANDBOX_UIDS)?;
         let network =
-            RunNetwork::build(&config, &host, uids.range(), |uid| uids.is_held(uid)).await;
+            ServerNetwork::build(&config, &host, uids.range(), |uid| uids.is_held(uid)).await;
         let discovered = discovery
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
