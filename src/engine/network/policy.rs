@@ -120,7 +120,7 @@ impl NetworkPolicy {
                 guarded: true,
                 requested,
             } => format!(
-                "shared{}: the host's network, sandbox uids filtered by the uid guard",
+                "shared{}: the host's network behind the uid guard",
                 if *requested {
                     " by request"
                 } else {

@@ -127,7 +127,9 @@ impl ServerNetwork {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            Installed::Guard(g) => format!("{level} (table {})", g.table()),
+            Installed::Guard(g) => {
+                format!("{level}, sandbox uids filtered by table {}", g.table())
+            }
         }
     }
 
