@@ -56,7 +56,8 @@ pub trait Acquire {
         &self,
         uid: u32,
     ) -> impl Future<Output = Result<NetworkOf<Self>, RunError>> + Send;
-    fn make_stage(&self, uid: u32) -> Result<<Self::Kinds as Kinds>::Stage, RunError>;
+    /// None when the run has no directory on the host (yet: see `set_private_dir`).
+    fn make_stage(&self, uid: u32) -> Result<Option<<Self::Kinds as Kinds>::Stage>, RunError>;
     /// None where the host has no usable cgroup.
     fn make_cgroup(&self) -> Result<Option<<Self::Kinds as Kinds>::Cgroup>, RunError>;
 }
@@ -108,7 +109,7 @@ impl<K: Kinds> RunResources<K> {
         if own_network && held.network.is_none() {
             held.network = Some(parts.make_network(held.uid_number).await?);
         }
-        held.stage = Some(parts.make_stage(held.uid_number)?);
+        held.stage = parts.make_stage(held.uid_number)?;
         held.cgroup = parts.make_cgroup()?;
         Ok(held)
     }
@@ -277,10 +278,11 @@ impl Acquire for HostAcquire<'_> {
             .map_err(|e| RunError::NetworkUnavailable(e.to_string()))
     }
 
-    fn make_stage(&self, uid: u32) -> Result<Stage, RunError> {
-        if let Some(out) = &self.files.out
-            && self.chown_out
-        {
+    fn make_stage(&self, uid: u32) -> Result<Option<Stage>, RunError> {
+        let Some(out) = &self.files.out else {
+            return Ok(None);
+        };
+        if self.chown_out {
             std::os::unix::fs::chown(out, Some(uid), Some(uid)).map_err(|source| {
                 RunError::OutputDir {
                     path: out.clone(),
@@ -288,10 +290,10 @@ impl Acquire for HostAcquire<'_> {
                 }
             })?;
         }
-        Ok(Stage {
-            out: self.files.out.clone(),
+        Ok(Some(Stage {
+            out: Some(out.clone()),
             private: None,
-        })
+        }))
     }
 
     fn make_cgroup(&self) -> Result<Option<RunCgroup>, RunError> {
@@ -321,9 +323,7 @@ impl RunResources<Host> {
 
     /// The chroot level's private directory, as planned: removed with the run.
     pub fn set_private_dir(&mut self, dir: PathBuf) {
-        if let Some(stage) = &mut self.stage {
-            stage.private = Some(dir);
-        }
+        self.stage.get_or_insert_with(Stage::default).private = Some(dir);
     }
 
     pub fn private_dir(&self) -> Option<&Path> {
@@ -451,8 +451,8 @@ mod tests {
             self.step("network").map(Net)
         }
 
-        fn make_stage(&self, _: u32) -> Result<Rec, RunError> {
-            self.step("stage")
+        fn make_stage(&self, _: u32) -> Result<Option<Rec>, RunError> {
+            self.step("stage").map(Some)
         }
 
         fn make_cgroup(&self) -> Result<Option<Rec>, RunError> {
