@@ -45,6 +45,7 @@ use crate::config::Config;
 use crate::deps::Dependencies;
 use crate::isolation::detect::Host;
 use crate::isolation::rootfs;
+use crate::isolation::seccomp::Start;
 use crate::isolation::snippet;
 use crate::isolation::spec::IsolationLevel;
 use crate::isolation::uids::UidPool;
@@ -57,6 +58,8 @@ const RUN_PREFIX: &str = "sandbox-run-";
 pub struct Engine {
     pub config: Arc<Config>,
     pub host: Host,
+    /// Every seccomp program a run can get, compiled at start.
+    seccomp: crate::isolation::seccomp::Programs,
     state: StateDir,
     runtimes: HashMap<Language, Result<Runtime, String>>,
     uids: UidPool,
@@ -389,51 +392,53 @@ impl Engine {
                 return Err(e);
             }
         };
-        let spec = plan::plan(PlanInput {
-            level: self.host.level,
-            mmap_min_addr: self.host.report.mmap_min_addr,
-            state: &self.state,
-            runtime,
-            limits: &self.limits,
-            network: net.setup,
-            resolv_conf: net.resolv_conf,
-            uid: lease.uid,
-            cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
-            proxy: &net.proxy,
-            allowed_syscalls: &self.config.allowed_syscalls,
-            extra_syscalls: &self.config.extra_syscalls,
-            files,
-        });
-        let chroot_tmp = (spec.level == IsolationLevel::Chroot)
-            .then(|| rootfs::inside(&spec.root_dir, &spec.workdir));
+        let forkable = match &self.fork_server {
+            Some(fs) => {
+                allow_fork && files.is_empty() && key.language == Language::Python3 && fs.up()
+            }
+            None => false,
+        };
+        let cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
+        let plan_for = |start| {
+            plan::plan(PlanInput {
+                level: self.host.level,
+                state: &self.state,
+                runtime,
+                limits: &self.limits,
+                network: net.setup,
+                resolv_conf: net.resolv_conf.clone(),
+                uid: lease.uid,
+                cgroup_procs: cgroup_procs.clone(),
+                proxy: &net.proxy,
+                seccomp: &self.seccomp,
+                start,
+                files,
+            })
+        };
         let (netns, net_lease) = match net.netns {
             Some(n) => (Some(n.fd), Some(n.lease)),
             None => (None, None),
         };
-        match &self.fork_server {
-            Some(fs)
-                if allow_fork
-                    && files.is_empty()
-                    && key.language == Language::Python3
-                    && fs.up() =>
-            {
-                // The fork server gets the namespace and keeps nothing of it; the server
-                // keeps its own copy in case the fork fails.
-                let shared = match &netns {
-                    Some(fd) => Some(fd.try_clone().map_err(RunError::Spawn)?),
-                    None => None,
-                };
-                match fs.fork(&spec, shared).await {
-                    Ok((keeper, pipes)) => {
-                        return Ok(Worker::forked(keeper, pipes, lease, net_lease, cgroup));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the Python fork server failed a run's start; using a fresh interpreter")
-                    }
+        if let Some(fs) = self.fork_server.as_ref().filter(|_| forkable) {
+            let spec = plan_for(Start::Fork);
+            // The fork server gets the namespace and keeps nothing of it; the server
+            // keeps its own copy in case the fork fails.
+            let shared = match &netns {
+                Some(fd) => Some(fd.try_clone().map_err(RunError::Spawn)?),
+                None => None,
+            };
+            match fs.fork(&spec, shared).await {
+                Ok((keeper, pipes)) => {
+                    return Ok(Worker::forked(keeper, pipes, lease, net_lease, cgroup));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the Python fork server failed a run's start; using a fresh interpreter")
                 }
             }
-            _ => {}
         }
+        let spec = plan_for(Start::Exec);
+        let chroot_tmp = (spec.level == IsolationLevel::Chroot)
+            .then(|| rootfs::inside(&spec.root_dir, &spec.workdir));
         Worker::spawn(&spec, netns, lease, net_lease, cgroup, chroot_tmp)
     }
 

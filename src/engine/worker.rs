@@ -167,7 +167,8 @@ impl Worker {
         chroot_tmp: Option<PathBuf>,
     ) -> Result<Self, RunError> {
         let started = (|| {
-            let spec_json = serde_json::to_vec(spec).map_err(|e| RunError::Setup(e.to_string()))?;
+            let spec_json =
+                serde_json::to_vec(&spec.jail).map_err(|e| RunError::Setup(e.to_string()))?;
             let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(RunError::Spawn)?;
             let (stdin_read, stdin_write) = super::stdin::pipe()?;
             // Sent before the helper starts: the socket's buffer holds it, and the spec

@@ -1,8 +1,10 @@
 //! The `__zygote` launcher: prepares the fork server's world and becomes it. A private
-//! mount namespace with the language's read-only root (as a run's, but with the cgroup
-//! directories bound writable at `/sandbox-cgroup/<n>`, so each run can join its own
-//! cgroup), then the interpreter itself with the fork server's code, the server's
-//! control socket on fd 3. It stays root: it jails its runs, never itself runs a snippet.
+//! mount namespace with the language's read-only root (built by the same steps as a
+//! run's, with the cgroup directories bound writable at their own paths, so each run can
+//! join its own cgroup, and an empty directory at the runs' mount point, where each run
+//! builds its own root as a helper's run does), then the interpreter itself with the
+//! fork server's code, the server's control socket on fd 3. It stays root: it jails its
+//! runs, never itself runs a snippet.
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
@@ -16,16 +18,12 @@ use nix::sys::signal::Signal;
 use nix::sys::stat::Mode;
 use serde::{Deserialize, Serialize};
 
-use super::rootfs::{self, Extras};
+use super::jail::{Descriptors, RealSys, execute};
+use super::rootfs::{self, Extras, RootSteps};
 use super::spec::RootPlan;
 use super::step::{Step, StepError, step};
 use super::{channel, sys};
 
-/// Where the cgroup directories appear in the fork server's root.
-pub const CGROUP_MOUNT: &str = "/sandbox-cgroup";
-/// Empty directories runs stage their own files and /tmp on (see the fork server's code).
-pub const FILES_MOUNT: &str = "/sandbox-files";
-pub const TMP_STAGING: &str = "/sandbox-tmp";
 /// The descriptor the fork server reads requests on.
 const CONTROL_FD: i32 = 3;
 /// The fork server's own /tmp: it writes nothing; its runs mount their own.
@@ -39,8 +37,10 @@ pub struct ZygoteSpec {
     pub root: RootPlan,
     /// Placeholders runs bind their own files over.
     pub root_files: Vec<(PathBuf, String)>,
-    /// Host cgroup directories, bound writable at `CGROUP_MOUNT/<index>`.
+    /// Host cgroup directories, bound writable at their own paths.
     pub cgroup_dirs: Vec<PathBuf>,
+    /// Where each run mounts its own root (an empty directory here).
+    pub run_root_dir: PathBuf,
     pub program: PathBuf,
     pub argv: Vec<String>,
     pub env: Vec<String>,
@@ -79,25 +79,21 @@ fn launch() -> Result<Never, StepError> {
     let writable: Vec<(PathBuf, PathBuf)> = spec
         .cgroup_dirs
         .iter()
-        .enumerate()
-        .map(|(i, d)| (d.clone(), Path::new(CGROUP_MOUNT).join(i.to_string())))
+        .map(|d| (d.clone(), d.clone()))
         .collect();
-    let dirs = [
-        PathBuf::from(FILES_MOUNT),
-        PathBuf::from(TMP_STAGING),
-        PathBuf::from(CGROUP_MOUNT),
-    ];
-    rootfs::enter_private_root(
-        &spec.root_dir,
-        &spec.root,
-        TMP_BYTES,
-        &spec.root_files,
-        &Extras {
-            dirs: &dirs,
+    let steps = rootfs::private_root(&RootSteps {
+        root_dir: &spec.root_dir,
+        plan: &spec.root,
+        tmp_bytes: TMP_BYTES,
+        files: &spec.root_files,
+        extras: Extras {
+            dirs: std::slice::from_ref(&spec.run_root_dir),
             writable: &writable,
             readonly: &[],
         },
-    )?;
+        keep_locked: false,
+    });
+    execute(&steps, &mut RealSys, &mut Descriptors::default())?;
     let argv = cstrings(&spec.argv)?;
     let env = cstrings(&spec.env)?;
     let program = CString::new(spec.program.as_os_str().as_encoded_bytes())
