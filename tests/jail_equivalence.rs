@@ -47,6 +47,14 @@ const ROOTLESS: &[&str] = &["python-rootless", "node-rootless"];
 /// Every documented difference from the baseline. Keep it exact: an entry that no longer
 /// matches a difference on one of its paths fails the test as well.
 const EXPECTED: &[Expected] = &[
+    // The fork server's runs.
+    Expected {
+        field: "*.fds[255]",
+        paths: &["python-forked"],
+        why: "a forked Python run announces its end (its output closed, its exit status) on \
+              its highest descriptor, so the answer need not wait for the interpreter's \
+              teardown; Node keeps the same channel on fd 3, a plain Python run has none",
+    },
     // Node's own runtime and root.
     Expected {
         field: "*.status[Sig*]",
@@ -1118,6 +1126,7 @@ fn absolute(
             "1" | "2" => what.starts_with("pipe w"),
             // libuv's loops (epoll, eventfd, the signal pipes), the fd-3 channel the
             // bootstrap announces the run's end on, libuv's reserve descriptor on /dev/null.
+            "255" if path.name == "python-forked" => what == "socket rw,cloexec",
             _ if path.language == "nodejs" => {
                 what.starts_with("anon_inode:[event")
                     || what.starts_with("pipe ")

@@ -100,7 +100,9 @@ impl Recipe {
                 run_root_dir: mount_point,
                 program,
                 argv,
-                env: vec!["PATH=/usr/bin:/bin".into(), "LANG=C.UTF-8".into()],
+                // A forked run's /proc/self/environ is this one: the start of every
+                // run's own (the rest, proxies say, is in its os.environ only).
+                env: super::plan::base_env(std::path::Path::new("/tmp"), runtime),
             },
             config,
             sys_path: runtime.search_path.clone(),

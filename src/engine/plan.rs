@@ -61,13 +61,7 @@ pub fn plan(p: PlanInput<'_>) -> SandboxSpec {
         IsolationLevel::Namespaces | IsolationLevel::Rootless => p.state.mount_point(),
         IsolationLevel::Chroot => p.state.chroot_root(p.runtime.language),
     };
-    let mut env = vec![
-        "PATH=/usr/local/bin:/usr/bin:/bin".to_string(),
-        format!("HOME={}", workdir.display()),
-        format!("TMPDIR={}", workdir.display()),
-        "LANG=C.UTF-8".to_string(),
-    ];
-    env.extend(p.runtime.env.iter().cloned());
+    let mut env = base_env(&workdir, p.runtime);
     if p.network.networked() {
         env.extend(proxy_env(p.proxy));
     }
@@ -300,6 +294,19 @@ fn jail(spec: &SandboxSpec, seccomp: &Programs, start: Start) -> Jail {
         },
     });
     Jail { owner, run }
+}
+
+/// The environment every run of `runtime` starts with, its home at `workdir`. The fork
+/// server starts with it too: a forked run's /proc/self/environ is the fork server's.
+pub fn base_env(workdir: &std::path::Path, runtime: &Runtime) -> Vec<String> {
+    let mut env = vec![
+        "PATH=/usr/local/bin:/usr/bin:/bin".to_string(),
+        format!("HOME={}", workdir.display()),
+        format!("TMPDIR={}", workdir.display()),
+        "LANG=C.UTF-8".to_string(),
+    ];
+    env.extend(runtime.env.iter().cloned());
+    env
 }
 
 /// The proxy variables a networked run gets, in both spellings tools look for.
