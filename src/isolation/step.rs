@@ -4,8 +4,6 @@
 use std::fmt;
 use std::path::Path;
 
-use nix::errno::Errno;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     ReadCode,
@@ -74,10 +72,6 @@ impl StepError {
             cause: cause.to_string(),
         }
     }
-}
-
-pub fn step(s: Step, path: &Path) -> impl FnOnce(Errno) -> StepError + '_ {
-    move |e| StepError::new(s, path.display(), e.desc())
 }
 
 pub fn io_step(s: Step, path: &Path) -> impl FnOnce(std::io::Error) -> StepError + '_ {

@@ -54,67 +54,6 @@ pub unsafe fn fork() -> Result<ForkResult, Errno> {
     unsafe { nix::unistd::fork() }
 }
 
-/// Whether `fd` is an open descriptor of this process.
-fn is_open(fd: RawFd) -> bool {
-    // SAFETY: F_GETFD only reads the descriptor's flags; an unused number gives EBADF.
-    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
-}
-
-/// Move `fd` to the exact number `target`, which must be free (so no other owner's
-/// descriptor can be replaced): the original number is closed and the descriptor is
-/// returned at its new number. On failure the descriptor comes back unchanged.
-pub fn move_fd(fd: OwnedFd, target: RawFd, cloexec: bool) -> Result<OwnedFd, (OwnedFd, Errno)> {
-    if fd.as_raw_fd() == target {
-        return match set_cloexec(target, cloexec) {
-            Ok(()) => Ok(fd),
-            Err(e) => Err((fd, e)),
-        };
-    }
-    if is_open(target) {
-        return Err((fd, Errno::EBUSY));
-    }
-    let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
-    // SAFETY: dup3 only manipulates the descriptor table; `target` is free (checked
-    // above), so no descriptor anybody owns is replaced.
-    let rc = unsafe { libc::dup3(fd.as_raw_fd(), target, flags) };
-    match Errno::result(rc) {
-        // SAFETY: the kernel just created `target` for us and nobody else knows it.
-        Ok(_) => Ok(unsafe { OwnedFd::from_raw_fd(target) }),
-        Err(e) => Err((fd, e)),
-    }
-}
-
-/// Make `fd` the process's standard input (descriptor 0), closing its original number.
-/// Descriptor 0 is the process's own (std's stdin handle), never an `OwnedFd`, so
-/// replacing it invalidates no owner.
-pub fn redirect_stdin(fd: OwnedFd) -> Result<(), Errno> {
-    // SAFETY: dup3 onto 0 replaces only the standard input, which no OwnedFd owns
-    // (see above); an invalid descriptor gives EBADF, which is reported.
-    let rc = unsafe { libc::dup3(fd.as_raw_fd(), 0, 0) };
-    Errno::result(rc).map(drop)
-}
-
-/// Set or clear FD_CLOEXEC on `fd`.
-fn set_cloexec(fd: RawFd, cloexec: bool) -> Result<(), Errno> {
-    let flag = if cloexec { libc::FD_CLOEXEC } else { 0 };
-    // SAFETY: fcntl(F_SETFD) touches only the descriptor's flags.
-    let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, flag) };
-    Errno::result(rc).map(drop)
-}
-
-/// close_range(2): close every descriptor from `first` to `last` inclusive.
-///
-/// # Safety
-/// No `OwnedFd` (or other owner) of a descriptor in the range may be used or dropped
-/// afterwards: its number would be closed under it, and could be reused by another
-/// descriptor. The helper's child calls it just before exec, holding what it keeps
-/// outside the range, and never returns to the frames that own the rest.
-pub unsafe fn close_range(first: u32, last: u32) -> Result<(), Errno> {
-    // SAFETY: the caller guarantees nobody uses the descriptors being closed.
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
-    Errno::result(rc).map(drop)
-}
-
 /// Descriptors by number, for a jail's child process: it holds every descriptor it keeps
 /// as a raw number (each `OwnedFd` it received was turned into one with `into_raw_fd`),
 /// never returns to a frame that owns another, and execs or exits when done. So closing

@@ -7,25 +7,24 @@
 //! runs, never itself runs a snippet.
 
 use std::ffi::CString;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use nix::fcntl::{OFlag, open};
-use nix::sched::{CloneFlags, unshare};
-use nix::sys::prctl;
-use nix::sys::signal::Signal;
 use nix::sys::stat::Mode;
 use serde::{Deserialize, Serialize};
 
-use super::jail::{Descriptors, RealSys, execute};
+use super::jail::{Descriptors, Fd, Keep, Op, RealSys, execute};
 use super::rootfs::{self, Extras, RootSteps};
 use super::spec::RootPlan;
-use super::step::{Step, StepError, step};
+use super::step::{Step, StepError};
 use super::{channel, sys};
 
 /// The descriptor the fork server reads requests on.
 const CONTROL_FD: i32 = 3;
+/// Where descriptors wait while the others are closed.
+const PARK_FD: i32 = 512;
 /// The fork server's own /tmp: it writes nothing; its runs mount their own.
 const TMP_BYTES: u64 = 1 << 20;
 
@@ -69,19 +68,55 @@ fn launch() -> Result<Never, StepError> {
         channel::recv_spec(&socket).map_err(|e| StepError::new(Step::ReadCode, "spec", e))?;
     let spec: ZygoteSpec =
         serde_json::from_slice(&json).map_err(|e| StepError::new(Step::ReadCode, "spec", e))?;
-    // The server's death ends it (it would have nobody to serve).
-    prctl::set_pdeathsig(Signal::SIGKILL)
-        .map_err(step(Step::Descriptors, Path::new("pdeathsig")))?;
-    // Its root and its runs' are built for other uids, whatever the server's umask.
-    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
-    unshare(CloneFlags::CLONE_NEWNS)
-        .map_err(|e| StepError::new(Step::Unshare, "CLONE_NEWNS", e.desc()))?;
+    let argv = cstrings(&spec.argv)?;
+    let env = cstrings(&spec.env)?;
+    let program = CString::new(spec.program.as_os_str().as_encoded_bytes())
+        .map_err(|e| StepError::new(Step::Exec, spec.program.display(), e))?;
+    let devnull = open(
+        "/dev/null",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| StepError::new(Step::Descriptors, "/dev/null", e.desc()))?;
+    let mut fds = Descriptors::default();
+    fds.0.insert(Fd::Stdin, devnull.into_raw_fd());
+    fds.0.insert(Fd::Stdout, 1);
+    fds.0.insert(Fd::Stderr, 2);
+    fds.0.insert(Fd::Code, OwnedFd::from(socket).into_raw_fd());
+    execute(&steps(&spec), &mut RealSys, &mut fds)?;
+    sys::reset_sigpipe().map_err(|e| StepError::new(Step::Descriptors, "SIGPIPE", e.desc()))?;
+    let errno = match nix::unistd::execve(&program, &argv, &env) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    Err(StepError::new(
+        Step::Exec,
+        spec.program.display(),
+        errno.desc(),
+    ))
+}
+
+/// The fork server's own setup, as jail steps: a private mount namespace and root, and
+/// only its control socket (fd 3) and the standard descriptors (0 on /dev/null) kept.
+/// It stays root: it jails its runs, never itself runs a snippet.
+fn steps(spec: &ZygoteSpec) -> Vec<Op> {
     let writable: Vec<(PathBuf, PathBuf)> = spec
         .cgroup_dirs
         .iter()
         .map(|d| (d.clone(), d.clone()))
         .collect();
-    let steps = rootfs::private_root(&RootSteps {
+    let mut ops = vec![
+        // The server's death ends it (it would have nobody to serve).
+        Op::ParentDeathSignal {
+            signal: libc::SIGKILL,
+        },
+        // Its root and its runs' are built for other uids, whatever the server's umask.
+        Op::Umask { mask: 0o022 },
+        Op::Unshare {
+            flags: libc::CLONE_NEWNS,
+        },
+    ];
+    ops.extend(rootfs::private_root(&RootSteps {
         root_dir: &spec.root_dir,
         plan: &spec.root,
         tmp_bytes: TMP_BYTES,
@@ -92,46 +127,22 @@ fn launch() -> Result<Never, StepError> {
             readonly: &[],
         },
         keep_locked: false,
+    }));
+    let keep = |fd, at| Keep {
+        fd,
+        at,
+        cloexec: false,
+    };
+    ops.push(Op::Descriptors {
+        keep: vec![
+            keep(Fd::Stdin, 0),
+            keep(Fd::Stdout, 1),
+            keep(Fd::Stderr, 2),
+            keep(Fd::Code, CONTROL_FD),
+        ],
+        park: PARK_FD,
     });
-    execute(&steps, &mut RealSys, &mut Descriptors::default())?;
-    let argv = cstrings(&spec.argv)?;
-    let env = cstrings(&spec.env)?;
-    let program = CString::new(spec.program.as_os_str().as_encoded_bytes())
-        .map_err(|e| StepError::new(Step::Exec, spec.program.display(), e))?;
-
-    // fd 3: the control socket; 0: /dev/null; 1, 2: the server's; nothing else.
-    let fd_step = |what: &'static str| {
-        move |(_, e): (OwnedFd, nix::errno::Errno)| {
-            StepError::new(Step::Descriptors, what, e.desc())
-        }
-    };
-    let parked = sys::move_fd(OwnedFd::from(socket), 1021, false).map_err(fd_step("control"))?;
-    // SAFETY: what this process keeps lives at 1021 (the control socket) and 0 to 2,
-    // outside the range closed; it execs right after, so no frame that owned another
-    // descriptor runs again.
-    #[allow(unsafe_code)]
-    let closed = unsafe {
-        sys::close_range(CONTROL_FD as u32, 1020).and_then(|()| sys::close_range(1022, u32::MAX))
-    };
-    closed.map_err(step(Step::Descriptors, Path::new("close_range")))?;
-    let _control = sys::move_fd(parked, CONTROL_FD, false).map_err(fd_step("fd 3"))?;
-    let devnull = open(
-        "/dev/null",
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(step(Step::Descriptors, Path::new("/dev/null")))?;
-    sys::redirect_stdin(devnull).map_err(step(Step::Descriptors, Path::new("stdin")))?;
-    sys::reset_sigpipe().map_err(step(Step::Descriptors, Path::new("SIGPIPE")))?;
-    let errno = match nix::unistd::execve(&program, &argv, &env) {
-        Ok(never) => match never {},
-        Err(e) => e,
-    };
-    Err(StepError::new(
-        Step::Exec,
-        spec.program.display(),
-        errno.desc(),
-    ))
+    ops
 }
 
 fn cstrings(items: &[String]) -> Result<Vec<CString>, StepError> {
