@@ -98,7 +98,7 @@ const EXPECTED: &[Expected] = &[
     Expected {
         field: "host.status[NSpid]",
         paths: CHROOT,
-        why: "no pid namespace at the chroot level: the run is not pid 1",
+        why: "no pid namespace at the chroot level: the run is not pid 2 (its init's child)",
     },
     // What a run reads in /proc: the chroot root has none, so each reading fails; the
     // host's view (host.*) shows what it would.
@@ -810,9 +810,9 @@ fn normalise(me: &Observed, twin: &Observed, server: &Host) -> BTreeMap<String, 
         run["cgroup"] = cgroup(&run["cgroup"]);
     }
     host["cgroup"] = cgroup(&host["cgroup"]);
-    // Pids: only whether the run is pid 1 of its namespace counts.
+    // Pids: only whether the run is pid 1 or 2 of its namespace counts (its init is 1).
     let pidish = |v: &Value| match v.as_u64() {
-        Some(1) => json!(1),
+        Some(n @ (1 | 2)) => json!(n),
         _ => json!("<pid>"),
     };
     if run["proc self"].is_object() {
@@ -846,8 +846,8 @@ fn normalise(me: &Observed, twin: &Observed, server: &Host) -> BTreeMap<String, 
                 .iter()
                 .enumerate()
                 .map(|(i, t)| {
-                    if i + 1 == tokens.len() && *t == "1" {
-                        "1"
+                    if i + 1 == tokens.len() && (*t == "1" || *t == "2") {
+                        t
                     } else {
                         "<pid>"
                     }
@@ -1089,11 +1089,12 @@ fn absolute(
                 format!("host: the {ns} namespace is not the run's own: {class:?}"),
             );
         }
-        let is_pid1 = field("NSpid").split(' ').next_back() == Some("1");
+        // Pid 1 is the run's init; the run is its child, an ordinary process.
+        let is_pid2 = field("NSpid").split(' ').next_back() == Some("2");
         check(
-            is_pid1,
+            is_pid2,
             format!(
-                "host: not pid 1 of its namespace: NSpid {:?}",
+                "host: not pid 2 of its namespace (the child of its init): NSpid {:?}",
                 field("NSpid")
             ),
         );

@@ -372,10 +372,11 @@ impl Engine {
         let run_no = self.counter.fetch_add(1, Ordering::Relaxed);
         let name = format!("{RUN_PREFIX}{}-{run_no}", std::process::id());
         let cgroup = match &self.host.cgroup {
+            // One more task than the run's own: its init (see `isolation::init`).
             Some(driver) => Some(driver.create_run(
                 &name,
                 self.limits.memory_mb << 20,
-                self.limits.max_processes,
+                self.limits.max_processes + 1,
             )?),
             None => None,
         };

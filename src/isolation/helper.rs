@@ -106,6 +106,11 @@ fn run(jail: &Jail, fds: Vec<OwnedFd>, channel: &mut UnixStream) -> HelperReport
         Ok(p) => p,
         Err(e) => return setup_failed(Step::Fork, "pipe2", e),
     };
+    // The run's init says here how the run's own process ended.
+    let (status_read, status_write) = match pipe2(OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => return setup_failed(Step::Fork, "pipe2", e),
+    };
     // The snippet reaches the interpreter through this socket (fd 3 there). The
     // interpreter may start long before the code arrives: a warm worker waits on it.
     // Once it has read the whole snippet, and before running any of it, the bootstrap
@@ -122,9 +127,11 @@ fn run(jail: &Jail, fds: Vec<OwnedFd>, channel: &mut UnixStream) -> HelperReport
         Err(e) => setup_failed(Step::Fork, "fork", e),
         Ok(ForkResult::Child) => {
             drop(err_read);
+            drop(status_read);
             drop(code_ours);
             let mut fds = Descriptors::default();
             let raw = |fd: OwnedFd| fd.into_raw_fd();
+            fds.0.insert(Fd::Status, raw(status_write));
             fds.0.insert(Fd::Code, raw(OwnedFd::from(code_theirs)));
             fds.0.insert(Fd::Error, raw(err_write));
             fds.0.insert(Fd::Stdout, 1);
@@ -141,6 +148,7 @@ fn run(jail: &Jail, fds: Vec<OwnedFd>, channel: &mut UnixStream) -> HelperReport
         }
         Ok(ForkResult::Parent { child }) => {
             drop(err_write);
+            drop(status_write);
             drop(code_theirs);
             // Only the interpreter may hold the stdin pipe: its writer then sees the
             // run's end as a broken pipe, not a reader that never reads.
@@ -177,6 +185,15 @@ fn run(jail: &Jail, fds: Vec<OwnedFd>, channel: &mut UnixStream) -> HelperReport
             }
             if !delivered {
                 return HelperReport::EndedBeforeCode;
+            }
+            // The init's word on the run's process, when it had one to give (a run
+            // killed with its whole namespace has none: then the init's own end).
+            let mut said_by_init = String::new();
+            let _ = File::from(status_read).read_to_string(&mut said_by_init);
+            match super::init::parse_status(&said_by_init) {
+                Some((true, code)) => return HelperReport::Exited { code },
+                Some((false, signal)) => return HelperReport::Signaled { signal },
+                None => {}
             }
             match status {
                 Ok(WaitStatus::Exited(_, code)) => HelperReport::Exited { code },

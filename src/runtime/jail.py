@@ -138,6 +138,43 @@ class RealSys:
     def no_new_privs(self):
         self._check(self.libc.prctl(38, 1, 0, 0, 0))  # PR_SET_NO_NEW_PRIVS
 
+    def fork_init(self, status, close):
+        pid = os.fork()
+        if pid == 0:
+            return
+        # The run's init (isolation/init.rs does the same for a helper's run).
+        import signal
+        for fd in close:
+            self.close(fd)
+        every = signal.valid_signals()
+        signal.pthread_sigmask(signal.SIG_BLOCK, every)
+        while True:
+            while True:
+                try:
+                    p, st = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    os._exit(0)
+                except InterruptedError:
+                    continue
+                if p == 0:
+                    break
+                if p == pid:
+                    if os.WIFEXITED(st):
+                        line = "exited %d" % os.WEXITSTATUS(st)
+                    else:
+                        line = "signaled %d" % os.WTERMSIG(st)
+                    try:
+                        os.write(status, line.encode())
+                    except OSError:
+                        pass
+                    os._exit(0)
+            sig = signal.sigwaitinfo(every).si_signo
+            if sig != signal.SIGCHLD:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+
     def set_dumpable(self):
         self._check(self.libc.prctl(4, 1, 0, 0, 0))  # PR_SET_DUMPABLE
 
@@ -259,6 +296,12 @@ def _one(op, sys, fds):
         _call("switching to the sandbox uid", "uid %d" % op["uid"], sys.setresuid, op["uid"])
     elif kind == "chdir":
         _call("arranging file descriptors", op["path"], sys.chdir, op["path"])
+    elif kind == "init":
+        status = _fd(fds, "status", "forking the sandboxed process")
+        close = [n for role, n in fds.items() if role != "status"]
+        _call("forking the sandboxed process", "the run's init", sys.fork_init, status, close)
+        sys.close(status)
+        del fds["status"]
     elif kind == "dumpable":
         _call("switching to the sandbox uid", "PR_SET_DUMPABLE", sys.set_dumpable)
     elif kind == "no_new_privs":

@@ -147,15 +147,18 @@ def keeper(req, fds):
         os.setsid()
         execute(jail["owner"], RealSys(), {})
         read_err, write_err = os.pipe2(os.O_CLOEXEC)
+        # The run's init says here how the run's own process ended.
+        read_status, write_status = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
     except BaseException as e:
         tell(report, {"setup_failed": {"message": str(e)}})
         os._exit(126)
     if pid == 0:
         os.close(read_err)
+        os.close(read_status)
         # The order the server sends them in.
         roles = {"stdout": fds[0], "stderr": fds[1], "code": fds[2], "stdin": fds[4],
-                 "error": write_err}
+                 "error": write_err, "status": write_status}
         if len(fds) > 5:
             roles["netns"] = fds[5]
         try:
@@ -167,6 +170,7 @@ def keeper(req, fds):
                 os._exit(126)
         run_snippet(req["sys_path"])
     os.close(write_err)
+    os.close(write_status)
     for fd in fds[:3] + fds[4:]:
         os.close(fd)
     _, status = os.waitpid(pid, 0)
@@ -176,8 +180,18 @@ def keeper(req, fds):
         if not chunk:
             break
         failure += chunk
+    said = b""
+    while True:
+        chunk = os.read(read_status, 64)
+        if not chunk:
+            break
+        said += chunk
+    kind, _, n = said.decode(errors="replace").partition(" ")
     if failure:
         out = {"setup_failed": {"message": failure.decode(errors="replace")}}
+    elif kind in ("exited", "signaled") and n.isdigit():
+        # The init's word on the run's own process (see jail.py's fork_init).
+        out = {"exited": {"code": int(n)}} if kind == "exited" else {"signaled": {"signal": int(n)}}
     elif os.WIFSIGNALED(status):
         out = {"signaled": {"signal": os.WTERMSIG(status)}}
     else:

@@ -13,6 +13,8 @@ use crate::isolation::spec::{IsolationLevel, JOB_MOUNT, NetworkSetup, OUT_MOUNT,
 pub const EXEC_FD: i32 = crate::isolation::sys::EXEC_FD;
 /// Where a failed step is written until the run starts: above everything a run keeps.
 pub const ERROR_FD: i32 = 1022;
+/// Where the run's init reports how the run ended: beside the error pipe.
+pub const STATUS_FD: i32 = 1021;
 /// Where descriptors wait while the others are closed: between the two.
 const PARK_FD: i32 = 512;
 /// The snippet's socket in the run.
@@ -128,6 +130,11 @@ pub fn jail(spec: &SandboxSpec, seccomp: &Programs, start: Start) -> Jail {
             cloexec: true,
         },
     ];
+    keep.push(Keep {
+        fd: Fd::Status,
+        at: STATUS_FD,
+        cloexec: true,
+    });
     if start == Start::Exec {
         run.push(Op::OpenProgram {
             path: spec.program.clone(),
@@ -168,6 +175,10 @@ pub fn jail(spec: &SandboxSpec, seccomp: &Programs, start: Start) -> Jail {
             }),
     );
 
+    // The init stays behind as pid 1, root but holding nothing of the run's (it closes
+    // every other descriptor) and out of its reach (another uid, and the run's filter
+    // refuses ptrace); the run's process goes on to drop its ids and load its filter.
+    run.push(Op::Init);
     if start == Start::Exec {
         // Mapped while still root: the preferred page needs CAP_SYS_RAWIO.
         run.push(Op::MapExecPage {

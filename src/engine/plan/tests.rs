@@ -2,7 +2,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::steps::{ERROR_FD, EXEC_FD};
+use super::steps::{ERROR_FD, EXEC_FD, STATUS_FD};
 use super::*;
 use crate::isolation::jail::{Fd, Op};
 use crate::isolation::spec::{Profile, RootPlan};
@@ -283,6 +283,7 @@ fn start_fds(network: NetworkSetup) -> Descriptors {
         (Fd::Stderr, 2),
         (Fd::Code, 6),
         (Fd::Error, 7),
+        (Fd::Status, 9),
     ] {
         fds.0.insert(fd, n);
     }
@@ -381,6 +382,12 @@ fn every_jail_takes_its_steps_in_a_safe_order() {
                     assert!(!n.contains(&"clear_groups".to_string()), "{what}");
                 }
                 assert!(at("setresgid") < at("setresuid"), "{what}");
+                // The init forks off once the descriptors and limits are set, before
+                // the run drops its ids and loads its filter (which refuses processes).
+                assert!(last_position(&n, "setrlimit") < at("fork_init"), "{what}");
+                assert!(at("fork_init") < at("setresgid"), "{what}");
+                let init = &run.calls[at("fork_init")];
+                assert_eq!(init[1], STATUS_FD, "{what}: the init keeps its status pipe");
                 assert!(
                     at("setresuid") < last_position(&n, "set_pdeathsig"),
                     "{what}"
@@ -415,7 +422,7 @@ fn every_jail_takes_its_steps_in_a_safe_order() {
                     .filter(|c| c[0] == "dup_to")
                     .map(|c| c[2].as_i64().unwrap())
                     .collect();
-                let mut expected = vec![0, 1, 2, 3, ERROR_FD as i64];
+                let mut expected = vec![0, 1, 2, 3, ERROR_FD as i64, STATUS_FD as i64];
                 if start == Start::Exec {
                     expected.push(EXEC_FD as i64);
                 }

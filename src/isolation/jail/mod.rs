@@ -48,6 +48,8 @@ pub enum Fd {
     Program,
     /// The run's own network namespace, when it has one.
     Netns,
+    /// Where the run's init writes how the run's process ended.
+    Status,
 }
 
 /// One step. Each is one system call or a fixed short sequence of them (see `execute`).
@@ -176,6 +178,13 @@ pub enum Op {
     SetUid {
         uid: u32,
     },
+    /// fork(2): the parent becomes the run's init (what tini or `docker run --init` is),
+    /// the child goes on with the next step. The init keeps only `Fd::Status`; it
+    /// forwards every signal it gets to the child, reaps whatever ends, and when the
+    /// child ends writes how (`exited N` or `signaled N`) to `Fd::Status` and exits. So
+    /// the snippet is not pid 1 of its namespace: a signal it sends itself, or abort(),
+    /// ends it as on the host.
+    Init,
     /// prctl(PR_SET_DUMPABLE, 1): changing credentials made the process undumpable, which
     /// leaves its /proc entries root's. An exec makes it dumpable again; a forked run
     /// that never execs would be the one run unable to read its own /proc/self.

@@ -220,6 +220,10 @@ impl Sys for RealSys {
         nix::sys::prctl::set_dumpable(true)
     }
 
+    fn fork_init(&mut self, status: RawFd, close: &[RawFd]) -> Result<(), Errno> {
+        crate::isolation::init::fork_init(status, close)
+    }
+
     fn seccomp(&mut self, program: &[u8]) -> Result<(), Errno> {
         raw::load_seccomp(program)
     }
