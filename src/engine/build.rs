@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::deps::{Dependencies, DepsError};
 use crate::isolation::chroot_root::Roots;
 use crate::isolation::detect::{self, DetectError};
+use crate::isolation::seccomp::{self, Programs, apply::SeccompApplyError};
 use crate::isolation::spec::IsolationLevel;
 use crate::isolation::uids::{SANDBOX_UIDS, UidError, UidPool};
 use crate::runtime::{DiscoveryError, Language, Runtime, nodejs, python};
@@ -40,6 +41,8 @@ pub enum BuildError {
     Deps(#[from] DepsError),
     #[error(transparent)]
     Uids(#[from] UidError),
+    #[error("{0}; check allowed_syscalls and extra_syscalls in the configuration")]
+    Seccomp(#[from] SeccompApplyError),
 }
 
 impl BuildError {
@@ -63,6 +66,13 @@ impl Engine {
         })?;
         let force = config.force_chroot.then_some(IsolationLevel::Chroot);
         let host = detect::detect(&mount_point, force)?;
+        let exec_page = seccomp::programs::exec_page_for(host.level, host.report.mmap_min_addr);
+        let seccomp = Programs::build(
+            host.level,
+            &config.allowed_syscalls,
+            &config.extra_syscalls,
+            exec_page,
+        )?;
         // The interpreters are asked about themselves while the network is set up: both
         // mostly wait for other processes (the interpreters, nft).
         let discovery = {
@@ -128,6 +138,7 @@ impl Engine {
         }
         let fork_server = fork_server(&config, &host, &runtimes, &state).await;
         Ok(Self {
+            seccomp,
             limits: RunLimits {
                 timeout: config.worker_timeout,
                 memory_mb: config.memory_limit_mb,
@@ -230,8 +241,6 @@ async fn fork_server(
         state.mount_point(),
         host.cgroup.as_ref(),
         &config.python_preload_modules,
-        &config.allowed_syscalls,
-        &config.extra_syscalls,
     ) {
         Ok(r) => r,
         Err(e) => {

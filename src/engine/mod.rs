@@ -61,6 +61,8 @@ const RUN_PREFIX: &str = "sandbox-run-";
 pub struct Engine {
     pub config: Arc<Config>,
     pub host: Host,
+    /// Every seccomp program a run can get, compiled at start.
+    seccomp: crate::isolation::seccomp::Programs,
     state: StateDir,
     runtimes: HashMap<Language, Result<Runtime, String>>,
     uids: UidPool,

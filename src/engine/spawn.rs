@@ -9,6 +9,7 @@ use super::resources::{HostAcquire, RunResources};
 use super::worker::Worker;
 use super::{Engine, PoolKey, RUN_PREFIX, RunError, RunFiles};
 use crate::isolation::rootfs;
+use crate::isolation::seccomp::Start;
 use crate::isolation::spec::{IsolationLevel, NetworkSetup, SandboxSpec};
 use crate::runtime::Language;
 
@@ -38,7 +39,8 @@ impl Engine {
                         driver,
                         format!("{RUN_PREFIX}{}-{run_no}", std::process::id()),
                         self.limits.memory_mb << 20,
-                        self.limits.max_processes,
+                        // One more task than the run's own: its init (`isolation::init`).
+                        self.limits.max_processes + 1,
                     )
                 }),
             },
@@ -48,30 +50,42 @@ impl Engine {
         let (resolv_conf, proxy) = self
             .network
             .for_run(resources.gateway(), &self.config.proxy);
-        let spec = plan::plan(PlanInput {
-            level: self.host.level,
-            mmap_min_addr: self.host.report.mmap_min_addr,
-            state: &self.state,
-            runtime,
-            limits: &self.limits,
-            network,
-            resolv_conf,
-            uid: resources.uid(),
-            cgroup_procs: resources
-                .cgroup()
-                .map(|c| c.procs_files())
-                .unwrap_or_default(),
-            proxy: &proxy,
-            allowed_syscalls: &self.config.allowed_syscalls,
-            extra_syscalls: &self.config.extra_syscalls,
-            files,
-        });
+        let forkable = allow_fork
+            && files.is_empty()
+            && key.language == Language::Python3
+            && self.fork_server.as_ref().is_some_and(|fs| fs.up());
+        let cgroup_procs = (resources.cgroup())
+            .map(|c| c.procs_files())
+            .unwrap_or_default();
+        // Planned for the fork server or a helper: the two jails differ in how the run
+        // starts (an exec, or the snippet in place).
+        let plan_for = |start| {
+            plan::plan(PlanInput {
+                level: self.host.level,
+                state: &self.state,
+                runtime,
+                limits: &self.limits,
+                network,
+                resolv_conf: resolv_conf.clone(),
+                uid: resources.uid(),
+                cgroup_procs: cgroup_procs.clone(),
+                proxy: &proxy,
+                seccomp: &self.seccomp,
+                start,
+                files,
+            })
+        };
+        let forked = if forkable {
+            Some(plan_for(Start::Fork))
+        } else {
+            None
+        };
+        let spec = plan_for(Start::Exec);
         if spec.level == IsolationLevel::Chroot {
             // The helper makes it; it goes with the run's other resources.
             resources.set_private_dir(rootfs::inside(&spec.root_dir, &spec.workdir));
         }
-        let forkable = allow_fork && files.is_empty() && key.language == Language::Python3;
-        self.start(spec, resources, forkable).await
+        self.start(spec, forked, resources).await
     }
 
     /// Fork the run from the fork server when it may and the server is up, else start a
@@ -79,18 +93,18 @@ impl Engine {
     async fn start(
         &self,
         spec: SandboxSpec,
+        forked: Option<SandboxSpec>,
         resources: RunResources,
-        forkable: bool,
     ) -> Result<Worker, RunError> {
-        match &self.fork_server {
-            Some(fs) if forkable && fs.up() => {
+        match (&self.fork_server, forked) {
+            (Some(fs), Some(forked)) if fs.up() => {
                 // The fork server gets the namespace and keeps nothing of it; the
                 // resources keep their own copy in case the fork fails.
                 let shared = match resources.netns() {
                     Some(fd) => Some(fd.try_clone_to_owned().map_err(RunError::Spawn)?),
                     None => None,
                 };
-                match fs.fork(&spec, shared).await {
+                match fs.fork(&forked, shared).await {
                     Ok((keeper, pipes)) => return Ok(Worker::forked(keeper, pipes, resources)),
                     Err(e) => {
                         tracing::warn!(error = %e, "the Python fork server failed a run's start; using a fresh interpreter")

@@ -18,7 +18,7 @@ pub struct HostReport {
     pub chroot: Result<(), String>,
     pub seccomp: Result<(), String>,
     pub cgroup: Result<String, String>,
-    /// vm.mmap_min_addr: where the exec lock's page can go (see `sys::empty_path`).
+    /// vm.mmap_min_addr: where the exec lock's page can go (see `seccomp::programs::exec_page`).
     pub mmap_min_addr: Option<u64>,
 }
 

@@ -136,7 +136,8 @@ impl Worker {
     /// from then on. The resources are the worker's from here, given back with it; if
     /// the helper cannot start, their own `Drop` gives them back.
     pub fn spawn(spec: &SandboxSpec, resources: RunResources) -> Result<Self, RunError> {
-        let spec_json = serde_json::to_vec(spec).map_err(|e| RunError::Setup(e.to_string()))?;
+        let spec_json =
+            serde_json::to_vec(&spec.jail).map_err(|e| RunError::Setup(e.to_string()))?;
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(RunError::Spawn)?;
         let (stdin_read, stdin_write) = super::stdin::pipe()?;
         // Sent before the helper starts: the socket's buffer holds it, and the spec

@@ -18,8 +18,6 @@ pub enum SeccompApplyError {
         #[source]
         source: SeccompError,
     },
-    #[error("seccomp: the kernel refused the filter: {0}")]
-    Load(#[source] SeccompError),
     #[error("seccomp: cannot export the filter: {0}")]
     Export(String),
 }
@@ -90,7 +88,7 @@ pub struct FilterOptions<'a> {
     pub allowed_syscalls: &'a [i64],
     /// Added to whichever plain allow-list applies (the operator's `extra_syscalls`).
     pub extra_syscalls: &'a [i64],
-    /// The only pathname pointer `execveat` may receive (see `sys::empty_path`); `None`
+    /// The only pathname pointer `execveat` may receive (see `seccomp::programs::exec_page`); `None`
     /// for a process that has nothing left to exec (a fork server's run), where every
     /// exec is refused.
     pub exec_path: Option<u64>,
@@ -244,12 +242,6 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
         .map_err(rule_err("prlimit64"))?;
     }
     Ok(ctx)
-}
-
-/// Build and load the filter into the calling thread (and its future threads).
-pub fn apply(opts: &FilterOptions<'_>) -> Result<(), SeccompApplyError> {
-    let ctx = build(opts)?;
-    ctx.load().map_err(SeccompApplyError::Load)
 }
 
 /// The filter as a classic BPF program (`struct sock_filter` entries), for a process
