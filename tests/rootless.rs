@@ -160,11 +160,11 @@ open("/tmp/rootless-trace", "w").write("x")
         "write /usr 30",
         "shadow 2",
         "home 2",
-        "pids ['1']",
+        "pids ['1', '2']",
     ] {
         assert!(out.contains(&format!("{line}\n")), "{line}: {out}");
     }
-    // pid 1 is the snippet itself: the host's init is out of sight.
+    // pid 1 is the run's own init (the snippet is 2): the host's init is out of sight.
     assert!(out.contains("kill 1 of the host ok\n"), "{out}");
     assert!(!std::path::Path::new("/tmp/rootless-trace").exists());
 }
