@@ -218,18 +218,34 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
 
     // The one exec the helper performs: execveat on the interpreter's descriptor with
     // the helper's own empty pathname. After that exec the descriptor is closed
-    // (O_CLOEXEC) and cannot be recreated (RLIMIT_NOFILE is below it).
+    // (O_CLOEXEC) and cannot be recreated (RLIMIT_NOFILE is below it). The descriptor is
+    // no lock on its own: a pathname that is absolute makes the kernel ignore it, so a
+    // snippet that maps the page and writes a path there execs that path.
     if let (Some(execveat), Some(exec_path)) = (resolve("execveat"), opts.exec_path) {
+        let admitted = [
+            (0, sys::EXEC_FD as u64),
+            (1, exec_path),
+            (4, libc::AT_EMPTY_PATH as u64),
+        ];
         ctx.add_rule_conditional(
             ScmpAction::Allow,
             execveat,
-            &[
-                ScmpArgCompare::new(0, ScmpCompareOp::Equal, sys::EXEC_FD as u64),
-                ScmpArgCompare::new(1, ScmpCompareOp::Equal, exec_path),
-                ScmpArgCompare::new(4, ScmpCompareOp::Equal, libc::AT_EMPTY_PATH as u64),
-            ],
+            &admitted.map(|(arg, value)| ScmpArgCompare::new(arg, ScmpCompareOp::Equal, value)),
         )
         .map_err(rule_err("execveat"))?;
+        // Any other execveat ends the process. An errno would be an oracle: the admitted
+        // pointer gets past the filter and fails with EFAULT, any other with EPERM, so
+        // the random page (no CAP_SYS_RAWIO) would fall to a search at one system call
+        // per guess, about an hour of CPU, and stay found for the server's life. Killed,
+        // each guess costs a run.
+        for (arg, value) in admitted {
+            ctx.add_rule_conditional(
+                ScmpAction::KillProcess,
+                execveat,
+                &[ScmpArgCompare::new(arg, ScmpCompareOp::NotEqual, value)],
+            )
+            .map_err(rule_err("execveat"))?;
+        }
     }
 
     // prlimit64 may read limits (new_limit == NULL) but never raise them.
