@@ -530,3 +530,66 @@ async fn the_spec_never_appears_on_a_command_line() {
     assert!(helpers > 0, "no helper found");
     drop(s);
 }
+
+/// A mount beneath a directory the root binds (a volume under an interpreter's prefix,
+/// say) must be as read-only in the run as the bind itself: on the fork server's path
+/// and on a fresh interpreter's.
+#[tokio::test]
+async fn a_mount_beneath_the_roots_binds_is_read_only_too() {
+    let beneath = "/usr/share/zoneinfo/Etc";
+    let script =
+        format!("mount -t tmpfs -o size=1m,mode=1777 sandbox-test {beneath} && exec \"$0\" \"$@\"");
+    let prefix = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ];
+    let code = format!(
+        "import os\nprint(os.path.isdir('{beneath}'))\ntry:\n    open('{beneath}/written', 'w')\n    print('written')\nexcept OSError as e:\n    print('refused', e.errno)"
+    );
+    for fork_server in ["true", "false"] {
+        let s = Server::start_under(&prefix, &[("PYTHON_FORK_SERVER", fork_server)]).await;
+        let data = s.python(&code).await;
+        // Read-only (30: EROFS), whether the tree beneath is seen or left out.
+        let text = out(&data);
+        assert!(
+            text == "True\nrefused 30\n" || text.ends_with("refused 2\n"),
+            "fork server {fork_server}: {data}"
+        );
+    }
+}
+
+/// A server started with signals ignored (a shell's background job ignores SIGINT and
+/// SIGQUIT) passes none of that on: a run starts with what a fresh interpreter has.
+#[tokio::test]
+async fn a_run_starts_with_default_signal_dispositions() {
+    let fresh = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-I",
+            "-S",
+            "-c",
+            "print([l for l in open('/proc/self/status') if l.startswith('SigIgn')][0].split()[1])",
+        ])
+        .output()
+        .expect("python3");
+    let fresh = String::from_utf8_lossy(&fresh.stdout).to_string();
+    let prefix = ["sh", "-c", "trap '' INT QUIT; exec \"$0\" \"$@\""];
+    let code =
+        "print([l for l in open('/proc/self/status') if l.startswith('SigIgn')][0].split()[1])";
+    for fork_server in ["true", "false"] {
+        let s = Server::start_under(
+            &prefix,
+            &[
+                ("PYTHON_FORK_SERVER", fork_server),
+                ("PYTHON_PATH", "/usr/bin/python3"),
+            ],
+        )
+        .await;
+        let data = s.python(code).await;
+        assert_eq!(out(&data), fresh, "fork server {fork_server}: {data}");
+    }
+}

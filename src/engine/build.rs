@@ -66,6 +66,7 @@ impl Engine {
         })?;
         let force = config.force_chroot.then_some(IsolationLevel::Chroot);
         let host = detect::detect(&mount_point, force)?;
+        let readonly_beneath = crate::isolation::sys::raw::has_mount_setattr();
         let exec_page = seccomp::programs::exec_page_for(host.level, host.report.mmap_min_addr);
         let seccomp = Programs::build(
             host.level,
@@ -139,6 +140,7 @@ impl Engine {
         let fork_server = fork_server(&config, &host, &runtimes, &state).await;
         Ok(Self {
             seccomp,
+            readonly_beneath,
             limits: RunLimits {
                 timeout: config.worker_timeout,
                 memory_mb: config.memory_limit_mb,

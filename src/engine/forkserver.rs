@@ -98,6 +98,7 @@ impl Recipe {
                 root_files: Vec::new(),
                 cgroup_dirs: cgroup_bases,
                 run_root_dir: mount_point,
+                readonly_beneath: crate::isolation::sys::raw::has_mount_setattr(),
                 program,
                 argv,
                 // A forked run's /proc/self/environ is this one: the start of every

@@ -63,6 +63,8 @@ pub struct Engine {
     pub host: Host,
     /// Every seccomp program a run can get, compiled at start.
     seccomp: crate::isolation::seccomp::Programs,
+    /// Whether the kernel can make a tree of mounts read-only (mount_setattr).
+    readonly_beneath: bool,
     state: StateDir,
     runtimes: HashMap<Language, Result<Runtime, String>>,
     uids: UidPool,

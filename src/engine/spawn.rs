@@ -72,6 +72,7 @@ impl Engine {
                 proxy: &proxy,
                 seccomp: &self.seccomp,
                 start,
+                readonly_beneath: self.readonly_beneath,
                 files,
             })
         };

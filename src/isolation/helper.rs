@@ -59,6 +59,7 @@ impl From<StepError> for HelperReport {
 /// Entry point of `sandbox __exec`: the jail comes first on stdin (see `channel`).
 /// Returns the helper's exit code.
 pub fn main() -> i32 {
+    sys::reset_signals();
     let mut channel = match std::io::stdin().as_fd().try_clone_to_owned() {
         Ok(fd) => UnixStream::from(fd),
         Err(e) => {

@@ -107,6 +107,11 @@ pub struct RootSteps<'a> {
     pub extras: Extras<'a>,
     /// Inside a user namespace the kernel locks a mount's restrictions: remounts keep them.
     pub keep_locked: bool,
+    /// The kernel can make a whole tree of mounts read-only (mount_setattr, Linux 5.12):
+    /// binds then take the mounts beneath their source along, each made read-only too.
+    /// Without it they take the top mount only (what is mounted beneath is not seen):
+    /// a remount reaches one mount, and one beneath left as it was could be written.
+    pub readonly_beneath: bool,
 }
 
 fn bits(flags: MsFlags) -> u64 {
@@ -129,31 +134,43 @@ fn mount_op(
     }
 }
 
-/// A bind of `src` at `target`, then its remount with `flags`.
-fn bind(
-    ops: &mut Vec<Op>,
-    src: &Path,
-    target: PathBuf,
-    recursive: bool,
-    flags: MsFlags,
-    keep_locked: bool,
-) {
-    let first = if recursive {
+/// A bind of `src` at `target`, then its remount with `flags`; read-only binds take
+/// the mounts beneath `src` along only where each of them can be made read-only too
+/// (see `RootSteps::readonly_beneath`).
+fn bind(ops: &mut Vec<Op>, src: &Path, target: PathBuf, flags: MsFlags, r: &RootSteps<'_>) {
+    let beneath = flags.contains(MsFlags::MS_RDONLY) && r.readonly_beneath;
+    let first = if beneath {
         MsFlags::MS_BIND | MsFlags::MS_REC
     } else {
         MsFlags::MS_BIND
     };
     ops.push(mount_op(Some(src), target.clone(), None, first, None));
-    let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags;
-    ops.push(if keep_locked {
+    let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags;
+    ops.push(if r.keep_locked {
         Op::RemountKeepingLocked {
             source: src.to_path_buf(),
-            target,
-            flags: bits(flags),
+            target: target.clone(),
+            flags: bits(remount),
         }
     } else {
-        mount_op(None, target, None, flags, None)
+        mount_op(None, target.clone(), None, remount, None)
     });
+    if beneath {
+        // <linux/mount.h>, <linux/fcntl.h>
+        const MOUNT_ATTR_RDONLY: u64 = 0x1;
+        const MOUNT_ATTR_NOSUID: u64 = 0x2;
+        const MOUNT_ATTR_NODEV: u64 = 0x4;
+        const AT_RECURSIVE: u32 = 0x8000;
+        let mut attr = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID;
+        if flags.contains(MsFlags::MS_NODEV) {
+            attr |= MOUNT_ATTR_NODEV;
+        }
+        ops.push(Op::ReadOnlyTree {
+            target,
+            attr_set: attr,
+            flags: AT_RECURSIVE,
+        });
+    }
 }
 
 const READ_ONLY: MsFlags = MsFlags::MS_RDONLY.union(MsFlags::MS_NOSUID);
@@ -223,14 +240,7 @@ pub fn private_root(r: &RootSteps<'_>) -> Vec<Op> {
             like: src.clone(),
             path: target.clone(),
         });
-        bind(
-            &mut ops,
-            src,
-            target,
-            true,
-            READ_ONLY | MsFlags::MS_NODEV,
-            r.keep_locked,
-        );
+        bind(&mut ops, src, target, READ_ONLY | MsFlags::MS_NODEV, r);
     }
     for (dev, _, _) in DEVICES {
         let dev = Path::new(dev);
@@ -239,7 +249,7 @@ pub fn private_root(r: &RootSteps<'_>) -> Vec<Op> {
             like: dev.to_path_buf(),
             path: target.clone(),
         }];
-        bind(&mut then, dev, target, true, READ_ONLY, r.keep_locked);
+        bind(&mut then, dev, target, READ_ONLY, r);
         ops.push(Op::IfExists {
             path: dev.to_path_buf(),
             then,
@@ -257,21 +267,14 @@ pub fn private_root(r: &RootSteps<'_>) -> Vec<Op> {
             path: target.clone(),
         });
         let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-        bind(&mut ops, src, target, false, flags, r.keep_locked);
+        bind(&mut ops, src, target, flags, r);
     }
     for (src, at) in r.extras.readonly {
         let target = inside(root_dir, at);
         ops.push(Op::MakeDir {
             path: target.clone(),
         });
-        bind(
-            &mut ops,
-            src,
-            target,
-            true,
-            READ_ONLY | MsFlags::MS_NODEV,
-            r.keep_locked,
-        );
+        bind(&mut ops, src, target, READ_ONLY | MsFlags::MS_NODEV, r);
     }
 
     for (path, text) in r.files {

@@ -96,6 +96,44 @@ pub mod raw {
         Errno::result(rc).map(drop)
     }
 
+    /// mount_setattr(2) on `target` (relative to the cwd), `attr_set` only.
+    pub fn mount_setattr(target: &std::path::Path, flags: u32, attr_set: u64) -> Result<(), Errno> {
+        use std::os::unix::ffi::OsStrExt;
+        let path =
+            std::ffi::CString::new(target.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+        // struct mount_attr: attr_set, attr_clr, propagation, userns_fd.
+        let attr: [u64; 4] = [attr_set, 0, 0, 0];
+        // SAFETY: `path` and `attr` outlive the call; the size passed is `attr`'s.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                flags,
+                attr.as_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        Errno::result(rc).map(drop)
+    }
+
+    /// Whether this kernel has mount_setattr(2) (Linux 5.12).
+    pub fn has_mount_setattr() -> bool {
+        // SAFETY: a bad descriptor and null arguments: the kernel answers EBADF or EINVAL
+        // where the call exists, ENOSYS where not, and touches nothing.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                -1,
+                std::ptr::null::<libc::c_char>(),
+                0,
+                std::ptr::null::<u8>(),
+                0,
+            )
+        };
+        !(rc == -1 && Errno::last() == Errno::ENOSYS)
+    }
+
     /// setns(2) by descriptor number.
     pub fn setns(fd: RawFd, nstype: i32) -> Result<(), Errno> {
         // SAFETY: setns reads the descriptor; a bad number gives EBADF.
@@ -191,6 +229,23 @@ pub fn reset_sigpipe() -> Result<(), Errno> {
         )
     }
     .map(drop)
+}
+
+/// Every signal back to its default action and none blocked: what the server was started
+/// with (a shell that ignores SIGINT and SIGQUIT for a background job, say) must not reach
+/// a run, which inherits dispositions across fork and the ignored ones across exec. The
+/// helper and the fork server's launcher call it first.
+pub fn reset_signals() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for signal in Signal::iterator() {
+        if matches!(signal, Signal::SIGKILL | Signal::SIGSTOP) {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL runs no handler code of ours.
+        let _ = unsafe { sigaction(signal, &default) };
+    }
+    let _ = SigSet::all().thread_unblock();
 }
 
 /// pidfd_open(2): a descriptor that becomes readable when `pid` exits (Linux 5.3+).

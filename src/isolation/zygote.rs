@@ -40,6 +40,8 @@ pub struct ZygoteSpec {
     pub cgroup_dirs: Vec<PathBuf>,
     /// Where each run mounts its own root (an empty directory here).
     pub run_root_dir: PathBuf,
+    /// Whether the kernel can make a tree of mounts read-only (see `RootSteps`).
+    pub readonly_beneath: bool,
     pub program: PathBuf,
     pub argv: Vec<String>,
     pub env: Vec<String>,
@@ -47,6 +49,7 @@ pub struct ZygoteSpec {
 
 /// Entry point of `sandbox __zygote`. Returns only on failure, with an exit code.
 pub fn main() -> i32 {
+    sys::reset_signals();
     match launch() {
         Ok(never) => match never {},
         Err(e) => {
@@ -127,6 +130,7 @@ fn steps(spec: &ZygoteSpec) -> Vec<Op> {
             readonly: &[],
         },
         keep_locked: false,
+        readonly_beneath: spec.readonly_beneath,
     }));
     let keep = |fd, at| Keep {
         fd,

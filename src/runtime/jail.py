@@ -3,7 +3,7 @@
 # every path, flag, limit and id comes in the steps from the server. `RealSys` makes the
 # calls through ctypes; a test swaps in a recorder and compares its calls with the Rust
 # executor's for the same steps.
-import ctypes, os, resource, stat
+import ctypes, fcntl, os, resource, shutil, signal, stat
 
 
 class SetupError(Exception):
@@ -55,6 +55,13 @@ class RealSys:
         enc = lambda s: None if s is None else s.encode()
         self._check(self.libc.mount(enc(source), target.encode(), enc(fstype), flags, enc(data)))
 
+    def mount_setattr(self, target, flags, attr_set):
+        # struct mount_attr: attr_set, attr_clr, propagation, userns_fd.
+        attr = (ctypes.c_uint64 * 4)(attr_set, 0, 0, 0)
+        # mount_setattr: 442 on every architecture; AT_FDCWD.
+        self._check(self.libc.syscall(442, ctypes.c_int(-100), target.encode(),
+                                      ctypes.c_uint(flags), attr, ctypes.c_size_t(32)))
+
     def umount2(self, target, flags):
         self._check(self.libc.umount2(target.encode(), flags))
 
@@ -88,7 +95,6 @@ class RealSys:
         os.chown(path, uid, gid)
 
     def remove_all(self, path):
-        import shutil
         shutil.rmtree(path, ignore_errors=True)
 
     def mkdir(self, path):
@@ -108,7 +114,6 @@ class RealSys:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
     def dup_above(self, fd, base):
-        import fcntl
         return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
 
     def dup_to(self, fd, target, cloexec):
@@ -142,8 +147,8 @@ class RealSys:
         pid = os.fork()
         if pid == 0:
             return
-        # The run's init (isolation/init.rs does the same for a helper's run).
-        import signal
+        # The run's init (isolation/init.rs does the same for a helper's run). It imports
+        # nothing here: a root process reading modules from the run's root would run them.
         for fd in close:
             self.close(fd)
         every = signal.valid_signals()
@@ -253,6 +258,9 @@ def _one(op, sys, fds):
     elif kind == "mount":
         _call(_mount_step(op["fstype"]), op["target"], sys.mount, op["source"], op["target"],
               op["fstype"], op["flags"], op["data"])
+    elif kind == "read_only_tree":
+        _call("bind-mounting into the sandbox root", op["target"], sys.mount_setattr,
+              op["target"], op["flags"], op["attr_set"])
     elif kind == "if_exists":
         if sys.kind(op["path"]) != "missing":
             execute(op["then"], sys, fds)

@@ -38,6 +38,8 @@ pub struct PlanInput<'a> {
     pub seccomp: &'a Programs,
     /// Whether the helper execs the interpreter or a fork server forks it.
     pub start: Start,
+    /// Whether the kernel can make a tree of mounts read-only (see `RootSteps`).
+    pub readonly_beneath: bool,
     /// The run's job and output directories on the host (`sandbox run`).
     pub files: &'a RunFiles,
 }
@@ -96,7 +98,7 @@ pub fn plan(p: PlanInput<'_>) -> SandboxSpec {
         out_dir: p.files.out.clone(),
         jail: Jail::default(),
     };
-    spec.jail = steps::jail(&spec, p.seccomp, p.start);
+    spec.jail = steps::jail(&spec, p.seccomp, p.start, p.readonly_beneath);
     spec
 }
 

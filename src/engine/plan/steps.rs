@@ -21,7 +21,7 @@ const PARK_FD: i32 = 512;
 const CODE_FD: i32 = 3;
 
 /// The steps of `spec`'s jail, in the order they must happen.
-pub fn jail(spec: &SandboxSpec, seccomp: &Programs, start: Start) -> Jail {
+pub fn jail(spec: &SandboxSpec, seccomp: &Programs, start: Start, readonly_beneath: bool) -> Jail {
     let mut owner: Vec<Op> = (spec.cgroup_procs.iter())
         .map(|procs| Op::JoinCgroup {
             procs: procs.clone(),
@@ -83,6 +83,7 @@ pub fn jail(spec: &SandboxSpec, seccomp: &Programs, start: Start) -> Jail {
                     readonly: &job,
                 },
                 keep_locked: spec.level == IsolationLevel::Rootless,
+                readonly_beneath,
             }));
         }
         IsolationLevel::Chroot => {

@@ -109,6 +109,7 @@ fn plan_with_files(c: Case, files: &RunFiles) -> SandboxSpec {
         proxy: &proxy,
         seccomp: programs(c.level),
         start: c.start,
+        readonly_beneath: true,
         files,
     })
 }

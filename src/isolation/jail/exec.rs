@@ -38,6 +38,8 @@ pub trait Sys {
         flags: u64,
         data: Option<&str>,
     ) -> Result<(), Errno>;
+    /// mount_setattr(2) with `attr_set` (nothing cleared, propagation kept).
+    fn mount_setattr(&mut self, target: &Path, flags: u32, attr_set: u64) -> Result<(), Errno>;
     /// The MS_* restrictions the mount holding `path` has (nosuid, nodev, noexec, atime).
     fn locked_flags(&mut self, path: &Path) -> u64;
     fn umount2(&mut self, target: &Path, flags: i32) -> Result<(), Errno>;
@@ -165,6 +167,13 @@ fn one(op: &Op, sys: &mut dyn Sys, fds: &mut Descriptors) -> Result<(), StepErro
             sys.mount(None, target, None, flags | locked, None)
                 .map_err(at(Step::BindMount, target.display()))
         }
+        Op::ReadOnlyTree {
+            target,
+            attr_set,
+            flags,
+        } => sys
+            .mount_setattr(target, *flags, *attr_set)
+            .map_err(at(Step::BindMount, target.display())),
         Op::IfExists { path, then } => {
             if sys.kind(path) != Kind::Missing {
                 execute(then, sys, fds)?;

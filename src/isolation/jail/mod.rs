@@ -101,6 +101,13 @@ pub enum Op {
         target: PathBuf,
         flags: u64,
     },
+    /// mount_setattr(2) on `target` with these `flags` (AT_RECURSIVE): `attr_set` on it and
+    /// on every mount beneath it, so none beneath a read-only bind stays writable.
+    ReadOnlyTree {
+        target: PathBuf,
+        attr_set: u64,
+        flags: u32,
+    },
     /// The steps in `then`, only if `path` exists (a device or a /proc file this kernel
     /// lacks is skipped).
     IfExists {

@@ -84,6 +84,10 @@ impl Sys for RealSys {
         )
     }
 
+    fn mount_setattr(&mut self, target: &Path, flags: u32, attr_set: u64) -> Result<(), Errno> {
+        raw::mount_setattr(target, flags, attr_set)
+    }
+
     fn locked_flags(&mut self, path: &Path) -> u64 {
         let Ok(st) = statvfs(path) else {
             return 0;

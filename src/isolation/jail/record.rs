@@ -91,6 +91,10 @@ impl Sys for Recorder {
         ]));
         Ok(())
     }
+    fn mount_setattr(&mut self, target: &Path, flags: u32, attr_set: u64) -> Result<(), Errno> {
+        self.call(json!(["mount_setattr", p(target), flags, attr_set]));
+        Ok(())
+    }
     fn locked_flags(&mut self, path: &Path) -> u64 {
         self.call(json!(["locked_flags", p(path)]));
         0
@@ -247,6 +251,7 @@ class Recorder:
     def sethostname(self, n): self._c("sethostname", n)
     def mount(self, s, t, f, fl, d): self._c("mount", s, t, f, fl, d)
     def umount2(self, t, fl): self._c("umount2", t, fl)
+    def mount_setattr(self, t, fl, a): self._c("mount_setattr", t, fl, a)
     def kind(self, p):
         return "missing" if p in self.missing else ("other" if p in self.files else "dir")
     def entry_exists(self, p): return p not in self.missing
