@@ -251,3 +251,53 @@ fn help_documents_the_exit_codes() {
     assert!(stdout(&o).contains("Exit codes"), "{}", stdout(&o));
     assert!(stdout(&o).contains("--json"));
 }
+
+/// The doctor reads the network policy and checks the rules with `nft --check`: it
+/// installs no table of its own (the kernel's own event stream says so) and leaves
+/// forwarding as it found it.
+#[test]
+fn the_doctor_installs_no_network_table() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let forward = || std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    let forward_before = forward();
+    let mut monitor = Command::new("nft")
+        .args(["monitor", "tables"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("nft monitor");
+    // The monitor listens once it runs; give it a moment.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let port = common::free_port().to_string();
+    let doctor = Command::new(common::bin())
+        .args(["doctor", "--json"])
+        .env("SANDBOX_PORT", &port)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("doctor");
+    let pid = doctor.id();
+    let o = doctor.wait_with_output().expect("doctor ran");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    monitor.kill().expect("stop the monitor");
+    let mut events = String::new();
+    monitor
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut events)
+        .unwrap();
+    let _ = monitor.wait();
+    let v: Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert!(
+        v["network"].as_str().unwrap().starts_with("isolated"),
+        "{v:#}"
+    );
+    // Tables are named `<prefix><pid namespace>_<pid>`: none of the doctor's.
+    let ours: Vec<&str> = events
+        .lines()
+        .filter(|l| l.contains("table") && l.ends_with(&format!("_{pid}")))
+        .collect();
+    assert!(ours.is_empty(), "the doctor installed: {ours:?}");
+    assert_eq!(forward(), forward_before, "ip_forward changed");
+}

@@ -46,11 +46,12 @@ async fn runs_come_from_a_fork_server_with_difys_modules_imported() {
     let s = Server::start(&[]).await;
     // The fork server's imports are frozen out of the collector (see zygote.py).
     let probe = "import gc, sys, os\nprint('jinja2' in sys.modules, 'base64' in sys.modules, os.getpid(), gc.get_freeze_count() > 0)";
-    assert_eq!(out(&s.python(probe).await), "True True 1 True\n");
+    // pid 2: the run is the child of its init (pid 1 of its namespace).
+    assert_eq!(out(&s.python(probe).await), "True True 2 True\n");
     assert!(fork_server_of(s.pid()).is_some(), "no fork server process");
     drop(s);
     let plain = Server::start(&[("PYTHON_FORK_SERVER", "false")]).await;
-    assert_eq!(out(&plain.python(probe).await), "False False 1 False\n");
+    assert_eq!(out(&plain.python(probe).await), "False False 2 False\n");
     assert!(fork_server_of(plain.pid()).is_none());
 }
 
@@ -110,7 +111,7 @@ async fn a_run_cannot_reach_the_fork_server_or_its_siblings() {
     let code = format!(
         r#"
 import os, signal, ctypes
-for pid in ({zygote}, 2, 3):
+for pid in ({zygote}, 1, 3):
     try:
         os.kill(pid, 0)
         print(pid, "visible")
@@ -125,9 +126,10 @@ os.kill(-1, signal.SIGKILL)
     let d = s.python(&code).await;
     let text = out(&d);
     assert!(text.contains(&format!("{zygote} 3\n")), "{d}");
-    assert!(text.contains("2 3\n") && text.contains("3 3\n"), "{d}");
+    // Pid 1 is the run's init, root: out of the run's reach; nothing else is there.
+    assert!(text.contains("1 1\n") && text.contains("3 3\n"), "{d}");
     assert!(text.contains("ptrace -1 1\n"), "{d}");
-    assert!(text.contains("['1']"), "{d}");
+    assert!(text.contains("['1', '2']"), "{d}");
     let sibling = waiting.await.unwrap();
     assert_eq!(sibling["data"]["stdout"], "finished\n", "{sibling}");
     assert_eq!(
@@ -159,7 +161,7 @@ async fn a_fork_server_that_dies_is_replaced_and_runs_go_on() {
     let probe = "import sys, os\nprint('jinja2' in sys.modules, os.getpid())";
     let mut served = false;
     for _ in 0..20 {
-        if out(&s.python(probe).await) == "True 1\n" {
+        if out(&s.python(probe).await) == "True 2\n" {
             served = true;
             break;
         }

@@ -42,33 +42,39 @@ fn helper_report(spec: &Value) -> Value {
     serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line:?}"))
 }
 
+/// The last steps of a helper's jail (descriptors, ids, no_new_privs, exec), for `program`.
+fn exec_jail(program: &std::path::Path) -> Value {
+    let keep = |fd: &str, at: i32, cloexec: bool| json!({"fd": fd, "at": at, "cloexec": cloexec});
+    json!({
+        "owner": [],
+        "run": [
+            {"op": "open_program", "path": program},
+            {"op": "descriptors", "park": 512, "keep": [
+                keep("stdin", 0, false), keep("stdout", 1, false), keep("stderr", 2, false),
+                keep("code", 3, false), keep("error", 1022, true), keep("program", 1023, true)]},
+            {"op": "map_exec_page", "address": 0x7_0000_0000u64},
+            {"op": "set_gid", "gid": 10999},
+            {"op": "set_uid", "uid": 10999},
+            {"op": "no_new_privs"},
+            {"op": "exec", "argv": ["x"], "env": [], "path_address": 0x7_0000_0000u64},
+        ],
+    })
+}
+
 #[test]
 fn a_non_executable_interpreter_is_reported_by_the_exec_step() {
-    let mount_point = tempfile::tempdir().expect("tempdir");
     let files = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let program = files.path().join("not-a-program");
     std::fs::write(&program, b"plain text\n").expect("write");
     std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let spec = json!({
-        "level": "namespaces",
-        "root_dir": mount_point.path(),
-        "root": {"binds": [program], "symlinks": []},
-        "uid": 10999, "gid": 10999, "network": "offline", "root_files": [],
-        "limits": {"address_space_bytes": null, "max_processes": 16, "tmp_bytes": 1 << 20,
-                   "cpu_seconds": 5, "open_files": 64},
-        "cgroup_procs": [], "profile": "python",
-        "allowed_syscalls": [], "extra_syscalls": [],
-        "program": program, "workdir": "/tmp",
-        "argv": ["not-a-program"], "env": [], "mmap_min_addr": null
-    });
-    let report = helper_report(&spec);
+    let report = helper_report(&exec_jail(&program));
     let message = report["setup_failed"]["message"]
         .as_str()
         .unwrap_or_else(|| panic!("a setup failure, got {report}"));
     // The exec is the very last step, long after the descriptors were rearranged.
     assert!(
         message.starts_with("starting the interpreter failed on")
-            && message.contains("not-a-program")
             && message.contains("Permission denied"),
         "{message}"
     );
@@ -76,20 +82,9 @@ fn a_non_executable_interpreter_is_reported_by_the_exec_step() {
 
 #[test]
 fn an_interpreter_missing_from_the_root_is_reported_by_the_open_step() {
-    let mount_point = tempfile::tempdir().expect("tempdir");
-    let spec = json!({
-        "level": "namespaces",
-        "root_dir": mount_point.path(),
-        "root": {"binds": [], "symlinks": []},
-        "uid": 10999, "gid": 10999, "network": "offline", "root_files": [],
-        "limits": {"address_space_bytes": null, "max_processes": 16, "tmp_bytes": 1 << 20,
-                   "cpu_seconds": 5, "open_files": 64},
-        "cgroup_procs": [], "profile": "python",
-        "allowed_syscalls": [], "extra_syscalls": [],
-        "program": "/usr/bin/no-such-interpreter", "workdir": "/tmp",
-        "argv": ["x"], "env": [], "mmap_min_addr": null
-    });
-    let report = helper_report(&spec);
+    let report = helper_report(&exec_jail(std::path::Path::new(
+        "/usr/bin/no-such-interpreter",
+    )));
     let message = report["setup_failed"]["message"]
         .as_str()
         .unwrap_or_default();

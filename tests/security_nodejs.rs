@@ -118,7 +118,8 @@ async fn host_files_and_other_processes_are_invisible() {
         s.pid()
     );
     let data = node(&s, &code).await;
-    assert_eq!(out(&data), "false\nfalse false\n1\n", "{data}");
+    // The run and its init (pid 1 of the namespace), nothing else.
+    assert_eq!(out(&data), "false\nfalse false\n1,2\n", "{data}");
 }
 
 #[tokio::test]

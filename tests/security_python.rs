@@ -49,36 +49,70 @@ async fn exec_and_process_creation_are_refused() {
 async fn execveat_cannot_be_reused_by_the_snippet() {
     let s = Server::start(&[]).await;
     // The one exec the filter allows is on fd 1023 with the helper's own pathname
-    // pointer: the descriptor is gone and the pointer cannot match.
-    let code = r#"
-import ctypes, os, sys
+    // pointer: the descriptor is gone and the pointer cannot match. A call that does not
+    // match is refused (EPERM, a fork server's run) or ends the run (SIGSYS, a helper's
+    // run: see `a_wrong_exec_pointer_ends_the_run`), one run per call.
+    for (fd, path) in [
+        ("1023", "b''"),
+        ("1023", "sys.executable.encode()"),
+        ("-100", "sys.executable.encode()"),
+    ] {
+        let code = format!(
+            r#"
+import ctypes, sys
 libc = ctypes.CDLL(None, use_errno=True)
 argv = (ctypes.c_char_p * 2)(sys.executable.encode(), None)
-for fd, path in [(1023, b""), (1023, sys.executable.encode()), (-100, sys.executable.encode())]:
-    r = libc.syscall(322, fd, path, argv, None, 0x1000)
-    print(fd, r, ctypes.get_errno())
-fd = os.open(sys.executable, os.O_RDONLY)
-print("dup2", end=" ")
-try:
-    os.dup2(fd, 1023)
-    print("ok")
-except OSError as e:
-    print(e.errno)
+r = libc.syscall(322, {fd}, {path}, argv, None, 0x1000)
+print("execveat", r, ctypes.get_errno())
+"#
+        );
+        let data = s.python(&code).await;
+        let text = out(&data);
+        let refused = text.contains("execveat -1 1\n") || text.contains("execveat -1 9\n");
+        let killed = data["exit_code"] == 159 && !text.contains("execveat");
+        assert!(refused || killed, "EPERM, EBADF or SIGSYS expected: {data}");
+    }
+    let data = s
+        .python("import os, sys\nfd = os.open(sys.executable, os.O_RDONLY)\ntry:\n    os.dup2(fd, 1023)\n    print('dup2 ok')\nexcept OSError as e:\n    print('dup2', e.errno)")
+        .await;
+    assert!(
+        out(&data).contains("dup2 9"),
+        "RLIMIT_NOFILE keeps fd 1023 out of reach: {data}"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_exec_pointer_ends_the_run() {
+    // A helper's run: its filter admits execveat(1023, <the exec page>, .., AT_EMPTY_PATH).
+    // With an absolute path written on that page the kernel ignores the descriptor, so the
+    // page must stay unknown. Were a wrong pointer answered with EPERM, the admitted one
+    // would stand out (it gets past the filter: EFAULT) and the random page a server
+    // without CAP_SYS_RAWIO draws would be found at one system call per guess, once for
+    // every run of that server. A wrong pointer must end the run instead.
+    let s = Server::start(&[("PYTHON_FORK_SERVER", "false")]).await;
+    let code = r#"
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+libc.syscall.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+print("probing", flush=True)
+for page in range(1 << 32, (1 << 32) + 64 * 4096, 4096):
+    r = libc.syscall(322, 1023, page, None, None, 0x1000)
+    print("survived", hex(page), r, ctypes.get_errno(), flush=True)
 "#;
     let data = s.python(code).await;
     let text = out(&data);
-    for line in text.lines().take(3) {
-        let parts: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(parts[1], "-1", "{text}");
-        assert!(
-            parts[2] == "1" || parts[2] == "9",
-            "EPERM or EBADF expected: {text}"
-        );
-    }
+    assert!(text.contains("probing"), "{data}");
     assert!(
-        text.contains("dup2 9"),
-        "RLIMIT_NOFILE keeps fd 1023 out of reach: {text}"
+        !text.contains("survived"),
+        "a wrong pointer was answered: {data}"
     );
+    assert_eq!(data["exit_code"], 159, "{data}");
+    assert!(
+        error(&data).contains("killed by the seccomp filter"),
+        "{data}"
+    );
+    assert!(s.healthy().await);
 }
 
 #[tokio::test]
@@ -158,7 +192,8 @@ async fn other_processes_are_invisible_in_proc() {
         s.pid()
     );
     let data = s.python(&code).await;
-    assert_eq!(out(&data), "['1']\nFalse\n1\n", "{data}");
+    // The run and its init (pid 1 of the namespace), nothing else.
+    assert_eq!(out(&data), "['1', '2']\nFalse\n2\n", "{data}");
 }
 
 #[tokio::test]
@@ -370,7 +405,9 @@ try:
 except OSError as e:
     print('kill -1', e.errno)
 hits = 0
-for pid in range(2, 4000):
+for pid in range(1, 4000):
+    if pid == os.getpid():
+        continue
     try:
         os.kill(pid, signal.SIGKILL); hits += 1
     except OSError:
@@ -494,4 +531,67 @@ async fn the_spec_never_appears_on_a_command_line() {
     }
     assert!(helpers > 0, "no helper found");
     drop(s);
+}
+
+/// A mount beneath a directory the root binds (a volume under an interpreter's prefix,
+/// say) must be as read-only in the run as the bind itself: on the fork server's path
+/// and on a fresh interpreter's.
+#[tokio::test]
+async fn a_mount_beneath_the_roots_binds_is_read_only_too() {
+    let beneath = "/usr/share/zoneinfo/Etc";
+    let script =
+        format!("mount -t tmpfs -o size=1m,mode=1777 sandbox-test {beneath} && exec \"$0\" \"$@\"");
+    let prefix = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ];
+    let code = format!(
+        "import os\nprint(os.path.isdir('{beneath}'))\ntry:\n    open('{beneath}/written', 'w')\n    print('written')\nexcept OSError as e:\n    print('refused', e.errno)"
+    );
+    for fork_server in ["true", "false"] {
+        let s = Server::start_under(&prefix, &[("PYTHON_FORK_SERVER", fork_server)]).await;
+        let data = s.python(&code).await;
+        // Read-only (30: EROFS), whether the tree beneath is seen or left out.
+        let text = out(&data);
+        assert!(
+            text == "True\nrefused 30\n" || text.ends_with("refused 2\n"),
+            "fork server {fork_server}: {data}"
+        );
+    }
+}
+
+/// A server started with signals ignored (a shell's background job ignores SIGINT and
+/// SIGQUIT) passes none of that on: a run starts with what a fresh interpreter has.
+#[tokio::test]
+async fn a_run_starts_with_default_signal_dispositions() {
+    let fresh = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-I",
+            "-S",
+            "-c",
+            "print([l for l in open('/proc/self/status') if l.startswith('SigIgn')][0].split()[1])",
+        ])
+        .output()
+        .expect("python3");
+    let fresh = String::from_utf8_lossy(&fresh.stdout).to_string();
+    let prefix = ["sh", "-c", "trap '' INT QUIT; exec \"$0\" \"$@\""];
+    let code =
+        "print([l for l in open('/proc/self/status') if l.startswith('SigIgn')][0].split()[1])";
+    for fork_server in ["true", "false"] {
+        let s = Server::start_under(
+            &prefix,
+            &[
+                ("PYTHON_FORK_SERVER", fork_server),
+                ("PYTHON_PATH", "/usr/bin/python3"),
+            ],
+        )
+        .await;
+        let data = s.python(code).await;
+        assert_eq!(out(&data), fresh, "fork server {fork_server}: {data}");
+    }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::Server;
 
-/// Pids of the interpreters (grandchildren: server -> helper -> interpreter) of `server`.
+/// Pids of the interpreters (server -> helper -> the run's init -> interpreter) of `server`.
 fn interpreters_of(server: u32) -> Vec<u32> {
     let parent_of = |pid: u32| -> Option<u32> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -21,7 +21,8 @@ fn interpreters_of(server: u32) -> Vec<u32> {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        if let Some(helper) = parent_of(pid)
+        if let Some(init) = parent_of(pid)
+            && let Some(helper) = parent_of(init)
             && parent_of(helper) == Some(server)
         {
             let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();

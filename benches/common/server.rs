@@ -15,14 +15,17 @@ pub struct Server {
 }
 
 impl Server {
-    /// Start the release-built server with `env` on top of the built-in defaults and
-    /// wait until `/health` answers.
+    /// Start the release-built server (or the binary `SANDBOX_BENCH_BIN` names, to set two
+    /// builds side by side) with `env` on top of the built-in defaults and wait until
+    /// `/health` answers.
     pub async fn start(env: &[(&str, String)], client: &reqwest::Client) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
             .port();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_sandbox"));
+        let bin = std::env::var_os("SANDBOX_BENCH_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_sandbox").into());
+        let mut command = Command::new(bin);
         command
             .arg("serve")
             // No conf/config.yaml there: the built-in defaults plus `env`.

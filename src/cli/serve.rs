@@ -8,7 +8,7 @@ use clap::Args;
 
 use crate::api;
 use crate::engine::Engine;
-use crate::engine::network::RunNetwork;
+use crate::engine::network::{NetworkPolicy, ServerNetwork};
 use crate::runtime::Language;
 
 #[derive(Debug, Args)]
@@ -125,19 +125,19 @@ async fn shutdown_signal() {
 }
 
 /// The network level, loudly when runs share the host's network or get none.
-fn log_network(network: &RunNetwork) {
+fn log_network(network: &ServerNetwork) {
     let level = network.describe();
-    match network {
-        RunNetwork::Off | RunNetwork::Isolated(_) => tracing::info!(%level, "network"),
-        RunNetwork::Host {
-            guard: Some(_),
+    match network.policy() {
+        NetworkPolicy::Off | NetworkPolicy::Isolated => tracing::info!(%level, "network"),
+        NetworkPolicy::Shared {
+            guarded: true,
             requested: false,
         } => tracing::info!(%level, "network"),
-        RunNetwork::Host { .. } => tracing::warn!(
+        NetworkPolicy::Shared { .. } => tracing::warn!(
             %level,
             "network: NETWORKED RUNS SHARE THIS HOST'S NETWORK (network_isolation: shared)"
         ),
-        RunNetwork::Unavailable(_) => tracing::error!(
+        NetworkPolicy::Refused(_) => tracing::error!(
             %level,
             "network: NETWORKED RUNS ARE REFUSED until this is fixed"
         ),

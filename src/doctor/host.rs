@@ -76,7 +76,7 @@ pub(super) fn privileges_check(
     }
 }
 
-/// Where the interpreter's one exec pointer can live (see `isolation::sys::empty_path`).
+/// Where the interpreter's one exec pointer can live (see `isolation::seccomp::programs::exec_page`).
 pub(super) fn exec_lock_check(root: bool, caps: u64, min: Option<u64>) -> Check {
     const CAP_SYS_RAWIO: u32 = 17;
     let rawio = caps & (1u64 << CAP_SYS_RAWIO) != 0;

@@ -1,13 +1,15 @@
-//! What networked runs get on this host, tried for real: the network the server would
-//! set up (its nftables table, forwarding, DNS relay), and one run's namespace created
-//! and removed.
+//! What networked runs get on this host, read from the same policy the server follows
+//! (`engine::network::NetworkPolicy`) with nothing installed: what it needs is checked in
+//! place (the subnet against the routes, the table's rules by the kernel with
+//! `nft --check`), forwarding and the resolvers are read, and one run's namespace is
+//! created and removed.
 
 use std::time::Instant;
 
 use crate::config::Config;
-use crate::engine::network::RunNetwork;
+use crate::engine::network::{self, NetworkPolicy};
 use crate::isolation::detect::Host;
-use crate::isolation::net::resolv;
+use crate::isolation::net::{forwarding, resolv};
 use crate::isolation::spec::IsolationLevel;
 use crate::isolation::uids::{SANDBOX_UIDS, UidPool};
 
@@ -39,43 +41,41 @@ pub(super) fn network_checks(
         }
     };
     runtime.block_on(async {
-        let uids = UidPool::new(
-            &crate::state::StateDir::new(&config.state_dir)
-                .uid_leases(host.level != IsolationLevel::Rootless),
-            SANDBOX_UIDS,
-        )
-        .ok();
-        let held = |uid| uids.as_ref().is_none_or(|p| p.is_held(uid));
-        let network = RunNetwork::build(config, host, SANDBOX_UIDS, held).await;
-        let level = network.describe();
-        let mut checks = vec![level_check(&network, host, pm)];
-        if let RunNetwork::Isolated(isolated) = &network {
-            checks.push(forwarding_check(isolated.iptables_exceptions()));
+        let policy = network::dry_run(config, host, SANDBOX_UIDS).await;
+        let level = policy.describe();
+        let mut checks = vec![level_check(&policy, host, pm)];
+        if policy == NetworkPolicy::Isolated {
+            checks.push(forwarding_check(forwarding::iptables_drops_forwarded()));
             checks.push(resolver_check(config));
-            if let Some(pool) = &uids {
-                checks.push(probe_check(&network, pool).await);
+            let uids = UidPool::new(
+                &crate::state::StateDir::new(&config.state_dir)
+                    .uid_leases(host.level != IsolationLevel::Rootless),
+                SANDBOX_UIDS,
+            );
+            if let Ok(pool) = &uids {
+                checks.push(probe_check(config, pool).await);
             }
         }
         (checks, Some(level))
     })
 }
 
-fn level_check(network: &RunNetwork, host: &Host, pm: PackageManager) -> Check {
+fn level_check(policy: &NetworkPolicy, host: &Host, pm: PackageManager) -> Check {
     const NAME: &str = "network";
-    let level = network.describe();
-    match network {
-        RunNetwork::Off | RunNetwork::Isolated(_) => ok(NAME, level),
-        RunNetwork::Host {
-            guard: Some(_),
+    let level = policy.describe();
+    match policy {
+        NetworkPolicy::Off | NetworkPolicy::Isolated => ok(NAME, level),
+        NetworkPolicy::Shared {
+            guarded: true,
             requested: false,
         } => ok(NAME, level),
-        RunNetwork::Host { .. } => check(
+        NetworkPolicy::Shared { .. } => check(
             NAME,
             Status::Warning,
             level,
             Some("remove network_isolation: shared to give each run a network of its own".into()),
         ),
-        RunNetwork::Unavailable(_) => check(
+        NetworkPolicy::Refused(_) => check(
             NAME,
             // Without root this is a developer's or a CI job's machine: offline runs work.
             if host.level == IsolationLevel::Rootless {
@@ -92,9 +92,9 @@ fn level_check(network: &RunNetwork, host: &Host, pm: PackageManager) -> Check {
     }
 }
 
-fn forwarding_check(iptables_exceptions: bool) -> Check {
+fn forwarding_check(iptables_drops: bool) -> Check {
     let value = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default();
-    let iptables = if iptables_exceptions {
+    let iptables = if iptables_drops {
         "; iptables drops forwarded packets (FORWARD policy DROP, as Docker sets it): the server adds two exceptions for sbx+ interfaces while it runs"
     } else {
         ""
@@ -149,7 +149,7 @@ fn resolver_check(config: &Config) -> Check {
 }
 
 /// One run's network, created and removed as the server does it.
-async fn probe_check(network: &RunNetwork, pool: &UidPool) -> Check {
+async fn probe_check(config: &Config, pool: &UidPool) -> Check {
     const NAME: &str = "veth";
     let lease = match pool.acquire() {
         Ok(l) => l,
@@ -163,27 +163,17 @@ async fn probe_check(network: &RunNetwork, pool: &UidPool) -> Check {
         }
     };
     let started = Instant::now();
-    let proxy = crate::config::Proxy::default();
-    match network.prepare(lease.uid, true, &proxy, None).await {
-        Ok(prepared) => {
-            let address = prepared.netns.as_ref().map(|n| n.lease.address.clone());
-            if let Some(netns) = prepared.netns {
-                drop(netns.fd);
-                // Not kept: the check leaves nothing behind.
-                netns.lease.release(None, false).await;
-            }
-            ok(
-                NAME,
-                format!(
-                    "a run's namespace and veth pair created and removed in {:.1} ms{}",
-                    started.elapsed().as_secs_f64() * 1000.0,
-                    address.map_or_else(String::new, |a| format!(
-                        " (run {} via gateway {} on {})",
-                        a.address, a.gateway, a.host_if
-                    ))
-                ),
-            )
-        }
+    match network::try_namespace(config, pool.range(), lease.uid).await {
+        Ok(a) => ok(
+            NAME,
+            format!(
+                "a run's namespace and veth pair created and removed in {:.1} ms (run {} via gateway {} on {})",
+                started.elapsed().as_secs_f64() * 1000.0,
+                a.address,
+                a.gateway,
+                a.host_if
+            ),
+        ),
         Err(e) => check(
             NAME,
             Status::Failed,

@@ -10,13 +10,14 @@ use std::sync::atomic::{AtomicI64, AtomicU64};
 use tokio::sync::Semaphore;
 
 use super::forkserver::{ForkServer, Recipe};
-use super::network::RunNetwork;
+use super::network::ServerNetwork;
 use super::warm::WarmPool;
 use super::{Engine, RUN_PREFIX};
 use crate::config::Config;
 use crate::deps::{Dependencies, DepsError};
 use crate::isolation::chroot_root::Roots;
 use crate::isolation::detect::{self, DetectError};
+use crate::isolation::seccomp::{self, Programs, apply::SeccompApplyError};
 use crate::isolation::spec::IsolationLevel;
 use crate::isolation::uids::{SANDBOX_UIDS, UidError, UidPool};
 use crate::runtime::{DiscoveryError, Language, Runtime, nodejs, python};
@@ -40,6 +41,8 @@ pub enum BuildError {
     Deps(#[from] DepsError),
     #[error(transparent)]
     Uids(#[from] UidError),
+    #[error("{0}; check allowed_syscalls and extra_syscalls in the configuration")]
+    Seccomp(#[from] SeccompApplyError),
 }
 
 impl BuildError {
@@ -63,6 +66,14 @@ impl Engine {
         })?;
         let force = config.force_chroot.then_some(IsolationLevel::Chroot);
         let host = detect::detect(&mount_point, force)?;
+        let readonly_beneath = crate::isolation::sys::raw::has_mount_setattr();
+        let exec_page = seccomp::programs::exec_page_for(host.level, host.report.mmap_min_addr);
+        let seccomp = Programs::build(
+            host.level,
+            &config.allowed_syscalls,
+            &config.extra_syscalls,
+            exec_page,
+        )?;
         // The interpreters are asked about themselves while the network is set up: both
         // mostly wait for other processes (the interpreters, nft).
         let discovery = {
@@ -72,7 +83,7 @@ impl Engine {
         let root = host.level != IsolationLevel::Rootless;
         let uids = UidPool::new(&state.uid_leases(root), SANDBOX_UIDS)?;
         let network =
-            RunNetwork::build(&config, &host, uids.range(), |uid| uids.is_held(uid)).await;
+            ServerNetwork::build(&config, &host, uids.range(), |uid| uids.is_held(uid)).await;
         let discovered = discovery
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
@@ -128,6 +139,8 @@ impl Engine {
         }
         let fork_server = fork_server(&config, &host, &runtimes, &state).await;
         Ok(Self {
+            seccomp,
+            readonly_beneath,
             limits: config.run_limits(),
             workers: Arc::new(Semaphore::new(config.max_workers)),
             warm: WarmPool::new(config.warm_workers),
@@ -224,8 +237,6 @@ async fn fork_server(
         state.mount_point(),
         host.cgroup.as_ref(),
         &config.python_preload_modules,
-        &config.allowed_syscalls,
-        &config.extra_syscalls,
     ) {
         Ok(r) => r,
         Err(e) => {

@@ -2,18 +2,18 @@
 //! (json, base64, jinja2 and its template compiler, `python_preload_modules`) and forks
 //! once per run, so a run pays neither an interpreter's start nor those imports. The
 //! fork server itself (`runtime/zygote.py`, started by `sandbox __zygote`) never runs a
-//! snippet: each fork becomes a fresh sandbox (its own cgroup, namespaces, /tmp, uid,
-//! rlimits, no_new_privs, a seccomp filter that refuses every exec) before it reads a
-//! byte of its snippet.
+//! snippet: each fork carries out the run's jail, the same steps a helper's run carries
+//! out (its own cgroup, namespaces, root, uid, rlimits, no_new_privs), up to a seccomp
+//! filter that refuses every exec, before it reads a byte of its snippet.
 //!
-//! Requests travel on a socket, framed like the helper's spec (see `channel`), with the
+//! Requests travel on a socket, framed like the helper's jail (see `channel`), with the
 //! run's descriptors alongside: stdout and stderr pipes, fd 3, the keeper's report pipe,
 //! stdin pipe and network namespace, if any. While the fork server is down, runs go to
 //! plain workers and it is restarted in the background.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -24,26 +24,23 @@ use super::worker::ForkedPipes;
 use super::{RunError, SetupError};
 use crate::isolation::cgroup::CgroupDriver;
 use crate::isolation::channel;
-use crate::isolation::rootfs::{MASKED_PROC_DIRS, MASKED_PROC_FILES};
-use crate::isolation::seccomp::{self, FilterOptions, SocketPolicy};
-use crate::isolation::spec::{NetworkSetup, Profile, SandboxSpec};
-use crate::isolation::zygote::{CGROUP_MOUNT, ZygoteSpec};
+use crate::isolation::jail::{Jail, Op};
+use crate::isolation::spec::SandboxSpec;
+use crate::isolation::zygote::ZygoteSpec;
 use crate::runtime::Runtime;
 
 /// The fork server's code.
 const ZYGOTE: &str = include_str!("../runtime/zygote.py");
+/// The executor of a jail's steps, the Python twin of `isolation::jail::execute`.
+pub const JAIL: &str = include_str!("../runtime/jail.py");
 /// How long the fork server may take to import its modules and say it is ready.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// The settings of the network namespaces runs can have, each with its seccomp filter.
-const SETUPS: [NetworkSetup; 3] = [NetworkSetup::Offline, NetworkSetup::Own, NetworkSetup::Host];
 
 /// What the fork server is built from, kept to restart it.
 pub struct Recipe {
     pub spec: ZygoteSpec,
     /// The first message on its control socket (see `Config`).
     config: Vec<u8>,
-    /// The cgroup base directories, in the order they are bound at `CGROUP_MOUNT/<n>`.
-    cgroup_bases: Vec<PathBuf>,
     sys_path: Vec<String>,
 }
 
@@ -52,8 +49,6 @@ pub struct Recipe {
 struct Config<'a> {
     sys_path: &'a [String],
     preload: &'a [String],
-    /// BPF programs by network setting, hex.
-    filters: std::collections::BTreeMap<&'static str, String>,
 }
 
 #[derive(Deserialize)]
@@ -67,29 +62,8 @@ struct Answer {
 /// One run's request, as the fork server reads it.
 #[derive(Serialize)]
 struct Request<'a> {
-    uid: u32,
-    cgroup_procs: Vec<String>,
-    tmp_bytes: u64,
-    network: NetworkSetup,
-    filter: &'static str,
-    rlimits: Vec<(&'static str, u64)>,
-    workdir: &'a Path,
-    env: &'a [String],
-    root_files: &'a [(PathBuf, String)],
-    masked_proc_files: &'static [&'static str],
-    masked_proc_dirs: &'static [&'static str],
+    jail: &'a Jail,
     sys_path: &'a [String],
-    /// What the root has below /tmp, to keep it visible under the run's own /tmp.
-    tmp_binds: Vec<String>,
-    tmp_symlinks: Vec<(String, String)>,
-}
-
-fn setup_name(n: NetworkSetup) -> &'static str {
-    match n {
-        NetworkSetup::Offline => "offline",
-        NetworkSetup::Own => "own",
-        NetworkSetup::Host => "host",
-    }
 }
 
 impl Recipe {
@@ -98,31 +72,17 @@ impl Recipe {
         mount_point: PathBuf,
         cgroup: Option<&CgroupDriver>,
         preload: &[String],
-        allowed_syscalls: &[i64],
-        extra_syscalls: &[i64],
-    ) -> Result<Self, String> {
-        let mut filters = std::collections::BTreeMap::new();
-        for setup in SETUPS {
-            let bpf = seccomp::export(&FilterOptions {
-                profile: Profile::Python,
-                sockets: SocketPolicy::for_network(setup),
-                allowed_syscalls,
-                extra_syscalls,
-                exec_path: None,
-            })
-            .map_err(|e| e.to_string())?;
-            filters.insert(setup_name(setup), hex(&bpf));
-        }
+    ) -> Result<Self, serde_json::Error> {
         let config = serde_json::to_vec(&Config {
             sys_path: &runtime.search_path,
             preload,
-            filters,
-        })
-        .map_err(|e| e.to_string())?;
+        })?;
         let cgroup_bases = cgroup.map(CgroupDriver::bases).unwrap_or_default();
         let program = runtime.program.clone();
         let code = crate::isolation::snippet::with_markers(
-            &ZYGOTE.replace("__FRAME__", crate::runtime::python::FRAME),
+            &ZYGOTE
+                .replace("__FRAME__", crate::runtime::python::FRAME)
+                .replace("__JAIL__", JAIL),
         );
         // Isolated, no site, no bytecode written, unbuffered, UTF-8.
         let flags = ["-I", "-S", "-B", "-u", "-X", "utf8", "-c"];
@@ -131,44 +91,24 @@ impl Recipe {
         argv.push(code);
         Ok(Self {
             spec: ZygoteSpec {
-                root_dir: mount_point,
+                root_dir: mount_point.clone(),
                 root: runtime.root.clone(),
-                // Placeholders each run binds its own over.
-                root_files: vec![
-                    (
-                        PathBuf::from("/etc/passwd"),
-                        "root:x:0:0:root:/:/nonexistent\n".into(),
-                    ),
-                    (PathBuf::from("/etc/resolv.conf"), String::new()),
-                ],
-                cgroup_dirs: cgroup_bases.clone(),
+                // The host's files, as a helper's run's root has them: each run's root
+                // is built from these and writes its own over them.
+                root_files: Vec::new(),
+                cgroup_dirs: cgroup_bases,
+                run_root_dir: mount_point,
+                readonly_beneath: crate::isolation::sys::raw::has_mount_setattr(),
                 program,
                 argv,
-                env: vec!["PATH=/usr/bin:/bin".into(), "LANG=C.UTF-8".into()],
+                // A forked run's /proc/self/environ is this one: the start of every
+                // run's own (the rest, proxies say, is in its os.environ only).
+                env: super::plan::base_env(std::path::Path::new("/tmp"), runtime),
             },
             config,
-            cgroup_bases,
             sys_path: runtime.search_path.clone(),
         })
     }
-
-    /// `path` (a host path in a cgroup base) as the fork server sees it.
-    fn inside(&self, path: &Path) -> Option<String> {
-        self.cgroup_bases.iter().enumerate().find_map(|(i, base)| {
-            let rest = path.strip_prefix(base).ok()?;
-            Some(
-                Path::new(CGROUP_MOUNT)
-                    .join(i.to_string())
-                    .join(rest)
-                    .to_string_lossy()
-                    .into_owned(),
-            )
-        })
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A running fork server.
@@ -327,62 +267,13 @@ impl ForkServer {
     }
 
     fn request(&self, spec: &SandboxSpec) -> Result<Vec<u8>, RunError> {
-        if spec.job_dir.is_some() || spec.out_dir.is_some() {
-            // The fork server's root does not see the host's directories.
-            return Err(SetupError::FilesNotForked.into());
+        if !matches!(spec.jail.run.last(), Some(Op::Start { .. })) {
+            // A jail that ends in an exec is a helper's: its filter admits that exec.
+            return Err(SetupError::NotPlannedForFork.into());
         }
-        let l = &spec.limits;
-        let mut rlimits = vec![
-            ("RLIMIT_NOFILE", l.open_files),
-            ("RLIMIT_NPROC", l.max_processes),
-            ("RLIMIT_FSIZE", l.tmp_bytes),
-            ("RLIMIT_CORE", 0),
-            ("RLIMIT_CPU", l.cpu_seconds),
-        ];
-        if let Some(bytes) = l.address_space_bytes {
-            rlimits.push(("RLIMIT_AS", bytes));
-        }
-        let cgroup_procs = spec
-            .cgroup_procs
-            .iter()
-            .map(|p| {
-                self.recipe
-                    .inside(p)
-                    .ok_or_else(|| SetupError::CgroupOutsideForkServer(p.clone()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         serde_json::to_vec(&Request {
-            uid: spec.uid,
-            cgroup_procs,
-            tmp_bytes: l.tmp_bytes,
-            network: spec.network,
-            filter: setup_name(spec.network),
-            rlimits,
-            workdir: &spec.workdir,
-            env: &spec.env,
-            root_files: &spec.root_files,
-            masked_proc_files: MASKED_PROC_FILES,
-            masked_proc_dirs: MASKED_PROC_DIRS,
+            jail: &spec.jail,
             sys_path: &self.recipe.sys_path,
-            tmp_binds: spec
-                .root
-                .binds
-                .iter()
-                .filter(|b| b.starts_with("/tmp") && b.as_path() != Path::new("/tmp"))
-                .map(|b| b.to_string_lossy().into_owned())
-                .collect(),
-            tmp_symlinks: spec
-                .root
-                .symlinks
-                .iter()
-                .filter(|(l, _)| l.starts_with("/tmp"))
-                .map(|(l, t)| {
-                    (
-                        l.to_string_lossy().into_owned(),
-                        t.to_string_lossy().into_owned(),
-                    )
-                })
-                .collect(),
         })
         .map_err(|e| SetupError::Encode(e).into())
     }

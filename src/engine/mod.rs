@@ -3,9 +3,14 @@
 //! (locally).
 //!
 //! - `build`: the composition root, `Engine::build(config)`.
-//! - `plan`: the pure function from host, runtime, limits and run to a `SandboxSpec`.
-//! - `worker`: one helper process and the protocol to talk to it; `capture` reads its
+//! - `execute`: a request's way through the engine; `pool`: keeping workers ready.
+//! - `spawn`: a worker started: its resources acquired (`resources`), its sandbox
+//!   planned (`plan`, the pure function from host, runtime, limits and run to a
+//!   `SandboxSpec`), its helper or fork started.
+//! - `worker`: one run's process and the protocol to talk to it; `capture` reads its
 //!   output.
+//! - `network`: what networked runs may get (a pure policy) and what the server installs
+//!   for it.
 //! - `outcome`: which limit stopped a run, and the `error` text.
 //! - `warm`: the pool of warm, single-use workers.
 //! - `request`: what a run asks for, and how it can fail.
@@ -13,11 +18,15 @@
 
 mod build;
 mod capture;
+mod execute;
 pub mod forkserver;
 pub mod network;
 pub mod outcome;
 pub mod plan;
+mod pool;
 mod request;
+pub mod resources;
+mod spawn;
 pub mod stdin;
 pub mod warm;
 mod watch;
@@ -26,28 +35,23 @@ pub mod worker;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
 pub use crate::config::RunLimits;
 pub use build::BuildError;
 pub use capture::{Sink, Stream};
 pub use outcome::{LimitHit, RunOutcome};
-use plan::PlanInput;
-use request::rerunnable;
 pub use request::{RunError, RunFiles, RunRequest, SetupError};
 pub use stdin::StdinFeed;
 pub use warm::PoolKey;
 use warm::WarmPool;
-use worker::{Aftermath, RunBounds, Watch, Worker};
+use worker::Worker;
 
 use crate::config::Config;
 use crate::deps::Dependencies;
 use crate::isolation::detect::Host;
-use crate::isolation::rootfs;
-use crate::isolation::snippet;
-use crate::isolation::spec::IsolationLevel;
 use crate::isolation::uids::UidPool;
 use crate::runtime::{Language, Runtime};
 use crate::state::StateDir;
@@ -58,6 +62,10 @@ const RUN_PREFIX: &str = "sandbox-run-";
 pub struct Engine {
     pub config: Arc<Config>,
     pub host: Host,
+    /// Every seccomp program a run can get, compiled at start.
+    seccomp: crate::isolation::seccomp::Programs,
+    /// Whether the kernel can make a tree of mounts read-only (mount_setattr).
+    readonly_beneath: bool,
     state: StateDir,
     runtimes: HashMap<Language, Result<Runtime, String>>,
     uids: UidPool,
@@ -71,8 +79,8 @@ pub struct Engine {
     pub deps: Option<Arc<Dependencies>>,
     /// The chroot level's roots, prepared in the background; workers wait for them.
     roots: crate::isolation::chroot_root::Roots,
-    /// How networked runs reach the network.
-    pub network: network::RunNetwork,
+    /// What networked runs may get (its policy), and what the server installed for it.
+    pub network: network::ServerNetwork,
     /// Where Python runs are forked from, when it runs (see `forkserver`).
     pub fork_server: Option<Arc<forkserver::ForkServer>>,
     /// A fork server's restart is under way.
@@ -132,400 +140,14 @@ impl Engine {
         self.network.close().await;
     }
 
-    /// Keep warm workers ready for the keys Dify uses (each language with the server's
-    /// network setting); other keys are added when first asked for.
-    pub fn start_warm_pool(self: &Arc<Self>) {
-        if self.warm.target() == 0 {
-            return;
-        }
-        // Networked workers only where networked runs can be served.
-        let network = self.config.enable_network && self.network.available();
-        for language in Language::ALL {
-            if self.runtime(language).is_ok() {
-                self.warm.want(PoolKey { language, network });
-            }
-        }
-        let engine = Arc::clone(self);
-        tokio::spawn(async move { engine.tend_pool().await });
-        if let (Some(_), Some(deps)) = (&self.fork_server, &self.deps) {
-            let (engine, mut generations) = (Arc::clone(self), deps.generations());
-            tokio::spawn(async move {
-                while generations.changed().await.is_ok() {
-                    engine.reload_python().await;
-                }
-            });
-        }
-    }
-
-    /// New Python packages went live: the fork server (which may have imported older
-    /// ones) and the runs it already forked make way for fresh ones.
-    async fn reload_python(&self) {
-        let Some(fs) = &self.fork_server else { return };
-        if let Err(e) = fs.restart().await {
-            tracing::error!(error = %e, "cannot restart the Python fork server after new packages; it is restarted when it is next found down");
-        }
-        for worker in self.warm.drain_where(|w| w.is_forked()) {
-            worker.discard().await;
-        }
-    }
-
-    /// Refill the pool after each take and on a short timer, dropping workers whose
-    /// interpreter died while it waited.
-    async fn tend_pool(self: Arc<Self>) {
-        loop {
-            if self.workers.is_closed() {
-                return;
-            }
-            for dead in self.warm.remove_dead() {
-                tracing::warn!("a warm worker died while waiting; replacing it");
-                dead.discard().await;
-            }
-            self.tend_fork_server();
-            for key in self.warm.missing() {
-                let engine = Arc::clone(&self);
-                self.tasks.spawn(async move {
-                    match engine.spawn_worker(key, true, &RunFiles::default()).await {
-                        Ok(worker) => engine.warm.put(key, worker),
-                        Err(e) => {
-                            tracing::error!(error = %e, language = %key.language, "cannot start a warm worker");
-                            // Back off before the tender tries again.
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            engine.warm.spawn_failed(key);
-                        }
-                    }
-                });
-            }
-            tokio::select! {
-                _ = self.warm.wait_for_take() => {},
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {},
-            }
-        }
-    }
-
-    /// Restart the fork server in the background when it is gone (runs go to plain
-    /// workers meanwhile) or worn out (it serves until its replacement is ready).
-    fn tend_fork_server(self: &Arc<Self>) {
-        let Some(fs) = &self.fork_server else { return };
-        if !fs.in_use() {
-            return;
-        }
-        let worn_out = fs.up() && fs.worn_out();
-        if (fs.up() && !worn_out) || self.restarting.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let (fs, engine) = (fs.clone(), Arc::clone(self));
-        self.tasks.spawn(async move {
-            if worn_out {
-                tracing::debug!("replacing the Python fork server: it has forked its share of runs");
-            } else {
-                tracing::warn!("the Python fork server is gone; restarting it");
-            }
-            match fs.restart().await {
-                Ok(()) if worn_out => {}
-                Ok(()) => tracing::info!("the Python fork server is back"),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot restart the Python fork server; Python runs start their own interpreters meanwhile");
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                }
-            }
-            engine.restarting.store(false, Ordering::Release);
-        });
-    }
-
     /// Whether this server runs `req` at all: its language works here, and it asks for
-    /// network only where the configuration allows it.
+    /// network only where the network policy grants it.
     fn admit(&self, req: &RunRequest) -> Result<(), RunError> {
         self.runtime(req.language)?;
-        if req.network && !self.config.enable_network {
-            return Err(RunError::NetworkDisabled);
-        }
-        if let (true, network::RunNetwork::Unavailable(reason)) = (req.network, &self.network) {
-            return Err(RunError::NetworkUnavailable(reason.clone()));
-        }
+        self.network.policy().grant(req.network)?;
         if !req.files.is_empty() && !self.host.level.private_root() {
             return Err(RunError::FilesNeedPrivateRoot);
         }
         Ok(())
-    }
-
-    /// Run one snippet: waits for a worker slot, then runs it in a fresh sandbox (a warm
-    /// one when the pool has it ready).
-    pub async fn execute(&self, req: RunRequest) -> Result<RunOutcome, RunError> {
-        self.admit(&req)?;
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        let slot = self.workers.clone().acquire_owned().await;
-        self.queued.fetch_sub(1, Ordering::Relaxed);
-        // Held until the last process of the run that answers is gone (see `run_worker`),
-        // so max_workers bounds live runs, not open requests.
-        let mut slot = Some(slot.map_err(|_| RunError::ShuttingDown)?);
-        let slot = &mut slot;
-        let key = PoolKey {
-            language: req.language,
-            network: req.network,
-        };
-        if !req.files.is_empty() {
-            // Its directories are bound when its sandbox is built: a worker of its own.
-            let worker = self.spawn_worker(key, false, &req.files).await?;
-            return self.finish_fresh(worker, &req, slot).await;
-        }
-        let none = RunFiles::default();
-        let mut allow_fork = true;
-        if let Some(worker) = self.warm.take_or_wait(key).await {
-            let forked = worker.is_forked();
-            match self.run_worker(worker, &req, slot).await {
-                // Killed while it waited: the snippet never ran, so running it on a fresh
-                // worker is safe.
-                Err(RunError::EndedBeforeCode) if rerunnable(&req) => {}
-                // A forked run that could not jail itself ran nothing either.
-                Err(RunError::Setup(e)) if e.is_fork_servers() && rerunnable(&req) => {
-                    self.fork_failed(&e);
-                    allow_fork = false;
-                }
-                other => {
-                    if forked && let Some(fs) = &self.fork_server {
-                        fs.record(
-                            !matches!(&other, Err(RunError::Setup(e)) if e.is_fork_servers()),
-                        );
-                    }
-                    return other;
-                }
-            }
-        }
-        let worker = self.spawn_worker(key, allow_fork, &none).await?;
-        if worker.is_forked() {
-            match self.run_worker(worker, &req, slot).await {
-                Err(RunError::Setup(e)) if e.is_fork_servers() && rerunnable(&req) => {
-                    self.fork_failed(&e)
-                }
-                Err(RunError::EndedBeforeCode) if rerunnable(&req) => {
-                    self.fork_failed("the run ended before it read its snippet")
-                }
-                other => {
-                    if let Some(fs) = &self.fork_server {
-                        let started = !matches!(&other, Err(RunError::EndedBeforeCode))
-                            && !matches!(&other, Err(RunError::Setup(e)) if e.is_fork_servers());
-                        fs.record(started);
-                    }
-                    return other;
-                }
-            }
-            let worker = self.spawn_worker(key, false, &none).await?;
-            return self.finish_fresh(worker, &req, slot).await;
-        }
-        self.finish_fresh(worker, &req, slot).await
-    }
-
-    /// Note a forked run that failed to start; a fork server that keeps failing is put
-    /// out of use.
-    fn fork_failed(&self, message: impl std::fmt::Display) {
-        tracing::error!(%message, "a run forked by the Python fork server could not start; running it in a fresh interpreter");
-        if let Some(fs) = &self.fork_server {
-            fs.record(false);
-        }
-    }
-
-    /// Run `req` on a worker started for it; a run that ends before its snippet was read
-    /// is the sandbox's failure.
-    async fn finish_fresh(
-        &self,
-        worker: Worker,
-        req: &RunRequest,
-        slot: &mut Option<OwnedSemaphorePermit>,
-    ) -> Result<RunOutcome, RunError> {
-        match self.run_worker(worker, req, slot).await {
-            Err(RunError::EndedBeforeCode) => Err(SetupError::InterpreterEnded.into()),
-            other => other,
-        }
-    }
-
-    /// Start a sandbox and its interpreter; the snippet is sent later by `run_worker`.
-    async fn spawn_worker(
-        &self,
-        key: PoolKey,
-        allow_fork: bool,
-        files: &RunFiles,
-    ) -> Result<Worker, RunError> {
-        let runtime = self.runtime(key.language)?;
-        self.roots
-            .wait(&self.state.chroot_root(key.language))
-            .await
-            .map_err(SetupError::Root)?;
-        // A networked run takes a namespace a finished run left untouched, with its uid.
-        let (lease, reused) = match key.network.then(|| self.network.reuse()).flatten() {
-            Some((lease, netns)) => (lease, Some(netns)),
-            None => (self.uids.acquire()?, None),
-        };
-        // Without root the run's uid is the caller's own (its user namespace maps only
-        // that one), which already owns the directory.
-        if let Some(out) = &files.out
-            && self.host.level == IsolationLevel::Namespaces
-        {
-            std::os::unix::fs::chown(out, Some(lease.uid), Some(lease.uid)).map_err(|source| {
-                RunError::OutputDir {
-                    path: out.clone(),
-                    source,
-                }
-            })?;
-        }
-        let run_no = self.counter.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{RUN_PREFIX}{}-{run_no}", std::process::id());
-        let cgroup = match &self.host.cgroup {
-            Some(driver) => Some(driver.create_run(
-                &name,
-                self.limits.memory_mb << 20,
-                self.limits.max_processes,
-            )?),
-            None => None,
-        };
-        let net = match self
-            .network
-            .prepare(lease.uid, key.network, &self.config.proxy, reused)
-            .await
-        {
-            Ok(net) => net,
-            Err(e) => {
-                if let Some(cg) = cgroup {
-                    cg.remove();
-                }
-                return Err(e);
-            }
-        };
-        let spec = plan::plan(PlanInput {
-            level: self.host.level,
-            mmap_min_addr: self.host.report.mmap_min_addr,
-            state: &self.state,
-            runtime,
-            limits: &self.limits,
-            network: net.setup,
-            resolv_conf: net.resolv_conf,
-            uid: lease.uid,
-            cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
-            proxy: &net.proxy,
-            allowed_syscalls: &self.config.allowed_syscalls,
-            extra_syscalls: &self.config.extra_syscalls,
-            files,
-        });
-        let chroot_tmp = (spec.level == IsolationLevel::Chroot)
-            .then(|| rootfs::inside(&spec.root_dir, &spec.workdir));
-        let (netns, net_lease) = match net.netns {
-            Some(n) => (Some(n.fd), Some(n.lease)),
-            None => (None, None),
-        };
-        match &self.fork_server {
-            Some(fs)
-                if allow_fork
-                    && files.is_empty()
-                    && key.language == Language::Python3
-                    && fs.up() =>
-            {
-                // The fork server gets the namespace and keeps nothing of it; the server
-                // keeps its own copy in case the fork fails.
-                let shared = match &netns {
-                    Some(fd) => Some(fd.try_clone().map_err(RunError::Spawn)?),
-                    None => None,
-                };
-                match fs.fork(&spec, shared).await {
-                    Ok((keeper, pipes)) => {
-                        return Ok(Worker::forked(keeper, pipes, lease, net_lease, cgroup));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the Python fork server failed a run's start; using a fresh interpreter")
-                    }
-                }
-            }
-            _ => {}
-        }
-        Worker::spawn(&spec, netns, lease, net_lease, cgroup, chroot_tmp)
-    }
-
-    /// Send the snippet to `worker`, collect its output under the limits, clean up. The
-    /// run holds `slot` until its last process is gone; a run answered before that takes
-    /// it along, any other gives it back (for a retry).
-    async fn run_worker(
-        &self,
-        mut worker: Worker,
-        req: &RunRequest,
-        slot: &mut Option<OwnedSemaphorePermit>,
-    ) -> Result<RunOutcome, RunError> {
-        let started = Instant::now();
-        let frame = snippet::encode(&req.preload, &req.code, &req.invocation);
-        // The run's stdin: fed from its source, or closed now (end of input).
-        if let Some(pipe) = worker.take_stdin() {
-            let fed = match &req.stdin {
-                Some(feed) => feed.start(pipe),
-                None => {
-                    drop(pipe);
-                    Ok(())
-                }
-            };
-            if let Err(e) = fed {
-                self.tasks.spawn(worker.discard());
-                return Err(RunError::Spawn(e));
-            }
-        }
-        let l = &self.limits;
-        let on_disk = self.host.level == IsolationLevel::Chroot || req.files.out.is_some();
-        let watch = Watch {
-            memory_bytes: self.host.cgroup.is_none().then_some(l.memory_mb << 20),
-            disk_bytes: on_disk.then_some(l.tmp_mb << 20),
-        };
-        let bounds = RunBounds {
-            timeout: l.timeout,
-            output_cap: l.max_output_bytes,
-            early_answer: !req.wait_for_exit,
-        };
-        worker.hold_slot(slot.take());
-        let collected = worker
-            .run(&frame, bounds, watch, req.sink.clone(), req.cancel.clone())
-            .await;
-        let uid = worker.uid();
-        let false_ends = self.false_ends.clone();
-        let early = !req.wait_for_exit && collected.is_ok();
-        // Returns the slot once the run is over: it may serve the next run (or a retry).
-        let release = async move {
-            let aftermath = worker.until_gone().await;
-            let slot = worker.take_slot();
-            let counter = match aftermath {
-                Aftermath::Ended => None,
-                Aftermath::FalseEnd => Some(&false_ends.misreported),
-                Aftermath::KilledAfterAnswer => Some(&false_ends.killed_after_answer),
-            };
-            if let Some(c) = counter {
-                c.inc();
-            }
-            if early {
-                drop(slot);
-                worker.free(aftermath).await;
-                None
-            } else {
-                worker.free(aftermath).await;
-                slot
-            }
-        };
-        if early {
-            // The answer goes now; the slot stays taken until the run is gone.
-            self.tasks.spawn(release);
-        } else {
-            *slot = release.await;
-        }
-        let c = collected?;
-        let stderr = String::from_utf8_lossy(&c.stderr).into_owned();
-        let (exit_code, limit, error) = outcome::conclude(
-            c.ending,
-            c.stopped_for,
-            c.counters,
-            req.language,
-            &stderr,
-            l,
-        );
-        Ok(RunOutcome {
-            stdout: String::from_utf8_lossy(&c.stdout).into_owned(),
-            stderr,
-            exit_code,
-            error,
-            limit,
-            duration: started.elapsed(),
-            uid,
-        })
     }
 }

@@ -239,7 +239,7 @@ fn describe_error(
 }
 
 /// The sentence that explains a run the seccomp filter killed (exit code 159).
-pub const SECCOMP_KILL_NOTE: &str = "sandbox: killed by the seccomp filter (SIGSYS): the snippet made a system call through an ABI the sandbox refuses outright (x32, or 32-bit int 0x80 calls)";
+pub const SECCOMP_KILL_NOTE: &str = "sandbox: killed by the seccomp filter (SIGSYS): the snippet made a system call the sandbox refuses outright (an execveat other than the one that started its interpreter, or a call through the x32 or 32-bit int 0x80 ABI)";
 
 /// The sentence that explains an EPERM in the snippet's own stderr.
 pub const EPERM_NOTE: &str = "sandbox: operation not permitted: the snippet tried something the sandbox forbids \

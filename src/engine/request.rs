@@ -103,13 +103,9 @@ pub enum SetupError {
     )]
     ForkServer(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error(
-        "the run's cgroup {} is outside the cgroups the Python fork server sees; restart the server so that its fork server starts in the current cgroup tree", .0.display()
+        "the run's jail ends in an exec, which the fork server cannot carry out; please report this"
     )]
-    CgroupOutsideForkServer(PathBuf),
-    #[error(
-        "a run with /job or /tmp/out cannot be forked: the fork server's root does not see the host's directories"
-    )]
-    FilesNotForked,
+    NotPlannedForFork,
     #[error("the run's sandbox could not be described to its helper: {0}; please report this")]
     Encode(#[from] serde_json::Error),
     /// The chroot level's copy of the interpreter's files is not there.
@@ -128,7 +124,7 @@ impl SetupError {
     pub fn is_fork_servers(&self) -> bool {
         match self {
             Self::Jail { forked, .. } => *forked,
-            Self::ForkServer(_) | Self::CgroupOutsideForkServer(_) | Self::FilesNotForked => true,
+            Self::ForkServer(_) | Self::NotPlannedForFork => true,
             Self::Encode(_) | Self::Root(_) | Self::InterpreterEnded => false,
         }
     }
@@ -150,8 +146,7 @@ mod tests {
             "a helper's step fails again"
         );
         assert!(SetupError::ForkServer("gone".into()).is_fork_servers());
-        assert!(SetupError::CgroupOutsideForkServer("/sys/fs/cgroup/x".into()).is_fork_servers());
-        assert!(SetupError::FilesNotForked.is_fork_servers());
+        assert!(SetupError::NotPlannedForFork.is_fork_servers());
         assert!(!SetupError::InterpreterEnded.is_fork_servers());
         let abandoned = RootError::Abandoned("/state/chroot/python3".into());
         assert!(!SetupError::Root(abandoned).is_fork_servers());

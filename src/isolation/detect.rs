@@ -37,7 +37,7 @@ pub struct HostReport {
     pub seccomp: Result<(), Refused>,
     /// The cgroup driver, described.
     pub cgroup: Result<String, Refused>,
-    /// vm.mmap_min_addr: where the exec lock's page can go (see `sys::empty_path`).
+    /// vm.mmap_min_addr: where the exec lock's page can go (see `seccomp::programs::exec_page`).
     pub mmap_min_addr: Option<u64>,
 }
 

@@ -6,6 +6,8 @@ pub mod chroot_root;
 pub mod detect;
 pub mod forward;
 pub mod helper;
+pub mod init;
+pub mod jail;
 pub mod net;
 pub mod rootfs;
 pub mod seccomp;

@@ -3,15 +3,14 @@
 //! a size-limited /tmp; then pivot_root into it and make it read-only.
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
+use std::os::unix::fs::{DirBuilderExt, symlink};
 use std::path::{Component, Path, PathBuf};
 
-use nix::mount::{MntFlags, MsFlags, mount, umount2};
-use nix::sys::statvfs::{FsFlags, statvfs};
-use nix::unistd::{chdir, pivot_root};
+use nix::mount::MsFlags;
 
+use super::jail::Op;
 use super::spec::RootPlan;
-use super::step::{Step, StepError, io_step, step};
+use super::step::{Step, StepError, io_step};
 
 /// The character devices a runtime needs: (path, major, minor). A private root binds
 /// the host's nodes (no mknod needed); the chroot level's copied root creates them.
@@ -42,47 +41,6 @@ pub fn make_dirs(path: &Path) -> Result<(), StepError> {
         .map_err(io_step(Step::CreateRoot, path))
 }
 
-/// The restrictions `path`'s mount already has. Inside a user namespace they are locked:
-/// a remount that dropped one would fail, so the read-only remount keeps them all.
-fn mount_restrictions(path: &Path) -> MsFlags {
-    let Ok(st) = statvfs(path) else {
-        return MsFlags::empty();
-    };
-    let f = st.flags();
-    [
-        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
-        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
-        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
-        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
-        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
-        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
-    ]
-    .into_iter()
-    .filter(|(st, _)| f.contains(*st))
-    .fold(MsFlags::empty(), |acc, (_, ms)| acc | ms)
-}
-
-fn bind_readonly(src: &Path, target: &Path, allow_dev: bool) -> Result<(), StepError> {
-    mount(
-        Some(src),
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(step(Step::BindMount, src))?;
-    let mut flags = MsFlags::MS_BIND
-        | MsFlags::MS_REMOUNT
-        | MsFlags::MS_RDONLY
-        | MsFlags::MS_NOSUID
-        | mount_restrictions(src);
-    if !allow_dev {
-        flags |= MsFlags::MS_NODEV;
-    }
-    mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
-        .map_err(step(Step::BindMount, target))
-}
-
 /// The plan's symbolic links, recreated under `root` with their parent directories;
 /// those at a path in `except` are left out.
 pub fn recreate_symlinks(root: &Path, plan: &RootPlan, except: &[&Path]) -> Result<(), StepError> {
@@ -100,21 +58,6 @@ pub fn recreate_symlinks(root: &Path, plan: &RootPlan, except: &[&Path]) -> Resu
         }
     }
     Ok(())
-}
-
-/// Create the mount point for `src` under `root`: a directory, or an empty file.
-fn mount_point(root: &Path, src: &Path) -> Result<PathBuf, StepError> {
-    let target = inside(root, src);
-    let meta = fs::metadata(src).map_err(io_step(Step::BindMount, src))?;
-    if meta.is_dir() {
-        make_dirs(&target)?;
-    } else {
-        if let Some(parent) = target.parent() {
-            make_dirs(parent)?;
-        }
-        fs::File::create(&target).map_err(io_step(Step::CreateRoot, &target))?;
-    }
-    Ok(target)
 }
 
 /// Files of /proc that tell a run about the host, not about itself: the kernel's
@@ -140,39 +83,6 @@ pub const MASKED_PROC_FILES: &[&str] = &[
 /// Directories of /proc about the host's hardware and drivers: shown empty.
 pub const MASKED_PROC_DIRS: &[&str] = &["acpi", "asound", "scsi", "bus", "irq", "driver", "fs"];
 
-/// Cover the masked paths of the run's fresh /proc: /dev/null over files, an empty
-/// read-only tmpfs over directories. Paths this kernel lacks are skipped.
-fn mask_proc(root_dir: &Path, proc_dir: &Path) -> Result<(), StepError> {
-    let null = inside(root_dir, Path::new("/dev/null"));
-    for name in MASKED_PROC_FILES {
-        let target = proc_dir.join(name);
-        if target.exists() {
-            mount(
-                Some(&null),
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .map_err(step(Step::MountProc, &target))?;
-        }
-    }
-    for name in MASKED_PROC_DIRS {
-        let target = proc_dir.join(name);
-        if target.is_dir() {
-            mount(
-                Some("tmpfs"),
-                &target,
-                Some("tmpfs"),
-                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-                Some("size=0"),
-            )
-            .map_err(step(Step::MountProc, &target))?;
-        }
-    }
-    Ok(())
-}
-
 /// What a root gets beyond the language's files: empty directories, host directories
 /// bound writable (a fork server's view of the cgroup tree, a run's `/tmp/out`) and
 /// read-only (a run's `/job`).
@@ -185,145 +95,253 @@ pub struct Extras<'a> {
     pub readonly: &'a [(PathBuf, PathBuf)],
 }
 
-/// Build the root on `root_dir` and pivot into it. Runs in the child, after
-/// unshare(CLONE_NEWNS | CLONE_NEWPID ...) and fork, as root (or, rootless, with every
-/// capability of its own user namespace).
-pub fn enter_private_root(
-    root_dir: &Path,
-    plan: &RootPlan,
-    tmp_bytes: u64,
-    files: &[(PathBuf, String)],
-    extras: &Extras<'_>,
-) -> Result<(), StepError> {
-    // Nothing we mount may propagate back to the host.
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(step(Step::PrivateMounts, Path::new("/")))?;
-    mount(
-        Some("tmpfs"),
-        root_dir,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("size=4m,mode=0755"),
-    )
-    .map_err(step(Step::CreateRoot, root_dir))?;
+/// How a private root is built.
+#[derive(Debug)]
+pub struct RootSteps<'a> {
+    /// The empty host directory the root's tmpfs is mounted on.
+    pub root_dir: &'a Path,
+    pub plan: &'a RootPlan,
+    pub tmp_bytes: u64,
+    /// Files written into the root, over what the plan has at their paths.
+    pub files: &'a [(PathBuf, String)],
+    pub extras: Extras<'a>,
+    /// Inside a user namespace the kernel locks a mount's restrictions: remounts keep them.
+    pub keep_locked: bool,
+    /// The kernel can make a whole tree of mounts read-only (mount_setattr, Linux 5.12):
+    /// binds then take the mounts beneath their source along, each made read-only too.
+    /// Without it they take the top mount only (what is mounted beneath is not seen):
+    /// a remount reaches one mount, and one beneath left as it was could be written.
+    pub readonly_beneath: bool,
+}
 
+fn bits(flags: MsFlags) -> u64 {
+    flags.bits()
+}
+
+fn mount_op(
+    source: Option<&Path>,
+    target: PathBuf,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<String>,
+) -> Op {
+    Op::Mount {
+        source: source.map(Path::to_path_buf),
+        target,
+        fstype: fstype.map(str::to_string),
+        flags: bits(flags),
+        data,
+    }
+}
+
+/// A bind of `src` at `target`, then its remount with `flags`; read-only binds take
+/// the mounts beneath `src` along only where each of them can be made read-only too
+/// (see `RootSteps::readonly_beneath`).
+fn bind(ops: &mut Vec<Op>, src: &Path, target: PathBuf, flags: MsFlags, r: &RootSteps<'_>) {
+    let beneath = flags.contains(MsFlags::MS_RDONLY) && r.readonly_beneath;
+    let first = if beneath {
+        MsFlags::MS_BIND | MsFlags::MS_REC
+    } else {
+        MsFlags::MS_BIND
+    };
+    ops.push(mount_op(Some(src), target.clone(), None, first, None));
+    let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags;
+    ops.push(if r.keep_locked {
+        Op::RemountKeepingLocked {
+            source: src.to_path_buf(),
+            target: target.clone(),
+            flags: bits(remount),
+        }
+    } else {
+        mount_op(None, target.clone(), None, remount, None)
+    });
+    if beneath {
+        // <linux/mount.h>, <linux/fcntl.h>
+        const MOUNT_ATTR_RDONLY: u64 = 0x1;
+        const MOUNT_ATTR_NOSUID: u64 = 0x2;
+        const MOUNT_ATTR_NODEV: u64 = 0x4;
+        const AT_RECURSIVE: u32 = 0x8000;
+        let mut attr = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID;
+        if flags.contains(MsFlags::MS_NODEV) {
+            attr |= MOUNT_ATTR_NODEV;
+        }
+        ops.push(Op::ReadOnlyTree {
+            target,
+            attr_set: attr,
+            flags: AT_RECURSIVE,
+        });
+    }
+}
+
+const READ_ONLY: MsFlags = MsFlags::MS_RDONLY.union(MsFlags::MS_NOSUID);
+
+/// The steps that build a private root on `root_dir` and pivot into it. Carried out in
+/// the run's own mount namespace, as root (or, rootless, with every capability of its
+/// own user namespace).
+pub fn private_root(r: &RootSteps<'_>) -> Vec<Op> {
+    let root_dir = r.root_dir;
+    let mut ops = vec![
+        // Nothing we mount may propagate back to the host.
+        mount_op(
+            None,
+            PathBuf::from("/"),
+            None,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None,
+        ),
+        mount_op(
+            Some(Path::new("tmpfs")),
+            root_dir.to_path_buf(),
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("size=4m,mode=0755".into()),
+        ),
+    ];
     // The private /tmp first: anything the plan binds below /tmp (an interpreter or a
     // state directory living there) is then mounted on top of it and stays visible.
     let tmp = inside(root_dir, Path::new("/tmp"));
-    make_dirs(&tmp)?;
-    mount(
-        Some("tmpfs"),
-        &tmp,
+    ops.push(Op::MakeDir { path: tmp.clone() });
+    ops.push(mount_op(
+        Some(Path::new("tmpfs")),
+        tmp.clone(),
         Some("tmpfs"),
         // noexec: a library the snippet writes cannot be mapped executable.
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some(format!("size={tmp_bytes},mode=1777,nr_inodes=16384").as_str()),
-    )
-    .map_err(step(Step::MountTmp, &tmp))?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777))
-        .map_err(io_step(Step::MountTmp, &tmp))?;
+        Some(format!("size={},mode=1777,nr_inodes=16384", r.tmp_bytes)),
+    ));
+    ops.push(Op::Chmod {
+        path: tmp,
+        mode: 0o1777,
+    });
 
     // The generated files take the place of whatever the plan has at their paths.
-    let generated: Vec<&Path> = files.iter().map(|(p, _)| p.as_path()).collect();
-    recreate_symlinks(root_dir, plan, &generated)?;
-    let mut binds: Vec<&PathBuf> = plan
+    let generated: Vec<&Path> = r.files.iter().map(|(p, _)| p.as_path()).collect();
+    for (link, target) in r
+        .plan
+        .symlinks
+        .iter()
+        .filter(|(l, _)| !generated.contains(&l.as_path()))
+    {
+        ops.push(Op::Symlink {
+            target: target.clone(),
+            path: inside(root_dir, link),
+        });
+    }
+    let mut binds: Vec<&PathBuf> = r
+        .plan
         .binds
         .iter()
         .filter(|b| !generated.contains(&b.as_path()))
         .collect();
     binds.sort();
     for src in binds {
-        let target = mount_point(root_dir, src)?;
-        bind_readonly(src, &target, false)?;
+        let target = inside(root_dir, src);
+        ops.push(Op::MakeMountPoint {
+            like: src.clone(),
+            path: target.clone(),
+        });
+        bind(&mut ops, src, target, READ_ONLY | MsFlags::MS_NODEV, r);
     }
     for (dev, _, _) in DEVICES {
         let dev = Path::new(dev);
-        if dev.exists() {
-            let target = mount_point(root_dir, dev)?;
-            bind_readonly(dev, &target, true)?;
-        }
+        let target = inside(root_dir, dev);
+        let mut then = vec![Op::MakeMountPoint {
+            like: dev.to_path_buf(),
+            path: target.clone(),
+        }];
+        bind(&mut then, dev, target, READ_ONLY, r);
+        ops.push(Op::IfExists {
+            path: dev.to_path_buf(),
+            then,
+        });
     }
 
-    for dir in extras.dirs {
-        make_dirs(&inside(root_dir, dir))?;
+    for dir in r.extras.dirs {
+        ops.push(Op::MakeDir {
+            path: inside(root_dir, dir),
+        });
     }
-    for (src, at) in extras.writable {
+    for (src, at) in r.extras.writable {
         let target = inside(root_dir, at);
-        make_dirs(&target)?;
-        mount(
-            Some(src.as_path()),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(step(Step::BindMount, src))?;
-        mount(
-            None::<&str>,
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND
-                | MsFlags::MS_REMOUNT
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_NODEV
-                | MsFlags::MS_NOEXEC
-                | mount_restrictions(src),
-            None::<&str>,
-        )
-        .map_err(step(Step::BindMount, &target))?;
+        ops.push(Op::MakeDir {
+            path: target.clone(),
+        });
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        bind(&mut ops, src, target, flags, r);
     }
-    for (src, at) in extras.readonly {
+    for (src, at) in r.extras.readonly {
         let target = inside(root_dir, at);
-        make_dirs(&target)?;
-        bind_readonly(src, &target, false)?;
+        ops.push(Op::MakeDir {
+            path: target.clone(),
+        });
+        bind(&mut ops, src, target, READ_ONLY | MsFlags::MS_NODEV, r);
     }
 
-    for (path, text) in files {
+    for (path, text) in r.files {
         // A directory bound over the file's place is read-only: it keeps the host's.
-        if plan.binds.iter().any(|b| path.starts_with(b) && b != path) {
+        if r.plan
+            .binds
+            .iter()
+            .any(|b| path.starts_with(b) && b != path)
+        {
             continue;
         }
-        let at = inside(root_dir, path);
-        if let Some(parent) = at.parent() {
-            make_dirs(parent)?;
-        }
-        fs::write(&at, text).map_err(io_step(Step::CreateRoot, &at))?;
+        ops.push(Op::WriteFile {
+            path: inside(root_dir, path),
+            contents: text.clone(),
+        });
     }
 
     let proc_dir = inside(root_dir, Path::new("/proc"));
-    make_dirs(&proc_dir)?;
+    ops.push(Op::MakeDir {
+        path: proc_dir.clone(),
+    });
     // A fresh proc for the new pid namespace: it lists only this run's processes.
-    mount(
-        Some("proc"),
-        &proc_dir,
+    ops.push(mount_op(
+        Some(Path::new("proc")),
+        proc_dir.clone(),
         Some("proc"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .map_err(step(Step::MountProc, &proc_dir))?;
-    mask_proc(root_dir, &proc_dir)?;
+        None,
+    ));
+    // The masked paths of the fresh /proc: /dev/null over files, an empty read-only
+    // tmpfs over directories. Paths this kernel lacks are skipped.
+    let null = inside(root_dir, Path::new("/dev/null"));
+    for name in MASKED_PROC_FILES {
+        let target = proc_dir.join(name);
+        ops.push(Op::IfExists {
+            path: target.clone(),
+            then: vec![mount_op(Some(&null), target, None, MsFlags::MS_BIND, None)],
+        });
+    }
+    for name in MASKED_PROC_DIRS {
+        let target = proc_dir.join(name);
+        ops.push(Op::IfExists {
+            path: target.clone(),
+            then: vec![mount_op(
+                Some(Path::new("tmpfs")),
+                target,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=0".into()),
+            )],
+        });
+    }
 
     // pivot_root(".", ".") stacks the old root on top of the new one; detaching it
     // leaves only the new root visible.
-    chdir(root_dir).map_err(step(Step::PivotRoot, root_dir))?;
-    pivot_root(".", ".").map_err(step(Step::PivotRoot, root_dir))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(step(Step::PivotRoot, Path::new("/")))?;
-    chdir("/").map_err(step(Step::PivotRoot, Path::new("/")))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
+    ops.push(Op::PivotRoot {
+        new_root: root_dir.to_path_buf(),
+        detach: libc::MNT_DETACH,
+    });
+    ops.push(mount_op(
+        None,
+        PathBuf::from("/"),
+        None,
         MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        None::<&str>,
-    )
-    .map_err(step(Step::PivotRoot, Path::new("/")))?;
-    Ok(())
+        None,
+    ));
+    ops
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
-//! What the server hands to the `__exec` helper: everything needed to jail one run.
-//! Plain data, sent as JSON over the helper's stdin socket before anything else (never
-//! on its command line, where any user of the host could read it with `ps`); the
-//! snippet itself comes later on the same socket.
+//! What a run's plan decides: its level, root, ids, network, limits and interpreter, and
+//! the jail they make (`jail`), which alone travels to the helper or the fork server: as
+//! JSON on their sockets before anything else (never on a command line, where any user
+//! of the host could read it with `ps`); the snippet itself comes later.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use super::jail::Jail;
 
 /// Where a run finds its job directory (`job_dir`), read-only; it is also its cwd.
 pub const JOB_MOUNT: &str = "/job";
@@ -45,7 +47,7 @@ impl IsolationLevel {
 }
 
 /// The network namespace a run's processes live in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NetworkSetup {
     /// An empty namespace of its own (no network): loopback only, down.
@@ -64,7 +66,7 @@ impl NetworkSetup {
 }
 
 /// Which seccomp allow-list a run gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Profile {
     Python,
@@ -107,10 +109,6 @@ pub struct SandboxSpec {
     /// `cgroup.procs` files the helper writes its pid into before anything else.
     pub cgroup_procs: Vec<PathBuf>,
     pub profile: Profile,
-    /// Syscall numbers that replace the built-in plain allow-list (config `allowed_syscalls`).
-    pub allowed_syscalls: Vec<i64>,
-    /// Syscall numbers added to the allow-list (config `extra_syscalls`).
-    pub extra_syscalls: Vec<i64>,
     /// The interpreter: opened inside the root and executed through its descriptor.
     pub program: PathBuf,
     /// Working directory (and HOME/TMPDIR) of the run: its private /tmp, or under the
@@ -118,8 +116,6 @@ pub struct SandboxSpec {
     pub workdir: PathBuf,
     pub argv: Vec<String>,
     pub env: Vec<String>,
-    /// The host's vm.mmap_min_addr, found at start: the exec lock's page goes below it.
-    pub mmap_min_addr: Option<u64>,
     /// A host directory bound read-only at `JOB_MOUNT` (the script and its input files),
     /// which becomes the run's cwd. Private roots only.
     #[serde(default)]
@@ -128,6 +124,9 @@ pub struct SandboxSpec {
     /// leaves there outlives it. Private roots only.
     #[serde(default)]
     pub out_dir: Option<PathBuf>,
+    /// The jail these decisions make, step by step: what the helper or the fork server
+    /// carries out (and all either of them receives).
+    pub jail: Jail,
 }
 
 impl SandboxSpec {

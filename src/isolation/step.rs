@@ -4,8 +4,6 @@
 use std::fmt;
 use std::path::Path;
 
-use nix::errno::Errno;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     ReadCode,
@@ -13,7 +11,6 @@ pub enum Step {
     UserNamespace,
     Unshare,
     Fork,
-    PrivateMounts,
     CreateRoot,
     BindMount,
     MountProc,
@@ -39,7 +36,6 @@ impl fmt::Display for Step {
             Step::UserNamespace => "entering a user namespace (rootless)",
             Step::Unshare => "creating namespaces",
             Step::Fork => "forking the sandboxed process",
-            Step::PrivateMounts => "making mounts private",
             Step::CreateRoot => "building the sandbox root",
             Step::BindMount => "bind-mounting into the sandbox root",
             Step::MountProc => "mounting /proc",
@@ -76,10 +72,6 @@ impl StepError {
             cause: cause.to_string(),
         }
     }
-}
-
-pub fn step(s: Step, path: &Path) -> impl FnOnce(Errno) -> StepError + '_ {
-    move |e| StepError::new(s, path.display(), e.desc())
 }
 
 pub fn io_step(s: Step, path: &Path) -> impl FnOnce(std::io::Error) -> StepError + '_ {

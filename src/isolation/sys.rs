@@ -2,7 +2,6 @@
 //! expose safely or in the shape the helper needs. Each wrapper names its syscall in
 //! the error it returns.
 
-use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
@@ -12,42 +11,17 @@ use nix::unistd::ForkResult;
 /// RLIMIT_NOFILE is set below it, so the sandboxed program can never recreate it.
 pub const EXEC_FD: RawFd = 1023;
 
-/// The empty pathname handed to `execveat`; the seccomp filter admits `execveat` only
-/// with this exact pointer.
-///
-/// Preferred: a page below `vm.mmap_min_addr` (`mmap_min_addr`, read by the caller).
-/// Mapping there takes CAP_SYS_RAWIO, which the helper still has (root, before dropping
-/// its uid) and the snippet never has, so after exec nobody can put a path of their own
-/// at that address: the one admitted call can only fail with EFAULT.
-/// Fallback (no such capability, e.g. an unprivileged container, or the sysctl at 0): a
-/// page at a random address, which a snippet would have to guess among about 2^34.
-pub fn empty_path(mmap_min_addr: Option<u64>) -> Result<u64, Errno> {
-    if let Some(min) = mmap_min_addr.filter(|m| *m >= 4096) {
-        let page = (min - 1) & !0xfff;
-        if map_zero_page(page) {
-            // Not the page's first byte: the address must not be NULL.
-            return Ok(page + 8);
-        }
+/// Eight random bytes from the kernel (zero if it has none to give, which only makes the
+/// random exec page predictable, not the jail weaker: see `seccomp::programs`).
+pub fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n == bytes.len() as isize {
+        u64::from_ne_bytes(bytes)
+    } else {
+        0
     }
-    random_empty_path()
-}
-
-fn random_empty_path() -> Result<u64, Errno> {
-    const LOW: u64 = 1 << 32;
-    const HIGH: u64 = 1 << 46;
-    for _ in 0..16 {
-        let mut bytes = [0u8; 8];
-        // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
-        let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-        if n != bytes.len() as isize {
-            return Err(Errno::last());
-        }
-        let addr = (LOW + u64::from_ne_bytes(bytes) % (HIGH - LOW)) & !0xfff;
-        if map_zero_page(addr) {
-            return Ok(addr);
-        }
-    }
-    Err(Errno::ENOMEM)
 }
 
 /// Map one read-only, zero-filled page exactly at `addr`, never over an existing mapping.
@@ -80,98 +54,161 @@ pub unsafe fn fork() -> Result<ForkResult, Errno> {
     unsafe { nix::unistd::fork() }
 }
 
-/// Whether `fd` is an open descriptor of this process.
-fn is_open(fd: RawFd) -> bool {
-    // SAFETY: F_GETFD only reads the descriptor's flags; an unused number gives EBADF.
-    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
-}
+/// Descriptors by number, for a jail's child process: it holds every descriptor it keeps
+/// as a raw number (each `OwnedFd` it received was turned into one with `into_raw_fd`),
+/// never returns to a frame that owns another, and execs or exits when done. So closing
+/// or replacing a number here invalidates no owner.
+pub mod raw {
+    use std::ffi::CString;
+    use std::os::fd::RawFd;
 
-/// Move `fd` to the exact number `target`, which must be free (so no other owner's
-/// descriptor can be replaced): the original number is closed and the descriptor is
-/// returned at its new number. On failure the descriptor comes back unchanged.
-pub fn move_fd(fd: OwnedFd, target: RawFd, cloexec: bool) -> Result<OwnedFd, (OwnedFd, Errno)> {
-    if fd.as_raw_fd() == target {
-        return match set_cloexec(target, cloexec) {
-            Ok(()) => Ok(fd),
-            Err(e) => Err((fd, e)),
+    use nix::errno::Errno;
+
+    /// fcntl(F_DUPFD_CLOEXEC): a copy of `fd` at `base` or the lowest free number above.
+    pub fn dup_above(fd: RawFd, base: RawFd) -> Result<RawFd, Errno> {
+        // SAFETY: F_DUPFD_CLOEXEC only adds a descriptor at a free number.
+        Errno::result(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, base) })
+    }
+
+    /// dup3(2) of `fd` onto `target`, replacing what was there (see the module's note).
+    pub fn dup_to(fd: RawFd, target: RawFd, cloexec: bool) -> Result<(), Errno> {
+        let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
+        // SAFETY: see the module's note: nobody owns `target` but the jail's table.
+        Errno::result(unsafe { libc::dup3(fd, target, flags) }).map(drop)
+    }
+
+    /// write(2) to a descriptor held by number.
+    pub fn write(fd: RawFd, bytes: &[u8]) -> Result<usize, Errno> {
+        // SAFETY: `bytes` is valid for its length; a bad number gives EBADF.
+        let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        Errno::result(n).map(|n| n as usize)
+    }
+
+    pub fn close(fd: RawFd) {
+        // SAFETY: see the module's note; a number already closed gives EBADF, ignored.
+        unsafe { libc::close(fd) };
+    }
+
+    /// close_range(2) from `first` to `last`, both included.
+    pub fn close_range(first: RawFd, last: RawFd) -> Result<(), Errno> {
+        // SAFETY: see the module's note.
+        let rc = unsafe { libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0u32) };
+        Errno::result(rc).map(drop)
+    }
+
+    /// mount_setattr(2) on `target` (relative to the cwd), `attr_set` only.
+    pub fn mount_setattr(target: &std::path::Path, flags: u32, attr_set: u64) -> Result<(), Errno> {
+        use std::os::unix::ffi::OsStrExt;
+        let path =
+            std::ffi::CString::new(target.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+        // struct mount_attr: attr_set, attr_clr, propagation, userns_fd.
+        let attr: [u64; 4] = [attr_set, 0, 0, 0];
+        // SAFETY: `path` and `attr` outlive the call; the size passed is `attr`'s.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                flags,
+                attr.as_ptr(),
+                std::mem::size_of_val(&attr),
+            )
         };
+        Errno::result(rc).map(drop)
     }
-    if is_open(target) {
-        return Err((fd, Errno::EBUSY));
-    }
-    let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
-    // SAFETY: dup3 only manipulates the descriptor table; `target` is free (checked
-    // above), so no descriptor anybody owns is replaced.
-    let rc = unsafe { libc::dup3(fd.as_raw_fd(), target, flags) };
-    match Errno::result(rc) {
-        // SAFETY: the kernel just created `target` for us and nobody else knows it.
-        Ok(_) => Ok(unsafe { OwnedFd::from_raw_fd(target) }),
-        Err(e) => Err((fd, e)),
-    }
-}
 
-/// Make `fd` the process's standard input (descriptor 0), closing its original number.
-/// Descriptor 0 is the process's own (std's stdin handle), never an `OwnedFd`, so
-/// replacing it invalidates no owner.
-pub fn redirect_stdin(fd: OwnedFd) -> Result<(), Errno> {
-    // SAFETY: dup3 onto 0 replaces only the standard input, which no OwnedFd owns
-    // (see above); an invalid descriptor gives EBADF, which is reported.
-    let rc = unsafe { libc::dup3(fd.as_raw_fd(), 0, 0) };
-    Errno::result(rc).map(drop)
-}
-
-/// Set or clear FD_CLOEXEC on `fd`.
-fn set_cloexec(fd: RawFd, cloexec: bool) -> Result<(), Errno> {
-    let flag = if cloexec { libc::FD_CLOEXEC } else { 0 };
-    // SAFETY: fcntl(F_SETFD) touches only the descriptor's flags.
-    let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, flag) };
-    Errno::result(rc).map(drop)
-}
-
-/// close_range(2): close every descriptor from `first` to `last` inclusive.
-///
-/// # Safety
-/// No `OwnedFd` (or other owner) of a descriptor in the range may be used or dropped
-/// afterwards: its number would be closed under it, and could be reused by another
-/// descriptor. The helper's child calls it just before exec, holding what it keeps
-/// outside the range, and never returns to the frames that own the rest.
-pub unsafe fn close_range(first: u32, last: u32) -> Result<(), Errno> {
-    // SAFETY: the caller guarantees nobody uses the descriptors being closed.
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
-    Errno::result(rc).map(drop)
-}
-
-/// execveat(EXEC_FD, path, argv, envp, AT_EMPTY_PATH) with `path` from
-/// [`empty_path`]: run the interpreter opened on [`EXEC_FD`]. Returns only on
-/// failure.
-pub fn execveat_exec_fd(
-    program: &OwnedFd,
-    empty_path: u64,
-    argv: &[CString],
-    envp: &[CString],
-) -> Errno {
-    if program.as_raw_fd() != EXEC_FD {
-        return Errno::EBADF;
+    /// Whether this kernel has mount_setattr(2) (Linux 5.12).
+    pub fn has_mount_setattr() -> bool {
+        // SAFETY: a bad descriptor and null arguments: the kernel answers EBADF or EINVAL
+        // where the call exists, ENOSYS where not, and touches nothing.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                -1,
+                std::ptr::null::<libc::c_char>(),
+                0,
+                std::ptr::null::<u8>(),
+                0,
+            )
+        };
+        !(rc == -1 && Errno::last() == Errno::ENOSYS)
     }
-    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-    argv_ptrs.push(std::ptr::null());
-    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
-    envp_ptrs.push(std::ptr::null());
-    // SAFETY: argv and envp are NULL-terminated arrays of pointers into CStrings that
-    // outlive the call; `empty_path` points into a mapped, zero-filled page (an empty C
-    // string). The raw syscall is used (not glibc's fexecve) so the pathname pointer is
-    // exactly the one the seccomp filter allows.
-    unsafe {
-        libc::syscall(
-            libc::SYS_execveat,
-            EXEC_FD,
-            empty_path as *const libc::c_char,
-            argv_ptrs.as_ptr(),
-            envp_ptrs.as_ptr(),
-            libc::AT_EMPTY_PATH,
-        );
+
+    /// setns(2) by descriptor number.
+    pub fn setns(fd: RawFd, nstype: i32) -> Result<(), Errno> {
+        // SAFETY: setns reads the descriptor; a bad number gives EBADF.
+        Errno::result(unsafe { libc::setns(fd, nstype) }).map(drop)
     }
-    Errno::last()
+
+    /// One read-only, zero-filled page at `address`'s page, never over a mapping.
+    pub fn map_page(address: u64) -> Result<(), Errno> {
+        if super::map_zero_page(address & !0xfff) {
+            Ok(())
+        } else {
+            Err(Errno::EEXIST)
+        }
+    }
+
+    /// Load a classic BPF program (`struct sock_filter` entries, 8 bytes each) as this
+    /// thread's seccomp filter. no_new_privs must be set (or the caller privileged).
+    pub fn load_seccomp(program: &[u8]) -> Result<(), Errno> {
+        if program.is_empty()
+            || !program.len().is_multiple_of(8)
+            || program.len() / 8 > u16::MAX as usize
+        {
+            return Err(Errno::EINVAL);
+        }
+        // Copied into properly aligned filter entries: the bytes need not be.
+        let filters: Vec<libc::sock_filter> = program
+            .chunks_exact(8)
+            .map(|c| libc::sock_filter {
+                code: u16::from_ne_bytes([c[0], c[1]]),
+                jt: c[2],
+                jf: c[3],
+                k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
+            })
+            .collect();
+        let prog = libc::sock_fprog {
+            len: filters.len() as u16,
+            filter: filters.as_ptr() as *mut libc::sock_filter,
+        };
+        // SAFETY: `prog` points at `filters`, alive for the call; the kernel copies the
+        // program and checks every instruction before it loads it.
+        let rc = unsafe {
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                &prog as *const libc::sock_fprog as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
+        };
+        Errno::result(rc).map(drop)
+    }
+
+    /// execveat(fd, path, argv, envp, AT_EMPTY_PATH), `path` the page from `map_page`.
+    /// Returns only on failure.
+    pub fn execveat(fd: RawFd, path_address: u64, argv: &[CString], envp: &[CString]) -> Errno {
+        let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+        envp_ptrs.push(std::ptr::null());
+        // SAFETY: argv and envp are NULL-terminated arrays of pointers into CStrings that
+        // outlive the call; `path_address` points into a mapped, zero-filled page (an
+        // empty C string). The raw syscall keeps the pointer exactly the one the seccomp
+        // filter allows.
+        unsafe {
+            libc::syscall(
+                libc::SYS_execveat,
+                fd,
+                path_address as *const libc::c_char,
+                argv_ptrs.as_ptr(),
+                envp_ptrs.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            );
+        }
+        Errno::last()
+    }
 }
 
 /// _exit(2) without running destructors or atexit handlers (safe after fork).
@@ -192,6 +229,23 @@ pub fn reset_sigpipe() -> Result<(), Errno> {
         )
     }
     .map(drop)
+}
+
+/// Every signal back to its default action and none blocked: what the server was started
+/// with (a shell that ignores SIGINT and SIGQUIT for a background job, say) must not reach
+/// a run, which inherits dispositions across fork and the ignored ones across exec. The
+/// helper and the fork server's launcher call it first.
+pub fn reset_signals() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for signal in Signal::iterator() {
+        if matches!(signal, Signal::SIGKILL | Signal::SIGSTOP) {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL runs no handler code of ours.
+        let _ = unsafe { sigaction(signal, &default) };
+    }
+    let _ = SigSet::all().thread_unblock();
 }
 
 /// pidfd_open(2): a descriptor that becomes readable when `pid` exits (Linux 5.3+).

@@ -1,33 +1,30 @@
 //! The `__zygote` launcher: prepares the fork server's world and becomes it. A private
-//! mount namespace with the language's read-only root (as a run's, but with the cgroup
-//! directories bound writable at `/sandbox-cgroup/<n>`, so each run can join its own
-//! cgroup), then the interpreter itself with the fork server's code, the server's
-//! control socket on fd 3. It stays root: it jails its runs, never itself runs a snippet.
+//! mount namespace with the language's read-only root (built by the same steps as a
+//! run's, with the cgroup directories bound writable at their own paths, so each run can
+//! join its own cgroup, and an empty directory at the runs' mount point, where each run
+//! builds its own root as a helper's run does), then the interpreter itself with the
+//! fork server's code, the server's control socket on fd 3. It stays root: it jails its
+//! runs, never itself runs a snippet.
 
 use std::ffi::CString;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use nix::fcntl::{OFlag, open};
-use nix::sched::{CloneFlags, unshare};
-use nix::sys::prctl;
-use nix::sys::signal::Signal;
 use nix::sys::stat::Mode;
 use serde::{Deserialize, Serialize};
 
-use super::rootfs::{self, Extras};
+use super::jail::{Descriptors, Fd, Keep, Op, RealSys, execute};
+use super::rootfs::{self, Extras, RootSteps};
 use super::spec::RootPlan;
-use super::step::{Step, StepError, step};
+use super::step::{Step, StepError};
 use super::{channel, sys};
 
-/// Where the cgroup directories appear in the fork server's root.
-pub const CGROUP_MOUNT: &str = "/sandbox-cgroup";
-/// Empty directories runs stage their own files and /tmp on (see the fork server's code).
-pub const FILES_MOUNT: &str = "/sandbox-files";
-pub const TMP_STAGING: &str = "/sandbox-tmp";
 /// The descriptor the fork server reads requests on.
 const CONTROL_FD: i32 = 3;
+/// Where descriptors wait while the others are closed.
+const PARK_FD: i32 = 512;
 /// The fork server's own /tmp: it writes nothing; its runs mount their own.
 const TMP_BYTES: u64 = 1 << 20;
 
@@ -39,8 +36,12 @@ pub struct ZygoteSpec {
     pub root: RootPlan,
     /// Placeholders runs bind their own files over.
     pub root_files: Vec<(PathBuf, String)>,
-    /// Host cgroup directories, bound writable at `CGROUP_MOUNT/<index>`.
+    /// Host cgroup directories, bound writable at their own paths.
     pub cgroup_dirs: Vec<PathBuf>,
+    /// Where each run mounts its own root (an empty directory here).
+    pub run_root_dir: PathBuf,
+    /// Whether the kernel can make a tree of mounts read-only (see `RootSteps`).
+    pub readonly_beneath: bool,
     pub program: PathBuf,
     pub argv: Vec<String>,
     pub env: Vec<String>,
@@ -48,6 +49,7 @@ pub struct ZygoteSpec {
 
 /// Entry point of `sandbox __zygote`. Returns only on failure, with an exit code.
 pub fn main() -> i32 {
+    sys::reset_signals();
     match launch() {
         Ok(never) => match never {},
         Err(e) => {
@@ -69,64 +71,23 @@ fn launch() -> Result<Never, StepError> {
         channel::recv_spec(&socket).map_err(|e| StepError::new(Step::ReadCode, "spec", e))?;
     let spec: ZygoteSpec =
         serde_json::from_slice(&json).map_err(|e| StepError::new(Step::ReadCode, "spec", e))?;
-    // The server's death ends it (it would have nobody to serve).
-    prctl::set_pdeathsig(Signal::SIGKILL)
-        .map_err(step(Step::Descriptors, Path::new("pdeathsig")))?;
-    // Its root and its runs' are built for other uids, whatever the server's umask.
-    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
-    unshare(CloneFlags::CLONE_NEWNS)
-        .map_err(|e| StepError::new(Step::Unshare, "CLONE_NEWNS", e.desc()))?;
-    let writable: Vec<(PathBuf, PathBuf)> = spec
-        .cgroup_dirs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| (d.clone(), Path::new(CGROUP_MOUNT).join(i.to_string())))
-        .collect();
-    let dirs = [
-        PathBuf::from(FILES_MOUNT),
-        PathBuf::from(TMP_STAGING),
-        PathBuf::from(CGROUP_MOUNT),
-    ];
-    rootfs::enter_private_root(
-        &spec.root_dir,
-        &spec.root,
-        TMP_BYTES,
-        &spec.root_files,
-        &Extras {
-            dirs: &dirs,
-            writable: &writable,
-            readonly: &[],
-        },
-    )?;
     let argv = cstrings(&spec.argv)?;
     let env = cstrings(&spec.env)?;
     let program = CString::new(spec.program.as_os_str().as_encoded_bytes())
         .map_err(|e| StepError::new(Step::Exec, spec.program.display(), e))?;
-
-    // fd 3: the control socket; 0: /dev/null; 1, 2: the server's; nothing else.
-    let fd_step = |what: &'static str| {
-        move |(_, e): (OwnedFd, nix::errno::Errno)| {
-            StepError::new(Step::Descriptors, what, e.desc())
-        }
-    };
-    let parked = sys::move_fd(OwnedFd::from(socket), 1021, false).map_err(fd_step("control"))?;
-    // SAFETY: what this process keeps lives at 1021 (the control socket) and 0 to 2,
-    // outside the range closed; it execs right after, so no frame that owned another
-    // descriptor runs again.
-    #[allow(unsafe_code)]
-    let closed = unsafe {
-        sys::close_range(CONTROL_FD as u32, 1020).and_then(|()| sys::close_range(1022, u32::MAX))
-    };
-    closed.map_err(step(Step::Descriptors, Path::new("close_range")))?;
-    let _control = sys::move_fd(parked, CONTROL_FD, false).map_err(fd_step("fd 3"))?;
     let devnull = open(
         "/dev/null",
         OFlag::O_RDONLY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map_err(step(Step::Descriptors, Path::new("/dev/null")))?;
-    sys::redirect_stdin(devnull).map_err(step(Step::Descriptors, Path::new("stdin")))?;
-    sys::reset_sigpipe().map_err(step(Step::Descriptors, Path::new("SIGPIPE")))?;
+    .map_err(|e| StepError::new(Step::Descriptors, "/dev/null", e.desc()))?;
+    let mut fds = Descriptors::default();
+    fds.0.insert(Fd::Stdin, devnull.into_raw_fd());
+    fds.0.insert(Fd::Stdout, 1);
+    fds.0.insert(Fd::Stderr, 2);
+    fds.0.insert(Fd::Code, OwnedFd::from(socket).into_raw_fd());
+    execute(&steps(&spec), &mut RealSys, &mut fds)?;
+    sys::reset_sigpipe().map_err(|e| StepError::new(Step::Descriptors, "SIGPIPE", e.desc()))?;
     let errno = match nix::unistd::execve(&program, &argv, &env) {
         Ok(never) => match never {},
         Err(e) => e,
@@ -136,6 +97,56 @@ fn launch() -> Result<Never, StepError> {
         spec.program.display(),
         errno.desc(),
     ))
+}
+
+/// The fork server's own setup, as jail steps: a private mount namespace and root, and
+/// only its control socket (fd 3) and the standard descriptors (0 on /dev/null) kept.
+/// It stays root: it jails its runs, never itself runs a snippet.
+fn steps(spec: &ZygoteSpec) -> Vec<Op> {
+    let writable: Vec<(PathBuf, PathBuf)> = spec
+        .cgroup_dirs
+        .iter()
+        .map(|d| (d.clone(), d.clone()))
+        .collect();
+    let mut ops = vec![
+        // The server's death ends it (it would have nobody to serve).
+        Op::ParentDeathSignal {
+            signal: libc::SIGKILL,
+        },
+        // Its root and its runs' are built for other uids, whatever the server's umask.
+        Op::Umask { mask: 0o022 },
+        Op::Unshare {
+            flags: libc::CLONE_NEWNS,
+        },
+    ];
+    ops.extend(rootfs::private_root(&RootSteps {
+        root_dir: &spec.root_dir,
+        plan: &spec.root,
+        tmp_bytes: TMP_BYTES,
+        files: &spec.root_files,
+        extras: Extras {
+            dirs: std::slice::from_ref(&spec.run_root_dir),
+            writable: &writable,
+            readonly: &[],
+        },
+        keep_locked: false,
+        readonly_beneath: spec.readonly_beneath,
+    }));
+    let keep = |fd, at| Keep {
+        fd,
+        at,
+        cloexec: false,
+    };
+    ops.push(Op::Descriptors {
+        keep: vec![
+            keep(Fd::Stdin, 0),
+            keep(Fd::Stdout, 1),
+            keep(Fd::Stderr, 2),
+            keep(Fd::Code, CONTROL_FD),
+        ],
+        park: PARK_FD,
+    });
+    ops
 }
 
 fn cstrings(items: &[String]) -> Result<Vec<CString>, StepError> {

@@ -111,17 +111,35 @@ impl Server {
         Self::start_with_stderr(env, Stdio::from(file), None, Some((soft, hard))).await
     }
 
+    /// Started by `prefix` (a command that ends by executing its arguments: the server
+    /// binary, then `serve`), to give the server a world of its own.
+    pub async fn start_under(prefix: &[&str], env: &[(&str, &str)]) -> Self {
+        let prefix: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
+        Self::start_prefixed(env, Stdio::inherit(), None, Some(prefix)).await
+    }
+
     async fn start_with_stderr(
         env: &[(&str, &str)],
         stderr: Stdio,
         user: Option<u32>,
         nofile: Option<(u64, u64)>,
     ) -> Self {
+        let prefix = nofile
+            .map(|(soft, hard)| vec!["prlimit".to_string(), format!("--nofile={soft}:{hard}")]);
+        Self::start_prefixed(env, stderr, user, prefix).await
+    }
+
+    async fn start_prefixed(
+        env: &[(&str, &str)],
+        stderr: Stdio,
+        user: Option<u32>,
+        prefix: Option<Vec<String>>,
+    ) -> Self {
         let port = free_port();
-        let mut cmd = match nofile {
-            Some((soft, hard)) => {
-                let mut c = Command::new("prlimit");
-                c.arg(format!("--nofile={soft}:{hard}")).arg(bin());
+        let mut cmd = match prefix {
+            Some(prefix) => {
+                let mut c = Command::new(&prefix[0]);
+                c.args(&prefix[1..]).arg(bin());
                 c
             }
             None => Command::new(bin()),

@@ -15,7 +15,7 @@ use super::invocation::Script;
 use super::report::{Outcome, stdin_cut_note};
 use super::stage::{Input, Stage, StageError, Stager};
 use super::{RunArgs, usage};
-use crate::engine::network::RunNetwork;
+use crate::engine::network::NetworkPolicy;
 use crate::engine::{Engine, RunError, RunFiles, RunRequest, Sink, StdinFeed, Stream};
 use crate::isolation::snippet::Invocation;
 use crate::runtime::Language;
@@ -91,7 +91,9 @@ pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCod
         .build()
         .context("cannot start the async runtime")?;
     let engine = rt.block_on(Engine::build(config))?;
-    if let (true, RunNetwork::Host { guard: None, .. }) = (args.network, &engine.network) {
+    if let (true, NetworkPolicy::Shared { guarded: false, .. }) =
+        (args.network, engine.network.policy())
+    {
         eprintln!(
             "sandbox: warning: the run shares this host's network unguarded ({})",
             engine.network.describe()

@@ -250,7 +250,7 @@ struct Held {
 
 impl Runs {
     /// The book of a relay for `runs` live runs at most (the server's `max_workers`).
-    fn new(runs: usize) -> Self {
+    pub fn new(runs: usize) -> Self {
         let total = Resource::ALL.map(|r| r.per_run().saturating_mul(runs.max(1)));
         Self(Arc::new(Book {
             total,

@@ -45,7 +45,7 @@ impl Forwarding {
             iptables: None,
             others_alive,
         };
-        if iptables(&["-S", "FORWARD"]).is_ok_and(|rules| policy_drops(&rules)) {
+        if iptables_drops_forwarded() {
             for rule in exceptions(tag) {
                 let mut args = vec!["-I", "FORWARD", "1"];
                 args.extend(rule.iter().copied());
@@ -54,11 +54,6 @@ impl Forwarding {
             forwarding.iptables = Some(tag.to_string());
         }
         Ok(forwarding)
-    }
-
-    /// Whether iptables needed exceptions for runs.
-    pub fn iptables_exceptions(&self) -> bool {
-        self.iptables.is_some()
     }
 }
 
@@ -106,6 +101,12 @@ fn exceptions(tag: &str) -> [Vec<&str>; 2] {
             "ACCEPT",
         ],
     ]
+}
+
+/// Whether iptables drops forwarded packets (so a server adds exceptions for runs),
+/// read without changing anything.
+pub fn iptables_drops_forwarded() -> bool {
+    iptables(&["-S", "FORWARD"]).is_ok_and(|rules| policy_drops(&rules))
 }
 
 fn policy_drops(rules: &str) -> bool {

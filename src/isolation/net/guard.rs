@@ -38,23 +38,32 @@ pub struct NetGuard {
 impl NetGuard {
     pub fn install(rules: &GuardRules<'_>) -> Result<Self, NftError> {
         let name = Table::name_for(TABLE_PREFIX);
-        let script = ruleset::guard(&ruleset::Guard {
-            table: &name,
-            uids: rules.uids.clone(),
-            resolvers: rules.resolvers,
-            proxies: rules.proxies,
-            subnets: rules.subnets,
-            deny: rules.deny,
-            allow: rules.allow,
-        });
+        let script = script(&name, rules);
         Ok(Self {
             table: Table::install(name, &script)?,
         })
     }
 
+    /// Whether the guard would install here, found without installing it.
+    pub fn check(rules: &GuardRules<'_>) -> Result<(), NftError> {
+        Table::check(&script(&Table::name_for(TABLE_PREFIX), rules))
+    }
+
     pub fn table(&self) -> &str {
         self.table.name()
     }
+}
+
+fn script(name: &str, rules: &GuardRules<'_>) -> String {
+    ruleset::guard(&ruleset::Guard {
+        table: name,
+        uids: rules.uids.clone(),
+        resolvers: rules.resolvers,
+        proxies: rules.proxies,
+        subnets: rules.subnets,
+        deny: rules.deny,
+        allow: rules.allow,
+    })
 }
 
 /// Delete guard tables whose server is gone: they would keep restricting every sandbox

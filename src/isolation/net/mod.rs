@@ -5,8 +5,9 @@
 //! (`guard`) restricts what runs' sockets reach instead.
 //!
 //! - `addressing`: a run's /30, interface name and conntrack mark, from its uid.
-//! - `netns`: creating, keeping for reuse and removing runs' namespaces and veth pairs
-//!   (rtnetlink); `traces`: whether a run left anything in its namespace.
+//! - `netns`: creating runs' namespaces and veth pairs (rtnetlink), and removing those of
+//!   servers that are gone; `kept`: what a run's network holds on the host, released or
+//!   kept for the next run; `traces`: whether a run left anything in its namespace.
 //! - `ruleset`: the nftables rules, as text; `nft`: loading and owning tables.
 //! - `forwarding`: IPv4 forwarding and other firewalls' FORWARD policies.
 //! - `conntrack`: forgetting a run's connections when it ends.
@@ -19,6 +20,7 @@ pub mod conntrack;
 pub mod dns;
 pub mod forwarding;
 pub mod guard;
+mod kept;
 pub mod netns;
 pub mod nft;
 pub mod resolv;

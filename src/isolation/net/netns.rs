@@ -1,25 +1,14 @@
 //! A networked run's network namespace: created by the server before the run's helper
 //! starts (so it costs the request nothing), joined to the host by a veth pair whose
 //! host end is `sbx<uid>`, with the run's address, a default route through its gateway,
-//! a loopback of its own and no IPv6. The helper's child joins it with setns(2).
-//!
-//! When a run ends, its namespace is kept for the next networked run of the same uid if
-//! the run left no trace in it (see `traces`): most runs never touch the network they
-//! asked for. Otherwise it is destroyed with its last reference, which takes the veth
-//! pair with it; releasing the run waits for that. Its counters are read again when it
-//! is handed to the next run: one that moved while it waited is destroyed the same way
-//! and the run gets a new one.
-//!
-//! The DNS relay serves a run while its lease is held: released (kept or destroyed) or
-//! dropped, its queries and connections still with the relay are dropped at once and
-//! stop counting against the relay; the next run at its address starts at zero.
+//! a loopback of its own and no IPv6. The helper's child joins it with setns(2). What it
+//! holds on the host, and the namespaces kept for reuse after their run: `kept`.
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
@@ -29,8 +18,10 @@ use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBu
 
 use super::addressing::{IFNAME_PREFIX, RUN_PREFIX_LEN, RunAddress, uid_of_interface};
 use super::conntrack;
-use super::dns::{Admission, Runs};
-use super::traces::{TraceFiles, Traces};
+use super::dns::Runs;
+pub use super::kept::NetLease;
+use super::kept::{Kept, Lot};
+use super::traces::TraceFiles;
 use crate::isolation::uids::UidLease;
 
 /// The run's end of its veth pair.
@@ -73,134 +64,6 @@ pub struct RunNetns {
     pub lease: NetLease,
 }
 
-/// What the server holds of a namespace: the last references to it once its run is gone.
-struct Kept {
-    ns: OwnedFd,
-    /// The netlink socket it was plumbed through: part of the baseline of `traces`.
-    _inside: Handle,
-    traces: Traces,
-}
-
-/// A run's namespace, veth pair and conntrack entries on the host: `release` keeps the
-/// namespace for the next run or removes it all.
-pub struct NetLease {
-    host: Handle,
-    pub address: RunAddress,
-    kept: Kept,
-    lot: Arc<Lot>,
-    /// The DNS relay serves the run until this goes.
-    dns: Admission,
-}
-
-impl NetLease {
-    /// Called with the lease of the run's uid. When `run_gone` (every process of the run
-    /// was seen gone) and the run left no trace in its namespace, the namespace is kept
-    /// with that lease for the next networked run; otherwise it is destroyed, its veth
-    /// pair and conntrack entries with it, and the uid is given back.
-    pub async fn release(self, uid: Option<UidLease>, run_gone: bool) {
-        let Self {
-            host,
-            address,
-            kept,
-            lot,
-            dns,
-        } = self;
-        // First: the run is over, whatever it left with the relay has nobody to go to.
-        drop(dns);
-        let untouched = run_gone && kept.traces.none_left();
-        let (uid, address, kept) = match uid {
-            Some(uid) if untouched => match lot.park(Parked { uid, address, kept }) {
-                None => return,
-                // The lot is full.
-                Some(p) => (Some(p.uid), p.address, p.kept),
-            },
-            uid => (uid, address, kept),
-        };
-        destroy(&host, uid, address, kept, untouched).await;
-    }
-}
-
-/// Destroy a namespace, its veth pair and its connections (unless `untouched`: nothing
-/// was sent in it), then give its uid back.
-async fn destroy(
-    host: &Handle,
-    uid: Option<UidLease>,
-    address: RunAddress,
-    kept: Kept,
-    untouched: bool,
-) {
-    drop(kept);
-    // The namespace dies with its last reference and the kernel then deletes both veth
-    // ends, batched with other dying namespaces. Deleting the link ourselves would
-    // hold the rtnl lock through an RCU grace period per run, stalling every other
-    // run's plumbing: networked throughput fell to a third. So wait for it to go, and
-    // delete it only if it does not (something still holds the namespace).
-    if !gone(host, &address.host_if, LINK_GONE_WAIT).await {
-        remove_link(host, &address.host_if).await;
-    }
-    // A run that sent no packet has no connection to forget.
-    if !untouched {
-        let mark = address.ct_mark;
-        let flushed = tokio::task::spawn_blocking(move || conntrack::flush_mark(mark)).await;
-        if let Ok(Err(e)) = flushed {
-            tracing::warn!(error = %e, uid = address.uid, "cannot forget a run's connections");
-        }
-    }
-    // The uid goes back last: nothing of its network is left for its next holder.
-    drop(uid);
-}
-
-/// Namespaces kept for the next networked run, each with its uid's lease (so no other
-/// run, nor another server on this host, gets that uid and its address meanwhile).
-struct Lot {
-    parked: Mutex<Vec<Parked>>,
-    limit: usize,
-    /// Namespaces found moved at their handover, being destroyed.
-    discarding: tokio_util::task::TaskTracker,
-}
-
-struct Parked {
-    uid: UidLease,
-    address: RunAddress,
-    kept: Kept,
-}
-
-impl Lot {
-    /// The parked namespaces (a panic elsewhere leaves the list itself intact).
-    fn parked(&self) -> std::sync::MutexGuard<'_, Vec<Parked>> {
-        self.parked.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Keep `p`, or hand it back when the lot is full.
-    fn park(&self, p: Parked) -> Option<Parked> {
-        let mut parked = self.parked();
-        if parked.len() >= self.limit {
-            return Some(p);
-        }
-        parked.push(p);
-        None
-    }
-}
-
-/// How long a released run's host end may take to vanish with its namespace.
-const LINK_GONE_WAIT: Duration = Duration::from_secs(2);
-
-/// Whether the link `name` disappears within `wait`.
-async fn gone(host: &Handle, name: &str, wait: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut pause = Duration::from_millis(2);
-    loop {
-        if index_of(host, name).await.is_err() {
-            return true;
-        }
-        if tokio::time::Instant::now() + pause > deadline {
-            return false;
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(100));
-    }
-}
-
 /// Makes and removes runs' namespaces through the host's rtnetlink.
 pub struct Plumbing {
     host: Handle,
@@ -231,31 +94,15 @@ impl Plumbing {
             subnet,
             uids,
             tag,
-            lot: Arc::new(Lot {
-                parked: Mutex::new(Vec::new()),
-                limit: keep,
-                discarding: tokio_util::task::TaskTracker::new(),
-            }),
+            lot: Arc::new(Lot::new(keep)),
             dns,
         })
     }
 
-    /// A namespace a finished run left untouched, with its uid's lease. Its counters
-    /// are read again first: one that something reached while it waited (a packet from
-    /// another server's runs, say) is destroyed in the background, and the next one is
-    /// tried.
+    /// A namespace a finished run left untouched, with its uid's lease (see
+    /// `Lot::take_untouched`).
     pub fn reuse(&self) -> Option<(UidLease, RunNetns)> {
-        let p = loop {
-            let p = self.lot.parked().pop()?;
-            if p.kept.traces.none_left() {
-                break p;
-            }
-            tracing::warn!(
-                uid = p.address.uid,
-                "a kept network namespace changed while it waited for its next run; destroyed"
-            );
-            self.discard(p);
-        };
+        let p = self.lot.take_untouched(&self.host)?;
         // On failure `p` is dropped: the namespace goes, and the uid with it.
         let fd = p.kept.ns.try_clone().ok()?;
         Some((
@@ -273,43 +120,14 @@ impl Plumbing {
         ))
     }
 
-    /// Destroy `p` without holding up the caller: the uid goes back once its veth pair
-    /// and connections are gone.
-    fn discard(&self, p: Parked) {
-        let host = self.host.clone();
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                self.lot.discarding.spawn_on(
-                    async move { destroy(&host, Some(p.uid), p.address, p.kept, false).await },
-                    &runtime,
-                );
-            }
-            // Outside the runtime: the namespace goes with `p`; a veth pair the kernel
-            // has not removed yet is removed by the next `create` for this uid.
-            Err(_) => drop(p),
-        }
-    }
-
     /// How many namespaces wait for reuse.
     pub fn kept(&self) -> usize {
-        self.lot.parked().len()
+        self.lot.len()
     }
 
     /// Destroy the namespaces kept for reuse and wait until their veth pairs are gone.
     pub async fn close(&self) {
-        self.lot.discarding.close();
-        self.lot.discarding.wait().await;
-        let parked = std::mem::take(&mut *self.lot.parked());
-        // Every namespace's last references go at once (`kept` dropped), then the uids
-        // go back once the veth pairs are gone.
-        let going: Vec<(UidLease, RunAddress)> =
-            parked.into_iter().map(|p| (p.uid, p.address)).collect();
-        futures::future::join_all(going.iter().map(|(_, a)| async move {
-            if !gone(&self.host, &a.host_if, LINK_GONE_WAIT).await {
-                remove_link(&self.host, &a.host_if).await;
-            }
-        }))
-        .await;
+        self.lot.close(&self.host).await;
     }
 
     pub fn address_of(&self, uid: u32) -> Result<RunAddress, NetnsError> {
@@ -474,13 +292,13 @@ pub fn is_run_interface(name: &str) -> bool {
     name.starts_with(IFNAME_PREFIX) && uid_of_interface(name).is_some()
 }
 
-async fn remove_link(host: &Handle, name: &str) {
+pub(super) async fn remove_link(host: &Handle, name: &str) {
     if let Ok(index) = index_of(host, name).await {
         let _ = host.link().del(index).execute().await;
     }
 }
 
-async fn index_of(handle: &Handle, name: &str) -> Result<u32, NetnsError> {
+pub(super) async fn index_of(handle: &Handle, name: &str) -> Result<u32, NetnsError> {
     let mut links = handle.link().get().match_name(name.to_string()).execute();
     match links.try_next().await {
         Ok(Some(link)) => Ok(link.header.index),

@@ -36,6 +36,12 @@ impl Table {
         Ok(Self { name })
     }
 
+    /// Whether the kernel would accept `script`, checked without committing anything
+    /// (`nft --check`): nothing is installed.
+    pub fn check(script: &str) -> Result<(), NftError> {
+        nft(&["--check", "-f", "-"], Some(script)).map(|_| ())
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

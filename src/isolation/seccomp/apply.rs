@@ -18,8 +18,6 @@ pub enum SeccompApplyError {
         #[source]
         source: SeccompError,
     },
-    #[error("seccomp: the kernel refused the filter: {0}")]
-    Load(#[source] SeccompError),
     #[error("seccomp: cannot export the filter: {0}")]
     Export(String),
 }
@@ -90,7 +88,7 @@ pub struct FilterOptions<'a> {
     pub allowed_syscalls: &'a [i64],
     /// Added to whichever plain allow-list applies (the operator's `extra_syscalls`).
     pub extra_syscalls: &'a [i64],
-    /// The only pathname pointer `execveat` may receive (see `sys::empty_path`); `None`
+    /// The only pathname pointer `execveat` may receive (see `seccomp::programs::exec_page`); `None`
     /// for a process that has nothing left to exec (a fork server's run), where every
     /// exec is refused.
     pub exec_path: Option<u64>,
@@ -220,18 +218,34 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
 
     // The one exec the helper performs: execveat on the interpreter's descriptor with
     // the helper's own empty pathname. After that exec the descriptor is closed
-    // (O_CLOEXEC) and cannot be recreated (RLIMIT_NOFILE is below it).
+    // (O_CLOEXEC) and cannot be recreated (RLIMIT_NOFILE is below it). The descriptor is
+    // no lock on its own: a pathname that is absolute makes the kernel ignore it, so a
+    // snippet that maps the page and writes a path there execs that path.
     if let (Some(execveat), Some(exec_path)) = (resolve("execveat"), opts.exec_path) {
+        let admitted = [
+            (0, sys::EXEC_FD as u64),
+            (1, exec_path),
+            (4, libc::AT_EMPTY_PATH as u64),
+        ];
         ctx.add_rule_conditional(
             ScmpAction::Allow,
             execveat,
-            &[
-                ScmpArgCompare::new(0, ScmpCompareOp::Equal, sys::EXEC_FD as u64),
-                ScmpArgCompare::new(1, ScmpCompareOp::Equal, exec_path),
-                ScmpArgCompare::new(4, ScmpCompareOp::Equal, libc::AT_EMPTY_PATH as u64),
-            ],
+            &admitted.map(|(arg, value)| ScmpArgCompare::new(arg, ScmpCompareOp::Equal, value)),
         )
         .map_err(rule_err("execveat"))?;
+        // Any other execveat ends the process. An errno would be an oracle: the admitted
+        // pointer gets past the filter and fails with EFAULT, any other with EPERM, so
+        // the random page (no CAP_SYS_RAWIO) would fall to a search at one system call
+        // per guess, about an hour of CPU, and stay found for the server's life. Killed,
+        // each guess costs a run.
+        for (arg, value) in admitted {
+            ctx.add_rule_conditional(
+                ScmpAction::KillProcess,
+                execveat,
+                &[ScmpArgCompare::new(arg, ScmpCompareOp::NotEqual, value)],
+            )
+            .map_err(rule_err("execveat"))?;
+        }
     }
 
     // prlimit64 may read limits (new_limit == NULL) but never raise them.
@@ -244,12 +258,6 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
         .map_err(rule_err("prlimit64"))?;
     }
     Ok(ctx)
-}
-
-/// Build and load the filter into the calling thread (and its future threads).
-pub fn apply(opts: &FilterOptions<'_>) -> Result<(), SeccompApplyError> {
-    let ctx = build(opts)?;
-    ctx.load().map_err(SeccompApplyError::Load)
 }
 
 /// The filter as a classic BPF program (`struct sock_filter` entries), for a process

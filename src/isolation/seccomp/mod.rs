@@ -1,4 +1,5 @@
 pub mod apply;
 pub mod policy;
+pub mod programs;
 
-pub use apply::{FilterOptions, SocketPolicy, apply, export};
+pub use programs::{Programs, Start};
