@@ -21,7 +21,7 @@ use rtnetlink::Handle;
 use super::addressing::RunAddress;
 use super::conntrack;
 use super::dns::Admission;
-use super::netns::{index_of, remove_link};
+use super::links::{index_of, remove_link};
 use super::traces::Traces;
 use crate::isolation::uids::UidLease;
 
@@ -206,7 +206,7 @@ async fn gone(host: &Handle, name: &str, wait: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + wait;
     let mut pause = Duration::from_millis(2);
     loop {
-        if index_of(host, name).await.is_err() {
+        if index_of(host, name).await.is_none() {
             return true;
         }
         if tokio::time::Instant::now() + pause > deadline {

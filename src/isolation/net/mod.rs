@@ -21,6 +21,7 @@ pub mod dns;
 pub mod forwarding;
 pub mod guard;
 mod kept;
+mod links;
 pub mod netns;
 pub mod nft;
 pub mod resolv;

@@ -21,6 +21,7 @@ use super::conntrack;
 use super::dns::Runs;
 pub use super::kept::NetLease;
 use super::kept::{Kept, Lot};
+use super::links::{self, remove_link};
 use super::traces::TraceFiles;
 use crate::isolation::uids::UidLease;
 
@@ -292,18 +293,10 @@ pub fn is_run_interface(name: &str) -> bool {
     name.starts_with(IFNAME_PREFIX) && uid_of_interface(name).is_some()
 }
 
-pub(super) async fn remove_link(host: &Handle, name: &str) {
-    if let Ok(index) = index_of(host, name).await {
-        let _ = host.link().del(index).execute().await;
-    }
-}
-
-pub(super) async fn index_of(handle: &Handle, name: &str) -> Result<u32, NetnsError> {
-    let mut links = handle.link().get().match_name(name.to_string()).execute();
-    match links.try_next().await {
-        Ok(Some(link)) => Ok(link.header.index),
-        _ => Err(NetnsError::Missing(name.to_string())),
-    }
+async fn index_of(handle: &Handle, name: &str) -> Result<u32, NetnsError> {
+    links::index_of(handle, name)
+        .await
+        .ok_or_else(|| NetnsError::Missing(name.to_string()))
 }
 
 fn sysctl(path: &str, value: &str) -> Result<(), NetnsError> {
