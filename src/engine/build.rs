@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use super::forkserver::{ForkServer, Recipe};
 use super::network::ServerNetwork;
 use super::warm::WarmPool;
-use super::{Engine, RUN_PREFIX};
+use super::{Engine, RUN_PREFIX, Unavailable};
 use crate::config::Config;
 use crate::deps::{Dependencies, DepsError};
 use crate::isolation::chroot_root::Roots;
@@ -166,7 +166,7 @@ impl Engine {
 /// explicitly and does not run is an error; one left to the default is only disabled.
 fn discover_runtimes(
     config: &Config,
-) -> Result<HashMap<Language, Result<Runtime, String>>, DiscoveryError> {
+) -> Result<HashMap<Language, Result<Runtime, Unavailable>>, DiscoveryError> {
     type Discover = fn(&str, &[PathBuf]) -> Result<Runtime, DiscoveryError>;
     let languages: [(Language, Discover, &str, bool); 2] = [
         (
@@ -211,7 +211,7 @@ fn discover_runtimes(
             // A path the operator chose must work; a default one may be missing.
             Err(e) if explicit => return Err(e),
             Err(e) => {
-                map.insert(language, Err(e.to_string()));
+                map.insert(language, Err(Unavailable::Discovery(Arc::new(e))));
             }
         }
     }
@@ -223,7 +223,7 @@ fn discover_runtimes(
 async fn fork_server(
     config: &Config,
     host: &crate::isolation::detect::Host,
-    runtimes: &HashMap<Language, Result<Runtime, String>>,
+    runtimes: &HashMap<Language, Result<Runtime, Unavailable>>,
     state: &crate::state::StateDir,
 ) -> Option<Arc<ForkServer>> {
     if !config.python_fork_server || host.level != IsolationLevel::Namespaces {

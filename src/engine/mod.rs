@@ -43,7 +43,7 @@ pub use crate::config::RunLimits;
 pub use build::BuildError;
 pub use capture::{Sink, Stream};
 pub use outcome::{LimitHit, RunOutcome};
-pub use request::{RunError, RunFiles, RunRequest, SetupError};
+pub use request::{RunError, RunFiles, RunRequest, SetupError, Unavailable};
 pub use stdin::StdinFeed;
 pub use warm::PoolKey;
 use warm::WarmPool;
@@ -67,7 +67,7 @@ pub struct Engine {
     /// Whether the kernel can make a tree of mounts read-only (mount_setattr).
     readonly_beneath: bool,
     state: StateDir,
-    runtimes: HashMap<Language, Result<Runtime, String>>,
+    runtimes: HashMap<Language, Result<Runtime, Unavailable>>,
     uids: UidPool,
     /// Every run's limits, from the configuration.
     limits: RunLimits,
@@ -99,7 +99,7 @@ impl Engine {
             Some(Err(reason)) => Err(RunError::LanguageUnavailable(language, reason.clone())),
             None => Err(RunError::LanguageUnavailable(
                 language,
-                "not configured".into(),
+                Unavailable::NotConfigured,
             )),
         }
     }

@@ -53,10 +53,21 @@ pub(super) fn rerunnable(req: &RunRequest) -> bool {
     req.stdin.as_ref().is_none_or(|f| !f.started())
 }
 
+/// Why a language has no interpreter on this server.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unavailable {
+    #[error("not configured")]
+    NotConfigured,
+    /// Its default interpreter was not found or does not run (an interpreter the
+    /// operator named must run, or the server does not start).
+    #[error(transparent)]
+    Discovery(std::sync::Arc<crate::runtime::DiscoveryError>),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("{0} is not available on this server: {1}")]
-    LanguageUnavailable(Language, String),
+    LanguageUnavailable(Language, Unavailable),
     #[error("network is disabled, please enable it in the configuration")]
     NetworkDisabled,
     #[error("this server cannot give runs a network: {0}")]

@@ -81,7 +81,7 @@ impl ServerNetwork {
                     installed: Installed::Isolated(Box::new(isolated)),
                 },
                 Err(reason) => Self {
-                    policy: policy.isolation_failed(&reason),
+                    policy: policy.isolation_failed(&reason.to_string()),
                     installed: Installed::Nothing,
                 },
             },
@@ -234,11 +234,11 @@ pub async fn dry_run(config: &Config, host: &Host, uids: Range<u32>) -> NetworkP
                 let rules = IsolatedRules::new(config, uids, &proxies, &name, 53);
                 let forwarding_off = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
                     .is_ok_and(|v| v.trim() == "0");
-                Table::check(&rules.script(forwarding_off)).map_err(|e| e.to_string())
+                Table::check(&rules.script(forwarding_off)).map_err(IsolationError::from)
             });
             match checked {
                 Ok(()) => policy,
-                Err(reason) => policy.isolation_failed(&reason),
+                Err(reason) => policy.isolation_failed(&reason.to_string()),
             }
         }
         NetworkPolicy::Shared { guarded: true, .. } => {
@@ -255,13 +255,31 @@ pub async fn dry_run(config: &Config, host: &Host, uids: Range<u32>) -> NetworkP
     }
 }
 
+/// Why runs cannot have networks of their own on this host.
+#[derive(Debug, thiserror::Error)]
+enum IsolationError {
+    #[error(
+        "network_subnet {subnet} overlaps this host's route to {route}: set network_subnet (NETWORK_SUBNET) to a private block no route uses"
+    )]
+    SubnetTaken {
+        subnet: ipnet::Ipv4Net,
+        route: String,
+    },
+    #[error(transparent)]
+    Dns(#[from] crate::isolation::net::dns::DnsError),
+    #[error(transparent)]
+    Forwarding(#[from] forwarding::ForwardingError),
+    #[error(transparent)]
+    Table(#[from] nft::NftError),
+    #[error(transparent)]
+    Namespaces(#[from] NetnsError),
+}
+
 /// The run subnet is free: no route of this host overlaps it.
-fn subnet_free(config: &Config) -> Result<(), String> {
+fn subnet_free(config: &Config) -> Result<(), IsolationError> {
     let subnet = config.network.subnet;
     overlapping_route(subnet).map_or(Ok(()), |route| {
-        Err(format!(
-            "network_subnet {subnet} overlaps this host's route to {route}: set network_subnet (NETWORK_SUBNET) to a private block no route uses"
-        ))
+        Err(IsolationError::SubnetTaken { subnet, route })
     })
 }
 
@@ -356,7 +374,7 @@ impl Isolated {
         uids: Range<u32>,
         proxies: &[SocketAddr],
         held: impl Fn(u32) -> bool,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, IsolationError> {
         let n = &config.network;
         subnet_free(config)?;
         let upstreams = if n.dns.is_empty() {
@@ -364,9 +382,7 @@ impl Isolated {
         } else {
             n.dns.clone()
         };
-        let relay = DnsRelay::start(&upstreams, config.max_workers)
-            .await
-            .map_err(|e| e.to_string())?;
+        let relay = DnsRelay::start(&upstreams, config.max_workers).await?;
         let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         let loopback_proxies: Vec<u16> = proxies
             .iter()
@@ -375,8 +391,7 @@ impl Isolated {
             .collect();
         let name = Table::name_for(ISOLATED_TABLE_PREFIX);
         let rules = IsolatedRules::new(config, uids.clone(), proxies, &name, relay.port());
-        let forwarding = Forwarding::prepare(&name, || nft::others_alive(ISOLATED_TABLE_PREFIX))
-            .map_err(|e| e.to_string())?;
+        let forwarding = Forwarding::prepare(&name, || nft::others_alive(ISOLATED_TABLE_PREFIX))?;
         if forwarding.switched_on {
             tracing::warn!(
                 "net.ipv4.ip_forward was 0: switched it on for runs; forwarding between the host's other interfaces stays blocked by table {name} while the server runs"
@@ -384,11 +399,10 @@ impl Isolated {
         }
         let script = rules.script(forwarding.switched_on);
         let tag = rules.tag;
-        let table = Table::install(name, &script).map_err(|e| e.to_string())?;
+        let table = Table::install(name, &script)?;
         // Enough for every worker slot and warm worker to find a namespace kept for it.
         let keep = config.max_workers + config.warm_workers * Language::ALL.len();
-        let plumbing =
-            Plumbing::new(n.subnet, uids, tag, keep, relay.runs()).map_err(|e| e.to_string())?;
+        let plumbing = Plumbing::new(n.subnet, uids, tag, keep, relay.runs())?;
         let stale = plumbing.remove_stale(held).await;
         if stale > 0 {
             tracing::info!(

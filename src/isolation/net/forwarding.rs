@@ -15,7 +15,16 @@ pub enum ForwardingError {
     #[error(
         "iptables drops forwarded packets (FORWARD policy DROP) and refused an exception for runs: {0}. Allow them with `iptables -I FORWARD -i sbx+ -j ACCEPT` and `iptables -I FORWARD -o sbx+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT`"
     )]
-    Iptables(String),
+    Iptables(#[from] IptablesError),
+}
+
+/// An iptables command that did not do what it was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IptablesError {
+    #[error("cannot run iptables: {0}")]
+    Start(#[source] std::sync::Arc<std::io::Error>),
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Forwarding as the server arranged it; dropping it undoes what the server changed.
@@ -49,7 +58,7 @@ impl Forwarding {
             for rule in exceptions(tag) {
                 let mut args = vec!["-I", "FORWARD", "1"];
                 args.extend(rule.iter().copied());
-                iptables(&args).map_err(ForwardingError::Iptables)?;
+                iptables(&args)?;
             }
             forwarding.iptables = Some(tag.to_string());
         }
@@ -140,16 +149,18 @@ pub fn remove_stale_exceptions(prefix: &str, alive: impl Fn(&str) -> bool) {
     }
 }
 
-fn iptables(args: &[&str]) -> Result<String, String> {
+fn iptables(args: &[&str]) -> Result<String, IptablesError> {
     // -w: wait for the xtables lock rather than fail while Docker holds it.
     let run = |program: &str| Command::new(program).arg("-w").arg("5").args(args).output();
     let out = run("iptables")
         .or_else(|_| run("/usr/sbin/iptables"))
-        .map_err(|e| format!("cannot run iptables: {e}"))?;
+        .map_err(|e| IptablesError::Start(std::sync::Arc::new(e)))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        Err(IptablesError::Refused(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
     }
 }
 
