@@ -812,3 +812,39 @@ fn something_that_is_not_a_sandbox_server_exits_125() {
         stderr(&o)
     );
 }
+
+/// `exit()`, `quit()` and the other builtins `site` gives python3 are there, locally and
+/// in runs forked by a server's fork server, and end a run as they end python3.
+#[tokio::test]
+async fn exit_and_quit_end_a_run_as_in_python3() {
+    let cases = [
+        ("print(1); exit(3)", "1\n", 3),
+        ("quit()", "", 0),
+        ("print(callable(help), callable(license)); exit('bye')", "True True\n", 1),
+    ];
+    let server = Server::start(&[]).await;
+    for (code, out, status) in cases {
+        let host = Command::new("/usr/bin/python3")
+            .args(["-c", code])
+            .output()
+            .expect("python3");
+        assert_eq!((stdout(&host).as_str(), host.status.code()), (out, Some(status)));
+        let local = sandbox(&["run", "-l", "python3", "-e", code], &[]);
+        assert_eq!(stdout(&local), out, "{code}: {}", stderr(&local));
+        assert_eq!(local.status.code(), Some(status), "{code}");
+        if status == 1 {
+            assert_eq!(stderr(&local), "bye\n");
+        }
+        let forked = server.python(code).await;
+        assert_eq!(forked["stdout"], out, "{code}: {forked}");
+        let expected = if status == 0 {
+            String::new()
+        } else {
+            format!("process exited with code {status}")
+        };
+        assert!(
+            forked["error"].as_str().unwrap_or_default().contains(&expected),
+            "{code}: {forked}"
+        );
+    }
+}

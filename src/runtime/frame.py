@@ -1,6 +1,7 @@
 # The frame on fd 3, taken apart (its description: src/isolation/snippet.rs). Included in
 # the Python bootstrap and in the fork server, so both read it the same way. Only bytes
-# are split: a run imports nothing for it.
+# are split: a run imports nothing for it but `_sitebuiltins` (a few lines of the
+# standard library) for the builtins `site` would give.
 def _frame(d):
     """(preload, code, filename, argv, env) from the whole frame `d`."""
     h, _, r = d.partition(b"\n")
@@ -15,9 +16,20 @@ def _frame(d):
 
 def _invoke(filename, argv, env, g):
     """What the snippet finds before its first line: its argv, its environment, the
-    directory of its script first on sys.path, __file__. Returns the name to compile
-    the code under."""
-    import sys
+    directory of its script first on sys.path, __file__, and the builtins `site` gives a
+    python3 (exit, quit, help, copyright, credits, license) without `site` itself, which
+    would read .pth files and user directories. Returns the name to compile the code
+    under."""
+    import builtins, sys, _sitebuiltins
+    eof = "Ctrl-D (i.e. EOF)"
+    builtins.exit = _sitebuiltins.Quitter("exit", eof)
+    builtins.quit = _sitebuiltins.Quitter("quit", eof)
+    builtins.copyright = _sitebuiltins._Printer("copyright", sys.copyright)
+    builtins.credits = _sitebuiltins._Printer(
+        "credits", "Thanks to CWI, CNRI, BeOpen, Zope Corporation, the Python Software "
+        "Foundation, and a cast of thousands for supporting Python development.")
+    builtins.license = _sitebuiltins._Printer("license", "See https://www.python.org/psf/license/")
+    builtins.help = _sitebuiltins._Helper()
     sys.argv = argv or [""]
     if env:
         import os

@@ -9,7 +9,8 @@
 #
 # Started by `sandbox __zygote` inside a private root (read-only binds of the interpreter's
 # files, the cgroup directories writable at their own paths), as root, with -I -S -B -u.
-import gc, json, os, resource, select, socket, struct, sys
+# _sitebuiltins: imported here once for every run (see frame.py).
+import _sitebuiltins, gc, json, os, resource, select, socket, struct, sys
 
 CONTROL = 3
 
