@@ -820,7 +820,11 @@ async fn exit_and_quit_end_a_run_as_in_python3() {
     let cases = [
         ("print(1); exit(3)", "1\n", 3),
         ("quit()", "", 0),
-        ("print(callable(help), callable(license)); exit('bye')", "True True\n", 1),
+        (
+            "print(callable(help), callable(license)); exit('bye')",
+            "True True\n",
+            1,
+        ),
     ];
     let server = Server::start(&[]).await;
     for (code, out, status) in cases {
@@ -828,7 +832,10 @@ async fn exit_and_quit_end_a_run_as_in_python3() {
             .args(["-c", code])
             .output()
             .expect("python3");
-        assert_eq!((stdout(&host).as_str(), host.status.code()), (out, Some(status)));
+        assert_eq!(
+            (stdout(&host).as_str(), host.status.code()),
+            (out, Some(status))
+        );
         let local = sandbox(&["run", "-l", "python3", "-e", code], &[]);
         assert_eq!(stdout(&local), out, "{code}: {}", stderr(&local));
         assert_eq!(local.status.code(), Some(status), "{code}");
@@ -843,8 +850,59 @@ async fn exit_and_quit_end_a_run_as_in_python3() {
             format!("process exited with code {status}")
         };
         assert!(
-            forked["error"].as_str().unwrap_or_default().contains(&expected),
+            forked["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(&expected),
             "{code}: {forked}"
         );
     }
+}
+
+/// A process limit below what Node needs to start is refused at once, naming the
+/// minimum, instead of a start that hangs until the timeout; at the minimum it runs.
+#[test]
+fn a_process_limit_node_cannot_start_under_is_refused_at_once() {
+    let started = Instant::now();
+    let o = sandbox(
+        &[
+            "run",
+            "-l",
+            "nodejs",
+            "--max-processes",
+            "4",
+            "-e",
+            "console.log(1)",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("needs at least 7 processes and threads"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let o = sandbox(
+        &[
+            "run",
+            "-l",
+            "nodejs",
+            "--max-processes",
+            "7",
+            "-e",
+            "console.log(1)",
+        ],
+        &[],
+    );
+    assert_eq!(
+        (o.status.code(), stdout(&o).as_str()),
+        (Some(0), "1\n"),
+        "{}",
+        stderr(&o)
+    );
 }

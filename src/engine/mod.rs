@@ -144,6 +144,14 @@ impl Engine {
     /// network only where the network policy grants it.
     fn admit(&self, req: &RunRequest) -> Result<(), RunError> {
         self.runtime(req.language)?;
+        let needed = req.language.min_tasks();
+        if self.limits.max_processes < needed {
+            return Err(RunError::TooFewProcesses {
+                language: req.language,
+                needed,
+                limit: self.limits.max_processes,
+            });
+        }
         self.network.policy().grant(req.network)?;
         if !req.files.is_empty() && !self.host.level.private_root() {
             return Err(RunError::FilesNeedPrivateRoot);

@@ -68,6 +68,14 @@ pub enum Unavailable {
 pub enum RunError {
     #[error("{0} is not available on this server: {1}")]
     LanguageUnavailable(Language, Unavailable),
+    #[error(
+        "{language} needs at least {needed} processes and threads to start (its own threads); the limit is {limit}: raise max_processes (MAX_PROCESSES, or --max-processes)"
+    )]
+    TooFewProcesses {
+        language: Language,
+        needed: u64,
+        limit: u64,
+    },
     #[error("network is disabled, please enable it in the configuration")]
     NetworkDisabled,
     #[error("this server cannot give runs a network: {0}")]

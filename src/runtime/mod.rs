@@ -24,6 +24,17 @@ pub enum Language {
 impl Language {
     pub const ALL: [Language; 2] = [Language::Python3, Language::Nodejs];
 
+    /// Processes and threads the interpreter needs before it runs a line: Node starts its
+    /// main thread and V8's four workers at once, and a limit below that leaves its start
+    /// hanging (measured: 7; libuv's four threads start with the first asynchronous file
+    /// call, which then meets the limit as a snippet's own threads would).
+    pub fn min_tasks(self) -> u64 {
+        match self {
+            Self::Python3 => 1,
+            Self::Nodejs => 7,
+        }
+    }
+
     /// The names Dify sends (`python3`, `nodejs`) plus the obvious aliases for the CLI.
     pub fn parse(name: &str) -> Option<Self> {
         match name {

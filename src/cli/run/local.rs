@@ -176,6 +176,7 @@ pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCod
         RunError::NetworkDisabled => usage(
             "--network is refused: enable_network is false in the configuration (ENABLE_NETWORK)",
         ),
+        e @ RunError::TooFewProcesses { .. } => usage(e),
         other => other.into(),
     })?;
     let mut result = Outcome::from(outcome);
