@@ -404,6 +404,17 @@ fn out_refuses_links_and_writes_nothing_outside_its_directory() {
             .is_symlink()
     );
     assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 1);
+    // --json says the same: the refusals in `error`, the command's status in `exit_code`.
+    let again = tempfile::tempdir().unwrap();
+    let o = python_with_out(again.path(), &["--json"], snippet);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["exit_code"], 1, "{v}");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("--out: /tmp/out/passwd: a symbolic link, which is never followed"),
+        "{v}"
+    );
 }
 
 #[test]

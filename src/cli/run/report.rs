@@ -61,12 +61,23 @@ impl Outcome {
     /// Print the result (JSON, or the streams unless they were already streamed, plus the
     /// sandbox's note) and pick the exit code.
     pub fn finish(self, as_json: bool, streamed: bool) -> ExitCode {
+        // A run whose output could not all be handed back did not do its job.
+        let failed_out = self.exit_code == 0 && !self.refused.is_empty();
         if as_json {
+            // `--json` tells the whole story: what `--out` refused is in `error`, and a
+            // run that failed only there has the status the command exits with.
+            let mut error = self.error.clone();
+            for refused in &self.refused {
+                if !error.is_empty() && !error.ends_with('\n') {
+                    error.push('\n');
+                }
+                error.push_str(&format!("--out: {refused}"));
+            }
             let out = JsonResult {
                 stdout: &self.stdout,
                 stderr: &self.stderr,
-                error: &self.error,
-                exit_code: self.exit_code,
+                error: &error,
+                exit_code: if failed_out { 1 } else { self.exit_code },
                 duration_ms: self.duration.as_secs_f64() * 1000.0,
                 limit: self.limit,
                 files: &self.files,
@@ -104,8 +115,7 @@ impl Outcome {
         }
         match self.limit {
             Some(LimitHit::Timeout) => ExitCode::from(EXIT_TIMEOUT),
-            // A run whose output could not all be handed back did not do its job.
-            _ if self.exit_code == 0 && !self.refused.is_empty() => ExitCode::from(1),
+            _ if failed_out => ExitCode::from(1),
             _ => ExitCode::from(u8::try_from(self.exit_code).unwrap_or(1)),
         }
     }
