@@ -906,3 +906,39 @@ fn a_process_limit_node_cannot_start_under_is_refused_at_once() {
         stderr(&o)
     );
 }
+
+/// A limit the snippet caught and went on past is still named: in `--json`'s `limit` and
+/// `error` and on stderr, the run's own status kept (0). The API leaves `error` empty,
+/// since Dify takes a non-empty one for a failed run.
+#[tokio::test]
+async fn a_caught_thread_limit_is_still_named() {
+    let code = "import threading, time\nts = []\ntry:\n    for i in range(100):\n        t = threading.Thread(target=time.sleep, args=(0.5,)); t.start(); ts.append(t)\nexcept RuntimeError as e:\n    print('caught')\nfor t in ts: t.join()";
+    let o = sandbox(
+        &[
+            "run",
+            "--json",
+            "--max-processes",
+            "8",
+            "-l",
+            "python3",
+            "-e",
+            code,
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).expect("json");
+    assert_eq!(v["stdout"], "caught\n", "{v}");
+    assert_eq!(v["limit"], "processes", "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("process limit reached"),
+        "{v}"
+    );
+    let s = Server::start(&[("MAX_PROCESSES", "8")]).await;
+    let data = s.python(code).await;
+    assert_eq!(data["stdout"], "caught\n", "{data}");
+    assert_eq!(data["error"], "", "{data}");
+}

@@ -8,7 +8,9 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::request::rerunnable;
 use super::worker::{Aftermath, RunBounds, Watch, Worker};
-use super::{Engine, PoolKey, RunError, RunFiles, RunOutcome, RunRequest, SetupError, outcome};
+use super::{
+    Engine, LimitHit, PoolKey, RunError, RunFiles, RunOutcome, RunRequest, SetupError, outcome,
+};
 use crate::isolation::snippet;
 use crate::isolation::spec::IsolationLevel;
 use std::sync::atomic::Ordering;
@@ -183,12 +185,14 @@ impl Engine {
             &stderr,
             l,
         );
+        let caught = outcome::caught(exit_code, limit, c.counters, l);
         Ok(RunOutcome {
             stdout: String::from_utf8_lossy(&c.stdout).into_owned(),
             stderr,
             exit_code,
             error,
-            limit,
+            limit: limit.or(caught.as_ref().map(|_| LimitHit::Processes)),
+            caught,
             duration: started.elapsed(),
             uid,
         })

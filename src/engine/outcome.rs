@@ -106,8 +106,27 @@ pub struct RunOutcome {
     pub exit_code: i32,
     pub error: String,
     pub limit: Option<LimitHit>,
+    /// A limit the run hit and went on past (it caught the error): said by `sandbox run`,
+    /// not in `error`, which Dify would take for a failure of a run that succeeded.
+    pub caught: Option<String>,
     pub duration: Duration,
     pub uid: u32,
+}
+
+/// The sentence for a limit a run hit and went on past (see `RunOutcome::caught`): the
+/// cgroup counted it even though the snippet caught the error it gave.
+pub fn caught(
+    exit_code: i32,
+    limit: Option<LimitHit>,
+    counters: Counters,
+    limits: &RunLimits,
+) -> Option<String> {
+    (exit_code == 0 && limit.is_none() && counters.pids_limit_hit).then(|| {
+        format!(
+            "{} (the snippet went on past it)",
+            LimitHit::Processes.note(limits)
+        )
+    })
 }
 
 /// How the interpreter ended, as far as the helper and the server saw it.

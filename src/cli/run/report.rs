@@ -46,7 +46,12 @@ impl From<RunOutcome> for Outcome {
         Self {
             stdout: o.stdout,
             stderr: o.stderr,
-            error: o.error,
+            // A limit the snippet went on past is said too (the API leaves it out of
+            // `error`, for Dify's sake).
+            error: match o.caught {
+                Some(note) if o.error.is_empty() => note,
+                _ => o.error,
+            },
             exit_code: o.exit_code,
             duration: o.duration,
             limit: o.limit,
