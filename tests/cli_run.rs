@@ -942,3 +942,96 @@ async fn a_caught_thread_limit_is_still_named() {
     assert_eq!(data["stdout"], "caught\n", "{data}");
     assert_eq!(data["error"], "", "{data}");
 }
+
+/// The same job through the interpreter itself and through `sandbox run`: the same exit
+/// status and stdout, and stderr the same once the job's directory is named alike.
+#[test]
+fn a_job_ends_as_under_the_interpreter_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir(d.join("pkg")).expect("mkdir");
+    let files: &[(&str, &str)] = &[
+        (
+            "term.py",
+            "import os, signal\nprint('a', flush=True)\nos.kill(os.getpid(), signal.SIGTERM)\nprint('b')\n",
+        ),
+        (
+            "abort.py",
+            "import os\nprint('a', flush=True)\nos.abort()\n",
+        ),
+        ("exit.py", "import sys\nprint('a')\nsys.exit(4)\n"),
+        ("quit.py", "print('a')\nexit(5)\n"),
+        ("raise.py", "def f():\n    raise ValueError('no')\nf()\n"),
+        (
+            "job.mjs",
+            "import fs from 'fs';\nconsole.log(typeof fs.readFileSync, typeof require);\n",
+        ),
+        ("job.cjs", "console.log(typeof require, typeof module);\n"),
+        ("exitcode.js", "console.log('a');\nprocess.exitCode = 6;\n"),
+        (
+            "term.js",
+            "console.log('a');\nprocess.kill(process.pid, 'SIGTERM');\nsetTimeout(() => console.log('b'), 500);\n",
+        ),
+        ("pkg/package.json", "{\"type\": \"module\"}\n"),
+        (
+            "pkg/main.js",
+            "import path from 'path';\nconsole.log(path.basename(import.meta.url));\n",
+        ),
+    ];
+    for (name, text) in files {
+        std::fs::write(d.join(name), text).expect("write");
+    }
+    for name in [
+        "term.py",
+        "abort.py",
+        "exit.py",
+        "quit.py",
+        "raise.py",
+        "job.mjs",
+        "job.cjs",
+        "exitcode.js",
+        "term.js",
+        "pkg/main.js",
+    ] {
+        let path = d.join(name);
+        let program = if name.ends_with(".py") {
+            "/usr/bin/python3"
+        } else {
+            "node"
+        };
+        let host = Command::new(program)
+            .arg(&path)
+            .current_dir(d)
+            .output()
+            .expect("the interpreter");
+        let mut args = vec!["run".to_string()];
+        if name == "pkg/main.js" {
+            args.extend([
+                "--file".into(),
+                d.join("pkg/package.json").display().to_string(),
+            ]);
+        }
+        args.push(path.display().to_string());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env = [("PYTHON_PATH", "/usr/bin/python3")];
+        let ours = sandbox(&args, &env);
+        let normal = |s: String| {
+            s.replace(&format!("{}/pkg/", d.display()), "/job/")
+                .replace(&format!("{}/", d.display()), "/job/")
+        };
+        // As a shell reports it: 128 + the signal that ended the interpreter.
+        let shell_code = |s: std::process::ExitStatus| {
+            use std::os::unix::process::ExitStatusExt;
+            s.code().or(s.signal().map(|n| 128 + n))
+        };
+        assert_eq!(
+            (shell_code(host.status), stdout(&host)),
+            (ours.status.code(), stdout(&ours)),
+            "{name}: {}",
+            stderr(&ours)
+        );
+        if name == "raise.py" {
+            assert_eq!(normal(stderr(&host)), stderr(&ours), "{name}");
+        }
+    }
+}

@@ -13,9 +13,12 @@ const DISCOVER: &str =
     "console.log(JSON.stringify({exec: process.execPath, version: process.version}))";
 
 /// Reads the frame from fd 3 (see `isolation::snippet`), acknowledges it, applies the
-/// snippet's argv and environment, then runs preload and code as scripts in the main
-/// context, in that order. A script with an absolute filename (`/job/app.js`) gets a
-/// `require` that resolves beside it, and `__filename` / `__dirname`.
+/// snippet's argv and environment, then runs preload and code. The code is an ES module
+/// or a script as Node would decide: `.mjs` a module, `.cjs` a script, `.js` by the
+/// nearest `package.json`'s "type" (its inputs under /job); a module is imported from
+/// its file when it has one, else from its text. A script runs in the main context, and
+/// with an absolute filename (`/job/app.js`) gets a `require` that resolves beside it,
+/// and `__filename` / `__dirname`.
 const BOOTSTRAP: &str = r#"'use strict';
 {
   const fs = require('fs');
@@ -62,17 +65,41 @@ const BOOTSTRAP: &str = r#"'use strict';
     const eq = kv.indexOf('=');
     process.env[kv.slice(0, eq)] = kv.slice(eq + 1);
   }
-  if (filename.startsWith('/')) {
-    globalThis.require = require('module').createRequire(filename);
-    globalThis.__filename = filename;
-    globalThis.__dirname = require('path').dirname(filename);
-  }
+  const path = require('path');
+  const isModule = (() => {
+    if (filename.endsWith('.mjs')) return true;
+    if (!filename.endsWith('.js') || !filename.startsWith('/')) return false;
+    for (let dir = path.dirname(filename); ; dir = path.dirname(dir)) {
+      try {
+        return JSON.parse(fs.readFileSync(path.join(dir, 'package.json'), 'utf8')).type === 'module';
+      } catch (e) {
+        if (e.code !== 'ENOENT') return false;
+      }
+      if (dir === '/') return false;
+    }
+  })();
   const preload = d.subarray(i, i + p).toString('utf8');
   const code = d.subarray(i + p).toString('utf8');
-  const scripts = [];
-  if (p > 0) scripts.push(new vm.Script(preload, { filename: 'preload.js' }));
-  scripts.push(new vm.Script(code, { filename }));
-  for (const s of scripts) s.runInThisContext();
+  if (p > 0) new vm.Script(preload, { filename: 'preload.js' }).runInThisContext();
+  if (isModule) {
+    const url = filename.startsWith('/') && fs.existsSync(filename)
+      ? require('url').pathToFileURL(filename).href
+      : 'data:text/javascript;base64,' + Buffer.from(code).toString('base64');
+    // A module sees none of the CommonJS names `node -e` gives this bootstrap.
+    for (const name of ['require', 'module', 'exports', '__filename', '__dirname']) {
+      try { delete globalThis[name]; } catch {}
+    }
+    // An error the module throws goes unhandled, and Node reports it as `node file.mjs`
+    // would.
+    import(url);
+  } else {
+    if (filename.startsWith('/')) {
+      globalThis.require = require('module').createRequire(filename);
+      globalThis.__filename = filename;
+      globalThis.__dirname = path.dirname(filename);
+    }
+    new vm.Script(code, { filename }).runInThisContext();
+  }
 }
 "#;
 

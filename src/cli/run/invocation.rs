@@ -44,14 +44,17 @@ impl Script {
     /// The name the code is compiled under, as the interpreter names its own: a file
     /// by its path in the run (under /job when the run has one), inline code and stdin
     /// by the interpreter's own words.
-    pub fn filename(&self, language: Language, job: bool) -> String {
+    /// Node's inline code that is an ES module (`--input-type module`) is named `.mjs`,
+    /// which is what the bootstrap runs as a module.
+    pub fn filename(&self, language: Language, job: bool, module: bool) -> String {
+        let ext = if module { ".mjs" } else { "" };
         match (self, language) {
             (Self::File(name), _) if job => format!("{}/{name}", crate::isolation::spec::JOB_MOUNT),
             (Self::File(name), _) => name.clone(),
             (Self::Eval, Language::Python3) => "<string>".into(),
             (Self::Stdin, Language::Python3) => "<stdin>".into(),
-            (Self::Eval, Language::Nodejs) => "[eval]".into(),
-            (Self::Stdin, Language::Nodejs) => "[stdin]".into(),
+            (Self::Eval, Language::Nodejs) => format!("[eval]{ext}"),
+            (Self::Stdin, Language::Nodejs) => format!("[stdin]{ext}"),
         }
     }
 }
@@ -104,7 +107,7 @@ pub(super) fn invocation(
     let mut argv = vec![script.argv0().to_string()];
     argv.extend(args.args.iter().cloned());
     Ok(Invocation {
-        filename: script.filename(language, job),
+        filename: script.filename(language, job, args.input_type.as_deref() == Some("module")),
         argv,
         env: environment(args, |name| std::env::var(name).ok())?,
     })
@@ -333,7 +336,7 @@ mod tests {
             (vec!["-e".into(), "x".into()], "[eval]".into())
         );
         assert_eq!(
-            Script::of(&args(&["-"])).filename(Language::Python3, true),
+            Script::of(&args(&["-"])).filename(Language::Python3, true, false),
             "<stdin>"
         );
     }

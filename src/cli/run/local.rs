@@ -130,7 +130,11 @@ pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCod
         }
     }
     let mut how = run.how;
-    how.filename = script.filename(run.language, stage.is_some());
+    how.filename = script.filename(
+        run.language,
+        stage.is_some(),
+        args.input_type.as_deref() == Some("module"),
+    );
     let feed = run
         .stdin
         .map(|source| StdinFeed::new(source, run.max_input_mb << 20));

@@ -26,8 +26,9 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::runtime::Language;
 use input::read_code;
-use invocation::StdinSource;
+use invocation::{Script, StdinSource};
 use local::{LocalRun, run_local};
 use remote::{RemoteRun, run_remote};
 use stage::Input;
@@ -67,6 +68,11 @@ pub struct RunArgs {
     /// Run this code instead of a file.
     #[arg(long, short = 'e', value_name = "CODE")]
     pub eval: Option<String>,
+    /// How Node runs code from --eval or stdin, as node's own option: commonjs (the
+    /// default) or module (an ES module: `import`, top-level `await`). A file is run as
+    /// Node decides: .mjs a module, .cjs CommonJS, .js by the nearest package.json's "type".
+    #[arg(long, value_name = "TYPE", value_parser = ["commonjs", "module"])]
+    pub input_type: Option<String>,
     /// Seconds before the run is killed; fractions allowed (default: worker_timeout).
     #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     pub timeout: Option<f64>,
@@ -188,6 +194,13 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let tmp = bounded("--tmp-size", args.tmp_size, 1, MAX_MEMORY_MB)?;
     let max_input =
         bounded("--max-input", args.max_input, 1, MAX_MEMORY_MB)?.unwrap_or(DEFAULT_MAX_INPUT_MB);
+    if args.input_type.is_some()
+        && (language != Language::Nodejs || matches!(Script::of(args), Script::File(_)))
+    {
+        return Err(usage(
+            "--input-type applies to Node.js code given with --eval or on stdin; a file's extension (.mjs, .cjs) or its package.json decides for a file",
+        ));
+    }
     // Everything the user typed is checked before anything runs.
     let how = invocation::invocation(args, language, true).map_err(usage)?;
     let stdin = StdinSource::of(args);
