@@ -14,9 +14,9 @@ use nix::unistd::{ForkResult, Pid};
 
 use super::sys;
 
-/// fork(2); returns in the child. The parent closes `close` and is the init until the
-/// child ends.
-pub fn fork_init(status: RawFd, close: &[RawFd]) -> Result<(), Errno> {
+/// fork(2); returns in the child. The parent closes every descriptor but `status` and is
+/// the init until the child ends.
+pub fn fork_init(status: RawFd) -> Result<(), Errno> {
     // SAFETY: only a jail's child calls this: the helper's forked child, which is
     // single-threaded (the helper starts no thread).
     #[allow(unsafe_code)]
@@ -24,9 +24,10 @@ pub fn fork_init(status: RawFd, close: &[RawFd]) -> Result<(), Errno> {
     match forked {
         ForkResult::Child => Ok(()),
         ForkResult::Parent { child } => {
-            for &fd in close {
-                sys::raw::close(fd);
+            if status > 0 {
+                let _ = sys::raw::close_range(0, status - 1);
             }
+            let _ = sys::raw::close_range(status + 1, RawFd::MAX);
             init(child, status)
         }
     }

@@ -143,14 +143,15 @@ class RealSys:
     def no_new_privs(self):
         self._check(self.libc.prctl(38, 1, 0, 0, 0))  # PR_SET_NO_NEW_PRIVS
 
-    def fork_init(self, status, close):
+    def fork_init(self, status):
         pid = os.fork()
         if pid == 0:
             return
         # The run's init (isolation/init.rs does the same for a helper's run). It imports
         # nothing here: a root process reading modules from the run's root would run them.
-        for fd in close:
-            self.close(fd)
+        if status > 0:
+            self.close_range(0, status - 1)
+        self.close_range(status + 1, 2147483647)
         every = signal.valid_signals()
         signal.pthread_sigmask(signal.SIG_BLOCK, every)
         while True:
@@ -306,8 +307,7 @@ def _one(op, sys, fds):
         _call("arranging file descriptors", op["path"], sys.chdir, op["path"])
     elif kind == "init":
         status = _fd(fds, "status", "forking the sandboxed process")
-        close = [n for role, n in fds.items() if role != "status"]
-        _call("forking the sandboxed process", "the run's init", sys.fork_init, status, close)
+        _call("forking the sandboxed process", "the run's init", sys.fork_init, status)
         sys.close(status)
         del fds["status"]
     elif kind == "dumpable":

@@ -13,8 +13,6 @@ use crate::isolation::spec::{IsolationLevel, JOB_MOUNT, NetworkSetup, OUT_MOUNT,
 pub const EXEC_FD: i32 = crate::isolation::sys::EXEC_FD;
 /// Where a failed step is written until the run starts: above everything a run keeps.
 pub const ERROR_FD: i32 = 1022;
-/// Where the run's init reports how the run ended: beside the error pipe.
-pub const STATUS_FD: i32 = 1021;
 /// Where descriptors wait while the others are closed: between the two.
 const PARK_FD: i32 = 512;
 /// The snippet's socket in the run.
@@ -66,6 +64,12 @@ pub fn jail(spec: &SandboxSpec, seccomp: &Programs, start: Start, readonly_benea
             run.push(Op::Hostname {
                 name: "sandbox".into(),
             });
+            // The init forks off early, while the process is small (a fork server's
+            // run has touched few pages of its own yet), and stays behind as pid 1, in
+            // the run's namespaces (pivot_root takes it into the run's root too): root,
+            // but holding nothing of the run's (only its status pipe) and out of its reach
+            // (another uid, and the run's filter refuses ptrace). The run's process goes on.
+            run.push(Op::Init);
             let job: Vec<_> = (spec.job_dir.iter())
                 .map(|d| (d.clone(), PathBuf::from(JOB_MOUNT)))
                 .collect();
@@ -90,6 +94,7 @@ pub fn jail(spec: &SandboxSpec, seccomp: &Programs, start: Start, readonly_benea
             run.push(Op::Chroot {
                 dir: spec.root_dir.clone(),
             });
+            run.push(Op::Init);
             // No private tmpfs without mounts: a directory only this run's uid can enter.
             run.push(Op::FreshDir {
                 path: spec.workdir.clone(),
@@ -131,11 +136,6 @@ pub fn jail(spec: &SandboxSpec, seccomp: &Programs, start: Start, readonly_benea
             cloexec: true,
         },
     ];
-    keep.push(Keep {
-        fd: Fd::Status,
-        at: STATUS_FD,
-        cloexec: true,
-    });
     if start == Start::Exec {
         run.push(Op::OpenProgram {
             path: spec.program.clone(),
@@ -176,10 +176,6 @@ pub fn jail(spec: &SandboxSpec, seccomp: &Programs, start: Start, readonly_benea
             }),
     );
 
-    // The init stays behind as pid 1, root but holding nothing of the run's (it closes
-    // every other descriptor) and out of its reach (another uid, and the run's filter
-    // refuses ptrace); the run's process goes on to drop its ids and load its filter.
-    run.push(Op::Init);
     if start == Start::Exec {
         // Mapped while still root: the preferred page needs CAP_SYS_RAWIO.
         run.push(Op::MapExecPage {

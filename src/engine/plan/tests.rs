@@ -2,7 +2,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::steps::{ERROR_FD, EXEC_FD, STATUS_FD};
+use super::steps::{ERROR_FD, EXEC_FD};
 use super::*;
 use crate::isolation::jail::{Fd, Op};
 use crate::isolation::spec::{Profile, RootPlan};
@@ -385,10 +385,16 @@ fn every_jail_takes_its_steps_in_a_safe_order() {
                 assert!(at("setresgid") < at("setresuid"), "{what}");
                 // The init forks off once the descriptors and limits are set, before
                 // the run drops its ids and loads its filter (which refuses processes).
-                assert!(last_position(&n, "setrlimit") < at("fork_init"), "{what}");
-                assert!(at("fork_init") < at("setresgid"), "{what}");
+                // Early, while the process is small, and in the run's namespaces.
+                assert!(at("fork_init") < at("close_range"), "{what}");
+                if level.private_root() {
+                    assert!(at("sethostname") < at("fork_init"), "{what}");
+                    assert!(at("fork_init") < position(&n, "mount"), "{what}");
+                } else {
+                    assert!(at("chroot") < at("fork_init"), "{what}");
+                }
                 let init = &run.calls[at("fork_init")];
-                assert_eq!(init[1], STATUS_FD, "{what}: the init keeps its status pipe");
+                assert_eq!(init[1], 9, "{what}: the init keeps its status pipe");
                 assert!(
                     at("setresuid") < last_position(&n, "set_pdeathsig"),
                     "{what}"
@@ -423,7 +429,7 @@ fn every_jail_takes_its_steps_in_a_safe_order() {
                     .filter(|c| c[0] == "dup_to")
                     .map(|c| c[2].as_i64().unwrap())
                     .collect();
-                let mut expected = vec![0, 1, 2, 3, ERROR_FD as i64, STATUS_FD as i64];
+                let mut expected = vec![0, 1, 2, 3, ERROR_FD as i64];
                 if start == Start::Exec {
                     expected.push(EXEC_FD as i64);
                 }

@@ -74,9 +74,9 @@ pub trait Sys {
     fn setresuid(&mut self, uid: u32) -> Result<(), Errno>;
     fn no_new_privs(&mut self) -> Result<(), Errno>;
     fn set_dumpable(&mut self) -> Result<(), Errno>;
-    /// fork(2); returns in the child only: the parent closes `close`, becomes the init
-    /// (see `Op::Init`) and never returns.
-    fn fork_init(&mut self, status: RawFd, close: &[RawFd]) -> Result<(), Errno>;
+    /// fork(2); returns in the child only: the parent closes every descriptor but
+    /// `status`, becomes the init (see `Op::Init`) and never returns.
+    fn fork_init(&mut self, status: RawFd) -> Result<(), Errno>;
     fn seccomp(&mut self, program: &[u8]) -> Result<(), Errno>;
     fn reset_sigpipe(&mut self) -> Result<(), Errno>;
     /// execveat(2); returns only on failure.
@@ -272,11 +272,7 @@ fn one(op: &Op, sys: &mut dyn Sys, fds: &mut Descriptors) -> Result<(), StepErro
         Op::NoNewPrivs => sys.no_new_privs().map_err(at(Step::NoNewPrivs, "prctl")),
         Op::Init => {
             let status = fds.get(Fd::Status, Step::Fork)?;
-            let close: Vec<RawFd> = (fds.0.iter())
-                .filter(|(fd, _)| **fd != Fd::Status)
-                .map(|(_, n)| *n)
-                .collect();
-            sys.fork_init(status, &close)
+            sys.fork_init(status)
                 .map_err(at(Step::Fork, "the run's init"))?;
             sys.close(status);
             fds.0.remove(&Fd::Status);

@@ -224,8 +224,8 @@ impl Sys for RealSys {
         nix::sys::prctl::set_dumpable(true)
     }
 
-    fn fork_init(&mut self, status: RawFd, close: &[RawFd]) -> Result<(), Errno> {
-        crate::isolation::init::fork_init(status, close)
+    fn fork_init(&mut self, status: RawFd) -> Result<(), Errno> {
+        crate::isolation::init::fork_init(status)
     }
 
     fn seccomp(&mut self, program: &[u8]) -> Result<(), Errno> {

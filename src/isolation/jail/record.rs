@@ -210,8 +210,8 @@ impl Sys for Recorder {
         self.call(json!(["set_dumpable"]));
         Ok(())
     }
-    fn fork_init(&mut self, status: RawFd, close: &[RawFd]) -> Result<(), Errno> {
-        self.call(json!(["fork_init", status, close]));
+    fn fork_init(&mut self, status: RawFd) -> Result<(), Errno> {
+        self.call(json!(["fork_init", status]));
         Ok(())
     }
     fn seccomp(&mut self, program: &[u8]) -> Result<(), Errno> {
@@ -284,7 +284,7 @@ class Recorder:
     def setresuid(self, u): self._c("setresuid", u)
     def no_new_privs(self): self._c("no_new_privs")
     def set_dumpable(self): self._c("set_dumpable")
-    def fork_init(self, status, close): self._c("fork_init", status, list(close))
+    def fork_init(self, status): self._c("fork_init", status)
     def seccomp(self, prog): self._c("seccomp", prog.hex())
     def start(self, env, error): self._c("start", env, error)
 
