@@ -301,3 +301,40 @@ fn the_doctor_installs_no_network_table() {
     assert!(ours.is_empty(), "the doctor installed: {ours:?}");
     assert_eq!(forward(), forward_before, "ip_forward changed");
 }
+
+/// An interpreter that runs on the host but cannot start in the jail (here: executable by
+/// root only) passes the interpreter check and fails the jailed run, naming the cause.
+#[test]
+fn an_interpreter_that_cannot_start_in_the_jail_fails_the_doctor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let python = dir.path().join("python3");
+    std::fs::copy("/usr/bin/python3", &python).expect("copy python3");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let path = python.display().to_string();
+    let (code, v) = doctor_json(&[("PYTHON_PATH", path.as_str())], &[]);
+    assert_eq!(code, 1, "{v}");
+    let checks = v["checks"].as_array().expect("checks");
+    let by_name = |name: &str| {
+        checks
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} check: {v}"))
+    };
+    assert_eq!(by_name("python")["status"], "ok", "{v}");
+    let jailed = by_name("jailed python3 run");
+    assert_eq!(jailed["status"], "failed", "{v}");
+    let detail = jailed["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("does not start in the jail") && detail.contains("Permission denied"),
+        "{detail}"
+    );
+    assert!(
+        jailed["fix"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("PYTHON_PATH"),
+        "{v}"
+    );
+    assert_eq!(by_name("jailed nodejs run")["status"], "ok", "{v}");
+}

@@ -11,6 +11,7 @@ mod interpreters;
 mod network;
 mod packages;
 mod render;
+mod runs;
 mod services;
 
 use std::path::Path;
@@ -29,6 +30,7 @@ use host::{
 use interpreters::interpreter_checks;
 use network::network_checks;
 use packages::PackageManager;
+use runs::jailed_run_checks;
 use services::{docker_check, port_check};
 
 pub(crate) use render::render;
@@ -118,6 +120,10 @@ pub(crate) fn run_checks(config_path: Option<&Path>) -> Report {
     );
     let (network_checks, network) = network_checks(&config, decided.as_ref().ok(), pm);
     checks.extend(network_checks);
+    // Only where the host can jail at all: otherwise the checks above say why not.
+    if decided.is_ok() {
+        checks.extend(jailed_run_checks(&config));
+    }
     checks.push(port_check(config.port));
     checks.extend(build_checks(pm));
     checks.push(docker_check(pm));
