@@ -823,7 +823,13 @@ print(name, refusals(0.3))
         n = RUN_QUERIES + 1
     );
     let out = networked(&s, &code).await;
-    assert_eq!(out, format!("{KNOWN} 1\n"));
+    // One refused; two when the resolver's own lookup (its A and AAAA pair) still held a
+    // query as the burst began. Had the host process's queries counted against the run,
+    // the whole burst would be.
+    let (name, refused) = out.trim().split_once(' ').expect("name and refusals");
+    assert_eq!(name, KNOWN, "{out}");
+    let refused: u32 = refused.parse().expect("a count");
+    assert!((1..=2).contains(&refused), "{out}");
 }
 
 /// A DNS query for `name`, type A, RD set.
