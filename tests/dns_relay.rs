@@ -827,7 +827,7 @@ print(name, refusals(0.3))
     // query as the burst began. Had the host process's queries counted against the run,
     // the whole burst would be.
     let (name, refused) = out.trim().split_once(' ').expect("name and refusals");
-    assert_eq!(name, KNOWN, "{out}");
+    assert_eq!(name, KNOWN.to_string(), "{out}");
     let refused: u32 = refused.parse().expect("a count");
     assert!((1..=2).contains(&refused), "{out}");
 }
