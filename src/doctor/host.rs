@@ -8,12 +8,6 @@ use super::packages::{Need, PackageManager};
 use super::{Check, Status, check, ok};
 
 /// Effective capabilities, from /proc/self/status.
-pub(super) fn effective_caps() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-    u64::from_str_radix(hex.trim(), 16).ok()
-}
-
 pub(super) fn privileges_check(
     root: bool,
     caps: u64,
@@ -78,8 +72,7 @@ pub(super) fn privileges_check(
 
 /// Where the interpreter's one exec pointer can live (see `isolation::seccomp::programs::exec_page`).
 pub(super) fn exec_lock_check(root: bool, caps: u64, min: Option<u64>) -> Check {
-    const CAP_SYS_RAWIO: u32 = 17;
-    let rawio = caps & (1u64 << CAP_SYS_RAWIO) != 0;
+    let rawio = caps & (1u64 << detect::CAP_SYS_RAWIO) != 0;
     match min {
         Some(m) if m >= 4096 && root && rawio => ok(
             "exec lock",

@@ -24,8 +24,7 @@ use api_key::api_key_check;
 use build::build_checks;
 use config::config_check;
 use host::{
-    effective_caps, exec_lock_check, isolation_checks, libseccomp_check, privileges_check,
-    state_dir_check,
+    exec_lock_check, isolation_checks, libseccomp_check, privileges_check, state_dir_check,
 };
 use interpreters::interpreter_checks;
 use network::network_checks;
@@ -97,7 +96,7 @@ pub(crate) fn run_checks(config_path: Option<&Path>) -> Report {
     let state = state_dir_check(&config);
     let probe = detect::probe(&crate::state::StateDir::new(&config.state_dir).mount_point());
     let host_report = &probe.report;
-    let caps = effective_caps().unwrap_or(0);
+    let caps = detect::effective_caps().unwrap_or(0);
     checks.push(privileges_check(
         host_report.root,
         caps,

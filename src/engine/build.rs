@@ -137,7 +137,7 @@ impl Engine {
         if let Some(cg) = &host.cgroup {
             cg.remove_stale(RUN_PREFIX);
         }
-        let fork_server = fork_server(&config, &host, &runtimes, &state).await;
+        let fork_server = fork_server(&config, &host, &runtimes, &state, readonly_beneath).await;
         Ok(Self {
             seccomp,
             readonly_beneath,
@@ -225,6 +225,7 @@ async fn fork_server(
     host: &crate::isolation::detect::Host,
     runtimes: &HashMap<Language, Result<Runtime, Unavailable>>,
     state: &crate::state::StateDir,
+    readonly_beneath: bool,
 ) -> Option<Arc<ForkServer>> {
     if !config.python_fork_server || host.level != IsolationLevel::Namespaces {
         return None;
@@ -237,6 +238,7 @@ async fn fork_server(
         state.mount_point(),
         host.cgroup.as_ref(),
         &config.python_preload_modules,
+        readonly_beneath,
     ) {
         Ok(r) => r,
         Err(e) => {

@@ -41,7 +41,6 @@ pub struct Recipe {
     pub spec: ZygoteSpec,
     /// The first message on its control socket (see `Config`).
     config: Vec<u8>,
-    sys_path: Vec<String>,
 }
 
 /// The fork server's configuration message.
@@ -63,7 +62,6 @@ struct Answer {
 #[derive(Serialize)]
 struct Request<'a> {
     jail: &'a Jail,
-    sys_path: &'a [String],
 }
 
 impl Recipe {
@@ -72,6 +70,7 @@ impl Recipe {
         mount_point: PathBuf,
         cgroup: Option<&CgroupDriver>,
         preload: &[String],
+        readonly_beneath: bool,
     ) -> Result<Self, serde_json::Error> {
         let config = serde_json::to_vec(&Config {
             sys_path: &runtime.search_path,
@@ -98,7 +97,7 @@ impl Recipe {
                 root_files: Vec::new(),
                 cgroup_dirs: cgroup_bases,
                 run_root_dir: mount_point,
-                readonly_beneath: crate::isolation::sys::raw::has_mount_setattr(),
+                readonly_beneath,
                 program,
                 argv,
                 // A forked run's /proc/self/environ is this one: the start of every
@@ -106,7 +105,6 @@ impl Recipe {
                 env: super::plan::base_env(std::path::Path::new("/tmp"), runtime),
             },
             config,
-            sys_path: runtime.search_path.clone(),
         })
     }
 }
@@ -271,11 +269,7 @@ impl ForkServer {
             // A jail that ends in an exec is a helper's: its filter admits that exec.
             return Err(SetupError::NotPlannedForFork.into());
         }
-        serde_json::to_vec(&Request {
-            jail: &spec.jail,
-            sys_path: &self.recipe.sys_path,
-        })
-        .map_err(|e| SetupError::Encode(e).into())
+        serde_json::to_vec(&Request { jail: &spec.jail }).map_err(|e| SetupError::Encode(e).into())
     }
 
     /// One request and its answer (the keeper's pid), on the blocking control socket.

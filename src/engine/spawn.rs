@@ -10,7 +10,7 @@ use super::worker::Worker;
 use super::{Engine, PoolKey, RUN_PREFIX, RunError, RunFiles, SetupError};
 use crate::isolation::rootfs;
 use crate::isolation::seccomp::Start;
-use crate::isolation::spec::{IsolationLevel, NetworkSetup, SandboxSpec};
+use crate::isolation::spec::{IsolationLevel, NetworkSetup};
 use crate::runtime::Language;
 
 impl Engine {
@@ -50,13 +50,11 @@ impl Engine {
         let (resolv_conf, proxy) = self
             .network
             .for_run(resources.gateway(), &self.config.proxy);
-        let forkable = allow_fork
-            && files.is_empty()
-            && key.language == Language::Python3
-            && self.fork_server.as_ref().is_some_and(|fs| fs.up());
+        let forkable = allow_fork && files.is_empty() && key.language == Language::Python3;
         let cgroup_procs = (resources.cgroup())
             .map(|c| c.procs_files())
             .unwrap_or_default();
+        let uid = resources.uid();
         // Planned for the fork server or a helper: the two jails differ in how the run
         // starts (an exec, or the snippet in place).
         let plan_for = |start| {
@@ -67,7 +65,7 @@ impl Engine {
                 limits: &self.limits,
                 network,
                 resolv_conf: resolv_conf.clone(),
-                uid: resources.uid(),
+                uid,
                 cgroup_procs: cgroup_procs.clone(),
                 proxy: &proxy,
                 seccomp: &self.seccomp,
@@ -76,43 +74,24 @@ impl Engine {
                 files,
             })
         };
-        let forked = if forkable {
-            Some(plan_for(Start::Fork))
-        } else {
-            None
-        };
+        if let Some(fs) = self.fork_server.as_ref().filter(|fs| forkable && fs.up()) {
+            // The fork server gets the namespace and keeps nothing of it; the resources
+            // keep their own copy in case the fork fails.
+            let shared = match resources.netns() {
+                Some(fd) => Some(fd.try_clone_to_owned().map_err(RunError::Spawn)?),
+                None => None,
+            };
+            match fs.fork(&plan_for(Start::Fork), shared).await {
+                Ok((keeper, pipes)) => return Ok(Worker::forked(keeper, pipes, resources)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the Python fork server failed a run's start; using a fresh interpreter")
+                }
+            }
+        }
         let spec = plan_for(Start::Exec);
         if spec.level == IsolationLevel::Chroot {
             // The helper makes it; it goes with the run's other resources.
             resources.set_private_dir(rootfs::inside(&spec.root_dir, &spec.workdir));
-        }
-        self.start(spec, forked, resources).await
-    }
-
-    /// Fork the run from the fork server when it may and the server is up, else start a
-    /// helper for it.
-    async fn start(
-        &self,
-        spec: SandboxSpec,
-        forked: Option<SandboxSpec>,
-        resources: RunResources,
-    ) -> Result<Worker, RunError> {
-        match (&self.fork_server, forked) {
-            (Some(fs), Some(forked)) if fs.up() => {
-                // The fork server gets the namespace and keeps nothing of it; the
-                // resources keep their own copy in case the fork fails.
-                let shared = match resources.netns() {
-                    Some(fd) => Some(fd.try_clone_to_owned().map_err(RunError::Spawn)?),
-                    None => None,
-                };
-                match fs.fork(&forked, shared).await {
-                    Ok((keeper, pipes)) => return Ok(Worker::forked(keeper, pipes, resources)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the Python fork server failed a run's start; using a fresh interpreter")
-                    }
-                }
-            }
-            _ => {}
         }
         Worker::spawn(&spec, resources)
     }

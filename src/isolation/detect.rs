@@ -10,6 +10,16 @@ use super::spec::IsolationLevel;
 use nix::mount::{MsFlags, mount};
 use nix::sched::{CloneFlags, unshare};
 
+/// The capability mapping below vm.mmap_min_addr takes (see `seccomp::programs::exec_page`).
+pub const CAP_SYS_RAWIO: u32 = 17;
+
+/// This process's effective capabilities, as /proc/self/status shows them.
+pub fn effective_caps() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
 /// What the host refused when a probe tried it.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Refused {

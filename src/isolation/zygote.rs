@@ -87,7 +87,6 @@ fn launch() -> Result<Never, StepError> {
     fds.0.insert(Fd::Stderr, 2);
     fds.0.insert(Fd::Code, OwnedFd::from(socket).into_raw_fd());
     execute(&steps(&spec), &mut RealSys, &mut fds)?;
-    sys::reset_sigpipe().map_err(|e| StepError::new(Step::Descriptors, "SIGPIPE", e.desc()))?;
     let errno = match nix::unistd::execve(&program, &argv, &env) {
         Ok(never) => match never {},
         Err(e) => e,

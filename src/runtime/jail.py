@@ -6,6 +6,15 @@
 import ctypes, fcntl, os, resource, shutil, signal, stat
 
 
+# pivot_root(2)'s number: the one call here libc has no wrapper for.
+_SYS_PIVOT_ROOT = 155 if os.uname().machine == "x86_64" else 41
+
+
+class _SockFprog(ctypes.Structure):
+    """struct sock_fprog: a seccomp program's length in instructions and its address."""
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
 class SetupError(Exception):
     """A step that failed: "<step> failed on <what>: <cause>", as the helper words it."""
 
@@ -104,8 +113,7 @@ class RealSys:
         os.chdir(path)
 
     def pivot_root_here(self):
-        self._check(self.libc.syscall(155 if os.uname().machine == "x86_64" else 41,
-                                      b".", b"."))
+        self._check(self.libc.syscall(_SYS_PIVOT_ROOT, b".", b"."))
 
     def chroot(self, path):
         os.chroot(path)
@@ -185,10 +193,8 @@ class RealSys:
         self._check(self.libc.prctl(4, 1, 0, 0, 0))  # PR_SET_DUMPABLE
 
     def seccomp(self, program):
-        class SockFprog(ctypes.Structure):
-            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
         buf = ctypes.create_string_buffer(program, len(program))
-        fprog = SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+        fprog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
         # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
         self._check(self.libc.prctl(22, 2, ctypes.addressof(fprog), 0, 0))
 

@@ -138,7 +138,17 @@ def tell(report, message):
         pass
 
 
-def keeper(req, fds):
+def read_all(fd):
+    """Everything written to the pipe `fd` until its writers are gone."""
+    data = b""
+    while True:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def keeper(req, fds, real, sys_path):
     """The run's keeper: the owner's steps of the jail, then the run, then its report."""
     report = fds[3]
     jail = req["jail"]
@@ -146,7 +156,7 @@ def keeper(req, fds):
         # No parent-death signal: a run outlives a fork server that is replaced while it
         # runs (its keeper reports to the server directly).
         os.setsid()
-        execute(jail["owner"], RealSys(), {})
+        execute(jail["owner"], real, {})
         read_err, write_err = os.pipe2(os.O_CLOEXEC)
         # The run's init says here how the run's own process ended.
         read_status, write_status = os.pipe2(os.O_CLOEXEC)
@@ -163,31 +173,20 @@ def keeper(req, fds):
         if len(fds) > 5:
             roles["netns"] = fds[5]
         try:
-            execute(jail["run"], RealSys(), roles)
+            execute(jail["run"], real, roles)
         except BaseException as e:
             try:
                 os.write(roles.get("error", write_err), (str(e) or type(e).__name__).encode())
             finally:
                 os._exit(126)
-        run_snippet(req["sys_path"])
+        run_snippet(sys_path)
     os.close(write_err)
     os.close(write_status)
     for fd in fds[:3] + fds[4:]:
         os.close(fd)
     _, status = os.waitpid(pid, 0)
-    failure = b""
-    while True:
-        chunk = os.read(read_err, 4096)
-        if not chunk:
-            break
-        failure += chunk
-    said = b""
-    while True:
-        chunk = os.read(read_status, 64)
-        if not chunk:
-            break
-        said += chunk
-    kind, _, n = said.decode(errors="replace").partition(" ")
+    failure = read_all(read_err)
+    kind, _, n = read_all(read_status).decode(errors="replace").partition(" ")
     if failure:
         out = {"setup_failed": {"message": failure.decode(errors="replace")}}
     elif kind in ("exited", "signaled") and n.isdigit():
@@ -218,7 +217,9 @@ def main():
     if not single_threaded():
         send_message(control, {"refused": "a preloaded module started a thread"})
         return
-    # Everything imported so far is moved out of the collector's reach: a collection in a
+    # The system calls of every run's jail, set up once.
+    real = RealSys()
+    # Everything made so far is moved out of the collector's reach: a collection in a
     # child would otherwise write to every object's header and copy every page of the
     # heap the child shares with this process.
     gc.collect()
@@ -242,7 +243,7 @@ def main():
         pid = os.fork()
         if pid == 0:
             control.close()
-            keeper(req, fds)
+            keeper(req, fds, real, config["sys_path"])
         for fd in fds:
             os.close(fd)
         send_message(control, {"pid": pid})

@@ -103,13 +103,8 @@ pub fn exec_page_for(level: IsolationLevel, mmap_min_addr: Option<u64>) -> u64 {
 /// Whether this process (and so the helpers it starts, before they drop their uid) holds
 /// CAP_SYS_RAWIO, which mapping below vm.mmap_min_addr takes.
 fn has_cap_sys_rawio() -> bool {
-    const CAP_SYS_RAWIO: u32 = 17;
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << CAP_SYS_RAWIO) != 0)
+    use crate::isolation::detect::{CAP_SYS_RAWIO, effective_caps};
+    effective_caps().is_some_and(|caps| caps & (1 << CAP_SYS_RAWIO) != 0)
 }
 
 #[cfg(test)]
