@@ -43,6 +43,10 @@ pub struct Metrics {
     pub warm: Family<PoolLabels, Gauge>,
     pub background: Gauge,
     pub kept_namespaces: Gauge,
+    /// Per language: installs gone live since start, packages live, last install's result.
+    pub packages_generation: Family<LanguageLabel, Gauge>,
+    pub packages_installed: Family<LanguageLabel, Gauge>,
+    pub packages_last_install_ok: Family<LanguageLabel, Gauge>,
 }
 
 impl Metrics {
@@ -104,6 +108,24 @@ impl Metrics {
             "Network namespaces their runs left untouched, kept for the next networked run",
             kept_namespaces.clone(),
         );
+        let packages_generation = Family::<LanguageLabel, Gauge>::default();
+        registry.register(
+            "packages_generation",
+            "Package installs gone live since the server started, per language",
+            packages_generation.clone(),
+        );
+        let packages_installed = Family::<LanguageLabel, Gauge>::default();
+        registry.register(
+            "packages_installed",
+            "Extra packages in the live generation, per language",
+            packages_installed.clone(),
+        );
+        let packages_last_install_ok = Family::<LanguageLabel, Gauge>::default();
+        registry.register(
+            "packages_last_install_ok",
+            "Whether the last package install went live (1) or failed and the previous set stayed (0); absent before the first install",
+            packages_last_install_ok.clone(),
+        );
         Self {
             registry,
             runs,
@@ -113,6 +135,9 @@ impl Metrics {
             warm,
             background,
             kept_namespaces,
+            packages_generation,
+            packages_installed,
+            packages_last_install_ok,
         }
     }
 

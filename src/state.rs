@@ -7,6 +7,7 @@
 //!                         inside its own mount namespace
 //!   root-<language>/      the copied root runs chroot into (chroot level only)
 //!   python-packages/      extra Python packages, one generation per install
+//!   nodejs-packages/      extra Node.js packages, likewise
 //!   uids/                 uid leases, without root only (see `uid_leases`)
 //!   runs/<id>/job/        `sandbox run`: the script and its input files, bound
 //!                         read-only at /job
@@ -53,9 +54,12 @@ impl StateDir {
         }
     }
 
-    /// Extra Python packages (see `deps`).
-    pub fn python_packages(&self) -> PathBuf {
-        self.0.join("python-packages")
+    /// A language's extra packages (see `deps`).
+    pub fn packages(&self, language: Language) -> PathBuf {
+        match language {
+            Language::Python3 => self.0.join("python-packages"),
+            Language::Nodejs => self.0.join("nodejs-packages"),
+        }
     }
 
     /// Per-run directories of `sandbox run` (see `cli::run::stage`).
@@ -79,7 +83,7 @@ mod tests {
             Path::new("/var/lib/sandbox/root-python3")
         );
         assert_eq!(
-            s.python_packages(),
+            s.packages(Language::Python3),
             Path::new("/var/lib/sandbox/python-packages")
         );
         assert_eq!(s.uid_leases(true), Path::new("/run/sandbox/uids"));

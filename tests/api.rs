@@ -402,9 +402,11 @@ async fn dependencies_endpoints_list_update_and_refresh() {
         env!("CARGO_MANIFEST_DIR"),
         "/dependencies/python-requirements.txt"
     );
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/dependencies/package.json");
     let state = tempfile::tempdir().unwrap();
     let s = Server::start(&[
         ("DEPENDENCIES_PATH", reqs),
+        ("NODEJS_DEPENDENCIES_PATH", manifest),
         ("SANDBOX_STATE_DIR", state.path().to_str().unwrap()),
     ])
     .await;
@@ -424,6 +426,8 @@ async fn dependencies_endpoints_list_update_and_refresh() {
     for path in [
         "/v1/sandbox/dependencies?language=python3",
         "/v1/sandbox/dependencies/refresh?language=python3",
+        "/v1/sandbox/dependencies?language=nodejs",
+        "/v1/sandbox/dependencies/refresh?language=nodejs",
     ] {
         let (status, env) = get(path).await;
         assert_eq!(status, 200);
@@ -433,7 +437,7 @@ async fn dependencies_endpoints_list_update_and_refresh() {
             "{path}"
         );
     }
-    let (status, env) = get("/v1/sandbox/dependencies?language=nodejs").await;
+    let (status, env) = get("/v1/sandbox/dependencies?language=ruby").await;
     assert_eq!(
         (status, env["message"].as_str()),
         (400, Some("unsupported language"))

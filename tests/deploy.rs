@@ -448,14 +448,21 @@ fn deployments_agree_with_service_hpa_pdb_and_config() {
                 .get("emptyDir")
                 .is_some()
         );
-        let deps = str_at(&config, &["dependencies_path"]);
-        let deps_key = deps
-            .strip_prefix("/etc/sandbox/")
-            .expect("dependencies_path under the ConfigMap mount");
-        assert!(
-            at(&cm, &["data"]).get(deps_key).is_some(),
-            "ConfigMap lacks {deps_key}"
-        );
+        for key in ["dependencies_path", "nodejs_dependencies_path"] {
+            let deps = str_at(&config, &[key]);
+            let deps_key = deps
+                .strip_prefix("/etc/sandbox/")
+                .unwrap_or_else(|| panic!("{key} under the ConfigMap mount"));
+            let data = at(&cm, &["data"])
+                .get(deps_key)
+                .unwrap_or_else(|| panic!("ConfigMap lacks {deps_key}"));
+            if key == "nodejs_dependencies_path" {
+                let manifest: serde_json::Value =
+                    serde_json::from_str(data.as_str().expect("text"))
+                        .expect("package.json is JSON");
+                assert!(manifest["dependencies"].is_object(), "{manifest}");
+            }
+        }
         let key_ref = at(&env["API_KEY"], &["valueFrom", "secretKeyRef"]);
         assert_eq!(
             str_at(key_ref, &["name"]),
@@ -635,6 +642,7 @@ fn compose_replaces_difys_sandbox_service() {
             "HTTPS_PROXY",
             "SANDBOX_PORT",
             "PIP_MIRROR_URL",
+            "NPM_MIRROR_URL",
         ] {
             assert!(env.get(var).is_some(), "{name}: {var} missing");
         }
@@ -642,6 +650,10 @@ fn compose_replaces_difys_sandbox_service() {
         assert_eq!(
             str_at(env, &["DEPENDENCIES_PATH"]),
             "/dependencies/python-requirements.txt"
+        );
+        assert_eq!(
+            str_at(env, &["NODEJS_DEPENDENCIES_PATH"]),
+            "/dependencies/package.json"
         );
         let volumes = strings(at(s, &["volumes"]));
         assert!(

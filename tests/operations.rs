@@ -18,22 +18,6 @@ async fn get(s: &Server, path: &str, key: Option<&str>) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
-async fn listed(s: &Server) -> Vec<(String, String)> {
-    let (_, body) = get(s, "/v1/sandbox/dependencies?language=python3", Some(KEY)).await;
-    let v: Value = serde_json::from_str(&body).unwrap();
-    v["data"]["dependencies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            (
-                d["name"].as_str().unwrap().to_lowercase(),
-                d["version"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn requirements_are_installed_imported_listed_and_switched_atomically() {
     let dir = tempfile::tempdir().unwrap();
@@ -47,11 +31,15 @@ async fn requirements_are_installed_imported_listed_and_switched_atomically() {
     .await;
     // Installed at start, in the background.
     let deadline = Instant::now() + Duration::from_secs(180);
-    while !listed(&s).await.contains(&("six".into(), "1.16.0".into())) {
+    while !s
+        .listed("python3")
+        .await
+        .contains(&("six".into(), "1.16.0".into()))
+    {
         assert!(
             Instant::now() < deadline,
             "six was not installed: {:?}",
-            listed(&s).await
+            s.listed("python3").await
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

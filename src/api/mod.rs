@@ -16,7 +16,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tracing::Instrument;
 
-use crate::deps::Dependencies;
 use crate::engine::{Engine, LimitHit, RunError, RunOutcome, RunRequest};
 use crate::metrics::{LanguageLabel, Metrics, PoolLabels};
 use crate::runtime::Language;
@@ -295,57 +294,85 @@ async fn run_admitted(
     }
 }
 
-fn dependencies(state: &AppState) -> Result<&Arc<Dependencies>, ApiError> {
-    state.engine.deps.as_ref().ok_or_else(|| {
-        ApiError::internal("python3 is not available on this server, so it has no dependencies")
+fn package_set(
+    state: &AppState,
+    language: Language,
+) -> Result<&Arc<crate::deps::PackageSet>, ApiError> {
+    state.engine.package_set(language).ok_or_else(|| {
+        ApiError::internal(format!(
+            "{language} is not available on this server, so it has no dependencies"
+        ))
     })
 }
 
-fn require_python(params: &[(String, String)]) -> Result<(), ApiError> {
+/// The `language` parameter of the dependency endpoints: python3 or nodejs.
+fn dependency_language(params: &[(String, String)]) -> Result<Option<Language>, ApiError> {
     match params
         .iter()
         .find(|(k, _)| k == "language")
         .map(|(_, v)| v.as_str())
     {
-        Some("python3") => Ok(()),
+        Some("python3") => Ok(Some(Language::Python3)),
+        Some("nodejs") => Ok(Some(Language::Nodejs)),
         Some(_) => Err(ApiError::unsupported_language()),
-        None => Err(ApiError::bad_request(
-            "missing field `language`: give language=python3",
-        )),
+        None => Ok(None),
     }
+}
+
+fn required_language(params: &[(String, String)]) -> Result<Language, ApiError> {
+    dependency_language(params)?.ok_or_else(|| {
+        ApiError::bad_request("missing field `language`: give language=python3 or language=nodejs")
+    })
 }
 
 async fn list_dependencies(
     State(state): State<Arc<AppState>>,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
-    require_python(&params)?;
-    let deps = dependencies(&state)?;
+    let set = package_set(&state, required_language(&params)?)?;
     Ok(success(DependencyList {
-        dependencies: deps.list(),
+        dependencies: set.list(),
     }))
 }
 
-/// Re-install the requirements (a new generation beside the old one) and list them.
+/// Re-install a language's dependency file (a new generation beside the old one) and
+/// list its packages.
 async fn refresh_dependencies(
     State(state): State<Arc<AppState>>,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
-    require_python(&params)?;
-    let deps = dependencies(&state)?;
-    deps.install(true)
+    let language = required_language(&params)?;
+    let set = package_set(&state, language)?;
+    state
+        .engine
+        .install_packages(language, true)
         .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+        .map_err(ApiError::internal)?;
     Ok(success(DependencyList {
-        dependencies: deps.list(),
+        dependencies: set.list(),
     }))
 }
 
-async fn update_dependencies(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let deps = dependencies(&state)?;
-    deps.install(true)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+/// Re-install the dependency files: the one `language` names, else every language's.
+async fn update_dependencies(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Result<Response, ApiError> {
+    let languages = match dependency_language(&params)? {
+        Some(language) => vec![language],
+        None => Language::ALL
+            .into_iter()
+            .filter(|l| state.engine.package_set(*l).is_some())
+            .collect(),
+    };
+    for language in languages {
+        package_set(&state, language)?;
+        state
+            .engine
+            .install_packages(language, true)
+            .await
+            .map_err(ApiError::internal)?;
+    }
     Ok(success(Nothing {}))
 }
 
@@ -357,6 +384,26 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     m.queued.set(state.engine.queued());
     m.background.set(state.engine.background_tasks() as i64);
     m.kept_namespaces.set(state.engine.network.kept() as i64);
+    for language in Language::ALL {
+        let Some(set) = state.engine.package_set(language) else {
+            continue;
+        };
+        let s = set.status();
+        let label = LanguageLabel {
+            language: language.as_str().into(),
+        };
+        m.packages_generation
+            .get_or_create(&label)
+            .set(s.generation as i64);
+        m.packages_installed
+            .get_or_create(&label)
+            .set(s.packages as i64);
+        if let Some(ok) = s.last_ok {
+            m.packages_last_install_ok
+                .get_or_create(&label)
+                .set(i64::from(ok));
+        }
+    }
     for (key, ready) in state.engine.warm_ready() {
         m.warm
             .get_or_create(&PoolLabels {

@@ -95,10 +95,7 @@ async fn serve(engine: Arc<Engine>, nofile: u64) -> anyhow::Result<()> {
         );
     }
     engine.start_warm_pool();
-    if let Some(deps) = &engine.deps {
-        deps.clone()
-            .spawn_updater(config.python_deps_update_interval);
-    }
+    engine.spawn_package_updates(config.python_deps_update_interval);
     let state = api::AppState::new(engine.clone());
     api::server::serve(listener, api::router(state), limits, shutdown_signal()).await;
     engine.close().await;

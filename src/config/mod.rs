@@ -88,6 +88,8 @@ pub struct Config {
     /// Syscall numbers added to the built-in allow-list (given by name or number).
     pub extra_syscalls: Vec<i64>,
     pub python_pip_mirror_url: String,
+    /// npm's registry for Node packages; empty: npm's default.
+    pub nodejs_npm_mirror_url: String,
     pub python_deps_update_interval: Duration,
     pub proxy: Proxy,
     /// Empty: the platform's default list of system files.
@@ -99,6 +101,8 @@ pub struct Config {
     pub tmp_size_mb: u64,
     pub state_dir: PathBuf,
     pub dependencies_path: PathBuf,
+    /// Node's dependency file, a `package.json`.
+    pub nodejs_dependencies_path: PathBuf,
     /// Interpreters kept started and jailed per language and network setting; 0 = none.
     pub warm_workers: usize,
     /// Python runs are forked from a fork server that has imported these modules
@@ -249,6 +253,10 @@ impl Config {
                 .string("PIP_MIRROR_URL")
                 .or(raw.python_pip_mirror_url)
                 .unwrap_or_default(),
+            nodejs_npm_mirror_url: e
+                .string("NPM_MIRROR_URL")
+                .or(raw.nodejs_npm_mirror_url)
+                .unwrap_or_default(),
             python_deps_update_interval,
             proxy: Proxy {
                 socks5: e
@@ -292,6 +300,11 @@ impl Config {
                 e.string("DEPENDENCIES_PATH")
                     .or(raw.dependencies_path)
                     .unwrap_or_else(|| "dependencies/python-requirements.txt".into()),
+            ),
+            nodejs_dependencies_path: PathBuf::from(
+                e.string("NODEJS_DEPENDENCIES_PATH")
+                    .or(raw.nodejs_dependencies_path)
+                    .unwrap_or_else(|| "dependencies/package.json".into()),
             ),
             warm_workers: e.parse("WARM_WORKERS")?.or(raw.warm_workers).unwrap_or(2),
             python_fork_server: e

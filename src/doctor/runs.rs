@@ -1,6 +1,7 @@
 //! One real run per language, jailed as `serve` jails it (`Engine::probe`).
 
 use crate::config::Config;
+use crate::deps::PackageSet;
 use crate::engine::{Engine, ProbeError};
 use crate::runtime::Language;
 
@@ -55,6 +56,41 @@ pub(super) fn jailed_run_checks(config: &Config) -> Vec<Check> {
             ),
         });
     }
+    for language in Language::ALL {
+        if let Some(set) = engine.package_set(language) {
+            checks.push(package_check(set));
+        }
+    }
     runtime.block_on(engine.close());
     checks
+}
+
+/// A language's extra packages: what is live, and what the last install said.
+fn package_check(set: &PackageSet) -> Check {
+    let name = format!("{} packages", set.language().as_str());
+    let file = set.file().display().to_string();
+    let s = set.status();
+    let live = format!("{} package(s) live ({}) from {file}", s.packages, s.live);
+    if set.installer_missing() {
+        return check(
+            &name,
+            Status::Failed,
+            format!("{file} asks for packages, but npm was not found beside node or on PATH"),
+            Some("install npm (Debian/Ubuntu: apt-get install npm), or give nodejs_path a Node that has npm beside it".into()),
+        );
+    }
+    match s.last_ok {
+        Some(false) => check(
+            &name,
+            Status::Warning,
+            format!(
+                "the last install failed ({} s after the epoch): {}; {live} stay in use",
+                s.last_at, s.last_error
+            ),
+            Some(format!(
+                "fix {file}: a running server installs it again when it changes (or POST /v1/sandbox/dependencies/update)"
+            )),
+        ),
+        _ => ok(&name, live),
+    }
 }

@@ -1,6 +1,6 @@
 //! The composition root: from a validated configuration to a ready engine. Prepares the
 //! state directory, detects what the host allows, discovers the interpreters, sets up
-//! extra Python packages and the network guard.
+//! extra packages and the network guard.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -14,7 +14,7 @@ use super::network::ServerNetwork;
 use super::warm::WarmPool;
 use super::{Engine, RUN_PREFIX, Unavailable};
 use crate::config::Config;
-use crate::deps::{Dependencies, DepsError};
+use crate::deps::{DepsError, PackageSet};
 use crate::isolation::chroot_root::Roots;
 use crate::isolation::detect::{self, DetectError};
 use crate::isolation::seccomp::{self, Programs, apply::SeccompApplyError};
@@ -95,27 +95,48 @@ impl Engine {
             }
         };
         let chroot = host.level == IsolationLevel::Chroot;
-        // Extra Python packages live in the state directory and are bound into the root.
-        let mut deps = match runtimes.get_mut(&Language::Python3) {
-            Some(Ok(python)) => {
-                let made = Dependencies::new(
-                    python.program.clone(),
+        // Extra packages live in the state directory: Python's bound into its root (on
+        // the search path), Node's bound per run at /node_modules (see `install`).
+        let mut packages = HashMap::new();
+        let mut installers = HashMap::new();
+        for language in Language::ALL {
+            let Some(Ok(rt)) = runtimes.get_mut(&language) else {
+                continue;
+            };
+            let made = match language {
+                Language::Python3 => PackageSet::python(
                     config.dependencies_path.clone(),
                     &state,
                     config.python_pip_mirror_url.clone(),
-                );
-                let deps = match made {
-                    Ok(deps) => deps,
-                    Err(e) => {
-                        network.close().await;
-                        return Err(e.into());
-                    }
-                };
-                python.add_package_dir(deps.root(), &deps.current());
-                Some(deps)
+                ),
+                Language::Nodejs => PackageSet::nodejs(
+                    &rt.program,
+                    config.nodejs_dependencies_path.clone(),
+                    &state,
+                    config.nodejs_npm_mirror_url.clone(),
+                ),
+            };
+            let set = match made {
+                Ok(set) => set,
+                Err(e) => {
+                    network.close().await;
+                    return Err(e.into());
+                }
+            };
+            // The installer's root is made before the packages join the runs': an
+            // installer sees no generation but the one it writes.
+            let npm = (language == Language::Nodejs)
+                .then(|| crate::deps::node::find_npm_cli(&rt.program))
+                .flatten();
+            installers.insert(
+                language,
+                super::install::installer_runtime(rt, npm.as_deref()),
+            );
+            if language == Language::Python3 {
+                rt.add_package_dir(set.root(), &set.current());
             }
-            _ => None,
-        };
+            packages.insert(language, set);
+        }
         // Copied in the background: the server listens meanwhile, runs wait for them.
         let roots = if chroot {
             // Python first: most of Dify's code nodes.
@@ -126,14 +147,17 @@ impl Engine {
                     .map(|rt| (state.chroot_root(rt.language), rt.root.clone()))
                     .collect(),
             );
-            if let Some(deps) = &mut deps {
-                deps.add_chroot_copy(state.chroot_root(Language::Python3), roots.clone());
+            for (language, set) in packages.iter_mut() {
+                set.add_chroot_copy(state.chroot_root(*language), roots.clone());
             }
             roots
         } else {
             Roots::none()
         };
-        let deps = deps.map(Arc::new);
+        let packages = packages
+            .into_iter()
+            .map(|(language, set)| (language, Arc::new(set)))
+            .collect();
         if let Some(cg) = &host.cgroup {
             cg.remove_stale(RUN_PREFIX);
         }
@@ -151,7 +175,9 @@ impl Engine {
             uids,
             counter: AtomicU64::new(0),
             queued: AtomicI64::new(0),
-            deps,
+            packages,
+            installers,
+            installer_limits: super::install::installer_limits(),
             roots,
             network,
             fork_server,

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::install::RunKind;
 use super::request::rerunnable;
 use super::worker::{Aftermath, RunBounds, Watch, Worker};
 use super::{
@@ -33,14 +34,16 @@ impl Engine {
         };
         if !req.files.is_empty() {
             // Its directories are bound when its sandbox is built: a worker of its own.
-            let worker = self.spawn_worker(key, false, &req.files).await?;
+            let worker = self
+                .spawn_worker(key, false, &req.files, RunKind::Snippet)
+                .await?;
             return self.finish_fresh(worker, &req, slot).await;
         }
         let none = RunFiles::default();
         let mut allow_fork = true;
         if let Some(worker) = self.warm.take_or_wait(key).await {
             let forked = worker.is_forked();
-            match self.run_worker(worker, &req, slot).await {
+            match self.run_worker(worker, &req, slot, RunKind::Snippet).await {
                 // Killed while it waited: the snippet never ran, so running it on a fresh
                 // worker is safe.
                 Err(RunError::EndedBeforeCode) if rerunnable(&req) => {}
@@ -59,9 +62,11 @@ impl Engine {
                 }
             }
         }
-        let worker = self.spawn_worker(key, allow_fork, &none).await?;
+        let worker = self
+            .spawn_worker(key, allow_fork, &none, RunKind::Snippet)
+            .await?;
         if worker.is_forked() {
-            match self.run_worker(worker, &req, slot).await {
+            match self.run_worker(worker, &req, slot, RunKind::Snippet).await {
                 Err(RunError::Setup(e)) if e.is_fork_servers() && rerunnable(&req) => {
                     self.fork_failed(&e)
                 }
@@ -77,7 +82,9 @@ impl Engine {
                     return other;
                 }
             }
-            let worker = self.spawn_worker(key, false, &none).await?;
+            let worker = self
+                .spawn_worker(key, false, &none, RunKind::Snippet)
+                .await?;
             return self.finish_fresh(worker, &req, slot).await;
         }
         self.finish_fresh(worker, &req, slot).await
@@ -100,7 +107,7 @@ impl Engine {
         req: &RunRequest,
         slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<RunOutcome, RunError> {
-        match self.run_worker(worker, req, slot).await {
+        match self.run_worker(worker, req, slot, RunKind::Snippet).await {
             Err(RunError::EndedBeforeCode) => Err(SetupError::InterpreterEnded.into()),
             other => other,
         }
@@ -108,11 +115,12 @@ impl Engine {
 
     /// run holds `slot` until its last process is gone; a run answered before that takes
     /// it along, any other gives it back (for a retry).
-    async fn run_worker(
+    pub(super) async fn run_worker(
         &self,
         mut worker: Worker,
         req: &RunRequest,
         slot: &mut Option<OwnedSemaphorePermit>,
+        kind: RunKind,
     ) -> Result<RunOutcome, RunError> {
         let started = Instant::now();
         let frame = snippet::encode(&req.preload, &req.code, &req.invocation);
@@ -130,7 +138,7 @@ impl Engine {
                 return Err(RunError::Spawn(e));
             }
         }
-        let l = &self.limits;
+        let l = self.limits_for(kind);
         let on_disk = self.host.level == IsolationLevel::Chroot || req.files.out.is_some();
         let watch = Watch {
             memory_bytes: self.host.cgroup.is_none().then_some(l.memory_mb << 20),

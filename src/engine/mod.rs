@@ -20,6 +20,7 @@ mod build;
 mod capture;
 mod execute;
 pub mod forkserver;
+mod install;
 pub mod network;
 pub mod outcome;
 pub mod plan;
@@ -52,7 +53,7 @@ use warm::WarmPool;
 use worker::Worker;
 
 use crate::config::Config;
-use crate::deps::Dependencies;
+use crate::deps::PackageSet;
 use crate::isolation::detect::Host;
 use crate::isolation::uids::UidPool;
 use crate::runtime::{Language, Runtime};
@@ -77,8 +78,12 @@ pub struct Engine {
     counter: AtomicU64,
     warm: WarmPool<Worker>,
     queued: AtomicI64,
-    /// Extra Python packages (None when Python is unavailable).
-    pub deps: Option<Arc<Dependencies>>,
+    /// Extra packages, per language whose interpreter works here.
+    packages: HashMap<Language, Arc<PackageSet>>,
+    /// Each language's interpreter as its package installer runs it (see `install`).
+    installers: HashMap<Language, Runtime>,
+    /// What one install may take.
+    installer_limits: RunLimits,
     /// The chroot level's roots, prepared in the background; workers wait for them.
     roots: crate::isolation::chroot_root::Roots,
     /// What networked runs may get (its policy), and what the server installed for it.
@@ -103,6 +108,13 @@ impl Engine {
                 language,
                 Unavailable::NotConfigured,
             )),
+        }
+    }
+
+    fn limits_for(&self, kind: install::RunKind) -> &RunLimits {
+        match kind {
+            install::RunKind::Snippet => &self.limits,
+            install::RunKind::Installer => &self.installer_limits,
         }
     }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::install::RunKind;
 use super::{Engine, PoolKey, RunFiles};
 use crate::runtime::Language;
 
@@ -24,24 +25,32 @@ impl Engine {
         }
         let engine = Arc::clone(self);
         tokio::spawn(async move { engine.tend_pool().await });
-        if let (Some(_), Some(deps)) = (&self.fork_server, &self.deps) {
-            let (engine, mut generations) = (Arc::clone(self), deps.generations());
+        for set in self.packages.values() {
+            let (engine, mut generations) = (Arc::clone(self), set.generations());
+            let language = set.language();
             tokio::spawn(async move {
                 while generations.changed().await.is_ok() {
-                    engine.reload_python().await;
+                    engine.packages_went_live(language).await;
                 }
             });
         }
     }
 
-    /// New Python packages went live: the fork server (which may have imported older
-    /// ones) and the runs it already forked make way for fresh ones.
-    async fn reload_python(&self) {
-        let Some(fs) = &self.fork_server else { return };
-        if let Err(e) = fs.restart().await {
+    /// New packages went live: what was started on the old ones makes way. The Python
+    /// fork server (which may have imported older ones) and the runs it already forked;
+    /// Node's warm workers, whose roots hold the old generation.
+    async fn packages_went_live(&self, language: Language) {
+        if language == Language::Python3
+            && let Some(fs) = &self.fork_server
+            && let Err(e) = fs.restart().await
+        {
             tracing::error!(error = %e, "cannot restart the Python fork server after new packages; it is restarted when it is next found down");
         }
-        for worker in self.warm.drain_where(|w| w.is_forked()) {
+        let stale = self.warm.drain_where(|key, w| match language {
+            Language::Python3 => w.is_forked(),
+            Language::Nodejs => key.language == Language::Nodejs,
+        });
+        for worker in stale {
             worker.discard().await;
         }
     }
@@ -61,7 +70,9 @@ impl Engine {
             for key in self.warm.missing() {
                 let engine = Arc::clone(&self);
                 self.tasks.spawn(async move {
-                    match engine.spawn_worker(key, true, &RunFiles::default()).await {
+                    match engine
+                        .spawn_worker(key, true, &RunFiles::default(), RunKind::Snippet)
+                        .await {
                         Ok(worker) => engine.warm.put(key, worker),
                         Err(e) => {
                             tracing::error!(error = %e, language = %key.language, "cannot start a warm worker");

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
+use super::install::RunKind;
 use super::plan::{self, PlanInput};
 use super::resources::{HostAcquire, RunResources};
 use super::worker::Worker;
@@ -20,8 +21,20 @@ impl Engine {
         key: PoolKey,
         allow_fork: bool,
         files: &RunFiles,
+        kind: RunKind,
     ) -> Result<Worker, RunError> {
-        let runtime = self.runtime(key.language)?;
+        let runtime = match kind {
+            RunKind::Snippet => self.runtime(key.language)?,
+            RunKind::Installer => {
+                self.installers
+                    .get(&key.language)
+                    .ok_or(RunError::LanguageUnavailable(
+                        key.language,
+                        super::Unavailable::NotConfigured,
+                    ))?
+            }
+        };
+        let limits = self.limits_for(kind);
         self.roots
             .wait(&self.state.chroot_root(key.language))
             .await
@@ -38,9 +51,9 @@ impl Engine {
                     (
                         driver,
                         format!("{RUN_PREFIX}{}-{run_no}", std::process::id()),
-                        self.limits.memory_mb << 20,
+                        limits.memory_mb << 20,
                         // One more task than the run's own: its init (`isolation::init`).
-                        self.limits.max_processes + 1,
+                        limits.max_processes + 1,
                     )
                 }),
             },
@@ -50,7 +63,14 @@ impl Engine {
         let (resolv_conf, proxy) = self
             .network
             .for_run(resources.gateway(), &self.config.proxy);
-        let forkable = allow_fork && files.is_empty() && key.language == Language::Python3;
+        let forkable = allow_fork
+            && kind == RunKind::Snippet
+            && files.is_empty()
+            && key.language == Language::Python3;
+        let node_modules = match kind {
+            RunKind::Snippet => self.node_modules(key.language),
+            RunKind::Installer => None,
+        };
         let cgroup_procs = (resources.cgroup())
             .map(|c| c.procs_files())
             .unwrap_or_default();
@@ -62,7 +82,7 @@ impl Engine {
                 level: self.host.level,
                 state: &self.state,
                 runtime,
-                limits: &self.limits,
+                limits,
                 network,
                 resolv_conf: resolv_conf.clone(),
                 uid,
@@ -72,6 +92,7 @@ impl Engine {
                 start,
                 readonly_beneath: self.readonly_beneath,
                 files,
+                node_modules: node_modules.clone(),
             })
         };
         if let Some(fs) = self.fork_server.as_ref().filter(|fs| forkable && fs.up()) {

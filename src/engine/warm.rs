@@ -153,11 +153,12 @@ impl<W: Idle> WarmPool<W> {
     }
 
     /// The idle workers `pick` chooses, taken out.
-    pub fn drain_where(&self, pick: impl Fn(&W) -> bool) -> Vec<W> {
+    pub fn drain_where(&self, pick: impl Fn(&PoolKey, &W) -> bool) -> Vec<W> {
         let mut state = self.lock();
         let mut out = Vec::new();
-        for queue in state.idle.values_mut() {
-            let (taken, kept): (VecDeque<W>, VecDeque<W>) = queue.drain(..).partition(|w| pick(w));
+        for (key, queue) in state.idle.iter_mut() {
+            let (taken, kept): (VecDeque<W>, VecDeque<W>) =
+                queue.drain(..).partition(|w| pick(key, w));
             out.extend(taken);
             *queue = kept;
         }
@@ -286,7 +287,7 @@ mod tests {
         for id in 1..=3 {
             pool.put(PY, Fake::new(id).0);
         }
-        let taken = pool.drain_where(|w| w.id % 2 == 1);
+        let taken = pool.drain_where(|_, w| w.id % 2 == 1);
         assert_eq!(taken.iter().map(|w| w.id).collect::<Vec<_>>(), vec![1, 3]);
         assert_eq!(pool.take(PY).map(|w| w.id), Some(2));
     }

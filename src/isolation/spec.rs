@@ -71,6 +71,9 @@ impl NetworkSetup {
 pub enum Profile {
     Python,
     Nodejs,
+    /// A package installer (pip, npm): exec and child processes allowed, what would
+    /// reach past its jail refused (see `seccomp::apply::build_installer`).
+    Installer,
 }
 
 /// The files and directories that make up a language's read-only root.
@@ -124,6 +127,10 @@ pub struct SandboxSpec {
     /// leaves there outlives it. Private roots only.
     #[serde(default)]
     pub out_dir: Option<PathBuf>,
+    /// A Node run's packages (a generation's `node_modules`), bound read-only at
+    /// `/node_modules`. Private roots only.
+    #[serde(default)]
+    pub node_modules: Option<PathBuf>,
     /// The jail these decisions make, step by step: what the helper or the fork server
     /// carries out (and all either of them receives).
     pub jail: Jail,

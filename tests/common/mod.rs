@@ -231,6 +231,36 @@ impl Server {
         self.run("python3", code).await
     }
 
+    /// A language's extra packages as the dependency endpoint lists them: (lower-case
+    /// name, version).
+    pub async fn listed(&self, language: &str) -> Vec<(String, String)> {
+        let v: Value = self
+            .client
+            .get(format!(
+                "{}/v1/sandbox/dependencies?language={language}",
+                self.base
+            ))
+            .header("X-Api-Key", KEY)
+            .send()
+            .await
+            .expect("dependencies")
+            .json()
+            .await
+            .expect("dependencies JSON");
+        assert_eq!(v["code"], 0, "{v}");
+        v["data"]["dependencies"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|d| {
+                (
+                    d["name"].as_str().unwrap_or("").to_lowercase(),
+                    d["version"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+
     /// A series of `/metrics` without labels (0 when absent).
     pub async fn metric(&self, name: &str) -> u64 {
         let text = reqwest::get(format!("{}/metrics", self.base))

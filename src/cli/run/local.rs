@@ -100,6 +100,10 @@ pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCod
         );
     }
 
+    // The dependency files changed since the state directory's packages were installed:
+    // installed first (a CI job's `dependencies/` works without a server).
+    rt.block_on(engine.install_changed_packages(|line| eprintln!("sandbox: {line}")));
+
     // /job and /tmp/out need a mount namespace; the chroot level runs without them.
     let private = engine.host.level.private_root();
     if !private && (!run.inputs.is_empty() || args.out.is_some()) {

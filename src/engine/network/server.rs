@@ -73,7 +73,7 @@ impl ServerNetwork {
         if host.level != IsolationLevel::Rootless {
             remove_stale();
         }
-        let proxies = proxy_addresses(&config.proxy).await;
+        let proxies = proxy_addresses(config).await;
         match policy {
             NetworkPolicy::Isolated => match Isolated::build(config, uids, &proxies, held).await {
                 Ok(isolated) => Self {
@@ -227,7 +227,7 @@ pub async fn dry_run(config: &Config, host: &Host, uids: Range<u32>) -> NetworkP
     let policy = NetworkPolicy::decide(config.enable_network, config.network.isolation, host.level);
     match policy {
         NetworkPolicy::Isolated => {
-            let proxies = proxy_addresses(&config.proxy).await;
+            let proxies = proxy_addresses(config).await;
             let checked = subnet_free(config).and_then(|()| {
                 let name = Table::name_for(ISOLATED_TABLE_PREFIX);
                 // The relay's port is the kernel's choice at start; any port checks the same.
@@ -242,7 +242,7 @@ pub async fn dry_run(config: &Config, host: &Host, uids: Range<u32>) -> NetworkP
             }
         }
         NetworkPolicy::Shared { guarded: true, .. } => {
-            let proxies = proxy_addresses(&config.proxy).await;
+            let proxies = proxy_addresses(config).await;
             match with_guard_rules(config, uids, &proxies, NetGuard::check) {
                 Ok(()) => policy,
                 Err(e) => {
@@ -449,9 +449,18 @@ impl Isolated {
 }
 
 /// The addresses the configured proxies listen on (names resolved now, once).
-async fn proxy_addresses(proxy: &Proxy) -> Vec<SocketAddr> {
+/// The package mirrors are reached the same way: the installers' jails use the run
+/// network, and a mirror on a private network must stay reachable to them.
+async fn proxy_addresses(config: &Config) -> Vec<SocketAddr> {
+    let proxy = &config.proxy;
     let mut out = Vec::new();
-    for url in [&proxy.http, &proxy.https, &proxy.socks5] {
+    for url in [
+        &proxy.http,
+        &proxy.https,
+        &proxy.socks5,
+        &config.python_pip_mirror_url,
+        &config.nodejs_npm_mirror_url,
+    ] {
         let Ok(parsed) = reqwest::Url::parse(url) else {
             continue;
         };

@@ -10,7 +10,9 @@ use super::RunFiles;
 use crate::config::{Proxy, RunLimits};
 use crate::isolation::jail::Jail;
 use crate::isolation::seccomp::{Programs, Start};
-use crate::isolation::spec::{IsolationLevel, Limits, NetworkSetup, OUT_MOUNT, SandboxSpec};
+use crate::isolation::spec::{
+    IsolationLevel, Limits, NetworkSetup, OUT_MOUNT, Profile, SandboxSpec,
+};
 use crate::runtime::Runtime;
 use crate::state::StateDir;
 
@@ -41,7 +43,16 @@ pub struct PlanInput<'a> {
     pub readonly_beneath: bool,
     /// The run's job and output directories on the host (`sandbox run`).
     pub files: &'a RunFiles,
+    /// A Node run's packages: the live generation's `node_modules`, bound read-only at
+    /// `/node_modules`, where Node's resolution from any file ends up looking.
+    pub node_modules: Option<PathBuf>,
 }
+
+/// Where a Node run finds its packages.
+pub const NODE_MODULES_MOUNT: &str = "/node_modules";
+/// Descriptors an installer may hold: npm opens many files at once. Its filter allows
+/// exec anyway, so nothing depends on it staying below the exec descriptor.
+const INSTALLER_OPEN_FILES: u64 = 4096;
 
 pub fn plan(p: PlanInput<'_>) -> SandboxSpec {
     let workdir = match p.level {
@@ -85,7 +96,10 @@ pub fn plan(p: PlanInput<'_>) -> SandboxSpec {
             max_processes: l.max_processes,
             tmp_bytes: l.tmp_mb << 20,
             cpu_seconds: l.timeout.as_secs() + CPU_GRACE_SECS,
-            open_files: OPEN_FILES,
+            open_files: match p.runtime.profile {
+                Profile::Installer => INSTALLER_OPEN_FILES,
+                _ => OPEN_FILES,
+            },
         },
         cgroup_procs: p.cgroup_procs,
         profile: p.runtime.profile,
@@ -95,6 +109,7 @@ pub fn plan(p: PlanInput<'_>) -> SandboxSpec {
         env,
         job_dir: p.files.job.clone(),
         out_dir: p.files.out.clone(),
+        node_modules: p.node_modules,
         jail: Jail::default(),
     };
     spec.jail = steps::jail(&spec, p.seccomp, p.start, p.readonly_beneath);
@@ -104,12 +119,16 @@ pub fn plan(p: PlanInput<'_>) -> SandboxSpec {
 /// The environment every run of `runtime` starts with, its home at `workdir`. The fork
 /// server starts with it too: a forked run's /proc/self/environ is the fork server's.
 pub fn base_env(workdir: &std::path::Path, runtime: &Runtime) -> Vec<String> {
-    let mut env = vec![
-        "PATH=/usr/local/bin:/usr/bin:/bin".to_string(),
+    let mut env = Vec::new();
+    // A runtime that sets its own PATH (an installer's) keeps it.
+    if !runtime.env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push("PATH=/usr/local/bin:/usr/bin:/bin".to_string());
+    }
+    env.extend([
         format!("HOME={}", workdir.display()),
         format!("TMPDIR={}", workdir.display()),
         "LANG=C.UTF-8".to_string(),
-    ];
+    ]);
     env.extend(runtime.env.iter().cloned());
     env
 }

@@ -116,6 +116,9 @@ fn allow(ctx: &mut ScmpFilterContext, name: &str) -> Result<(), SeccompApplyErro
 }
 
 pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApplyError> {
+    if opts.profile == Profile::Installer {
+        return build_installer(opts.sockets);
+    }
     let eperm = ScmpAction::Errno(libc::EPERM);
     let mut ctx = ScmpFilterContext::new(eperm).map_err(SeccompApplyError::Context)?;
     // no_new_privs is set by the helper itself, before the filter.
@@ -124,7 +127,7 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
     if opts.allowed_syscalls.is_empty() {
         let extra = match opts.profile {
             Profile::Python => policy::PYTHON,
-            Profile::Nodejs => policy::NODEJS,
+            Profile::Nodejs | Profile::Installer => policy::NODEJS,
         };
         for (name, _why) in policy::COMMON.iter().chain(extra) {
             allow(&mut ctx, name)?;
@@ -163,16 +166,7 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
             .map_err(rule_err("socket"))?;
         }
         if opts.sockets.inet && !opts.sockets.ipv6 {
-            ctx.add_rule_conditional(
-                ScmpAction::Errno(libc::EAFNOSUPPORT),
-                socket,
-                &[ScmpArgCompare::new(
-                    0,
-                    ScmpCompareOp::Equal,
-                    libc::AF_INET6 as u64,
-                )],
-            )
-            .map_err(rule_err("socket"))?;
+            ipv6_unsupported(&mut ctx, socket)?;
         }
     }
     // socketpair() makes AF_UNIX pairs only (asyncio's self-pipe, libuv's signal pipe).
@@ -260,6 +254,108 @@ pub fn build(opts: &FilterOptions<'_>) -> Result<ScmpFilterContext, SeccompApply
     Ok(ctx)
 }
 
+/// `socket(AF_INET6)` fails as on a kernel without IPv6 (see `SocketPolicy::ipv6`).
+fn ipv6_unsupported(
+    ctx: &mut ScmpFilterContext,
+    socket: ScmpSyscall,
+) -> Result<(), SeccompApplyError> {
+    ctx.add_rule_conditional(
+        ScmpAction::Errno(libc::EAFNOSUPPORT),
+        socket,
+        &[ScmpArgCompare::new(
+            0,
+            ScmpCompareOp::Equal,
+            libc::AF_INET6 as u64,
+        )],
+    )
+    .map_err(rule_err("socket"))?;
+    Ok(())
+}
+
+/// An installer's filter: pip and npm exec compilers, git and shells, so unlike a run's
+/// it allows by default; refused is what would reach past the jail's other walls (mounts,
+/// namespaces, tracing, kernel modules, keyrings, BPF, io_uring) and sockets of kinds no
+/// installer needs.
+fn build_installer(sockets: SocketPolicy) -> Result<ScmpFilterContext, SeccompApplyError> {
+    let eperm = ScmpAction::Errno(libc::EPERM);
+    let mut ctx = ScmpFilterContext::new(ScmpAction::Allow).map_err(SeccompApplyError::Context)?;
+    ctx.set_ctl_nnp(false).map_err(SeccompApplyError::Context)?;
+    for (name, _why) in policy::INSTALLER_REFUSED {
+        if let Some(sc) = resolve(name) {
+            ctx.add_rule(eperm, sc).map_err(rule_err(name))?;
+        }
+    }
+    // clone3's flags are in memory the filter cannot read: ENOSYS sends the C library
+    // back to clone, whose flags it can.
+    if let Some(sc) = resolve("clone3") {
+        ctx.add_rule(ScmpAction::Errno(libc::ENOSYS), sc)
+            .map_err(rule_err("clone3"))?;
+    }
+    if let Some(clone) = resolve("clone") {
+        for flag in [
+            libc::CLONE_NEWNS,
+            libc::CLONE_NEWUSER,
+            libc::CLONE_NEWPID,
+            libc::CLONE_NEWNET,
+            libc::CLONE_NEWUTS,
+            libc::CLONE_NEWIPC,
+            libc::CLONE_NEWCGROUP,
+            libc::CLONE_NEWTIME,
+        ] {
+            let flag = flag as u64;
+            ctx.add_rule_conditional(
+                eperm,
+                clone,
+                &[ScmpArgCompare::new(
+                    0,
+                    ScmpCompareOp::MaskedEqual(flag),
+                    flag,
+                )],
+            )
+            .map_err(rule_err("clone"))?;
+        }
+    }
+    if let Some(socket) = resolve("socket") {
+        let mut refused = vec![
+            libc::AF_PACKET,
+            libc::AF_KEY,
+            libc::AF_ALG,
+            libc::AF_VSOCK,
+            libc::AF_BLUETOOTH,
+            libc::AF_XDP,
+            libc::AF_CAN,
+            libc::AF_TIPC,
+            libc::AF_RDS,
+        ];
+        if !sockets.inet {
+            refused.push(libc::AF_INET);
+        }
+        for family in refused {
+            ctx.add_rule_conditional(
+                eperm,
+                socket,
+                &[ScmpArgCompare::new(0, ScmpCompareOp::Equal, family as u64)],
+            )
+            .map_err(rule_err("socket"))?;
+        }
+        if !sockets.ipv6 {
+            ipv6_unsupported(&mut ctx, socket)?;
+        }
+        // Netlink for routes only (what name lookups ask); audit, netfilter and the rest
+        // are refused.
+        ctx.add_rule_conditional(
+            eperm,
+            socket,
+            &[
+                ScmpArgCompare::new(0, ScmpCompareOp::Equal, libc::AF_NETLINK as u64),
+                ScmpArgCompare::new(2, ScmpCompareOp::NotEqual, libc::NETLINK_ROUTE as u64),
+            ],
+        )
+        .map_err(rule_err("socket"))?;
+    }
+    Ok(ctx)
+}
+
 /// The filter as a classic BPF program (`struct sock_filter` entries), for a process
 /// that loads it itself with prctl(PR_SET_SECCOMP) (a fork server's run).
 pub fn export(opts: &FilterOptions<'_>) -> Result<Vec<u8>, SeccompApplyError> {
@@ -319,6 +415,7 @@ mod tests {
             .chain(policy::PYTHON)
             .chain(policy::SOCKETS)
             .chain(policy::ENOSYS)
+            .chain(policy::INSTALLER_REFUSED)
         {
             assert!(!why.is_empty(), "{name} has no reason");
             if !optional.contains(name) {

@@ -52,6 +52,20 @@ impl Programs {
                 }
             }
         }
+        // An installer always execs its interpreter (never forked).
+        for network in NETWORKS {
+            let program = export(&FilterOptions {
+                profile: Profile::Installer,
+                sockets: SocketPolicy::for_run(network, level),
+                allowed_syscalls,
+                extra_syscalls,
+                exec_path: Some(exec_page),
+            })?;
+            by_key.insert(
+                (Profile::Installer, network, Start::Exec),
+                Arc::from(program),
+            );
+        }
         Ok(Self { by_key, exec_page })
     }
 
