@@ -43,6 +43,8 @@ const BASELINE: &str = "python";
 
 const NODE: &[&str] = &["node", "node-chroot", "node-rootless"];
 const CHROOT: &[&str] = &["python-chroot", "node-chroot"];
+/// Node's paths with a root of their own (mounts).
+const NODE_MOUNTING: &[&str] = &["node", "node-rootless"];
 const ROOTLESS: &[&str] = &["python-rootless", "node-rootless"];
 
 /// Every documented difference from the baseline. Keep it exact: an entry that no longer
@@ -81,9 +83,14 @@ const EXPECTED: &[Expected] = &[
         why: "each language's root binds its own interpreter's files",
     },
     Expected {
-        field: "*.mounts[<state>/python-packages]",
+        field: "*.mounts[<state>/python-packages/current]",
         paths: NODE,
-        why: "the extra Python packages are bound into Python's root only",
+        why: "each language's runs bind their own live package generation: Python's on its search path",
+    },
+    Expected {
+        field: "*.mounts[/node_modules]",
+        paths: NODE_MOUNTING,
+        why: "each language's runs bind their own live package generation: Node's where its resolution looks",
     },
     Expected {
         field: "run.root",

@@ -506,3 +506,38 @@ fn sandbox_run_installs_what_changed_then_requires_and_imports_it() {
     assert_eq!(common::stderr(&again), "");
     assert_eq!(again.status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn a_python_run_in_flight_keeps_the_generation_it_started_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let deps = dir.path().join("deps");
+    std::fs::create_dir(&deps).unwrap();
+    let reqs = deps.join("python-requirements.txt");
+    std::fs::write(&reqs, "six==1.16.0\n").unwrap();
+    let state = dir.path().join("state");
+    let env = server_env(&state, &deps, &[("WORKER_TIMEOUT", "90")]);
+    let s = start(&env, &dir.path().join("log")).await;
+    wait_listed(&s, "python3", &["six"], Duration::from_secs(180)).await;
+    // Imports six only after the switch (a fork server's run, as Dify's are).
+    let old = s.spawn_run(json!({"language": "python3", "code":
+        "import time\ntime.sleep(20)\nimport six\nprint(six.__version__)"}));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    std::fs::write(&reqs, "six==1.15.0\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !s
+        .listed("python3")
+        .await
+        .contains(&("six".into(), "1.15.0".into()))
+    {
+        assert!(Instant::now() < deadline, "{:?}", s.listed("python3").await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let fresh = s.python("import six; print(six.__version__)").await;
+    assert_eq!(fresh["stdout"], "1.15.0\n", "{fresh}");
+    assert!(
+        !old.is_finished(),
+        "the earlier run must outlive the switch"
+    );
+    let old = old.await.unwrap();
+    assert_eq!(old["data"]["stdout"], "1.16.0\n", "{old}");
+}

@@ -133,7 +133,10 @@ impl Engine {
                 super::install::installer_runtime(rt, npm.as_deref()),
             );
             if language == Language::Python3 {
-                rt.add_package_dir(set.root(), &set.current());
+                // Runs with a root of their own bind their generation themselves; the
+                // chroot level's roots are copies, which hold the package directory.
+                let bind = chroot.then(|| set.root());
+                rt.add_package_dir(bind, &set.current());
             }
             packages.insert(language, set);
         }
@@ -154,14 +157,27 @@ impl Engine {
         } else {
             Roots::none()
         };
-        let packages = packages
+        let packages: HashMap<Language, Arc<PackageSet>> = packages
             .into_iter()
             .map(|(language, set)| (language, Arc::new(set)))
             .collect();
         if let Some(cg) = &host.cgroup {
             cg.remove_stale(RUN_PREFIX);
         }
-        let fork_server = fork_server(&config, &host, &runtimes, &state, readonly_beneath).await;
+        // The fork server imports its preloads from the live generation too (it is
+        // restarted when another goes live); each forked run binds its own.
+        let python_packages = packages
+            .get(&Language::Python3)
+            .map(|s| s.root().to_path_buf());
+        let fork_server = fork_server(
+            &config,
+            &host,
+            &runtimes,
+            &state,
+            readonly_beneath,
+            python_packages.as_deref(),
+        )
+        .await;
         Ok(Self {
             seccomp,
             readonly_beneath,
@@ -252,6 +268,7 @@ async fn fork_server(
     runtimes: &HashMap<Language, Result<Runtime, Unavailable>>,
     state: &crate::state::StateDir,
     readonly_beneath: bool,
+    packages: Option<&std::path::Path>,
 ) -> Option<Arc<ForkServer>> {
     if !config.python_fork_server || host.level != IsolationLevel::Namespaces {
         return None;
@@ -259,8 +276,12 @@ async fn fork_server(
     let Some(Ok(python)) = runtimes.get(&Language::Python3) else {
         return None;
     };
+    let mut python = python.clone();
+    if let Some(dir) = packages {
+        python.add_bind(dir);
+    }
     let recipe = match Recipe::new(
-        python,
+        &python,
         state.mount_point(),
         host.cgroup.as_ref(),
         &config.python_preload_modules,

@@ -41,7 +41,13 @@ impl Engine {
         }
         let none = RunFiles::default();
         let mut allow_fork = true;
-        if let Some(worker) = self.warm.take_or_wait(key).await {
+        let mut warm = self.warm.take_or_wait(key).await;
+        let live = self.run_packages(key.language).map(|(dir, _)| dir);
+        if let Some(stale) = warm.take_if(|w| w.packages() != live.as_deref()) {
+            // Started before another package generation went live.
+            self.tasks.spawn(stale.discard());
+        }
+        if let Some(worker) = warm {
             let forked = worker.is_forked();
             match self.run_worker(worker, &req, slot, RunKind::Snippet).await {
                 // Killed while it waited: the snippet never ran, so running it on a fresh

@@ -21,6 +21,9 @@ use crate::isolation::spec::Profile;
 use crate::runtime::root::RootBuilder;
 use crate::runtime::{Language, Runtime};
 
+/// Where a Node run finds its packages.
+const NODE_MODULES: &str = "/node_modules";
+
 /// What one install may take.
 pub fn installer_limits() -> RunLimits {
     RunLimits {
@@ -216,15 +219,22 @@ impl Engine {
         }
     }
 
-    /// The live Node generation's `node_modules`, bound at /node_modules in a Node run:
-    /// found from any file there (require and import alike), and kept for the whole run
-    /// even if another generation goes live meanwhile.
-    pub(super) fn node_modules(&self, language: Language) -> Option<PathBuf> {
-        (language == Language::Nodejs)
-            .then(|| self.packages.get(&language))
-            .flatten()
-            .map(|set| set.live_dir().join("node_modules"))
-            .filter(|dir| dir.is_dir())
+    /// A run's packages, bound read-only for the whole run (a generation going live
+    /// meanwhile is the next run's): the live generation where the language looks.
+    /// Python's at `<packages>/current` (on its search path); Node's `node_modules` at
+    /// /node_modules, where resolution from any file ends up looking (require and import
+    /// alike). At the chroot level, without mounts, runs read the copied `current`.
+    pub(super) fn run_packages(&self, language: Language) -> Option<(PathBuf, PathBuf)> {
+        if !self.host.level.private_root() {
+            return None;
+        }
+        let set = self.packages.get(&language)?;
+        let live = set.live_dir();
+        match language {
+            Language::Python3 => Some((live, set.current())),
+            Language::Nodejs => Some((live.join("node_modules"), PathBuf::from(NODE_MODULES))),
+        }
+        .filter(|(dir, _)| dir.is_dir())
     }
 
     /// The package sets, for `doctor`, `/metrics` and the dependency endpoints.

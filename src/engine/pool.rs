@@ -36,22 +36,20 @@ impl Engine {
         }
     }
 
-    /// New packages went live: what was started on the old ones makes way. The Python
-    /// fork server (which may have imported older ones) and the runs it already forked;
-    /// Node's warm workers, whose roots hold the old generation.
+    /// New packages went live: what was started on the old ones makes way. The
+    /// language's warm workers (their roots hold the old generation; one taken before
+    /// this drain is caught by `execute`), then the Python fork server, which may have
+    /// imported older ones.
     async fn packages_went_live(&self, language: Language) {
+        let stale = self.warm.drain_where(|key, _| key.language == language);
+        for worker in stale {
+            worker.discard().await;
+        }
         if language == Language::Python3
             && let Some(fs) = &self.fork_server
             && let Err(e) = fs.restart().await
         {
             tracing::error!(error = %e, "cannot restart the Python fork server after new packages; it is restarted when it is next found down");
-        }
-        let stale = self.warm.drain_where(|key, w| match language {
-            Language::Python3 => w.is_forked(),
-            Language::Nodejs => key.language == Language::Nodejs,
-        });
-        for worker in stale {
-            worker.discard().await;
         }
     }
 

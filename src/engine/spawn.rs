@@ -67,10 +67,11 @@ impl Engine {
             && kind == RunKind::Snippet
             && files.is_empty()
             && key.language == Language::Python3;
-        let node_modules = match kind {
-            RunKind::Snippet => self.node_modules(key.language),
+        let packages = match kind {
+            RunKind::Snippet => self.run_packages(key.language),
             RunKind::Installer => None,
         };
+        let live = packages.as_ref().map(|(dir, _)| dir.clone());
         let cgroup_procs = (resources.cgroup())
             .map(|c| c.procs_files())
             .unwrap_or_default();
@@ -92,7 +93,7 @@ impl Engine {
                 start,
                 readonly_beneath: self.readonly_beneath,
                 files,
-                node_modules: node_modules.clone(),
+                packages: packages.clone(),
             })
         };
         if let Some(fs) = self.fork_server.as_ref().filter(|fs| forkable && fs.up()) {
@@ -103,7 +104,9 @@ impl Engine {
                 None => None,
             };
             match fs.fork(&plan_for(Start::Fork), shared).await {
-                Ok((keeper, pipes)) => return Ok(Worker::forked(keeper, pipes, resources)),
+                Ok((keeper, pipes)) => {
+                    return Ok(Worker::forked(keeper, pipes, resources).with_packages(live));
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "the Python fork server failed a run's start; using a fresh interpreter")
                 }
@@ -114,6 +117,6 @@ impl Engine {
             // The helper makes it; it goes with the run's other resources.
             resources.set_private_dir(rootfs::inside(&spec.root_dir, &spec.workdir));
         }
-        Worker::spawn(&spec, resources)
+        Ok(Worker::spawn(&spec, resources)?.with_packages(live))
     }
 }

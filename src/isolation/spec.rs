@@ -127,10 +127,10 @@ pub struct SandboxSpec {
     /// leaves there outlives it. Private roots only.
     #[serde(default)]
     pub out_dir: Option<PathBuf>,
-    /// A Node run's packages (a generation's `node_modules`), bound read-only at
-    /// `/node_modules`. Private roots only.
+    /// The run's extra packages: a generation's directory on the host and its place in
+    /// the root, bound read-only there for the whole run. Private roots only.
     #[serde(default)]
-    pub node_modules: Option<PathBuf>,
+    pub packages: Option<(PathBuf, PathBuf)>,
     /// The jail these decisions make, step by step: what the helper or the fork server
     /// carries out (and all either of them receives).
     pub jail: Jail,

@@ -127,12 +127,13 @@ pub fn system_ca_bundle() -> Option<PathBuf> {
 }
 
 impl Runtime {
-    /// Make a package directory importable: `root` is bound read-only, and `import_path`
-    /// (inside it) goes on the search path ahead of site-packages, so the operator's
-    /// requirements win over the interpreter's own copies.
-    pub fn add_package_dir(&mut self, root: &Path, import_path: &Path) {
-        if !self.root.binds.iter().any(|b| root.starts_with(b)) {
-            self.root.binds.push(root.to_path_buf());
+    /// Make a package directory importable: `import_path` goes on the search path ahead
+    /// of site-packages, so the operator's requirements win over the interpreter's own
+    /// copies; `bind`, when given, is bound read-only into every root (else each run
+    /// binds its own generation at `import_path`).
+    pub fn add_package_dir(&mut self, bind: Option<&Path>, import_path: &Path) {
+        if let Some(root) = bind {
+            self.add_bind(root);
         }
         let at = self
             .search_path
@@ -141,6 +142,13 @@ impl Runtime {
             .unwrap_or(self.search_path.len());
         self.search_path
             .insert(at, import_path.to_string_lossy().into_owned());
+    }
+
+    /// Bind `path` read-only into every root of this runtime.
+    pub fn add_bind(&mut self, path: &Path) {
+        if !self.root.binds.iter().any(|b| path.starts_with(b)) {
+            self.root.binds.push(path.to_path_buf());
+        }
     }
 
     /// RLIMIT_AS for a run, when it is the memory limit: only without a cgroup, and

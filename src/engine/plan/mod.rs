@@ -43,13 +43,9 @@ pub struct PlanInput<'a> {
     pub readonly_beneath: bool,
     /// The run's job and output directories on the host (`sandbox run`).
     pub files: &'a RunFiles,
-    /// A Node run's packages: the live generation's `node_modules`, bound read-only at
-    /// `/node_modules`, where Node's resolution from any file ends up looking.
-    pub node_modules: Option<PathBuf>,
+    /// The run's extra packages (see `SandboxSpec::packages`).
+    pub packages: Option<(PathBuf, PathBuf)>,
 }
-
-/// Where a Node run finds its packages.
-pub const NODE_MODULES_MOUNT: &str = "/node_modules";
 /// Descriptors an installer may hold: npm opens many files at once. Its filter allows
 /// exec anyway, so nothing depends on it staying below the exec descriptor.
 const INSTALLER_OPEN_FILES: u64 = 4096;
@@ -109,7 +105,7 @@ pub fn plan(p: PlanInput<'_>) -> SandboxSpec {
         env,
         job_dir: p.files.job.clone(),
         out_dir: p.files.out.clone(),
-        node_modules: p.node_modules,
+        packages: p.packages,
         jail: Jail::default(),
     };
     spec.jail = steps::jail(&spec, p.seccomp, p.start, p.readonly_beneath);

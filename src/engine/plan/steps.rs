@@ -72,10 +72,7 @@ pub fn jail(spec: &SandboxSpec, seccomp: &Programs, start: Start, readonly_benea
             run.push(Op::Init);
             let job: Vec<_> = (spec.job_dir.iter())
                 .map(|d| (d.clone(), PathBuf::from(JOB_MOUNT)))
-                .chain(
-                    (spec.node_modules.iter())
-                        .map(|d| (d.clone(), PathBuf::from(super::NODE_MODULES_MOUNT))),
-                )
+                .chain((spec.packages.iter()).cloned())
                 .collect();
             let out: Vec<_> = (spec.out_dir.iter())
                 .map(|d| (d.clone(), PathBuf::from(OUT_MOUNT)))

@@ -111,7 +111,7 @@ fn plan_with_files(c: Case, files: &RunFiles) -> SandboxSpec {
         start: c.start,
         readonly_beneath: true,
         files,
-        node_modules: None,
+        packages: None,
     })
 }
 

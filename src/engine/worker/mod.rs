@@ -13,6 +13,7 @@ mod protocol;
 mod teardown;
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -107,6 +108,8 @@ pub struct Worker {
     /// The run's worker slot while it runs: held until its last process is gone, even
     /// when the request is dropped before that (see `Drop`).
     slot: Option<OwnedSemaphorePermit>,
+    /// The package generation bound into its root, if any.
+    packages: Option<PathBuf>,
 }
 
 /// The ends a run forked by a fork server leaves to the server.
@@ -193,7 +196,19 @@ impl Worker {
             owner_gone: false,
             stdin: Some(stdin),
             slot: None,
+            packages: None,
         }
+    }
+
+    /// Note the package generation its root holds.
+    pub fn with_packages(mut self, packages: Option<PathBuf>) -> Self {
+        self.packages = packages;
+        self
+    }
+
+    /// The package generation its root holds.
+    pub fn packages(&self) -> Option<&Path> {
+        self.packages.as_deref()
     }
 
     pub fn uid(&self) -> u32 {
