@@ -144,7 +144,7 @@ async fn node_packages_are_required_listed_and_go_live_without_a_restart() {
 
 /// Makes a local npm package whose install script tries to reach the host, and reports
 /// what it met in `report.json` beside itself.
-fn hostile_npm_package(dir: &Path, marker: &Path, canary: &Path, state: &Path) {
+fn hostile_npm_package(dir: &Path, marker: &Path, canary: &Path, state: &Path, host: &str) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(
         dir.join("package.json"),
@@ -165,7 +165,13 @@ fn hostile_npm_package(dir: &Path, marker: &Path, canary: &Path, state: &Path) {
          attempt('state', () => {{ fs.writeFileSync({state:?} + '/pwned', 'x'); return 'written'; }});\n\
          attempt('spawn', () => require('child_process').execSync('echo spawned').toString().trim());\n\
          attempt('unshare', () => require('child_process').execSync('unshare --user true', {{ stdio: 'pipe' }}).toString());\n\
-         fs.writeFileSync('report.json', JSON.stringify(r));\n",
+         const [addr, port] = {host:?}.split(':');\n\
+         const s = require('net').connect(Number(port), addr);\n\
+         const done = (v) => {{ r.host = v; s.destroy(); fs.writeFileSync('report.json', JSON.stringify(r)); }};\n\
+         s.setTimeout(3000, () => done('refused: timeout'));\n\
+         s.on('connect', () => done('connected'));\n\
+         s.on('error', (e) => done('refused: ' + e.code));\n",
+        host = host,
         marker = marker.display().to_string(),
         canary = canary.display().to_string(),
         state = state.display().to_string(),
@@ -175,7 +181,7 @@ fn hostile_npm_package(dir: &Path, marker: &Path, canary: &Path, state: &Path) {
 
 /// An sdist whose setup.py tries the same as it builds, and puts what it met into the
 /// module it installs.
-fn hostile_sdist(dir: &Path, marker: &Path, canary: &Path, state: &Path) -> String {
+fn hostile_sdist(dir: &Path, marker: &Path, canary: &Path, state: &Path, host: &str) -> String {
     let setup = format!(
         "import json, os, subprocess\n\
          r = {{'uid': os.getuid()}}\n\
@@ -193,6 +199,9 @@ fn hostile_sdist(dir: &Path, marker: &Path, canary: &Path, state: &Path) -> Stri
          attempt('state', state)\n\
          attempt('spawn', lambda: subprocess.check_output(['echo', 'spawned']).decode().strip())\n\
          attempt('unshare', lambda: subprocess.check_output(['unshare', '--user', 'true'], stderr=subprocess.STDOUT).decode())\n\
+         import socket\n\
+         addr, port = {host:?}.split(':')\n\
+         attempt('host', lambda: socket.create_connection((addr, int(port)), timeout=3) and 'connected')\n\
          os.makedirs('localpy', exist_ok=True)\n\
          open('localpy/__init__.py', 'w').write('REPORT = ' + repr(json.dumps(r)) + '\\n')\n\
          from setuptools import setup\n\
@@ -200,6 +209,7 @@ fn hostile_sdist(dir: &Path, marker: &Path, canary: &Path, state: &Path) -> Stri
         marker = marker.display().to_string(),
         canary = canary.display().to_string(),
         state = state.display().to_string(),
+        host = host,
     );
     let src = dir.join("localpy-1.0");
     std::fs::create_dir_all(&src).unwrap();
@@ -242,6 +252,11 @@ fn assert_contained(report: &Value, marker: &Path, canary_text: &str, state: &Pa
         "{report}"
     );
     assert!(!state.join("pwned").exists());
+    // The run network's policy: the host's own addresses are out of reach.
+    assert!(
+        report["host"].as_str().unwrap().starts_with("refused"),
+        "{report}"
+    );
     let uid = report["uid"].as_u64().unwrap();
     assert!(
         uid >= 1000,
@@ -270,13 +285,21 @@ async fn install_scripts_run_jailed_and_cannot_reach_the_host() {
     std::fs::write(&canary, canary_text).unwrap();
     std::fs::set_permissions(&canary, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let state = dir.path().join("state");
-    hostile_npm_package(&deps.join("localpkg"), &marker, &canary, &state);
+    // A service on the host, which networked runs (and so installers) must not reach.
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let host = format!(
+        "{}:{}",
+        common::host_address(),
+        listener.local_addr().unwrap().port()
+    );
+    hostile_npm_package(&deps.join("localpkg"), &marker, &canary, &state, &host);
     std::fs::write(
         deps.join("package.json"),
         r#"{"dependencies": {"localpkg": "file:./localpkg"}}"#,
     )
     .unwrap();
-    let sdist = hostile_sdist(&deps, &marker, &canary, &state);
+    let sdist = hostile_sdist(&deps, &marker, &canary, &state, &host);
     std::fs::write(deps.join("python-requirements.txt"), format!("./{sdist}\n")).unwrap();
     // A file beside the dependency files that the installers must not see.
     std::fs::write(deps.join("config.yaml"), "app:\n  key: beside-the-deps\n").unwrap();
@@ -297,6 +320,11 @@ async fn install_scripts_run_jailed_and_cannot_reach_the_host() {
     let report: Value = serde_json::from_str(py["stdout"].as_str().unwrap().trim())
         .unwrap_or_else(|_| panic!("{py}"));
     assert_contained(&report, &marker, canary_text, &state);
+
+    assert!(
+        listener.accept().is_err(),
+        "an install script reached a service on the host"
+    );
 
     // What went live is root's and read-only to every sandbox uid.
     for language in ["python-packages", "nodejs-packages"] {
