@@ -5,6 +5,7 @@
 mod api;
 mod cli;
 mod config;
+mod container;
 mod deps;
 mod doctor;
 mod engine;

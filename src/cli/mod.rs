@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::ConfigError;
 pub use crate::config::load_config;
+use crate::container::{self, EngineKind};
 use crate::engine::BuildError;
 use crate::runtime::DiscoveryError;
 
@@ -26,6 +27,10 @@ pub const EXIT_USAGE: u8 = 2;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Where the command runs: on this host, or by a `sandbox` in a container of the
+    /// local Docker engine (the default where the jail cannot exist, such as macOS).
+    #[arg(long, global = true, env = "SANDBOX_ENGINE", value_enum, default_value_t = EngineKind::default_here())]
+    pub engine: EngineKind,
 }
 
 #[derive(Debug, Subcommand)]
@@ -39,6 +44,14 @@ pub enum Command {
 }
 
 pub fn execute(cli: Cli) -> ExitCode {
+    if cli.engine == EngineKind::Docker {
+        // The same arguments, for the `sandbox` in the container.
+        return match cli.command {
+            Command::Serve(_) => container::serve(container::args_after("serve")),
+            Command::Run(_) => container::run(container::args_after("run")),
+            Command::Doctor(_) => container::doctor(container::args_after("doctor")),
+        };
+    }
     match cli.command {
         Command::Serve(args) => report(serve::execute(args)),
         Command::Run(args) => run::execute(*args),

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 pub mod raw;
+pub mod runtime_image;
 
 pub const KEY: &str = "dify-sandbox";
 

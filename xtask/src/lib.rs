@@ -6,7 +6,8 @@
 pub mod archive;
 pub mod build_linux;
 mod common;
-pub mod docker;
+/// Finding the Docker engine (shared with `sandbox --engine docker`).
+pub use docker_find as docker;
 pub mod image;
 pub mod images;
 pub mod progress;

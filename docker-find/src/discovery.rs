@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::hex;
+use crate::hex;
 
 /// Everything discovery reads from the outside world, so tests can pass a
 /// temporary HOME and their own environment instead of the process's.

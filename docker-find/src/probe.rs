@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bollard::{API_DEFAULT_VERSION, Docker};
 
-use super::{Candidate, Discovery};
+use crate::{Candidate, Discovery};
 
 /// Long enough for a cold `cargo build` streamed over one request; bollard
 /// applies it to the time until response headers arrive, not to the stream.
