@@ -764,12 +764,12 @@ async fn remote_failures_have_their_exit_codes() {
         "{}",
         stderr(&o)
     );
-    // https is refused up front.
+    // A scheme other than http and https is refused up front (https: tests/remote_tls.rs).
     let o = sandbox(
         &[
             "run",
             "--server",
-            "https://example.invalid",
+            "ftp://127.0.0.1:1",
             "-l",
             "python3",
             "-e",
@@ -778,6 +778,92 @@ async fn remote_failures_have_their_exit_codes() {
         &[],
     );
     assert_eq!(code(&o), 2, "{}", stderr(&o));
+}
+
+/// Through `--server` a job has the world a local run gives it: its script at /job (so a
+/// traceback shows its source lines), /job as its cwd, `SANDBOX_OUT`, the same
+/// /etc/resolv.conf; Dify's own endpoint is left as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_job_has_the_world_of_a_local_one() {
+    let server = Server::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = write(
+        dir.path(),
+        "job.py",
+        "import os, sys\nprint(os.getcwd(), os.environ.get('SANDBOX_OUT'), sys.argv)\nprint(repr(open('/etc/resolv.conf').read()))\ndef f():\n    raise ValueError('no')\nf()\n",
+    );
+    let local = sandbox(&["run", &job, "--", "a"], &[]);
+    let remote = sandbox(&["run", "--server", &server.base, &job, "--", "a"], &[]);
+    assert_eq!(code(&local), 1, "{}", stderr(&local));
+    assert!(
+        stdout(&local).starts_with("/job /tmp/out ['job.py', 'a']\n"),
+        "{}",
+        stdout(&local)
+    );
+    assert_eq!(
+        (code(&remote), stdout(&remote), stderr(&remote)),
+        (code(&local), stdout(&local), stderr(&local))
+    );
+    assert!(
+        stderr(&remote).contains("    raise ValueError('no')\n"),
+        "source lines: {}",
+        stderr(&remote)
+    );
+    // Node, an ES module by its extension, the same way.
+    let mjs = write(
+        dir.path(),
+        "job.mjs",
+        "import fs from 'fs';\nconsole.log(process.cwd(), process.env.SANDBOX_OUT, typeof fs.readFileSync);\n",
+    );
+    let remote = sandbox(&["run", "--server", &server.base, &mjs], &[]);
+    assert_eq!(code(&remote), 0, "{}", stderr(&remote));
+    assert_eq!(stdout(&remote), "/job /tmp/out function\n");
+    // Dify's endpoint: what it always gave.
+    let data = server
+        .python("import os\nprint(os.getcwd(), os.environ.get('SANDBOX_OUT'))")
+        .await;
+    assert_eq!(data["stdout"], "/tmp None\n", "{data}");
+}
+
+/// A remote run's output comes as it is produced, not all at the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_output_is_streamed_as_it_comes() {
+    let server = Server::start(&[("WORKER_TIMEOUT", "10")]).await;
+    let base = server.base.clone();
+    let (first_after, total, rest) = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(bin())
+            .args([
+                "run",
+                "--server",
+                &base,
+                "-l",
+                "python3",
+                "-e",
+                "import time\nprint('first', flush=True)\ntime.sleep(2)\nprint('second')",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let mut out = child.stdout.take().unwrap();
+        let mut buf = [0u8; 6];
+        out.read_exact(&mut buf).unwrap();
+        let first_after = started.elapsed();
+        assert_eq!(&buf, b"first\n");
+        let mut rest = String::new();
+        out.read_to_string(&mut rest).unwrap();
+        let total = started.elapsed();
+        assert!(child.wait().unwrap().success());
+        (first_after, total, rest)
+    })
+    .await
+    .unwrap();
+    assert_eq!(rest, "second\n");
+    assert!(
+        total - first_after >= Duration::from_millis(1500),
+        "the first line came at {first_after:?}, the end at {total:?}: not streamed"
+    );
 }
 
 #[test]
