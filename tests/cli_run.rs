@@ -1029,8 +1029,56 @@ async fn a_caught_thread_limit_is_still_named() {
     assert_eq!(data["error"], "", "{data}");
 }
 
-/// The same job through the interpreter itself and through `sandbox run`: the same exit
-/// status and stdout, and stderr the same once the job's directory is named alike.
+/// How a job ended: its status as a shell reports it (128 + the signal that ended it),
+/// its stdout and its stderr.
+type Ended = (Option<i32>, String, String);
+
+/// Run `cmd`; with `interrupt`, once the job printed its first line, send it SIGINT as a
+/// CI runner's cancel or a Ctrl-C would.
+fn ended(mut cmd: Command, interrupt: bool) -> Ended {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut first = Vec::new();
+    if interrupt {
+        let mut byte = [0u8; 1];
+        while out.read(&mut byte).expect("read") == 1 {
+            first.push(byte[0]);
+            if byte[0] == b'\n' {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        common::nix_kill(child.id(), "INT").expect("kill -INT");
+    }
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).expect("read");
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read");
+    let status = child.wait().expect("wait");
+    first.extend(rest);
+    (
+        status.code().or(status.signal().map(|n| 128 + n)),
+        String::from_utf8_lossy(&first).into_owned(),
+        err,
+    )
+}
+
+/// The same jobs through the interpreter itself and through `sandbox run` (as root, as a
+/// user without root, and through `--server` to servers with and without the Python
+/// fork server): the same exit status, stdout and stderr, once the job's directory is
+/// named alike. What cannot be the same through a server (SIGINT is not carried, no
+/// package.json travels) is left out there and listed in the README.
 #[test]
 fn a_job_ends_as_under_the_interpreter_itself() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1049,6 +1097,14 @@ fn a_job_ends_as_under_the_interpreter_itself() {
         ("quit.py", "print('a')\nexit(5)\n"),
         ("raise.py", "def f():\n    raise ValueError('no')\nf()\n"),
         (
+            "int.py",
+            "import time\nprint('a', flush=True)\ntime.sleep(10)\nprint('b')\n",
+        ),
+        (
+            "handler.py",
+            "import signal, sys, time\ndef on_int(*_):\n    print('handled', flush=True)\n    sys.exit(4)\nsignal.signal(signal.SIGINT, on_int)\nprint('a', flush=True)\ntime.sleep(10)\n",
+        ),
+        (
             "job.mjs",
             "import fs from 'fs';\nconsole.log(typeof fs.readFileSync, typeof require);\n",
         ),
@@ -1057,6 +1113,14 @@ fn a_job_ends_as_under_the_interpreter_itself() {
         (
             "term.js",
             "console.log('a');\nprocess.kill(process.pid, 'SIGTERM');\nsetTimeout(() => console.log('b'), 500);\n",
+        ),
+        (
+            "int.js",
+            "console.log('a');\nsetTimeout(() => console.log('b'), 10000);\n",
+        ),
+        (
+            "handler.js",
+            "process.on('SIGINT', () => { console.log('handled'); process.exit(4); });\nconsole.log('a');\nsetTimeout(() => console.log('b'), 10000);\n",
         ),
         ("pkg/package.json", "{\"type\": \"module\"}\n"),
         (
@@ -1067,57 +1131,75 @@ fn a_job_ends_as_under_the_interpreter_itself() {
     for (name, text) in files {
         std::fs::write(d.join(name), text).expect("write");
     }
-    for name in [
-        "term.py",
-        "abort.py",
-        "exit.py",
-        "quit.py",
-        "raise.py",
-        "job.mjs",
-        "job.cjs",
-        "exitcode.js",
-        "term.js",
-        "pkg/main.js",
-    ] {
-        let path = d.join(name);
+    // A user without root reads the jobs and keeps its state in a home of its own.
+    use std::os::unix::fs::PermissionsExt;
+    for p in [d.to_path_buf(), d.join("pkg")] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let home = d.join("home");
+    std::fs::create_dir(&home).expect("mkdir");
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).expect("chown");
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let python = [("PYTHON_PATH", "/usr/bin/python3")];
+    let forking = rt.block_on(Server::start(&[
+        python[0],
+        ("PYTHON_FORK_SERVER", "true"),
+        ("WORKER_TIMEOUT", "20"),
+    ]));
+    let fresh = rt.block_on(Server::start(&[
+        python[0],
+        ("PYTHON_FORK_SERVER", "false"),
+        ("WORKER_TIMEOUT", "20"),
+    ]));
+    let normal = |s: &str| {
+        s.replace(&format!("{}/pkg/", d.display()), "/job/")
+            .replace(&format!("{}/", d.display()), "/job/")
+    };
+    for (name, _) in files.iter().filter(|(n, _)| !n.ends_with(".json")) {
+        let path = d.join(name).display().to_string();
+        let interrupt = name.starts_with("int.") || name.starts_with("handler.");
         let program = if name.ends_with(".py") {
             "/usr/bin/python3"
         } else {
             "node"
         };
-        let host = Command::new(program)
-            .arg(&path)
-            .current_dir(d)
-            .output()
-            .expect("the interpreter");
-        let mut args = vec!["run".to_string()];
-        if name == "pkg/main.js" {
-            args.extend([
-                "--file".into(),
+        let mut host = Command::new(program);
+        host.arg(&path).current_dir(d);
+        let (code, out, err) = ended(host, interrupt);
+        let want: Ended = (code, out, normal(&err));
+        let mut files_args = Vec::new();
+        if *name == "pkg/main.js" {
+            files_args = vec![
+                "--file".to_string(),
                 d.join("pkg/package.json").display().to_string(),
-            ]);
+            ];
         }
-        args.push(path.display().to_string());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let env = [("PYTHON_PATH", "/usr/bin/python3")];
-        let ours = sandbox(&args, &env);
-        let normal = |s: String| {
-            s.replace(&format!("{}/pkg/", d.display()), "/job/")
-                .replace(&format!("{}/", d.display()), "/job/")
+        let sandbox_run = |extra: &[String]| {
+            let mut c = Command::new(bin());
+            c.arg("run")
+                .args(extra)
+                .arg(&path)
+                .current_dir(d)
+                .envs(python);
+            c
         };
-        // As a shell reports it: 128 + the signal that ended the interpreter.
-        let shell_code = |s: std::process::ExitStatus| {
-            use std::os::unix::process::ExitStatusExt;
-            s.code().or(s.signal().map(|n| 128 + n))
-        };
-        assert_eq!(
-            (shell_code(host.status), stdout(&host)),
-            (ours.status.code(), stdout(&ours)),
-            "{name}: {}",
-            stderr(&ours)
-        );
-        if name == "raise.py" {
-            assert_eq!(normal(stderr(&host)), stderr(&ours), "{name}");
+        let mut ways: Vec<(&str, Command)> = vec![("root", sandbox_run(&files_args))];
+        let mut nobody = sandbox_run(&files_args);
+        nobody
+            .uid(65534)
+            .gid(65534)
+            .env("HOME", &home)
+            .env("XDG_STATE_HOME", &home);
+        ways.push(("rootless", nobody));
+        if !interrupt && files_args.is_empty() {
+            for (label, server) in [("fork server", &forking), ("no fork server", &fresh)] {
+                let args = ["--server".to_string(), server.base.clone()];
+                ways.push((label, sandbox_run(&args)));
+            }
+        }
+        for (how, cmd) in ways {
+            assert_eq!(ended(cmd, interrupt), want, "{name} ({how})");
         }
     }
 }
