@@ -1077,8 +1077,8 @@ fn ended(mut cmd: Command, interrupt: bool) -> Ended {
 /// The same jobs through the interpreter itself and through `sandbox run` (as root, as a
 /// user without root, and through `--server` to servers with and without the Python
 /// fork server): the same exit status, stdout and stderr, once the job's directory is
-/// named alike. What cannot be the same through a server (SIGINT is not carried, no
-/// package.json travels) is left out there and listed in the README.
+/// named alike. A package.json does not travel to a server: that job runs locally only
+/// (listed in the README).
 #[test]
 fn a_job_ends_as_under_the_interpreter_itself() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1192,7 +1192,7 @@ fn a_job_ends_as_under_the_interpreter_itself() {
             .env("HOME", &home)
             .env("XDG_STATE_HOME", &home);
         ways.push(("rootless", nobody));
-        if !interrupt && files_args.is_empty() {
+        if files_args.is_empty() {
             for (label, server) in [("fork server", &forking), ("no fork server", &fresh)] {
                 let args = ["--server".to_string(), server.base.clone()];
                 ways.push((label, sandbox_run(&args)));

@@ -9,7 +9,8 @@
 //! `{"stderr": B64}` for each chunk of output (base64: a chunk may end inside a UTF-8
 //! character), then one `{"end": {...}}` with the status, or one `{"failed": {...}}`
 //! when the sandbox could not run it (`code` -400: the request was wrong; -500: the
-//! server failed). Refusals before that (key, too many requests, a malformed body) are
+//! server failed). A run with /job is announced first, `{"started": {"job": NAME}}`:
+//! `POST /v1/sandbox/job/interrupt` with `{"job": NAME}` sends its snippet SIGINT. Refusals before that (key, too many requests, a malformed body) are
 //! the envelopes `/v1/sandbox/run` answers. A client that goes away stops the run.
 
 use std::sync::Arc;
@@ -61,12 +62,26 @@ pub struct JobRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobEvent {
+    /// The run has its stage; `job` names it for `POST /v1/sandbox/job/interrupt`.
+    Started(JobStarted),
     /// A chunk of stdout, base64-encoded.
     Stdout(String),
     /// A chunk of stderr, base64-encoded.
     Stderr(String),
     End(JobEnd),
     Failed(JobFailed),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStarted {
+    pub job: String,
+}
+
+/// The body of `POST /v1/sandbox/job/interrupt`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterruptRequest {
+    pub job: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,6 +261,12 @@ async fn execute(
         ),
         false => None,
     };
+    if let Some(name) = stage
+        .as_ref()
+        .and_then(|s| s.job.parent()?.file_name()?.to_str().map(String::from))
+    {
+        let _ = tx.send(line(&JobEvent::Started(JobStarted { job: name })));
+    }
     let mut invocation = job.invocation;
     if let Some(script) = &job.script {
         invocation.filename = match &stage {
@@ -316,4 +337,29 @@ async fn execute(
         },
         kind,
     ))
+}
+
+/// `POST /v1/sandbox/job/interrupt`: SIGINT into a job's snippet (through its init), as
+/// Ctrl-C to `sandbox run --server` gives it.
+pub async fn interrupt(headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let body = request::read_body(&headers, body).await?;
+    let req: InterruptRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("the request body is not an interrupt request: {e}"))
+    })?;
+    // A stage's name: `<pid>-<nanos>`.
+    if req.job.is_empty() || !req.job.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
+        return Err(ApiError::bad_request("field `job`: not a job's name"));
+    }
+    let sent = tokio::task::spawn_blocking(move || {
+        crate::cli::run::interrupt::init_of_job(&req.job)
+            .is_some_and(crate::cli::run::interrupt::interrupt)
+    })
+    .await
+    .unwrap_or(false);
+    if !sent {
+        return Err(ApiError::bad_request(
+            "no such job is running (it may have ended)",
+        ));
+    }
+    Ok(super::success(super::envelope::Nothing {}))
 }

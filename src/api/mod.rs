@@ -116,6 +116,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/run", post(run))
         // Not Dify's: `sandbox run --server` (see `job`).
         .route("/job", post(job::job))
+        .route("/job/interrupt", post(job::interrupt))
         .route("/dependencies", get(list_dependencies))
         .route("/dependencies/update", post(update_dependencies))
         .route("/dependencies/refresh", get(refresh_dependencies))

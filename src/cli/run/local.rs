@@ -37,14 +37,14 @@ pub(super) struct LocalRun {
 }
 
 /// SIGINT, SIGTERM and SIGHUP as they come (handlers installed when made).
-struct StopSignals {
+pub(super) struct StopSignals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
 }
 
 impl StopSignals {
-    fn new() -> std::io::Result<Self> {
+    pub(super) fn new() -> std::io::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
         Ok(Self {
             int: signal(SignalKind::interrupt())?,
@@ -53,7 +53,7 @@ impl StopSignals {
         })
     }
 
-    async fn recv(&mut self) -> Signal {
+    pub(super) async fn recv(&mut self) -> Signal {
         tokio::select! {
             _ = self.int.recv() => Signal::SIGINT,
             _ = self.term.recv() => Signal::SIGTERM,
@@ -62,53 +62,10 @@ impl StopSignals {
     }
 }
 
-/// Send SIGINT to the run's init (pid 1 of its pid namespace, see `isolation::init`),
-/// which forwards it to the snippet; false when there is no such process (yet).
+/// Send SIGINT to the run's init, which forwards it to the snippet; false when there is
+/// no such process (yet).
 fn interrupt_run() -> bool {
-    match run_init(nix::unistd::Pid::this()) {
-        Some(init) => nix::sys::signal::kill(init, Signal::SIGINT).is_ok(),
-        None => false,
-    }
-}
-
-/// The init of a run of this command: a descendant of `ancestor` that is pid 1 of a pid
-/// namespace of its own (the last field of its NSpid).
-fn run_init(ancestor: nix::unistd::Pid) -> Option<nix::unistd::Pid> {
-    let parent_of = |pid: i32| -> Option<i32> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // After the command's name, which may hold spaces and parentheses.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        rest.split(' ').nth(1)?.parse().ok()
-    };
-    let is_init = |pid: i32| -> bool {
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-            return false;
-        };
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("NSpid:"))
-            .map(|ids| ids.split_whitespace().collect::<Vec<_>>())
-            .is_some_and(|ids| ids.len() > 1 && ids.last() == Some(&"1"))
-    };
-    let pids: Vec<i32> = std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
-    let mine = |mut pid: i32| {
-        // Up the tree to this command, or to a process that is not its descendant.
-        for _ in 0..64 {
-            match parent_of(pid) {
-                Some(p) if p == ancestor.as_raw() => return true,
-                Some(p) if p > 1 => pid = p,
-                _ => return false,
-            }
-        }
-        false
-    };
-    pids.into_iter()
-        .find(|&pid| is_init(pid) && mine(pid))
-        .map(nix::unistd::Pid::from_raw)
+    super::interrupt::init_under(nix::unistd::Pid::this()).is_some_and(super::interrupt::interrupt)
 }
 
 pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCode> {

@@ -12,6 +12,7 @@
 mod beneath;
 mod collect;
 mod input;
+pub(crate) mod interrupt;
 mod invocation;
 mod local;
 mod prelude;

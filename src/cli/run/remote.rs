@@ -15,14 +15,16 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use serde::Serialize;
 
+use super::local::StopSignals;
 use super::report::{Outcome, stdin_cut_note};
 use super::{prelude, usage};
 use crate::api::envelope::{Envelope, RunData};
-use crate::api::job::{JobEvent, JobRequest};
+use crate::api::job::{InterruptRequest, JobEvent, JobRequest};
 use crate::engine::LimitHit;
 use crate::engine::stdin::copy_bounded;
 use crate::isolation::snippet::Invocation;
 use crate::runtime::Language;
+use nix::sys::signal::Signal;
 
 /// How long to wait for a remote server's answer (it may queue the run first).
 const REMOTE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -296,13 +298,29 @@ pub(super) fn run_remote(run: RemoteRun<'_>) -> anyhow::Result<ExitCode> {
         enable_network: run.network,
     };
     let stream_out = !run.as_json;
+    let job_name = std::sync::Mutex::new(None);
     let answered = rt.block_on(async {
-        let stop = stop_signals().context("cannot watch for SIGINT and SIGTERM")?;
-        tokio::pin!(stop);
-        let job = send_job(&client, &base, run.key, &job, stream_out);
-        tokio::select! {
-            answer = job => answer,
-            signal = &mut stop => Ok(Answered::Stopped(signal)),
+        let mut stop = StopSignals::new().context("cannot watch for SIGINT and SIGTERM")?;
+        let job = send_job(&client, &base, run.key, &job, stream_out, &job_name);
+        tokio::pin!(job);
+        let mut interrupted = false;
+        loop {
+            tokio::select! {
+                answer = &mut job => return answer,
+                signal = stop.recv() => {
+                    // The first SIGINT goes to the snippet, as a local run's does; a
+                    // second one, SIGTERM or SIGHUP close the connection, which stops
+                    // the run.
+                    let name = job_name.lock().ok().and_then(|n| n.clone());
+                    if let (Signal::SIGINT, false, Some(name)) = (signal, interrupted, name)
+                        && interrupt_job(&client, &base, run.key, &name).await
+                    {
+                        interrupted = true;
+                        continue;
+                    }
+                    return Ok(Answered::Stopped(signal));
+                }
+            }
         }
     })?;
     let notes: Vec<String> = cut
@@ -359,25 +377,23 @@ enum Answered {
     /// Its output came as it was produced (and went to the terminal unless --json).
     Streamed(Outcome),
     /// SIGINT, SIGTERM or SIGHUP came first.
-    Stopped(nix::sys::signal::Signal),
+    Stopped(Signal),
     /// The server has no job endpoint (HTTP 404).
     NoJobEndpoint,
 }
 
-/// The first of SIGINT, SIGTERM and SIGHUP to come (handlers installed now).
-fn stop_signals() -> std::io::Result<impl std::future::Future<Output = nix::sys::signal::Signal>> {
-    use nix::sys::signal::Signal;
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    Ok(async move {
-        tokio::select! {
-            _ = int.recv() => Signal::SIGINT,
-            _ = term.recv() => Signal::SIGTERM,
-            _ = hup.recv() => Signal::SIGHUP,
-        }
-    })
+/// SIGINT into a job's snippet, through the server; whether it was delivered.
+async fn interrupt_job(client: &Http, base: &str, key: &str, job: &str) -> bool {
+    let body = serde_json::to_vec(&InterruptRequest { job: job.into() }).unwrap_or_default();
+    let Ok(answer) = client
+        .post(&format!("{base}/v1/sandbox/job/interrupt"), key, body)
+        .await
+    else {
+        return false;
+    };
+    let ok = answer.status().is_success();
+    let text = read_text(answer.into_body()).await.unwrap_or_default();
+    ok && serde_json::from_str::<Envelope<serde_json::Value>>(&text).is_ok_and(|e| e.code == 0)
 }
 
 /// Refusals that come as HTTP statuses, the same on both endpoints.
@@ -415,6 +431,7 @@ async fn send_job(
     key: &str,
     job: &JobRequest,
     stream_out: bool,
+    started: &std::sync::Mutex<Option<String>>,
 ) -> anyhow::Result<Answered> {
     let body = serde_json::to_vec(job).context("cannot encode the request")?;
     let response = client
@@ -481,6 +498,11 @@ async fn send_job(
                         let _ = std::io::stderr().lock().write_all(&bytes);
                     }
                     stderr.extend_from_slice(&bytes);
+                }
+                JobEvent::Started(s) => {
+                    if let Ok(mut name) = started.lock() {
+                        *name = Some(s.job);
+                    }
                 }
                 JobEvent::Failed(failed) => {
                     return Err(refused_by_envelope(base, failed.code, failed.message));
