@@ -363,3 +363,81 @@ pub async fn interrupt(headers: HeaderMap, body: Body) -> Result<Response, ApiEr
     }
     Ok(super::success(super::envelope::Nothing {}))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_one_object_a_line_named_by_kind() {
+        let out = line(&JobEvent::Stdout(b64(b"hi\n")));
+        assert_eq!(&out[..], b"{\"stdout\":\"aGkK\"}\n");
+        let end = line(&JobEvent::End(JobEnd {
+            exit_code: 3,
+            error: "process exited with code 3".into(),
+            limit: None,
+            duration_ms: 12,
+        }));
+        let back: JobEvent = serde_json::from_slice(&end).expect("parses back");
+        assert!(matches!(back, JobEvent::End(JobEnd { exit_code: 3, .. })));
+        let started: JobEvent = serde_json::from_str(r#"{"started":{"job":"12-34"}}"#).unwrap();
+        assert_eq!(
+            started,
+            JobEvent::Started(JobStarted {
+                job: "12-34".into()
+            })
+        );
+    }
+
+    #[test]
+    fn a_request_is_checked_field_by_field() {
+        let ok = JobRequest {
+            language: "python3".into(),
+            code: "print(1)".into(),
+            stdin: b64(b"in"),
+            ..Default::default()
+        };
+        let checked = check(ok.clone()).expect("valid");
+        assert_eq!(checked.stdin, b"in");
+        let refused = |req: JobRequest| check(req).err().expect("refused").message;
+        assert_eq!(
+            refused(JobRequest {
+                language: "ruby".into(),
+                ..ok.clone()
+            }),
+            "unsupported language"
+        );
+        assert!(
+            refused(JobRequest {
+                code: String::new(),
+                ..ok.clone()
+            })
+            .contains("`code`")
+        );
+        assert!(
+            refused(JobRequest {
+                env: vec![("A=B".into(), "x".into())],
+                ..ok.clone()
+            })
+            .contains("`env`")
+        );
+        assert!(
+            refused(JobRequest {
+                stdin: "not base64!".into(),
+                ..ok.clone()
+            })
+            .contains("`stdin`")
+        );
+        assert!(
+            refused(JobRequest {
+                argv: vec!["a\0b".into()],
+                ..ok
+            })
+            .contains("NUL")
+        );
+        let unknown = serde_json::from_str::<JobRequest>(
+            r#"{"language":"python3","code":"x","wait_for_exit":true}"#,
+        );
+        assert!(unknown.is_err(), "unknown fields are refused");
+    }
+}
