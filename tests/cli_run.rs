@@ -825,6 +825,67 @@ async fn a_remote_job_has_the_world_of_a_local_one() {
     assert_eq!(data["stdout"], "/tmp None\n", "{data}");
 }
 
+/// A server from before the job endpoint (here: a real one behind a proxy that answers
+/// 404 there) still runs the job, through Dify's endpoint with the invocation inside the
+/// code: argv, variables, stdin, exit code and line numbers alike (the source lines, not
+/// being in a file there, are not shown).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_without_the_job_endpoint_gets_difys() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start(&[]).await;
+    let upstream = server.addr().to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let old = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                // The request line decides; anything else passes through untouched.
+                let mut head = vec![0u8; 64];
+                let Ok(n) = client.read(&mut head).await else {
+                    return;
+                };
+                head.truncate(n);
+                if head.starts_with(b"POST /v1/sandbox/job ") {
+                    let _ = client
+                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                if up.write_all(&head).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let job = write(
+        dir.path(),
+        "job.py",
+        "import os, sys\nprint(sys.argv, os.environ['MODE'], sys.stdin.read())\ndef f():\n    raise ValueError('no')\nf()\n",
+    );
+    let o = tokio::task::spawn_blocking(move || {
+        sandbox_with_stdin(
+            &["run", "--server", &old, &job, "--env", "MODE=ci", "--", "a"],
+            b"in",
+            &[],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "['job.py', 'a'] ci in\n");
+    assert!(
+        stderr(&o).contains("/job/job.py\", line 4, in f\n")
+            && stderr(&o).ends_with("ValueError: no\n"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// A remote run's output comes as it is produced, not all at the end.
 #[tokio::test(flavor = "multi_thread")]
 async fn remote_output_is_streamed_as_it_comes() {
