@@ -327,26 +327,27 @@ pub(super) fn run_remote(run: RemoteRun<'_>) -> anyhow::Result<ExitCode> {
         .then(|| stdin_cut_note(run.max_input_mb))
         .into_iter()
         .collect();
+    // Closing the connection stopped the run on the server.
+    let stopped = |signal: Signal| {
+        let _ = std::io::stdout().flush();
+        Outcome {
+            stdout: String::new(),
+            stderr: String::new(),
+            error: String::new(),
+            exit_code: 128 + signal as i32,
+            duration: started.elapsed(),
+            limit: None,
+            files: Vec::new(),
+            refused: Vec::new(),
+            notes: vec![format!(
+                "stopped by {}: the run was killed",
+                signal.as_str()
+            )],
+        }
+    };
     let mut result = match answered {
         Answered::Streamed(result) => result,
-        // Closing the connection stopped the run on the server.
-        Answered::Stopped(signal) => {
-            let _ = std::io::stdout().flush();
-            Outcome {
-                stdout: String::new(),
-                stderr: String::new(),
-                error: String::new(),
-                exit_code: 128 + signal as i32,
-                duration: started.elapsed(),
-                limit: None,
-                files: Vec::new(),
-                refused: Vec::new(),
-                notes: vec![format!(
-                    "stopped by {}: the run was killed",
-                    signal.as_str()
-                )],
-            }
-        }
+        Answered::Stopped(signal) => stopped(signal),
         // A server from before the job endpoint: Dify's, with the invocation inside the
         // code.
         Answered::NoJobEndpoint => {
@@ -359,13 +360,23 @@ pub(super) fn run_remote(run: RemoteRun<'_>) -> anyhow::Result<ExitCode> {
                 enable_network: run.network,
                 wait_for_exit: true,
             };
-            let answer = rt.block_on(legacy(&client, &base, run.key, &body))?;
+            let answer = rt.block_on(async {
+                let mut stop = StopSignals::new().context("cannot watch for SIGINT and SIGTERM")?;
+                tokio::select! {
+                    answer = legacy(&client, &base, run.key, &body) => answer.map(Ok),
+                    signal = stop.recv() => Ok(Err(signal)),
+                }
+            })?;
+            let (answer, streamed) = match answer {
+                Ok(answer) => (answer, false),
+                Err(signal) => (stopped(signal), true),
+            };
             return Ok(Outcome {
-                notes,
+                notes: answer.notes.into_iter().chain(notes).collect(),
                 duration: started.elapsed(),
                 ..answer
             }
-            .finish(run.as_json, false));
+            .finish(run.as_json, streamed));
         }
     };
     result.notes.extend(notes);
