@@ -1,6 +1,6 @@
-//! `sandbox serve` checks each language by one real jailed run at start, so an
-//! interpreter that starts on the host but not in the jail is reported at once, not by
-//! every run that fails later.
+//! `sandbox serve` checks each language by one real jailed run as it starts listening,
+//! so an interpreter that starts on the host but not in the jail is reported at once, not
+//! by every run that fails later.
 
 mod common;
 
@@ -44,11 +44,19 @@ async fn serve_names_a_language_that_cannot_run_in_the_jail() {
         &log,
     )
     .await;
-    let text = std::fs::read_to_string(&log).expect("log");
-    let failed = text
-        .lines()
-        .find(|l| l.contains("LANGUAGE FAILS"))
-        .unwrap_or_else(|| panic!("no failing language in the log:\n{text}"));
+    // The probes run once the server listens.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let failed = loop {
+        let text = std::fs::read_to_string(&log).expect("log");
+        if let Some(line) = text.lines().find(|l| l.contains("LANGUAGE FAILS")) {
+            break line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failing language in the log:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(
         failed.contains("python3")
             && failed.contains("does not start in the jail")
@@ -61,7 +69,7 @@ async fn serve_names_a_language_that_cannot_run_in_the_jail() {
 }
 
 #[test]
-fn serve_does_not_start_when_no_language_runs_in_the_jail() {
+fn serve_stops_when_no_language_runs_in_the_jail() {
     let dir = tempfile::tempdir().expect("tempdir");
     let python = root_only_copy(dir.path(), "/usr/bin/python3", "python3");
     let node = root_only_copy(dir.path(), &node(), "node");

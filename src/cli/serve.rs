@@ -58,7 +58,6 @@ async fn serve(engine: Arc<Engine>, nofile: u64) -> anyhow::Result<()> {
         }
     }
     log_network(&engine.network);
-    probe_languages(&engine).await?;
     let addr = config.listen_addr();
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!(
@@ -92,16 +91,44 @@ async fn serve(engine: Arc<Engine>, nofile: u64) -> anyhow::Result<()> {
         deps.clone()
             .spawn_updater(config.python_deps_update_interval);
     }
+    // The probes run once the server listens: a root still being built (the chroot
+    // level) must not hold up /health. A server where no language runs stops.
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
+    let probing = engine.clone();
+    tokio::spawn(async move {
+        if let Err(e) = probe_languages(&probing).await {
+            let _ = failed_tx.send(format!("{e:#}"));
+        }
+    });
+    let none_runs = std::sync::Mutex::new(None);
+    let stop = async {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            failed = failed_rx => match failed {
+                Ok(reason) => {
+                    tracing::error!(%reason, "stopping: no language runs in the jail");
+                    if let Ok(mut slot) = none_runs.lock() {
+                        *slot = Some(reason);
+                    }
+                }
+                // The probes passed: only a signal stops the server.
+                Err(_) => shutdown_signal().await,
+            },
+        }
+    };
     let state = api::AppState::new(engine.clone());
-    api::server::serve(listener, api::router(state), limits, shutdown_signal()).await;
+    api::server::serve(listener, api::router(state), limits, stop).await;
     engine.close().await;
+    if let Some(reason) = none_runs.lock().ok().and_then(|mut r| r.take()) {
+        anyhow::bail!(reason);
+    }
     tracing::info!("stopped: in-flight runs finished");
     Ok(())
 }
 
 /// One real jailed run per language the server has (`Engine::probe`), at once: a
 /// language is said ready only once it ran a snippet; one that cannot is logged as an
-/// error with its fix (its runs would fail), and a server where none can does not start.
+/// error with its fix (its runs would fail); an error when none can.
 async fn probe_languages(engine: &Engine) -> anyhow::Result<()> {
     let mut available = Vec::new();
     for lang in Language::ALL {
