@@ -764,12 +764,12 @@ async fn remote_failures_have_their_exit_codes() {
         "{}",
         stderr(&o)
     );
-    // https is refused up front.
+    // A scheme other than http and https is refused up front (https: tests/remote_tls.rs).
     let o = sandbox(
         &[
             "run",
             "--server",
-            "https://example.invalid",
+            "ftp://127.0.0.1:1",
             "-l",
             "python3",
             "-e",
@@ -778,6 +778,153 @@ async fn remote_failures_have_their_exit_codes() {
         &[],
     );
     assert_eq!(code(&o), 2, "{}", stderr(&o));
+}
+
+/// Through `--server` a job has the world a local run gives it: its script at /job (so a
+/// traceback shows its source lines), /job as its cwd, `SANDBOX_OUT`, the same
+/// /etc/resolv.conf; Dify's own endpoint is left as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_job_has_the_world_of_a_local_one() {
+    let server = Server::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let job = write(
+        dir.path(),
+        "job.py",
+        "import os, sys\nprint(os.getcwd(), os.environ.get('SANDBOX_OUT'), sys.argv)\nprint(repr(open('/etc/resolv.conf').read()))\ndef f():\n    raise ValueError('no')\nf()\n",
+    );
+    let local = sandbox(&["run", &job, "--", "a"], &[]);
+    let remote = sandbox(&["run", "--server", &server.base, &job, "--", "a"], &[]);
+    assert_eq!(code(&local), 1, "{}", stderr(&local));
+    assert!(
+        stdout(&local).starts_with("/job /tmp/out ['job.py', 'a']\n"),
+        "{}",
+        stdout(&local)
+    );
+    assert_eq!(
+        (code(&remote), stdout(&remote), stderr(&remote)),
+        (code(&local), stdout(&local), stderr(&local))
+    );
+    assert!(
+        stderr(&remote).contains("    raise ValueError('no')\n"),
+        "source lines: {}",
+        stderr(&remote)
+    );
+    // Node, an ES module by its extension, the same way.
+    let mjs = write(
+        dir.path(),
+        "job.mjs",
+        "import fs from 'fs';\nconsole.log(process.cwd(), process.env.SANDBOX_OUT, typeof fs.readFileSync);\n",
+    );
+    let remote = sandbox(&["run", "--server", &server.base, &mjs], &[]);
+    assert_eq!(code(&remote), 0, "{}", stderr(&remote));
+    assert_eq!(stdout(&remote), "/job /tmp/out function\n");
+    // Dify's endpoint: what it always gave.
+    let data = server
+        .python("import os\nprint(os.getcwd(), os.environ.get('SANDBOX_OUT'))")
+        .await;
+    assert_eq!(data["stdout"], "/tmp None\n", "{data}");
+}
+
+/// A server from before the job endpoint (here: a real one behind a proxy that answers
+/// 404 there) still runs the job, through Dify's endpoint with the invocation inside the
+/// code: argv, variables, stdin, exit code and line numbers alike (the source lines, not
+/// being in a file there, are not shown).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_without_the_job_endpoint_gets_difys() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start(&[]).await;
+    let upstream = server.addr().to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let old = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                // The request line decides; anything else passes through untouched.
+                let mut head = vec![0u8; 64];
+                let Ok(n) = client.read(&mut head).await else {
+                    return;
+                };
+                head.truncate(n);
+                if head.starts_with(b"POST /v1/sandbox/job ") {
+                    let _ = client
+                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                if up.write_all(&head).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let job = write(
+        dir.path(),
+        "job.py",
+        "import os, sys\nprint(sys.argv, os.environ['MODE'], sys.stdin.read())\ndef f():\n    raise ValueError('no')\nf()\n",
+    );
+    let o = tokio::task::spawn_blocking(move || {
+        sandbox_with_stdin(
+            &["run", "--server", &old, &job, "--env", "MODE=ci", "--", "a"],
+            b"in",
+            &[],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "['job.py', 'a'] ci in\n");
+    assert!(
+        stderr(&o).contains("/job/job.py\", line 4, in f\n")
+            && stderr(&o).ends_with("ValueError: no\n"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// A remote run's output comes as it is produced, not all at the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_output_is_streamed_as_it_comes() {
+    let server = Server::start(&[("WORKER_TIMEOUT", "10")]).await;
+    let base = server.base.clone();
+    let (first_after, total, rest) = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(bin())
+            .args([
+                "run",
+                "--server",
+                &base,
+                "-l",
+                "python3",
+                "-e",
+                "import time\nprint('first', flush=True)\ntime.sleep(2)\nprint('second')",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let mut out = child.stdout.take().unwrap();
+        let mut buf = [0u8; 6];
+        out.read_exact(&mut buf).unwrap();
+        let first_after = started.elapsed();
+        assert_eq!(&buf, b"first\n");
+        let mut rest = String::new();
+        out.read_to_string(&mut rest).unwrap();
+        let total = started.elapsed();
+        assert!(child.wait().unwrap().success());
+        (first_after, total, rest)
+    })
+    .await
+    .unwrap();
+    assert_eq!(rest, "second\n");
+    assert!(
+        total - first_after >= Duration::from_millis(1500),
+        "the first line came at {first_after:?}, the end at {total:?}: not streamed"
+    );
 }
 
 #[test]
@@ -943,8 +1090,56 @@ async fn a_caught_thread_limit_is_still_named() {
     assert_eq!(data["error"], "", "{data}");
 }
 
-/// The same job through the interpreter itself and through `sandbox run`: the same exit
-/// status and stdout, and stderr the same once the job's directory is named alike.
+/// How a job ended: its status as a shell reports it (128 + the signal that ended it),
+/// its stdout and its stderr.
+type Ended = (Option<i32>, String, String);
+
+/// Run `cmd`; with `interrupt`, once the job printed its first line, send it SIGINT as a
+/// CI runner's cancel or a Ctrl-C would.
+fn ended(mut cmd: Command, interrupt: bool) -> Ended {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut first = Vec::new();
+    if interrupt {
+        let mut byte = [0u8; 1];
+        while out.read(&mut byte).expect("read") == 1 {
+            first.push(byte[0]);
+            if byte[0] == b'\n' {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        common::nix_kill(child.id(), "INT").expect("kill -INT");
+    }
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).expect("read");
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read");
+    let status = child.wait().expect("wait");
+    first.extend(rest);
+    (
+        status.code().or(status.signal().map(|n| 128 + n)),
+        String::from_utf8_lossy(&first).into_owned(),
+        err,
+    )
+}
+
+/// The same jobs through the interpreter itself and through `sandbox run` (as root, as a
+/// user without root, and through `--server` to servers with and without the Python
+/// fork server): the same exit status, stdout and stderr, once the job's directory is
+/// named alike. A package.json does not travel to a server: that job runs locally only
+/// (listed in the README).
 #[test]
 fn a_job_ends_as_under_the_interpreter_itself() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -963,6 +1158,14 @@ fn a_job_ends_as_under_the_interpreter_itself() {
         ("quit.py", "print('a')\nexit(5)\n"),
         ("raise.py", "def f():\n    raise ValueError('no')\nf()\n"),
         (
+            "int.py",
+            "import time\nprint('a', flush=True)\ntime.sleep(10)\nprint('b')\n",
+        ),
+        (
+            "handler.py",
+            "import signal, sys, time\ndef on_int(*_):\n    print('handled', flush=True)\n    sys.exit(4)\nsignal.signal(signal.SIGINT, on_int)\nprint('a', flush=True)\ntime.sleep(10)\n",
+        ),
+        (
             "job.mjs",
             "import fs from 'fs';\nconsole.log(typeof fs.readFileSync, typeof require);\n",
         ),
@@ -971,6 +1174,14 @@ fn a_job_ends_as_under_the_interpreter_itself() {
         (
             "term.js",
             "console.log('a');\nprocess.kill(process.pid, 'SIGTERM');\nsetTimeout(() => console.log('b'), 500);\n",
+        ),
+        (
+            "int.js",
+            "console.log('a');\nsetTimeout(() => console.log('b'), 10000);\n",
+        ),
+        (
+            "handler.js",
+            "process.on('SIGINT', () => { console.log('handled'); process.exit(4); });\nconsole.log('a');\nsetTimeout(() => console.log('b'), 10000);\n",
         ),
         ("pkg/package.json", "{\"type\": \"module\"}\n"),
         (
@@ -981,57 +1192,75 @@ fn a_job_ends_as_under_the_interpreter_itself() {
     for (name, text) in files {
         std::fs::write(d.join(name), text).expect("write");
     }
-    for name in [
-        "term.py",
-        "abort.py",
-        "exit.py",
-        "quit.py",
-        "raise.py",
-        "job.mjs",
-        "job.cjs",
-        "exitcode.js",
-        "term.js",
-        "pkg/main.js",
-    ] {
-        let path = d.join(name);
+    // A user without root reads the jobs and keeps its state in a home of its own.
+    use std::os::unix::fs::PermissionsExt;
+    for p in [d.to_path_buf(), d.join("pkg")] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let home = d.join("home");
+    std::fs::create_dir(&home).expect("mkdir");
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).expect("chown");
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let python = [("PYTHON_PATH", "/usr/bin/python3")];
+    let forking = rt.block_on(Server::start(&[
+        python[0],
+        ("PYTHON_FORK_SERVER", "true"),
+        ("WORKER_TIMEOUT", "20"),
+    ]));
+    let fresh = rt.block_on(Server::start(&[
+        python[0],
+        ("PYTHON_FORK_SERVER", "false"),
+        ("WORKER_TIMEOUT", "20"),
+    ]));
+    let normal = |s: &str| {
+        s.replace(&format!("{}/pkg/", d.display()), "/job/")
+            .replace(&format!("{}/", d.display()), "/job/")
+    };
+    for (name, _) in files.iter().filter(|(n, _)| !n.ends_with(".json")) {
+        let path = d.join(name).display().to_string();
+        let interrupt = name.starts_with("int.") || name.starts_with("handler.");
         let program = if name.ends_with(".py") {
             "/usr/bin/python3"
         } else {
             "node"
         };
-        let host = Command::new(program)
-            .arg(&path)
-            .current_dir(d)
-            .output()
-            .expect("the interpreter");
-        let mut args = vec!["run".to_string()];
-        if name == "pkg/main.js" {
-            args.extend([
-                "--file".into(),
+        let mut host = Command::new(program);
+        host.arg(&path).current_dir(d);
+        let (code, out, err) = ended(host, interrupt);
+        let want: Ended = (code, out, normal(&err));
+        let mut files_args = Vec::new();
+        if *name == "pkg/main.js" {
+            files_args = vec![
+                "--file".to_string(),
                 d.join("pkg/package.json").display().to_string(),
-            ]);
+            ];
         }
-        args.push(path.display().to_string());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let env = [("PYTHON_PATH", "/usr/bin/python3")];
-        let ours = sandbox(&args, &env);
-        let normal = |s: String| {
-            s.replace(&format!("{}/pkg/", d.display()), "/job/")
-                .replace(&format!("{}/", d.display()), "/job/")
+        let sandbox_run = |extra: &[String]| {
+            let mut c = Command::new(bin());
+            c.arg("run")
+                .args(extra)
+                .arg(&path)
+                .current_dir(d)
+                .envs(python);
+            c
         };
-        // As a shell reports it: 128 + the signal that ended the interpreter.
-        let shell_code = |s: std::process::ExitStatus| {
-            use std::os::unix::process::ExitStatusExt;
-            s.code().or(s.signal().map(|n| 128 + n))
-        };
-        assert_eq!(
-            (shell_code(host.status), stdout(&host)),
-            (ours.status.code(), stdout(&ours)),
-            "{name}: {}",
-            stderr(&ours)
-        );
-        if name == "raise.py" {
-            assert_eq!(normal(stderr(&host)), stderr(&ours), "{name}");
+        let mut ways: Vec<(&str, Command)> = vec![("root", sandbox_run(&files_args))];
+        let mut nobody = sandbox_run(&files_args);
+        nobody
+            .uid(65534)
+            .gid(65534)
+            .env("HOME", &home)
+            .env("XDG_STATE_HOME", &home);
+        ways.push(("rootless", nobody));
+        if files_args.is_empty() {
+            for (label, server) in [("fork server", &forking), ("no fork server", &fresh)] {
+                let args = ["--server".to_string(), server.base.clone()];
+                ways.push((label, sandbox_run(&args)));
+            }
+        }
+        for (how, cmd) in ways {
+            assert_eq!(ended(cmd, interrupt), want, "{name} ({how})");
         }
     }
 }

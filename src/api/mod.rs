@@ -2,6 +2,7 @@
 
 mod conn;
 pub mod envelope;
+pub mod job;
 mod request;
 pub mod server;
 
@@ -112,6 +113,9 @@ pub const MAX_BODY_BYTES: usize = 16 << 20;
 pub fn router(state: Arc<AppState>) -> Router {
     let sandbox = Router::new()
         .route("/run", post(run))
+        // Not Dify's: `sandbox run --server` (see `job`).
+        .route("/job", post(job::job))
+        .route("/job/interrupt", post(job::interrupt))
         .route("/dependencies", get(list_dependencies))
         .route("/dependencies/update", post(update_dependencies))
         .route("/dependencies/refresh", get(refresh_dependencies))

@@ -7,8 +7,8 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::api;
-use crate::engine::Engine;
 use crate::engine::network::{NetworkPolicy, ServerNetwork};
+use crate::engine::{Engine, ProbeError};
 use crate::runtime::Language;
 
 #[derive(Debug, Args)]
@@ -58,14 +58,6 @@ async fn serve(engine: Arc<Engine>, nofile: u64) -> anyhow::Result<()> {
         }
     }
     log_network(&engine.network);
-    for lang in Language::ALL {
-        match engine.runtime(lang) {
-            Ok(rt) => {
-                tracing::info!(language = %lang, program = %rt.program.display(), version = %rt.version, binds = rt.root.binds.len(), "language ready")
-            }
-            Err(e) => tracing::warn!(language = %lang, error = %e, "language disabled"),
-        }
-    }
     let addr = config.listen_addr();
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!(
@@ -96,10 +88,82 @@ async fn serve(engine: Arc<Engine>, nofile: u64) -> anyhow::Result<()> {
     }
     engine.start_warm_pool();
     engine.spawn_package_updates(config.python_deps_update_interval);
+    // The probes run once the server listens: a root still being built (the chroot
+    // level) must not hold up /health. A server where no language runs stops.
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
+    let probing = engine.clone();
+    tokio::spawn(async move {
+        if let Err(e) = probe_languages(&probing).await {
+            let _ = failed_tx.send(format!("{e:#}"));
+        }
+    });
+    let none_runs = std::sync::Mutex::new(None);
+    let stop = async {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            failed = failed_rx => match failed {
+                Ok(reason) => {
+                    tracing::error!(%reason, "stopping: no language runs in the jail");
+                    if let Ok(mut slot) = none_runs.lock() {
+                        *slot = Some(reason);
+                    }
+                }
+                // The probes passed: only a signal stops the server.
+                Err(_) => shutdown_signal().await,
+            },
+        }
+    };
     let state = api::AppState::new(engine.clone());
-    api::server::serve(listener, api::router(state), limits, shutdown_signal()).await;
+    api::server::serve(listener, api::router(state), limits, stop).await;
     engine.close().await;
+    if let Some(reason) = none_runs.lock().ok().and_then(|mut r| r.take()) {
+        anyhow::bail!(reason);
+    }
     tracing::info!("stopped: in-flight runs finished");
+    Ok(())
+}
+
+/// One real jailed run per language the server has (`Engine::probe`), at once: a
+/// language is said ready only once it ran a snippet; one that cannot is logged as an
+/// error with its fix (its runs would fail); an error when none can.
+async fn probe_languages(engine: &Engine) -> anyhow::Result<()> {
+    let mut available = Vec::new();
+    for lang in Language::ALL {
+        match engine.runtime(lang) {
+            Ok(_) => available.push(lang),
+            Err(e) => tracing::warn!(language = %lang, error = %e, "language disabled"),
+        }
+    }
+    let probes = available
+        .iter()
+        .map(|&lang| async move { (lang, engine.probe(lang).await) });
+    let mut failed = Vec::new();
+    for (lang, result) in futures::future::join_all(probes).await {
+        let Ok(rt) = engine.runtime(lang) else {
+            continue;
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(language = %lang, program = %rt.program.display(), version = %rt.version, binds = rt.root.binds.len(), "language ready: a jailed run passed")
+            }
+            Err(e) => {
+                tracing::error!(
+                    language = %lang,
+                    program = %rt.program.display(),
+                    error = %e,
+                    fix = %ProbeError::fix(lang),
+                    "LANGUAGE FAILS: a jailed run did not run, so every {lang} run would fail; `sandbox doctor` says more"
+                );
+                failed.push(format!("{lang}: {e}"));
+            }
+        }
+    }
+    if !available.is_empty() && failed.len() == available.len() {
+        anyhow::bail!(
+            "no language runs in the jail ({}); run `sandbox doctor`",
+            failed.join("; ")
+        );
+    }
     Ok(())
 }
 

@@ -43,6 +43,12 @@ except BaseException as _x:
     # Show the snippet's frames only, not this bootstrap's.
     import traceback
     traceback.print_exception(type(_x), _x, _x.__traceback__.tb_next)
+    if isinstance(_x, KeyboardInterrupt):
+        # As python3 ends on an uncaught KeyboardInterrupt: killed by SIGINT (130).
+        import os, signal
+        sys.stdout.flush(); sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     sys.exit(1)
 "#;
 

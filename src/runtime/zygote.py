@@ -85,6 +85,16 @@ def run_snippet(sys_path):
     except BaseException as e:
         import traceback
         traceback.print_exception(type(e), e, e.__traceback__.tb_next)
+        if isinstance(e, KeyboardInterrupt):
+            # As python3 ends on an uncaught KeyboardInterrupt: killed by SIGINT (130).
+            import signal
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except BaseException:
+                    pass
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         shut_down(1, end)
     shut_down(0, end)
 

@@ -36,19 +36,36 @@ pub(super) struct LocalRun {
     pub max_input_mb: u64,
 }
 
-/// The first of SIGINT, SIGTERM and SIGHUP to come (handlers installed now).
-fn stop_signals() -> std::io::Result<impl std::future::Future<Output = Signal>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    Ok(async move {
+/// SIGINT, SIGTERM and SIGHUP as they come (handlers installed when made).
+pub(super) struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub(super) fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    pub(super) async fn recv(&mut self) -> Signal {
         tokio::select! {
-            _ = int.recv() => Signal::SIGINT,
-            _ = term.recv() => Signal::SIGTERM,
-            _ = hup.recv() => Signal::SIGHUP,
+            _ = self.int.recv() => Signal::SIGINT,
+            _ = self.term.recv() => Signal::SIGTERM,
+            _ = self.hup.recv() => Signal::SIGHUP,
         }
-    })
+    }
+}
+
+/// Send SIGINT to the run's init, which forwards it to the snippet; false when there is
+/// no such process (yet).
+fn interrupt_run() -> bool {
+    super::interrupt::init_under(nix::unistd::Pid::this()).is_some_and(super::interrupt::interrupt)
 }
 
 pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCode> {
@@ -143,11 +160,11 @@ pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCod
         .stdin
         .map(|source| StdinFeed::new(source, run.max_input_mb << 20));
     let fed = feed.as_ref().map(StdinFeed::report);
-    // SIGINT, SIGTERM or SIGHUP stop the run: killed, then cleaned up like any other end,
-    // so nothing of it (process, cgroup, stage) outlives the command.
+    // SIGTERM or SIGHUP (or a second SIGINT) stop the run: killed, then cleaned up like
+    // any other end, so nothing of it (process, cgroup, stage) outlives the command.
     let cancel = CancellationToken::new();
     let stop_signal = rt
-        .block_on(async { stop_signals() })
+        .block_on(async { StopSignals::new() })
         .context("cannot watch for SIGINT and SIGTERM")?;
     let request = RunRequest {
         language: run.language,
@@ -168,12 +185,21 @@ pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCod
     };
     let (outcome, stopped_by) = rt.block_on(async {
         let run = engine.execute(request);
-        tokio::pin!(run, stop_signal);
+        tokio::pin!(run);
+        let mut stop_signal = stop_signal;
         let mut stopped_by = None;
+        let mut interrupted = false;
         loop {
             tokio::select! {
                 outcome = &mut run => return (outcome, stopped_by),
-                signal = &mut stop_signal, if stopped_by.is_none() => {
+                signal = stop_signal.recv(), if stopped_by.is_none() => {
+                    // The first SIGINT goes to the snippet, as python3 and node get it
+                    // (KeyboardInterrupt, a handler); a second one, or SIGTERM or
+                    // SIGHUP, kills the run.
+                    if signal == Signal::SIGINT && !interrupted && interrupt_run() {
+                        interrupted = true;
+                        continue;
+                    }
                     stopped_by = Some(signal);
                     cancel.cancel();
                 }

@@ -12,12 +12,13 @@
 mod beneath;
 mod collect;
 mod input;
+pub(crate) mod interrupt;
 mod invocation;
 mod local;
 mod prelude;
 mod remote;
 mod report;
-mod stage;
+pub(crate) mod stage;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -55,7 +56,8 @@ Examples:
   sandbox run --json --timeout 2 --memory 128 job.py
   sandbox run job.py --file rules.json --dir lib --out out --env MODE=ci -- --since 2024 < in.csv
   sandbox run app.js --env-file ci.env --stdin data.json -- report
-  API_KEY=secret sandbox run --server http://sandbox:8194 app.js -- a b";
+  API_KEY=secret sandbox run --server http://sandbox:8194 app.js -- a b
+  SANDBOX_SERVER=https://sandbox.example.com API_KEY=secret sandbox run job.py";
 
 #[derive(Debug, Args)]
 #[command(after_help = EXIT_CODES)]
@@ -129,10 +131,14 @@ pub struct RunArgs {
     /// Configuration file (default: conf/config.yaml if present, else built-in defaults).
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// Run on a remote `sandbox serve` at this URL (http://host:8194) instead of locally;
-    /// its own limits apply. Needs no root.
-    #[arg(long, value_name = "URL")]
+    /// Run on a remote `sandbox serve` at this URL (http://host:8194, or https:// behind
+    /// a TLS proxy) instead of locally; its own limits apply. Needs no root.
+    #[arg(long, env = "SANDBOX_SERVER", value_name = "URL")]
     pub server: Option<String>,
+    /// With an https:// --server: trust the CA certificate(s) in this PEM file instead of
+    /// the system's (a private CA).
+    #[arg(long, env = "SANDBOX_CACERT", value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
     /// API key for --server (default: dify-sandbox).
     #[arg(long, env = "API_KEY", hide_env_values = true, value_name = "KEY")]
     pub key: Option<String>,
@@ -236,14 +242,24 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         return run_remote(RemoteRun {
             server,
             key,
+            cacert: args.cacert.as_deref(),
             language,
             code,
             how,
+            script: match Script::of(args) {
+                Script::File(name) => Some(name),
+                Script::Eval | Script::Stdin => None,
+            },
             stdin: if terminal { None } else { source },
             max_input_mb: max_input,
             network: args.network,
             as_json: args.json,
         });
+    }
+    if args.cacert.is_some() {
+        return Err(usage(
+            "--cacert applies to runs on a server (--server https://...)",
+        ));
     }
     let mut inputs = Vec::new();
     for (raws, dir) in [(&args.input_dirs, true), (&args.input_files, false)] {

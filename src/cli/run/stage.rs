@@ -25,7 +25,7 @@ const MAX_INPUT_ENTRIES: u64 = 65_536;
 const MAX_DEPTH: usize = 64;
 
 /// A run's directories, removed on drop.
-pub(super) struct Stage {
+pub(crate) struct Stage {
     root: PathBuf,
     pub job: PathBuf,
     pub out: PathBuf,
@@ -127,7 +127,7 @@ fn remove_stale(runs: &Path) {
 
 /// Why a `--file` or `--dir` as written cannot be staged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(super) enum BadInput {
+pub(crate) enum BadInput {
     #[error("{given}: {dest}")]
     Dest { given: String, dest: BadDest },
     #[error("{given}: a file needs a name in /job: write {raw}:NAME")]
@@ -136,7 +136,7 @@ pub(super) enum BadInput {
 
 /// A destination that is not inside /job.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(super) enum BadDest {
+pub(crate) enum BadDest {
     #[error("the destination {0:?} leaves /job ('..'); give a path inside it")]
     Leaves(String),
     #[error("the destination {0:?} is absolute; give a path relative to /job")]
@@ -145,7 +145,7 @@ pub(super) enum BadDest {
 
 /// One `--file PATH[:DEST]` or `--dir DIR[:DEST]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Input {
+pub(crate) struct Input {
     pub source: PathBuf,
     /// Relative to /job; empty for /job itself (a directory's contents only).
     pub dest: PathBuf,
@@ -194,7 +194,7 @@ impl Input {
 
 /// A destination inside /job: relative, and never leaving it (no `..`, no absolute
 /// path). `.` and an empty DEST are /job itself.
-pub(super) fn check_dest(raw: &str) -> Result<PathBuf, BadDest> {
+pub(crate) fn check_dest(raw: &str) -> Result<PathBuf, BadDest> {
     let mut dest = PathBuf::new();
     for c in Path::new(raw).components() {
         match c {
@@ -216,7 +216,7 @@ pub(super) fn check_dest(raw: &str) -> Result<PathBuf, BadDest> {
 /// files, never a link, so nothing staged earlier can redirect a later input; an input's
 /// own links are copied as what they name while that stays inside the input, and refused
 /// otherwise.
-pub(super) struct Stager {
+pub(crate) struct Stager {
     job: OwnedFd,
     /// Bytes that may still be copied.
     room: u64,
@@ -250,7 +250,7 @@ const FILE_PERM: Perm = Perm::Exact(0o644);
 
 /// What a system call or a read said, as the user is shown it.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum Cause {
+pub(crate) enum Cause {
     #[error("{}", .0.desc())]
     Sys(Errno),
     #[error("{0}")]
@@ -272,7 +272,7 @@ impl From<std::io::Error> for Cause {
 /// Why staging stopped. The kind decides the exit code: an `Input` is the user's to fix
 /// (usage, 2); the run's directory or its script failing is the command's (1).
 #[derive(Debug, thiserror::Error)]
-pub(super) enum StageError {
+pub(crate) enum StageError {
     #[error("cannot open the run's {}: {}", job.display(), errno.desc())]
     Job { job: PathBuf, errno: Errno },
     #[error("cannot stage the script as /job/{name}: {problem}")]
@@ -296,7 +296,7 @@ impl StageError {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub(super) enum ScriptProblem {
+pub(crate) enum ScriptProblem {
     #[error("not a plain file name")]
     NotPlainName,
     #[error("an input put a directory there; give that input another destination (PATH:DEST)")]
@@ -308,7 +308,7 @@ pub(super) enum ScriptProblem {
 /// What is wrong with one input; each says what to do. Paths are shown as the user
 /// would write them (sources) or below /job (destinations).
 #[derive(Debug, thiserror::Error)]
-pub(super) enum InputProblem {
+pub(crate) enum InputProblem {
     #[error("cannot read {path}: {cause}")]
     Read { path: String, cause: Cause },
     #[error("cannot open {path}: {cause}")]
