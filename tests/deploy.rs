@@ -162,7 +162,7 @@ fn assert_validates(version: &[&str], files: &[PathBuf]) {
 #[test]
 fn kubernetes_manifests_pass_strict_schema_validation() {
     let files = manifests();
-    assert!(files.len() >= 7, "expected the manifests, found {files:?}");
+    assert!(files.len() >= 8, "expected the manifests, found {files:?}");
     // The version bundled as default, and 1.30, the first with securityContext.appArmorProfile.
     assert_validates(&[], &files);
     assert_validates(&["-k", "1.30.0"], &files);
@@ -185,6 +185,93 @@ fn schema_validation_rejects_an_unknown_field() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// The optional Ingress: TLS for the host it routes, to the Service's own port, with the
+/// proxy settings a streamed job and the server's body limit need; and it builds into an
+/// overlay as a component.
+#[test]
+fn the_optional_ingress_terminates_tls_for_the_service() {
+    let ingress = manifest("ingress/ingress.yaml");
+    let service = manifest("base/service.yaml");
+    let rule = &at(&ingress, &["spec", "rules"])[0];
+    let host = str_at(rule, &["host"]);
+    let tls = &at(&ingress, &["spec", "tls"])[0];
+    assert_eq!(strings(at(tls, &["hosts"])), vec![host.to_string()]);
+    assert!(!str_at(tls, &["secretName"]).is_empty());
+    let backend = at(&at(rule, &["http", "paths"])[0], &["backend", "service"]);
+    assert_eq!(
+        str_at(backend, &["name"]),
+        str_at(&service, &["metadata", "name"])
+    );
+    let port = str_at(backend, &["port", "name"]);
+    assert!(
+        at(&service, &["spec", "ports"])
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|p| str_at(p, &["name"]) == port),
+        "the Service has no port named {port}"
+    );
+    let notes = at(&ingress, &["metadata", "annotations"]);
+    assert_eq!(
+        str_at(notes, &["nginx.ingress.kubernetes.io/proxy-buffering"]),
+        "off"
+    );
+    assert_eq!(
+        str_at(notes, &["nginx.ingress.kubernetes.io/proxy-body-size"]),
+        "16m"
+    );
+    let component = manifest("ingress/kustomization.yaml");
+    assert_eq!(str_at(&component, &["kind"]), "Component");
+    assert_eq!(strings(at(&component, &["resources"])), ["ingress.yaml"]);
+
+    if Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_err()
+    {
+        eprintln!("kubectl not installed: the component is checked by its resource list only");
+        return;
+    }
+    // An overlay with the component, as the README says to write it.
+    let dir = tempfile::tempdir().unwrap();
+    // kustomize takes relative paths only: up to / from the overlay, then down.
+    let up = "../".repeat(dir.path().components().count() - 1);
+    let rel = |name: &str| {
+        format!(
+            "{up}{}",
+            k8s_dir()
+                .join(name)
+                .display()
+                .to_string()
+                .trim_start_matches('/')
+        )
+    };
+    fs::write(
+        dir.path().join("kustomization.yaml"),
+        format!(
+            "resources: [{}]\ncomponents: [{}]\n",
+            rel("full"),
+            rel("ingress")
+        ),
+    )
+    .unwrap();
+    let out = Command::new("kubectl")
+        .args(["kustomize", "--load-restrictor", "LoadRestrictionsNone"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl kustomize: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("kind: Ingress"), "{text}");
+    let built = dir.path().join("with-ingress.yaml");
+    fs::write(&built, text).unwrap();
+    assert_validates(&[], &[built]);
 }
 
 #[test]
