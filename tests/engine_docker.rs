@@ -38,6 +38,9 @@ fn sandbox(image: &str, cwd: &std::path::Path) -> Command {
     cmd
 }
 
+/// The tests count the containers left behind: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Containers this feature left behind.
 fn leftovers() -> String {
     let out = docker(&["ps", "-aq", "--filter", "label=org.dify-sandbox.engine"]);
@@ -49,6 +52,7 @@ fn run_and_doctor_go_through_the_engine_with_the_same_options_output_and_exit_co
     if !engine_available() {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let image = runtime_image();
     let dir = tempfile::tempdir().unwrap();
     let outside = tempfile::tempdir().unwrap();
@@ -154,11 +158,18 @@ fn run_and_doctor_go_through_the_engine_with_the_same_options_output_and_exit_co
     assert_eq!(leftovers(), "", "containers left behind");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn serve_runs_in_a_container_says_where_and_stops_cleanly() {
+#[test]
+fn serve_runs_in_a_container_says_where_and_stops_cleanly() {
     if !engine_available() {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(serve_in_a_container());
+}
+
+async fn serve_in_a_container() {
     let image = runtime_image();
     let dir = tempfile::tempdir().unwrap();
     let port = common::free_port();

@@ -528,7 +528,8 @@ async fn runs_of_a_server_killed_without_its_shutdown_are_killed_by_the_next_sta
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut uids = run_uids(s.pid());
-    while uids.len() < 2 && std::time::Instant::now() < deadline {
+    // Exactly the two: the start's own probe runs (one per language) may still be ending.
+    while uids.len() != 2 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
         uids = run_uids(s.pid());
     }
