@@ -1,4 +1,4 @@
 #!/bin/sh
-# Release build for linux/amd64 into dist/linux-amd64/ (in a container on macOS).
+# Portable release build for linux/amd64 into dist/linux-amd64/ (see native.sh).
 set -eu
 exec "$(dirname "$0")/native.sh" amd64 "$@"

@@ -1,4 +1,4 @@
 #!/bin/sh
-# Release build for linux/arm64 into dist/linux-arm64/ (in a container on macOS).
+# Portable release build for linux/arm64 into dist/linux-arm64/ (see native.sh).
 set -eu
 exec "$(dirname "$0")/native.sh" arm64 "$@"

@@ -1,17 +1,21 @@
 #!/bin/sh
-# Release build of the sandbox for one Linux architecture, into dist/linux-<arch>/.
-# Usage: build/native.sh amd64|arm64 [extra cargo xtask build-linux options on macOS]
+# Release build of the sandbox for one Linux architecture.
+# Usage: build/native.sh amd64|arm64 [extra `cargo xtask build-linux` options]
 #
-# On Linux this is a plain cargo build (with --target when the host has the
-# other architecture; that needs `rustup target add`, a cross linker and
-# libseccomp for the target). On macOS the build runs in a Linux container
-# through `cargo xtask build-linux`.
+# By default this is `cargo xtask build-linux --arch <arch>`, on Linux as on macOS:
+# the portable binary (musl, libseccomp linked in, no dynamic dependency) built in a
+# container of the local Docker engine, into dist/linux-<arch>/ with its SHA256SUMS,
+# the same file the production image and `install.sh --dist` take.
+#
+# SANDBOX_BUILD=local builds on this Linux host instead, without Docker: a plain
+# cargo build against this host's glibc and libseccomp.so.2, into
+# dist/linux-<arch>-gnu/ (for the host's own architecture only).
 set -eu
 
 arch="${1:-}"
 case "$arch" in
-  amd64) triple=x86_64-unknown-linux-gnu; machine=x86_64 ;;
-  arm64) triple=aarch64-unknown-linux-gnu; machine=aarch64 ;;
+  amd64) machine=x86_64 ;;
+  arm64) machine=aarch64 ;;
   *) echo "usage: $0 amd64|arm64" >&2; exit 2 ;;
 esac
 shift
@@ -19,22 +23,19 @@ shift
 # Work from the repository root whatever the caller's directory.
 cd "$(dirname "$0")/.."
 
-if [ "$(uname -s)" = Darwin ]; then
+if [ "${SANDBOX_BUILD:-}" != local ]; then
   exec cargo xtask build-linux --arch "$arch" "$@"
 fi
 
-target_dir="${CARGO_TARGET_DIR:-target}"
 host="$(uname -m)"
-if [ "$host" = "$machine" ] || { [ "$machine" = aarch64 ] && [ "$host" = arm64 ]; }; then
-  cargo build --release --package sandbox --bins
-  built="$target_dir/release/sandbox"
-else
-  echo "cross-compiling for $triple on $host; if this fails, use: cargo xtask build-linux --arch $arch" >&2
-  cargo build --release --package sandbox --bins --target "$triple"
-  built="$target_dir/$triple/release/sandbox"
+if [ "$(uname -s)" != Linux ] || { [ "$host" != "$machine" ] && ! { [ "$machine" = aarch64 ] && [ "$host" = arm64 ]; }; }; then
+  echo "SANDBOX_BUILD=local builds for this Linux host's own architecture only; use: cargo xtask build-linux --arch $arch" >&2
+  exit 2
 fi
+cargo build --release --package sandbox --bins
+built="${CARGO_TARGET_DIR:-target}/release/sandbox"
 
-out="dist/linux-$arch"
+out="dist/linux-$arch-gnu"
 mkdir -p "$out"
 cp "$built" "$out/sandbox.partial"
 mv "$out/sandbox.partial" "$out/sandbox"

@@ -8,12 +8,14 @@ FROM ${BASE_IMAGE}
 ARG TARGETARCH
 
 # Runtimes for the snippets: Python 3 with the libraries Dify's templates use,
-# Node.js, libseccomp for the sandbox itself and nftables for its network guard.
+# Node.js, and nftables for the network guard; pip and npm install the extra packages of
+# dependencies/ (in their own jail). The binary is the portable one (static,
+# libseccomp linked in), so it needs no library of the image.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      ca-certificates libseccomp2 nftables \
-      python3 python3-jinja2 python3-requests python3-httpx \
-      nodejs \
+      ca-certificates nftables \
+      python3 python3-jinja2 python3-requests python3-httpx python3-pip \
+      nodejs npm \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

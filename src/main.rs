@@ -18,6 +18,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// See Cargo.toml: musl's allocator is slow under concurrency; glibc's is kept as it is.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Internal entry points, reached only through /proc/self/exe: they must run before
     // anything starts a thread (the helper forks).

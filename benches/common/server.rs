@@ -19,12 +19,21 @@ impl Server {
     /// builds side by side) with `env` on top of the built-in defaults and wait until
     /// `/health` answers.
     pub async fn start(env: &[(&str, String)], client: &reqwest::Client) -> Self {
+        let bin = std::env::var_os("SANDBOX_BENCH_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_sandbox").into());
+        Self::start_bin(&bin, env, client).await
+    }
+
+    /// Start the binary `bin` as `start` does.
+    pub async fn start_bin(
+        bin: &std::ffi::OsStr,
+        env: &[(&str, String)],
+        client: &reqwest::Client,
+    ) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
             .port();
-        let bin = std::env::var_os("SANDBOX_BENCH_BIN")
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_sandbox").into());
         let mut command = Command::new(bin);
         command
             .arg("serve")

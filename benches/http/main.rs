@@ -5,12 +5,17 @@
 //!     cargo bench --bench http                       # full run (about 6 minutes)
 //!     cargo bench --bench http -- --quick            # short phases, for a smoke check
 //!     cargo bench --bench http -- --only py-code,jinja2
+//!     cargo bench --bench http -- --compare dist/linux-amd64/sandbox,dist/linux-amd64-gnu/sandbox
+//!
+//! `--compare A,B` measures two builds side by side instead (network off, sequential and
+//! 16 clients; see compare.rs) and prints how much worse A is than B on each figure.
 //!
 //! Payload keys: py-hello, py-code, jinja2, node-hello, js-code. Prints tables and the
 //! ratios to the targets, and writes the same numbers as JSON to target/bench-http.json.
 
 #[path = "../common/mod.rs"]
 mod common;
+mod compare;
 mod measure;
 mod report;
 
@@ -95,6 +100,7 @@ pub struct Memory {
 struct Args {
     quick: bool,
     only: Option<Vec<String>>,
+    compare: Option<[std::ffi::OsString; 2]>,
 }
 
 fn args() -> Args {
@@ -104,9 +110,17 @@ fn args() -> Args {
         .position(|a| a == "--only")
         .map(|i| argv.get(i + 1).expect("--only needs a payload key"))
         .map(|keys| keys.split(',').map(str::to_string).collect::<Vec<_>>());
+    let compare = argv.iter().position(|a| a == "--compare").map(|i| {
+        let both = argv.get(i + 1).expect("--compare needs A,B (two binaries)");
+        let (a, b) = both
+            .split_once(',')
+            .expect("--compare needs two binaries separated by a comma");
+        [a.into(), b.into()]
+    });
     Args {
         quick: argv.iter().any(|a| a == "--quick"),
         only,
+        compare,
     }
 }
 
@@ -151,6 +165,15 @@ async fn main() {
     }
 
     let python = server::resolve_python();
+    if let Some(bins) = args.compare {
+        let compare = compare::Settings {
+            sequential_runs: settings.sequential_runs,
+            pace: settings.pace,
+            load_secs: settings.load_secs,
+        };
+        compare::run(bins, &selected, &compare, &python).await;
+        return;
+    }
     let cold_py = cold_start(&python, &["-c", "pass"], settings.cold_runs);
     let cold_node = cold_start("node", &["-e", "0"], settings.cold_runs);
     let node_same_work = cold_start("node", &["-e", NODE_HELLO_BARE], settings.cold_runs);

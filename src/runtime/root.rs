@@ -123,12 +123,112 @@ pub const DEFAULT_SYSTEM_FILES: &[&str] = &[
     "/etc/ld.so.conf.d",
 ];
 
-/// Shared libraries of `binary`, as `ldd` lists them (absolute paths).
+/// Shared libraries of `binary`, as `ldd` lists them (absolute paths). Where there is no
+/// `ldd` (it is glibc's script: a distroless or `FROM scratch` image running the static
+/// binary has none), read from the ELF files instead.
 pub fn shared_libraries(binary: &Path) -> Vec<PathBuf> {
-    let Ok(out) = std::process::Command::new("ldd").arg(binary).output() else {
+    match std::process::Command::new("ldd").arg(binary).output() {
+        Ok(out) => parse_ldd(&String::from_utf8_lossy(&out.stdout)),
+        Err(_) => elf_libraries(binary),
+    }
+}
+
+/// The program interpreter and the `DT_NEEDED` libraries of `binary`, transitively, found
+/// as the dynamic loader looks for them: `DT_RPATH`/`DT_RUNPATH` (with `$ORIGIN`), the
+/// directories of /etc/ld.so.conf, then the default ones. Only files of the binary's own
+/// class and machine count, so a 32-bit library of the same name is passed over.
+pub fn elf_libraries(binary: &Path) -> Vec<PathBuf> {
+    use goblin::elf::Elf;
+    let Ok(bytes) = std::fs::read(binary) else {
         return Vec::new();
     };
-    parse_ldd(&String::from_utf8_lossy(&out.stdout))
+    let Ok(elf) = Elf::parse(&bytes) else {
+        return Vec::new();
+    };
+    let kind = (elf.is_64, elf.header.e_machine);
+    let system = system_library_dirs();
+    let mut found: Vec<PathBuf> = elf.interpreter.map(PathBuf::from).into_iter().collect();
+    let mut queue = vec![binary.to_path_buf()];
+    let mut seen: BTreeSet<PathBuf> = BTreeSet::new();
+    while let Some(file) = queue.pop() {
+        let Ok(bytes) = std::fs::read(&file) else {
+            continue;
+        };
+        let Ok(elf) = Elf::parse(&bytes) else {
+            continue;
+        };
+        let origin = file.parent().unwrap_or(Path::new("/")).to_string_lossy();
+        let own: Vec<PathBuf> = elf
+            .rpaths
+            .iter()
+            .chain(&elf.runpaths)
+            .flat_map(|p| p.split(':'))
+            .map(|d| PathBuf::from(d.replace("${ORIGIN}", &origin).replace("$ORIGIN", &origin)))
+            .collect();
+        for name in &elf.libraries {
+            let candidates: Vec<PathBuf> = if name.contains('/') {
+                vec![PathBuf::from(name)]
+            } else {
+                own.iter().chain(&system).map(|d| d.join(name)).collect()
+            };
+            let hit = candidates.into_iter().find(|c| {
+                std::fs::read(c).ok().is_some_and(|b| {
+                    Elf::parse(&b).is_ok_and(|e| (e.is_64, e.header.e_machine) == kind)
+                })
+            });
+            if let Some(lib) = hit
+                && seen.insert(lib.clone())
+            {
+                found.push(lib.clone());
+                queue.push(lib);
+            }
+        }
+    }
+    found
+}
+
+/// The loader's search list after a binary's own paths: /etc/ld.so.conf (and the files
+/// it includes), then the multiarch and plain default directories.
+fn system_library_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    let mut confs = vec![PathBuf::from("/etc/ld.so.conf")];
+    while let Some(conf) = confs.pop() {
+        let Ok(text) = std::fs::read_to_string(&conf) else {
+            continue;
+        };
+        for line in text
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+        {
+            if let Some(pattern) = line.strip_prefix("include") {
+                // `include /etc/ld.so.conf.d/*.conf`: the directory's .conf files.
+                let pattern = Path::new(pattern.trim());
+                if let (Some(dir), Some(suffix)) = (
+                    pattern.parent(),
+                    pattern
+                        .file_name()
+                        .and_then(|n| n.to_str()?.strip_prefix('*')),
+                ) && let Ok(entries) = std::fs::read_dir(dir)
+                {
+                    let mut files: Vec<PathBuf> = entries
+                        .flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.to_string_lossy().ends_with(suffix))
+                        .collect();
+                    files.sort();
+                    confs.extend(files.into_iter().rev());
+                }
+            } else if line.starts_with('/') {
+                dirs.push(PathBuf::from(line));
+            }
+        }
+    }
+    let triplet = format!("{}-linux-gnu", std::env::consts::ARCH);
+    for base in ["/lib", "/usr/lib"] {
+        dirs.push(Path::new(base).join(&triplet));
+    }
+    dirs.extend(["/lib64", "/usr/lib64", "/lib", "/usr/lib"].map(PathBuf::from));
+    dirs
 }
 
 pub fn parse_ldd(text: &str) -> Vec<PathBuf> {
@@ -148,6 +248,26 @@ pub fn parse_ldd(text: &str) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn elf_libraries_agree_with_ldd() {
+        // This test binary is dynamically linked here (glibc); ldd is the reference.
+        let me = std::env::current_exe().expect("the test binary");
+        let from_ldd: BTreeSet<PathBuf> = shared_libraries(&me)
+            .into_iter()
+            .filter_map(|p| p.canonicalize().ok())
+            .collect();
+        let from_elf: BTreeSet<PathBuf> = elf_libraries(&me)
+            .into_iter()
+            .filter_map(|p| p.canonicalize().ok())
+            .collect();
+        if from_ldd.is_empty() {
+            // A static test binary (musl): nothing to find either way.
+            assert!(from_elf.is_empty(), "{from_elf:?}");
+            return;
+        }
+        assert_eq!(from_elf, from_ldd);
+    }
 
     #[test]
     fn ldd_output_is_parsed() {

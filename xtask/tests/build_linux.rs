@@ -1,22 +1,30 @@
-//! End-to-end: `cargo xtask build-linux` against a real Docker engine.
+//! End-to-end: `cargo xtask build-linux` against a real Docker engine, and what it
+//! hands out.
 //!
-//! No image registry is assumed, so the builder image is made from this
-//! machine: the Debian packages a Rust build needs (gcc, libc6-dev,
-//! libseccomp-dev, pkg-config and their dependencies), `/etc` for CA
-//! certificates and DNS, and the active Rust toolchain, imported as a root
-//! filesystem (`POST /images/create?fromSrc=-`, i.e. `docker import`). The
-//! image is tagged by a hash of the toolchain and package versions and reused
-//! while they do not change.
+//! No image registry is assumed, so the base of the builder image is made on this
+//! machine: a minimal Debian root (`debootstrap --variant=minbase`, this host's release
+//! and mirror) with this host's active Rust toolchain in /opt/rust, imported as an image
+//! (`POST /images/create?fromSrc=-`, i.e. `docker import`) and tagged by a hash of the
+//! toolchain and release, so it is made once. `build-linux` then builds the real
+//! docker/builder.Dockerfile on it (`--base-image`): Debian's packages and crates.io
+//! are reached from the containers.
+//!
+//! The default output (musl, amd64 here) must be static: no `PT_INTERP`, no
+//! `DT_NEEDED`, read from the ELF. It then runs `--version`, `doctor --json` and a
+//! `run` of a Python snippet in a container whose image holds nothing but that binary
+//! and this host's Python interpreter (its executable, the shared libraries it and its
+//! extension modules load, its standard library).
 //!
 //! Environment:
 //! - `SANDBOX_SKIP_DOCKER_TESTS=1` skips the test.
-//! - `SANDBOX_TEST_BUILDER_IMAGE=<image>` uses that builder image instead.
+//! - `SANDBOX_TEST_BUILDER_IMAGE=<image>` uses that builder image instead (`--image`).
 //! - `SANDBOX_TEST_SOURCE=<dir>` builds that tree instead of this workspace.
 //!
 //! The tree is snapshotted once, so both runs see the same source.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -25,24 +33,6 @@ use bollard::Docker;
 use bollard::query_parameters::CreateImageOptionsBuilder;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
-
-/// Debian packages the build needs; their dependencies are added.
-const ROOT_PACKAGES: &[&str] = &[
-    "gcc",
-    "libc6-dev",
-    "libseccomp-dev",
-    "pkgconf|pkg-config",
-    "dash",
-    "coreutils",
-];
-/// Documentation is not needed to compile and makes the import slower.
-const SKIP_PREFIXES: &[&str] = &[
-    "/usr/share/doc",
-    "/usr/share/man",
-    "/usr/share/info",
-    "/usr/share/locale",
-    "/usr/share/lintian",
-];
 
 #[test]
 fn build_linux_end_to_end() {
@@ -72,36 +62,27 @@ fn build_linux_end_to_end() {
         "aarch64" => "arm64",
         other => panic!("no Linux build target for host architecture {other}"),
     };
-    let image = match std::env::var("SANDBOX_TEST_BUILDER_IMAGE") {
-        Ok(image) if !image.is_empty() => image,
-        _ => {
-            let started = Instant::now();
-            let image = runtime.block_on(host_builder_image(&docker));
-            eprintln!(
-                "builder image {image} ready in {:.1}s",
-                started.elapsed().as_secs_f64()
-            );
-            image
-        }
-    };
-
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-dist");
     let _ = std::fs::remove_dir_all(&out);
-    let mut args: Vec<String> = [
-        "build-linux",
-        "--arch",
-        arch,
-        "--image",
-        &image,
-        "--profile",
-        "debug",
-        "--out",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.push(out.display().to_string());
+    let mut args: Vec<String> = ["build-linux", "--arch", arch, "--profile", "debug"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    match std::env::var("SANDBOX_TEST_BUILDER_IMAGE") {
+        Ok(image) if !image.is_empty() => args.extend(["--image".to_string(), image]),
+        _ => {
+            let started = Instant::now();
+            let base = runtime.block_on(rust_base_image(&docker));
+            eprintln!(
+                "builder base {base} ready in {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
+            args.extend(["--base-image".to_string(), base]);
+        }
+    }
     args.extend([
+        "--out".to_string(),
+        out.display().to_string(),
         "--source".to_string(),
         snapshot_source().display().to_string(),
     ]);
@@ -109,6 +90,7 @@ fn build_linux_end_to_end() {
     let first = run_xtask(&args);
     let binary = out.join(format!("linux-{arch}")).join("sandbox");
     check_artifact(&first.stdout, &binary);
+    check_static(&binary);
 
     let version = Command::new(&binary)
         .arg("--version")
@@ -121,11 +103,8 @@ fn build_linux_end_to_end() {
         String::from_utf8_lossy(&version.stdout),
         String::from_utf8_lossy(&version.stderr)
     );
-    eprintln!(
-        "{} --version: {}",
-        binary.display(),
-        String::from_utf8_lossy(&version.stdout).trim()
-    );
+    let version = String::from_utf8_lossy(&version.stdout).trim().to_string();
+    eprintln!("{} --version: {version}", binary.display());
 
     let second = run_xtask(&args);
     check_artifact(&second.stdout, &binary);
@@ -146,6 +125,138 @@ fn build_linux_end_to_end() {
         first.took.as_secs_f64(),
         second.took.as_secs_f64()
     );
+
+    let image = runtime.block_on(binary_and_python_image(&docker, &binary));
+    runs_alone_with_python(&image, &version);
+}
+
+/// No program interpreter and no shared library: the binary starts on any Linux kernel
+/// of its architecture, whatever its C library.
+fn check_static(binary: &Path) {
+    let bytes = std::fs::read(binary).expect("read the built binary");
+    let elf = goblin::elf::Elf::parse(&bytes).expect("the binary is an ELF file");
+    let interp = elf
+        .program_headers
+        .iter()
+        .find(|ph| ph.p_type == goblin::elf::program_header::PT_INTERP);
+    assert!(
+        interp.is_none() && elf.interpreter.is_none(),
+        "{} has a program interpreter (PT_INTERP {:?}): it is not static",
+        binary.display(),
+        elf.interpreter
+    );
+    assert!(
+        elf.libraries.is_empty(),
+        "{} needs shared libraries (DT_NEEDED): {:?}",
+        binary.display(),
+        elf.libraries
+    );
+    eprintln!(
+        "{}: no PT_INTERP, no DT_NEEDED ({} program headers, dynamic section: {})",
+        binary.display(),
+        elf.program_headers.len(),
+        if elf.dynamic.is_some() {
+            "present (static-pie relocations only)"
+        } else {
+            "absent"
+        }
+    );
+}
+
+/// `docker run --rm <image> <args>`; the output, asserting the container ran.
+fn docker_run(image: &str, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["run", "--rm", image];
+    all.extend_from_slice(args);
+    eprintln!("$ docker {}", all.join(" "));
+    Command::new("docker")
+        .args(&all)
+        .output()
+        .expect("run the docker CLI")
+}
+
+/// The binary's commands in a container of Docker's defaults (no capability added,
+/// no privilege) whose image holds only it and Python.
+fn runs_alone_with_python(image: &str, version: &str) {
+    let out = docker_run(image, &["/sandbox", "--version"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.trim() == version,
+        "--version in the container: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = docker_run(image, &["/sandbox", "doctor", "--json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "doctor --json printed no JSON ({e}): {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    eprintln!(
+        "doctor --json in the container (exit {}): {report}",
+        out.status
+    );
+    let checks = doctor_checks(&report);
+    assert!(
+        !checks.is_empty(),
+        "doctor --json lists no checks: {report}"
+    );
+    let python = checks
+        .iter()
+        .find(|(name, _)| name.to_lowercase().contains("python"))
+        .unwrap_or_else(|| panic!("doctor --json has no Python check: {report}"));
+    assert_eq!(python.1, "ok", "doctor's Python check: {report}");
+
+    let out = docker_run(
+        image,
+        &[
+            "/sandbox",
+            "run",
+            "--json",
+            "-l",
+            "python3",
+            "-e",
+            "import sys, json; print(json.dumps([6 * 7, sys.version_info[0]]))",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let result: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "run --json printed no JSON ({e}): {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    eprintln!("run --json in the container: {result}");
+    assert!(
+        out.status.success(),
+        "run exited with {}: {result}",
+        out.status
+    );
+    assert_eq!(result["stdout"], "[42, 3]\n", "{result}");
+    assert_eq!(result["exit_code"], 0, "{result}");
+}
+
+/// (name, status) of each check in doctor's JSON, wherever the list sits.
+fn doctor_checks(report: &serde_json::Value) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    fn walk(v: &serde_json::Value, found: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let (Some(name), Some(status)) = (
+                    map.get("name").and_then(|n| n.as_str()),
+                    map.get("status").and_then(|s| s.as_str()),
+                ) {
+                    found.push((name.to_string(), status.to_string()));
+                }
+                map.values().for_each(|v| walk(v, found));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, found)),
+            _ => {}
+        }
+    }
+    walk(report, &mut found);
+    found
 }
 
 /// Copies the tree to build (this workspace, or `SANDBOX_TEST_SOURCE`) once,
@@ -211,8 +322,44 @@ fn check_artifact(summary: &str, binary: &Path) {
     assert_eq!(sums, format!("{actual}  sandbox\n"));
 }
 
-/// Builds (or reuses) an image holding this host's compiler toolchain.
-async fn host_builder_image(docker: &Docker) -> String {
+/// Runs as root: debootstrap and the runtime image's files need it.
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// This host's Debian release and the mirror its apt uses.
+fn host_release_and_mirror() -> (String, String) {
+    let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let codename = os
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|c| c.trim_matches('"').to_string())
+        .filter(|c| !c.is_empty())
+        .expect(
+            "no VERSION_CODENAME in /etc/os-release: the builder base is made with \
+             debootstrap from a Debian host; elsewhere set SANDBOX_TEST_BUILDER_IMAGE",
+        );
+    let deb822 =
+        std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+    let classic = std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+    let mirror = deb822
+        .lines()
+        .find_map(|l| l.strip_prefix("URIs:"))
+        .and_then(|uris| uris.split_whitespace().next())
+        .or_else(|| {
+            classic
+                .lines()
+                .find_map(|l| l.strip_prefix("deb "))
+                .and_then(|rest| rest.split_whitespace().find(|w| w.contains("://")))
+        })
+        .map(str::to_string)
+        .expect("no Debian mirror in /etc/apt/sources.list(.d): debootstrap needs one");
+    (codename, mirror)
+}
+
+/// A minimal Debian of this host's release with this host's Rust toolchain in
+/// /opt/rust: the base for docker/builder.Dockerfile (instead of `rust:1-bookworm`).
+async fn rust_base_image(docker: &Docker) -> String {
     let sysroot = PathBuf::from(
         String::from_utf8(
             Command::new("rustc")
@@ -229,166 +376,281 @@ async fn host_builder_image(docker: &Docker) -> String {
         .output()
         .expect("run rustc -vV")
         .stdout;
-    let packages = package_closure();
+    let (codename, mirror) = host_release_and_mirror();
+    let targets: Vec<String> = ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"]
+        .iter()
+        .filter(|t| sysroot.join("lib/rustlib").join(t).is_dir())
+        .map(|t| t.to_string())
+        .collect();
+    assert_eq!(
+        targets.len(),
+        2,
+        "the musl standard libraries are missing from {}: run \
+         `rustup target add x86_64-unknown-linux-musl aarch64-unknown-linux-musl`",
+        sysroot.display()
+    );
 
     let mut key = Sha256::new();
     key.update(&rustc_version);
     key.update(sysroot.as_os_str().as_encoded_bytes());
-    for (name, version) in &packages {
-        key.update(format!("{name}={version}\n"));
-    }
+    key.update(format!("{codename} minbase"));
     let tag = &xtask::docker::hex(&key.finalize())[..16];
-    let image = format!("sandbox-test-builder:{tag}");
+    let image = format!("sandbox-test-rust:{tag}");
     if docker.inspect_image(&image).await.is_ok() {
         return image;
     }
+    assert!(
+        is_root(),
+        "making the builder base needs root (debootstrap); run as root or set \
+         SANDBOX_TEST_BUILDER_IMAGE"
+    );
+    let rootfs = Path::new(env!("CARGO_TARGET_TMPDIR")).join("debootstrap");
+    let _ = std::fs::remove_dir_all(&rootfs);
+    eprintln!(
+        "$ debootstrap --variant=minbase {codename} {} {mirror}",
+        rootfs.display()
+    );
+    let status = Command::new("debootstrap")
+        .args(["--variant=minbase", &codename])
+        .arg(&rootfs)
+        .arg(&mirror)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start debootstrap ({e}): install it with `apt-get install -y \
+                 debootstrap`, or set SANDBOX_TEST_BUILDER_IMAGE"
+            )
+        });
+    assert!(status.success(), "debootstrap failed with {status}");
 
-    let files = package_files(packages.keys());
-    let sysroot_for_tar = sysroot.clone();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
-    let writer = tokio::task::spawn_blocking(move || write_rootfs(&files, &sysroot_for_tar, tx));
-    let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(Into::into);
-
-    let options = CreateImageOptionsBuilder::default()
-        .from_src("-")
-        .repo("sandbox-test-builder")
-        .tag(tag)
-        .changes(vec![
-            format!(
-                "ENV PATH={}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                sysroot.display()
-            ),
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let (root_for_tar, sysroot_for_tar) = (rootfs.clone(), sysroot.clone());
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut tar = tar::Builder::new(ChannelWriter {
+            tx,
+            buf: Vec::new(),
+        });
+        tar.follow_symlinks(false);
+        tar.append_dir_all(".", &root_for_tar)?;
+        // This host's own certificate authorities (a proxy's, a company's): the
+        // builder reaches crates.io the way this host does. ca-certificates in
+        // the builder adds them to its bundle.
+        if let Ok(local) = std::fs::read_dir("/usr/local/share/ca-certificates") {
+            for entry in local.flatten() {
+                let name = Path::new("usr/local/share/ca-certificates").join(entry.file_name());
+                tar.append_path_with_name(entry.path(), name)?;
+            }
+        }
+        // The toolchain without its documentation and the standard libraries of
+        // other systems.
+        let rust = Path::new("opt/rust");
+        tar.append_dir_all(rust.join("bin"), sysroot_for_tar.join("bin"))?;
+        for entry in std::fs::read_dir(sysroot_for_tar.join("lib"))? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if name == "rustlib" {
+                continue;
+            }
+            let dest = rust.join("lib").join(&name);
+            if entry.file_type()?.is_dir() {
+                tar.append_dir_all(dest, entry.path())?;
+            } else {
+                tar.append_path_with_name(entry.path(), dest)?;
+            }
+        }
+        for entry in std::fs::read_dir(sysroot_for_tar.join("lib/rustlib"))? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if name.to_string_lossy().contains("apple") || name == "src" {
+                continue;
+            }
+            let dest = rust.join("lib/rustlib").join(&name);
+            if entry.file_type()?.is_dir() {
+                tar.append_dir_all(dest, entry.path())?;
+            } else {
+                tar.append_path_with_name(entry.path(), dest)?;
+            }
+        }
+        let mut writer = tar.into_inner()?;
+        writer.flush()
+    });
+    import(
+        docker,
+        "sandbox-test-rust",
+        tag,
+        rx,
+        vec![
+            "ENV PATH=/opt/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+                .to_string(),
             "ENV HOME=/root".to_string(),
             "ENV CARGO_HOME=/root/.cargo".to_string(),
-            format!("LABEL {}=test-builder", xtask::images::LABEL),
-        ])
-        .build();
-    let mut stream = docker.create_image(Some(options), Some(bollard::body_stream(body)), None);
-    while let Some(item) = stream.next().await {
-        if let Err(e) = item {
-            panic!("importing the host toolchain as {image} failed: {e}");
-        }
-    }
+            format!("LABEL {}=test-rust-base", xtask::images::LABEL),
+        ],
+    )
+    .await;
     writer
         .await
         .expect("rootfs writer panicked")
         .expect("write the rootfs tar");
+    let _ = std::fs::remove_dir_all(&rootfs);
     image
 }
 
-/// Installed packages needed for the build, with their dependencies, as
-/// name -> version. Alternatives take the first installed choice.
-fn package_closure() -> BTreeMap<String, String> {
-    let output = Command::new("dpkg-query")
+/// `docker import` of the tar arriving on `rx` as `repo:tag`.
+async fn import(
+    docker: &Docker,
+    repo: &str,
+    tag: &str,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    changes: Vec<String>,
+) {
+    let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(Into::into);
+    let options = CreateImageOptionsBuilder::default()
+        .from_src("-")
+        .repo(repo)
+        .tag(tag)
+        .changes(changes)
+        .build();
+    let mut stream = docker.create_image(Some(options), Some(bollard::body_stream(body)), None);
+    while let Some(item) = stream.next().await {
+        if let Err(e) = item {
+            panic!("importing {repo}:{tag} failed: {e}");
+        }
+    }
+}
+
+/// An image of nothing but the sandbox binary (/sandbox) and this host's Python: the
+/// interpreter, the shared libraries it and its extension modules load (as `ldd` names
+/// them), its standard library, and an empty /tmp.
+async fn binary_and_python_image(docker: &Docker, binary: &Path) -> String {
+    let python = std::fs::canonicalize("/usr/bin/python3").expect("/usr/bin/python3 on this host");
+    let version = Command::new(&python)
         .args([
-            "-W",
-            "-f=${Package}\t${db:Status-Abbrev}\t${Version}\t${Provides}\t${Depends}, ${Pre-Depends}\n",
+            "-c",
+            "import sys, sysconfig; print(sys.version_info[0], sys.version_info[1], \
+             sysconfig.get_path('stdlib'))",
         ])
         .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "dpkg-query is needed to assemble a builder image from this host ({e}); \
-                 on a non-Debian host set SANDBOX_TEST_BUILDER_IMAGE to an image with \
-                 cargo, gcc, pkg-config and libseccomp-dev"
-            )
-        });
-    let text = String::from_utf8_lossy(&output.stdout);
-    let mut depends: BTreeMap<String, (String, String)> = BTreeMap::new();
-    let mut provides: BTreeMap<String, String> = BTreeMap::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split('\t').collect();
-        if f.len() != 5 || !f[1].starts_with("ii") {
-            continue;
-        }
-        depends.insert(f[0].to_string(), (f[2].to_string(), f[4].to_string()));
-        for p in f[3].split(',') {
-            if let Some(name) = dep_name(p) {
-                provides.entry(name).or_insert_with(|| f[0].to_string());
-            }
-        }
-    }
-    let resolve = |alternatives: &str| -> Option<String> {
-        alternatives.split('|').find_map(|alt| {
-            let name = dep_name(alt)?;
-            if depends.contains_key(&name) {
-                Some(name)
-            } else {
-                provides.get(&name).cloned()
-            }
-        })
-    };
-    let mut todo: Vec<String> = Vec::new();
-    for root in ROOT_PACKAGES {
-        match resolve(root) {
-            Some(p) => todo.push(p),
-            None => panic!(
-                "package {root} is not installed; run: apt-get install -y gcc libc6-dev \
-                 libseccomp-dev pkg-config (or set SANDBOX_TEST_BUILDER_IMAGE)"
-            ),
-        }
-    }
-    let mut closure = BTreeMap::new();
-    while let Some(p) = todo.pop() {
-        if closure.contains_key(&p) {
-            continue;
-        }
-        let Some((version, deps)) = depends.get(&p) else {
-            continue;
-        };
-        closure.insert(p.clone(), version.clone());
-        todo.extend(deps.split(',').filter_map(resolve));
-    }
-    closure
-}
-
-/// "libc6 (>= 2.34)" or "libfoo:any" -> "libc6" / "libfoo".
-fn dep_name(dep: &str) -> Option<String> {
-    let name = dep.split_whitespace().next()?.split(':').next()?;
-    (!name.is_empty()).then(|| name.to_string())
-}
-
-/// Files the packages installed, resolved through symlinked directories
-/// (`/bin/bash` is `/usr/bin/bash` on a merged-/usr system), plus the
-/// `update-alternatives` links in /usr/bin such as `cc`.
-fn package_files<'a>(packages: impl Iterator<Item = &'a String>) -> BTreeSet<PathBuf> {
-    let names: Vec<&String> = packages.collect();
-    let output = Command::new("dpkg-query")
-        .arg("-L")
-        .args(&names)
-        .output()
-        .expect("dpkg-query -L");
-    let mut files = BTreeSet::new();
-    let listed = String::from_utf8_lossy(&output.stdout).into_owned();
-    let alternatives = std::fs::read_dir("/usr/bin")
+        .expect("run python3");
+    let version = String::from_utf8_lossy(&version.stdout).to_string();
+    let mut parts = version.split_whitespace();
+    let (major, minor, stdlib) = (
+        parts.next().expect("python major").to_string(),
+        parts.next().expect("python minor").to_string(),
+        PathBuf::from(parts.next().expect("python stdlib")),
+    );
+    let mut needs_libs = vec![python.clone()];
+    for entry in std::fs::read_dir(stdlib.join("lib-dynload"))
         .into_iter()
         .flatten()
         .flatten()
-        .map(|e| e.path())
-        .filter(|p| std::fs::read_link(p).is_ok_and(|t| t.starts_with("/etc/alternatives")))
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>();
-    for line in listed.lines().map(str::to_string).chain(alternatives) {
-        if !line.starts_with('/')
-            || line.starts_with("/etc/")
-            || SKIP_PREFIXES.iter().any(|p| line.starts_with(p))
-        {
-            continue;
-        }
-        let path = Path::new(&line);
-        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-            continue;
-        };
-        let Ok(parent) = parent.canonicalize() else {
-            continue;
-        };
-        let real = parent.join(name);
-        if let Ok(meta) = std::fs::symlink_metadata(&real)
-            && !meta.is_dir()
-        {
-            files.insert(real);
+    {
+        needs_libs.push(entry.path());
+    }
+    let mut libs = Vec::new();
+    for file in &needs_libs {
+        let out = Command::new("ldd").arg(file).output().expect("run ldd");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let line = line.trim();
+            let path = line.split_once("=>").map_or(line, |(_, rhs)| rhs.trim());
+            if let Some(p) = path
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/'))
+            {
+                libs.push(PathBuf::from(p));
+            }
         }
     }
-    files
+    libs.sort();
+    libs.dedup();
+
+    let bytes = std::fs::read(binary).expect("read the built binary");
+    let mut key = Sha256::new();
+    key.update(&bytes);
+    key.update(format!("{major}.{minor} {}", stdlib.display()));
+    let tag = xtask::docker::hex(&key.finalize())[..16].to_string();
+    let image = format!("sandbox-test-static:{tag}");
+    if docker.inspect_image(&image).await.is_ok() {
+        return image;
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let binary = binary.to_path_buf();
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut tar = tar::Builder::new(ChannelWriter {
+            tx,
+            buf: Vec::new(),
+        });
+        tar.follow_symlinks(false);
+        let mut added = HashSet::new();
+        tar.append_path_with_name(&binary, "sandbox")?;
+        let mut tmp = tar::Header::new_gnu();
+        tmp.set_entry_type(tar::EntryType::Directory);
+        tmp.set_mode(0o1777);
+        tmp.set_size(0);
+        tar.append_data(&mut tmp, "tmp", std::io::empty())?;
+        add_with_links(&mut tar, &mut added, Path::new("/usr/bin/python3"))?;
+        for lib in &libs {
+            add_with_links(&mut tar, &mut added, lib)?;
+        }
+        add_tree(&mut tar, &mut added, &stdlib)?;
+        let mut writer = tar.into_inner()?;
+        writer.flush()
+    });
+    import(
+        docker,
+        "sandbox-test-static",
+        &tag,
+        rx,
+        vec![
+            "ENV PATH=/usr/bin".to_string(),
+            format!("LABEL {}=test-static", xtask::images::LABEL),
+        ],
+    )
+    .await;
+    writer
+        .await
+        .expect("image writer panicked")
+        .expect("write the image's tar");
+    image
+}
+
+/// Adds `path` and, when it or a directory on the way is a symbolic link, the links
+/// and what they lead to, so the path resolves in the image as it does here.
+fn add_with_links(
+    tar: &mut tar::Builder<ChannelWriter>,
+    added: &mut HashSet<PathBuf>,
+    path: &Path,
+) -> std::io::Result<()> {
+    let mut current = PathBuf::from("/");
+    let components: Vec<_> = path.components().skip(1).collect();
+    for (i, part) in components.iter().enumerate() {
+        let next = current.join(part);
+        let meta = std::fs::symlink_metadata(&next)?;
+        if meta.is_symlink() {
+            add(tar, added, &next)?;
+            let target = current.join(std::fs::read_link(&next)?);
+            let rest: PathBuf = components[i + 1..].iter().collect();
+            return add_with_links(tar, added, &normalize(&target.join(rest)));
+        }
+        current = next;
+    }
+    add(tar, added, &current)
+}
+
+/// `a/b/../c` -> `a/c`, without touching the filesystem.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Sends tar data to the engine in chunks as it is produced.
@@ -415,40 +677,6 @@ impl Write for ChannelWriter {
         }
         Ok(())
     }
-}
-
-/// Writes the root filesystem: top-level symlinks of a merged-/usr system,
-/// the package files with their directories, `/etc`, and the toolchain's
-/// `bin/cargo`, `bin/rustc` and `lib/`.
-fn write_rootfs(
-    files: &BTreeSet<PathBuf>,
-    sysroot: &Path,
-    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
-) -> std::io::Result<()> {
-    let mut tar = tar::Builder::new(ChannelWriter {
-        tx,
-        buf: Vec::new(),
-    });
-    tar.follow_symlinks(false);
-    let mut added: HashSet<PathBuf> = HashSet::new();
-
-    for top in ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"] {
-        if std::fs::symlink_metadata(top).is_ok_and(|m| m.is_symlink()) {
-            add(&mut tar, &mut added, Path::new(top))?;
-        }
-    }
-    for file in files {
-        add(&mut tar, &mut added, file)?;
-    }
-    add_tree(&mut tar, &mut added, Path::new("/etc"))?;
-    add(&mut tar, &mut added, &sysroot.join("bin/cargo"))?;
-    add(&mut tar, &mut added, &sysroot.join("bin/rustc"))?;
-    add_tree(&mut tar, &mut added, &sysroot.join("lib"))?;
-    for dir in ["/tmp", "/root"] {
-        add(&mut tar, &mut added, Path::new(dir))?;
-    }
-    let mut writer = tar.into_inner()?;
-    writer.flush()
 }
 
 /// Adds `path` after its parent directories; each path at most once.

@@ -89,6 +89,9 @@ impl Sys for RealSys {
     }
 
     fn locked_flags(&mut self, path: &Path) -> u64 {
+        // The kernel's ST_RELATIME (linux/statfs.h); nix names it only for glibc, but musl's
+        // statvfs passes the kernel's flags through unchanged.
+        const ST_RELATIME: FsFlags = FsFlags::from_bits_retain(0x1000);
         let Ok(st) = statvfs(path) else {
             return 0;
         };
@@ -99,7 +102,7 @@ impl Sys for RealSys {
             (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
             (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
             (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
-            (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+            (ST_RELATIME, MsFlags::MS_RELATIME),
         ]
         .into_iter()
         .filter(|(st, _)| f.contains(*st))

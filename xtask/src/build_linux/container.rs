@@ -20,6 +20,7 @@ use super::output::CargoOutput;
 use super::{Artifact, BuildRequest, PACKAGE, cargo_args, profile_name};
 use crate::archive;
 use crate::images::{Arch, LABEL};
+
 use crate::progress::Phase;
 
 /// Where the source tree is unpacked inside the container.
@@ -66,12 +67,13 @@ fn volume(source: &str, target: String) -> Mount {
 pub(super) async fn create(docker: &Docker, req: &BuildRequest<'_>, v: &Volumes) -> Result<String> {
     let home = &req.image.cargo_home;
     let mut env = vec![format!("CARGO_TARGET_DIR={TARGET_DIR}")];
+    env.extend(req.target.env());
     if std::io::stderr().is_terminal() {
         env.push("CARGO_TERM_COLOR=always".into());
     }
     let body = ContainerCreateBody {
         image: Some(req.image.name.clone()),
-        cmd: Some(cargo_args(req.profile)),
+        cmd: Some(cargo_args(req.profile, req.target)),
         // Clear any entrypoint so `cargo` runs as given, whatever the image.
         entrypoint: Some(vec![]),
         working_dir: Some(SRC_DIR.into()),
@@ -91,7 +93,7 @@ pub(super) async fn create(docker: &Docker, req: &BuildRequest<'_>, v: &Volumes)
         ..Default::default()
     };
     let options = CreateContainerOptionsBuilder::default()
-        .platform(&req.arch.platform())
+        .platform(&req.builder_arch.platform())
         .build();
     let created = docker
         .create_container(Some(options), body)
@@ -151,7 +153,7 @@ pub(super) async fn compile(
         .start_container(id, None)
         .await
         .context("cannot start the build container")?;
-    phase.set_message(format!("cargo build for {}", req.arch.platform()));
+    phase.set_message(format!("cargo build for {}", req.target));
 
     // `logs` with follow replays from the container's start, so nothing
     // printed before this request is lost, and ends when cargo exits.
@@ -181,7 +183,7 @@ pub(super) async fn compile(
     if code != 0 {
         bail!(
             "cargo build for {} exited with status {code}; the compiler output above says why",
-            req.arch.platform()
+            req.target
         );
     }
     if output.executables.is_empty() {
@@ -190,7 +192,7 @@ pub(super) async fn compile(
     let summary = format!(
         "{} for {}: {} crates compiled, {} up to date",
         profile_name(req.profile),
-        req.arch.platform(),
+        req.target,
         output.compiled,
         output.fresh
     );
@@ -225,7 +227,7 @@ pub(super) async fn copy_out(
 ) -> Result<Vec<Artifact>> {
     let phase = Phase::start("copy", format!("{} artifact(s)", executables.len()));
     let result = async {
-        let dir = req.out.join(format!("linux-{}", req.arch.name()));
+        let dir = req.out.join(req.target.dir_name());
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let owner = invoking_user();
@@ -259,7 +261,7 @@ pub(super) async fn copy_out(
                 chown(&dest, owner)?;
             }
             artifacts.push(Artifact {
-                arch: req.arch,
+                target: req.target,
                 file: written,
             });
         }

@@ -6,13 +6,21 @@
 //! container write root-owned files into the checkout. The registry cache and
 //! the target directory live in named volumes per architecture, so a second
 //! build only recompiles what changed.
+//!
+//! By default the binaries are portable: the musl targets with libseccomp linked
+//! statically, so they have no program interpreter and no shared library to find
+//! and start on any Linux of their architecture (old glibc, Alpine, distroless).
+//! Both architectures are compiled in one builder image of the engine's own
+//! architecture, the other one cross-compiled. `--libc gnu` gives the former
+//! glibc build (dynamic glibc and libseccomp.so.2), compiled in a builder of the
+//! target architecture, emulated if it is not the engine's.
 
 mod container;
 mod output;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use bollard::Docker;
 
 use crate::archive::Written;
@@ -31,7 +39,12 @@ pub struct Args {
     /// Target architecture; defaults to the Docker engine's own.
     #[arg(long, value_enum)]
     arch: Option<ArchChoice>,
-    /// Output directory; binaries land in <OUT>/linux-<arch>/.
+    /// C library: musl gives static binaries that run on any Linux (default);
+    /// gnu links glibc and libseccomp.so.2 dynamically, into <OUT>/linux-<arch>-gnu/.
+    #[arg(long, value_enum, default_value = "musl")]
+    libc: Libc,
+    /// Output directory; binaries land in <OUT>/linux-<arch>/ (musl) or
+    /// <OUT>/linux-<arch>-gnu/ (glibc).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     /// Builder image to use instead of building docker/builder.Dockerfile.
@@ -54,6 +67,7 @@ pub struct Args {
 pub async fn run(args: Args) -> Result<()> {
     let Args {
         arch,
+        libc,
         out,
         image,
         base_image,
@@ -72,10 +86,12 @@ pub async fn run(args: Args) -> Result<()> {
     let (docker, native) = connect().await?;
     let mut all = Vec::new();
     for arch in arches(arch, native)? {
+        let target = Target { arch, libc };
+        let builder_arch = target.builder_arch(native)?;
         let tools = workspace_root();
         let builder_req = images::BuilderRequest {
             root: &tools,
-            arch,
+            arch: builder_arch,
             native,
             explicit: image.as_deref(),
             base: &base_image,
@@ -85,7 +101,8 @@ pub async fn run(args: Args) -> Result<()> {
         let req = BuildRequest {
             root: &root,
             out: &out,
-            arch,
+            target,
+            builder_arch,
             image: &builder,
             profile,
         };
@@ -93,6 +110,66 @@ pub async fn run(args: Args) -> Result<()> {
     }
     print_summary(&all);
     Ok(())
+}
+
+/// The C library the binaries are built against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Libc {
+    /// Static: musl and libseccomp linked in, no dynamic dependency.
+    Musl,
+    /// Dynamic glibc and libseccomp.so.2 (glibc 2.34 or newer on the host).
+    Gnu,
+}
+
+/// What one build produces: an architecture and a C library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub arch: Arch,
+    pub libc: Libc,
+}
+
+impl Target {
+    /// Rust's target triple; `None` for the glibc build, which uses the
+    /// builder's own (native) target so its paths stay as they were.
+    pub fn triple(self) -> Option<&'static str> {
+        match (self.libc, self.arch) {
+            (Libc::Gnu, _) => None,
+            (Libc::Musl, Arch::Amd64) => Some("x86_64-unknown-linux-musl"),
+            (Libc::Musl, Arch::Arm64) => Some("aarch64-unknown-linux-musl"),
+        }
+    }
+
+    /// Where the binaries go below the output directory.
+    pub fn dir_name(self) -> String {
+        match self.libc {
+            Libc::Musl => format!("linux-{}", self.arch.name()),
+            Libc::Gnu => format!("linux-{}-gnu", self.arch.name()),
+        }
+    }
+
+    /// The builder's architecture: musl cross-compiles from the engine's own,
+    /// glibc compiles in a builder of the target's.
+    pub fn builder_arch(self, native: Option<Arch>) -> Result<Arch> {
+        match self.libc {
+            Libc::Gnu => Ok(self.arch),
+            Libc::Musl => native.context(
+                "the engine runs on an architecture other than amd64/arm64, so no builder \
+                 can run natively; use an amd64 or arm64 engine",
+            ),
+        }
+    }
+
+    /// Environment of cargo in the builder for this target: libseccomp from
+    /// the builder's static musl build (docker/builder.Dockerfile).
+    fn env(self) -> Vec<String> {
+        match self.triple() {
+            None => Vec::new(),
+            Some(triple) => vec![
+                "LIBSECCOMP_LINK_TYPE=static".to_string(),
+                format!("LIBSECCOMP_LIB_PATH=/opt/musl/{triple}/lib"),
+            ],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -111,8 +188,17 @@ fn profile_name(p: Profile) -> &'static str {
 /// One compiled binary, copied out.
 #[derive(Debug, Clone)]
 pub struct Artifact {
-    pub arch: Arch,
+    pub target: Target,
     pub file: Written,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.libc {
+            Libc::Musl => write!(f, "{} (musl, static)", self.arch.platform()),
+            Libc::Gnu => write!(f, "{} (glibc)", self.arch.platform()),
+        }
+    }
 }
 
 /// Why a build did not produce artifacts. Interruption is told apart so the
@@ -128,7 +214,9 @@ pub enum BuildError {
 pub struct BuildRequest<'a> {
     pub root: &'a Path,
     pub out: &'a Path,
-    pub arch: Arch,
+    pub target: Target,
+    /// Architecture of the builder container.
+    pub builder_arch: Arch,
     pub image: &'a BuilderImage,
     pub profile: Profile,
 }
@@ -136,7 +224,7 @@ pub struct BuildRequest<'a> {
 /// Builds one architecture. The container is removed whatever happens,
 /// including Ctrl-C, which is raced against the whole build.
 pub async fn build(docker: &Docker, req: &BuildRequest<'_>) -> Result<Vec<Artifact>, BuildError> {
-    let volumes = container::ensure_volumes(docker, req.arch).await?;
+    let volumes = container::ensure_volumes(docker, req.builder_arch).await?;
     let id = container::create(docker, req, &volumes).await?;
     let outcome = tokio::select! {
         r = run_in(docker, &id, req) => r.map_err(BuildError::Failed),
@@ -146,7 +234,7 @@ pub async fn build(docker: &Docker, req: &BuildRequest<'_>) -> Result<Vec<Artifa
     outcome
 }
 
-fn cargo_args(profile: Profile) -> Vec<String> {
+fn cargo_args(profile: Profile, target: Target) -> Vec<String> {
     let mut args: Vec<String> = [
         "cargo",
         "build",
@@ -163,6 +251,9 @@ fn cargo_args(profile: Profile) -> Vec<String> {
     if profile == Profile::Release {
         args.push("--release".into());
     }
+    if let Some(triple) = target.triple() {
+        args.extend(["--target".to_string(), triple.to_string()]);
+    }
     args
 }
 
@@ -177,7 +268,7 @@ async fn run_in(docker: &Docker, id: &str, req: &BuildRequest<'_>) -> Result<Vec
             container::copy_out(docker, id, req, &executables).await
         }
         Err(e) => {
-            phase.fail(format!("build for {} failed", req.arch.platform()));
+            phase.fail(format!("build for {} failed", req.target));
             Err(e)
         }
     }
@@ -187,9 +278,54 @@ async fn run_in(docker: &Docker, id: &str, req: &BuildRequest<'_>) -> Result<Vec
 mod tests {
     use super::*;
 
+    const MUSL_ARM64: Target = Target {
+        arch: Arch::Arm64,
+        libc: Libc::Musl,
+    };
+    const GNU_AMD64: Target = Target {
+        arch: Arch::Amd64,
+        libc: Libc::Gnu,
+    };
+
     #[test]
     fn release_flag_only_for_release() {
-        assert!(cargo_args(Profile::Release).contains(&"--release".to_string()));
-        assert!(!cargo_args(Profile::Debug).contains(&"--release".to_string()));
+        assert!(cargo_args(Profile::Release, GNU_AMD64).contains(&"--release".to_string()));
+        assert!(!cargo_args(Profile::Debug, GNU_AMD64).contains(&"--release".to_string()));
+    }
+
+    #[test]
+    fn musl_is_cross_compiled_with_static_libseccomp() {
+        let args = cargo_args(Profile::Release, MUSL_ARM64);
+        assert!(args.ends_with(&["--target".into(), "aarch64-unknown-linux-musl".into()]));
+        assert_eq!(MUSL_ARM64.dir_name(), "linux-arm64");
+        assert_eq!(
+            MUSL_ARM64.builder_arch(Some(Arch::Amd64)).unwrap(),
+            Arch::Amd64
+        );
+        assert!(
+            MUSL_ARM64
+                .env()
+                .contains(&"LIBSECCOMP_LIB_PATH=/opt/musl/aarch64-unknown-linux-musl/lib".into())
+        );
+        assert!(
+            MUSL_ARM64
+                .env()
+                .contains(&"LIBSECCOMP_LINK_TYPE=static".into())
+        );
+    }
+
+    #[test]
+    fn glibc_keeps_the_native_target_and_its_own_directory() {
+        assert!(!cargo_args(Profile::Release, GNU_AMD64).contains(&"--target".to_string()));
+        assert!(GNU_AMD64.env().is_empty());
+        assert_eq!(GNU_AMD64.dir_name(), "linux-amd64-gnu");
+        let gnu_arm64 = Target {
+            arch: Arch::Arm64,
+            libc: Libc::Gnu,
+        };
+        assert_eq!(
+            gnu_arm64.builder_arch(Some(Arch::Amd64)).unwrap(),
+            Arch::Arm64
+        );
     }
 }

@@ -161,8 +161,8 @@ pub fn print_summary(artifacts: &[Artifact]) {
     println!("Artifacts:");
     for a in artifacts {
         println!(
-            "  {:<12} {}  {:>10}  sha256 {}",
-            a.arch.platform(),
+            "  {:<24} {}  {:>10}  sha256 {}",
+            a.target.to_string(),
             display_path(&a.file.path).display(),
             crate::progress::human_size(a.file.size),
             a.file.sha256
