@@ -59,6 +59,9 @@ case "$family" in
     [ "$mode" = dist ] && build_deps=""
     $SUDO apt-get install -y -qq $build_deps ca-certificates \
       python3 python3-pip python3-jinja2 python3-requests python3-httpx nodejs nftables >/dev/null
+    # npm installs the Node packages of dependencies/package.json; a Node.js from elsewhere
+    # (NodeSource, a tarball) brings its own.
+    command -v npm >/dev/null || $SUDO apt-get install -y -qq npm >/dev/null
     [ "$mode" = test ] && $SUDO apt-get install -y -qq debootstrap >/dev/null
     [ "$mode" = test ] && $SUDO apt-get install -y -qq docker.io iproute2 conntrack >/dev/null
     ;;
@@ -76,7 +79,7 @@ case "$family" in
     build_deps="libseccomp-dev pkgconf gcc musl-dev make curl"
     [ "$mode" = dist ] && build_deps=""
     $SUDO apk add --no-cache $build_deps ca-certificates bash \
-      python3 py3-pip py3-jinja2 py3-requests py3-httpx nodejs nftables
+      python3 py3-pip py3-jinja2 py3-requests py3-httpx nodejs npm nftables
     [ "$mode" = test ] && $SUDO apk add --no-cache docker
     ;;
   *arch*)
@@ -84,7 +87,7 @@ case "$family" in
     build_deps="libseccomp pkgconf gcc make curl"
     [ "$mode" = dist ] && build_deps=""
     $SUDO pacman -Sy --needed --noconfirm $build_deps ca-certificates \
-      python python-pip python-jinja python-requests python-httpx nodejs nftables
+      python python-pip python-jinja python-requests python-httpx nodejs npm nftables
     [ "$mode" = test ] && $SUDO pacman -S --needed --noconfirm docker
     ;;
   *)
