@@ -10,6 +10,7 @@ mod deps;
 mod doctor;
 mod engine;
 mod isolation;
+mod job;
 mod metrics;
 mod runtime;
 mod state;

@@ -27,9 +27,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{ApiError, AppState, request};
-use crate::cli::run::stage::{Stage, StageError, Stager};
 use crate::engine::{LimitHit, RunError, RunRequest, Sink, StdinFeed, Stream};
 use crate::isolation::snippet::{Invocation, check_variable};
+use crate::job::stage::{Stage, StageError, Stager};
 use crate::runtime::Language;
 
 /// The request: the code with its invocation, as `sandbox run` has them.
@@ -351,8 +351,7 @@ pub async fn interrupt(headers: HeaderMap, body: Body) -> Result<Response, ApiEr
         return Err(ApiError::bad_request("field `job`: not a job's name"));
     }
     let sent = tokio::task::spawn_blocking(move || {
-        crate::cli::run::interrupt::init_of_job(&req.job)
-            .is_some_and(crate::cli::run::interrupt::interrupt)
+        crate::job::interrupt::init_of_job(&req.job).is_some_and(crate::job::interrupt::interrupt)
     })
     .await
     .unwrap_or(false);

@@ -18,7 +18,7 @@ use nix::sys::stat::{FileStat, SFlag, fstatat};
 use nix::unistd::{UnlinkatFlags, unlinkat};
 use serde::Serialize;
 
-use super::beneath::{self, Perm, kind, list};
+use crate::job::beneath::{self, Perm, kind, list};
 
 use crate::isolation::spec::OUT_MOUNT;
 

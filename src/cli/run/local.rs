@@ -13,11 +13,11 @@ use tokio_util::sync::CancellationToken;
 use super::collect::collect;
 use super::invocation::Script;
 use super::report::{Outcome, stdin_cut_note};
-use super::stage::{Input, Stage, StageError, Stager};
 use super::{RunArgs, usage};
 use crate::engine::network::NetworkPolicy;
 use crate::engine::{Engine, RunError, RunFiles, RunRequest, Sink, StdinFeed, Stream};
 use crate::isolation::snippet::Invocation;
+use crate::job::stage::{Input, Stage, StageError, Stager};
 use crate::runtime::Language;
 use crate::state::StateDir;
 
@@ -65,7 +65,8 @@ impl StopSignals {
 /// Send SIGINT to the run's init, which forwards it to the snippet; false when there is
 /// no such process (yet).
 fn interrupt_run() -> bool {
-    super::interrupt::init_under(nix::unistd::Pid::this()).is_some_and(super::interrupt::interrupt)
+    crate::job::interrupt::init_under(nix::unistd::Pid::this())
+        .is_some_and(crate::job::interrupt::interrupt)
 }
 
 pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCode> {

@@ -9,16 +9,13 @@
 //! - `local`: the run through the engine; `remote` and `prelude`: through a server.
 //! - `report`: streams, notes, `--json`, exit code.
 
-mod beneath;
 mod collect;
 mod input;
-pub(crate) mod interrupt;
 mod invocation;
 mod local;
 mod prelude;
 mod remote;
 mod report;
-pub(crate) mod stage;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -27,12 +24,12 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::job::stage::Input;
 use crate::runtime::Language;
 use input::read_code;
 use invocation::{Script, StdinSource};
 use local::{LocalRun, run_local};
 use remote::{RemoteRun, run_remote};
-use stage::Input;
 
 /// Exit code when the sandbox itself cannot start (the reason goes to stderr).
 pub const EXIT_SANDBOX_FAILED: u8 = 125;

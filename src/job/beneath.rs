@@ -37,7 +37,7 @@ const RETRIES: usize = 8;
 /// The mode of a new entry: `Exact`, whatever this command's umask (the run's uid must
 /// read the stage), or through the umask (`--out`: the user's own files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Perm {
+pub(crate) enum Perm {
     Exact(u32),
     Umask(u32),
 }
@@ -59,7 +59,7 @@ impl Perm {
 }
 
 /// The type bits of `st`.
-pub(super) fn kind(st: &FileStat) -> SFlag {
+pub(crate) fn kind(st: &FileStat) -> SFlag {
     SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
 }
 
@@ -70,20 +70,20 @@ fn same(a: &FileStat, b: &FileStat) -> bool {
 
 /// The directory at `path` as the user gave it (a link there is followed: they named
 /// it), to start from.
-pub(super) fn open_root(path: &Path) -> Result<OwnedFd, Errno> {
+pub(crate) fn open_root(path: &Path) -> Result<OwnedFd, Errno> {
     nix::fcntl::open(path, DIR.difference(OFlag::O_NOFOLLOW), Mode::empty())
 }
 
 /// The directory `name` in `dir`, never through a link: ENOTDIR (Linux checks
 /// O_DIRECTORY first; ELOOP otherwise) for a link, as for anything else that is not a
 /// directory.
-pub(super) fn open_dir(dir: impl AsFd, name: &OsStr) -> Result<OwnedFd, Errno> {
+pub(crate) fn open_dir(dir: impl AsFd, name: &OsStr) -> Result<OwnedFd, Errno> {
     openat(dir, name, DIR, Mode::empty())
 }
 
 /// The directory `name` in `dir`, made if missing, then opened as by `open_dir`; true
 /// when it was made now.
-pub(super) fn make_dir(dir: impl AsFd, name: &OsStr, perm: Perm) -> Result<(OwnedFd, bool), Errno> {
+pub(crate) fn make_dir(dir: impl AsFd, name: &OsStr, perm: Perm) -> Result<(OwnedFd, bool), Errno> {
     let made = match mkdirat(dir.as_fd(), name, perm.mode()) {
         Ok(()) => true,
         Err(Errno::EEXIST) => false,
@@ -98,7 +98,7 @@ pub(super) fn make_dir(dir: impl AsFd, name: &OsStr, perm: Perm) -> Result<(Owne
 
 /// Where `make_dirs` stopped: the path (below its start) it could not make or enter.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Stopped {
+pub(crate) struct Stopped {
     pub at: PathBuf,
     pub errno: Errno,
 }
@@ -106,7 +106,7 @@ pub(super) struct Stopped {
 /// `rel` below `dir`, each directory made if missing (counted in the second value) and
 /// entered by `open_dir`: a link or file on the way stops it (ENOTDIR). `rel`
 /// holds plain names only (callers check it; anything else is EINVAL).
-pub(super) fn make_dirs(dir: &OwnedFd, rel: &Path, perm: Perm) -> Result<(OwnedFd, u64), Stopped> {
+pub(crate) fn make_dirs(dir: &OwnedFd, rel: &Path, perm: Perm) -> Result<(OwnedFd, u64), Stopped> {
     let mut cur = dir.try_clone().map_err(|_| Stopped {
         at: PathBuf::new(),
         errno: Errno::EMFILE,
@@ -132,7 +132,7 @@ pub(super) fn make_dirs(dir: &OwnedFd, rel: &Path, perm: Perm) -> Result<(OwnedF
 
 /// A new regular file `name` in `dir`: never over an existing entry (EEXIST, a link
 /// included), never through a link.
-pub(super) fn create_file(dir: impl AsFd, name: &OsStr, perm: Perm) -> Result<File, Errno> {
+pub(crate) fn create_file(dir: impl AsFd, name: &OsStr, perm: Perm) -> Result<File, Errno> {
     let flags =
         OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let fd = openat(dir, name, flags, perm.mode())?;
@@ -142,7 +142,7 @@ pub(super) fn create_file(dir: impl AsFd, name: &OsStr, perm: Perm) -> Result<Fi
 
 /// The regular file `name` in `dir`, opened to be read with no link followed, if it is
 /// still the file `st` described (None: it was replaced since).
-pub(super) fn open_file(
+pub(crate) fn open_file(
     dir: impl AsFd,
     name: &OsStr,
     st: &FileStat,
@@ -157,7 +157,7 @@ pub(super) fn open_file(
 /// link always does), ELOOP for links that lead in a circle, ENOENT when it names
 /// nothing. A regular file comes opened to be read, a directory opened as by `open_dir`;
 /// anything else only to be looked at (O_PATH), never opened.
-pub(super) fn follow_beneath(root: &OwnedFd, rel: &Path) -> Result<(OwnedFd, FileStat), Errno> {
+pub(crate) fn follow_beneath(root: &OwnedFd, rel: &Path) -> Result<(OwnedFd, FileStat), Errno> {
     let how = |flags: OFlag| {
         OpenHow::new()
             .flags(flags | OFlag::O_CLOEXEC)
@@ -195,7 +195,7 @@ pub(super) fn follow_beneath(root: &OwnedFd, rel: &Path) -> Result<(OwnedFd, Fil
 /// is pinned by an O_PATH descriptor first (which needs no permission on it), then
 /// changed through /proc/self/fd, which names that very directory (fchmod refuses O_PATH
 /// descriptors; fchmodat follows a link that replaced it).
-pub(super) fn set_dir_mode(dir: impl AsFd, name: &OsStr, mode: u32) -> Result<(), Errno> {
+pub(crate) fn set_dir_mode(dir: impl AsFd, name: &OsStr, mode: u32) -> Result<(), Errno> {
     let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let pinned = openat(dir, name, flags, Mode::empty())?;
     let path = format!("/proc/self/fd/{}", pinned.as_raw_fd());
@@ -204,7 +204,7 @@ pub(super) fn set_dir_mode(dir: impl AsFd, name: &OsStr, mode: u32) -> Result<()
 }
 
 /// The names in directory `fd`, sorted, without `.` and `..`.
-pub(super) fn list(fd: &OwnedFd) -> Result<Vec<OsString>, Errno> {
+pub(crate) fn list(fd: &OwnedFd) -> Result<Vec<OsString>, Errno> {
     let mut dir = nix::dir::Dir::from_fd(fd.try_clone().map_err(|_| Errno::EMFILE)?)?;
     let mut names = Vec::new();
     for entry in dir.iter() {
