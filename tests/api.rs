@@ -456,12 +456,31 @@ async fn dependencies_endpoints_list_update_and_refresh() {
 #[tokio::test]
 async fn internal_failures_answer_minus_500_and_the_server_survives() {
     let state = tempfile::tempdir().unwrap();
+    let log = state.path().join("log");
     // No warm workers: each run must build its sandbox when it is asked for.
-    let s = Server::start(&[
-        ("SANDBOX_STATE_DIR", state.path().to_str().unwrap()),
-        ("WARM_WORKERS", "0"),
-    ])
+    let s = Server::start_logging(
+        &[
+            ("SANDBOX_STATE_DIR", state.path().to_str().unwrap()),
+            ("WARM_WORKERS", "0"),
+            ("SANDBOX_LOG", "info"),
+        ],
+        &log,
+    )
     .await;
+    // The start's probe runs are over (a server whose every probe fails stops).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("language ready")
+        .count()
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the start probes never passed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Remove the mount point runs are built on: the sandbox cannot be set up. (Node:
     // Python's fork server built its root once, at start.)
     std::fs::remove_dir(state.path().join("rootfs")).unwrap();
