@@ -79,7 +79,7 @@ pub trait Installer {
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct Status {
-    /// Installs that went live since the server started.
+    /// Installs that went live since the server started (the watch channel's count).
     pub generation: u64,
     /// The live generation's directory name.
     pub live: String,
@@ -282,10 +282,14 @@ impl PackageSet {
     }
 
     pub fn status(&self) -> Status {
-        self.status
+        let mut s = self
+            .status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        // The switches this process made, as the watch channel counts them.
+        s.generation = *self.generation.borrow();
+        s
     }
 
     fn note_live(&self) {
@@ -302,12 +306,9 @@ impl PackageSet {
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         s.last_at = now_secs();
         match result {
-            Ok(switched) => {
+            Ok(_) => {
                 s.last_ok = Some(true);
                 s.last_error.clear();
-                if *switched {
-                    s.generation += 1;
-                }
             }
             Err(e) => {
                 s.last_ok = Some(false);
@@ -444,16 +445,15 @@ impl PackageSet {
     /// false, nothing happens when the live generation was built from the same files.
     pub async fn install<I: Installer>(&self, force: bool, installer: &I) -> Result<(), DepsError> {
         let _busy = self.busy.lock().await;
-        let result = self.install_locked(force, installer).await;
+        // What this install tried: a failure is not tried again until the files differ.
+        let mut tried = None;
+        let result = self.install_locked(force, installer, &mut tried).await;
         if !matches!(result, Ok(false)) || force {
             self.note_result(&result);
         }
         *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = match &result {
             Ok(_) => None,
-            Err(e) => Some(match self.read_spec() {
-                Ok(spec) => spec.fingerprint,
-                Err(_) => e.to_string(),
-            }),
+            Err(e) => Some(tried.unwrap_or_else(|| e.to_string())),
         };
         self.note_live();
         match result {
@@ -466,18 +466,24 @@ impl PackageSet {
     }
 
     /// Ok(true) when a new generation went live.
+    /// `tried`: the fingerprint of the files it read (the error's text when they could not
+    /// be read), what `changed` compares a failed install with.
     async fn install_locked<I: Installer>(
         &self,
         force: bool,
         installer: &I,
+        tried: &mut Option<String>,
     ) -> Result<bool, DepsError> {
+        let spec = self
+            .read_spec()
+            .inspect_err(|e| *tried = Some(e.to_string()))?;
+        *tried = Some(spec.fingerprint.clone());
         for (copy, ready) in &self.chroot_copies {
             ready.wait(copy).await.map_err(|e| DepsError::Dir {
                 path: copy.display().to_string(),
                 source: std::io::Error::other(e),
             })?;
         }
-        let spec = self.read_spec()?;
         let live = fs::read_to_string(self.current().join(STAMP)).ok();
         let nothing_requested = spec.requested == 0;
         if live.as_deref() == Some(spec.fingerprint.as_str()) && (!force || nothing_requested) {
