@@ -62,7 +62,7 @@ case "$family" in
     # npm installs the Node packages of dependencies/package.json; a Node.js from elsewhere
     # (NodeSource, a tarball) brings its own.
     command -v npm >/dev/null || $SUDO apt-get install -y -qq npm >/dev/null
-    [ "$mode" = test ] && $SUDO apt-get install -y -qq debootstrap >/dev/null
+    [ "$mode" = test ] && $SUDO apt-get install -y -qq debootstrap clang >/dev/null
     [ "$mode" = test ] && $SUDO apt-get install -y -qq docker.io iproute2 conntrack >/dev/null
     ;;
   *fedora*|*rhel*|*centos*)
@@ -128,6 +128,9 @@ if [ "$mode" = test ]; then
   # builder image, which compiles for musl on both architectures.
   log "rustup: musl standard libraries"
   rustup target add x86_64-unknown-linux-musl aarch64-unknown-linux-musl >/dev/null
+  # .ci/check-macos type-checks the workspace for both Macs (clang compiles ring's C).
+  log "rustup: macOS standard libraries"
+  rustup target add x86_64-apple-darwin aarch64-apple-darwin >/dev/null
   log "docker: engine for the xtask tests"
   python3 -m pip install --quiet $(python3 -m pip help install 2>/dev/null | grep -- --break-system-packages >/dev/null && echo --break-system-packages) kubernetes-validate  # Kubernetes schemas for tests/deploy.rs
   bash .ci/start-dockerd.sh

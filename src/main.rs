@@ -2,17 +2,30 @@
 //! HTTP service (`serve`), from the command line (`run`), and check a host (`doctor`).
 #![deny(unsafe_code)]
 
-mod api;
 mod cli;
-mod config;
 mod container;
+mod protocol;
+
+// The jail and everything built on it: Linux only (see `container` for elsewhere).
+#[cfg(target_os = "linux")]
+mod api;
+#[cfg(target_os = "linux")]
+mod config;
+#[cfg(target_os = "linux")]
 mod deps;
+#[cfg(target_os = "linux")]
 mod doctor;
+#[cfg(target_os = "linux")]
 mod engine;
+#[cfg(target_os = "linux")]
 mod isolation;
+#[cfg(target_os = "linux")]
 mod job;
+#[cfg(target_os = "linux")]
 mod metrics;
+#[cfg(target_os = "linux")]
 mod runtime;
+#[cfg(target_os = "linux")]
 mod state;
 
 use std::process::ExitCode;
@@ -25,20 +38,30 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    // Internal entry points, reached only through /proc/self/exe: they must run before
-    // anything starts a thread (the helper forks).
-    let args: Vec<String> = std::env::args().collect();
-    match (args.get(1).map(String::as_str), args.get(2)) {
-        (Some("__exec"), _) => return exit(isolation::helper::main()),
-        (Some("__zygote"), _) => return exit(isolation::zygote::main()),
-        (Some("__probe"), Some(dir)) => return exit(isolation::detect::probe_main(dir)),
-        (Some("__probe-chroot"), _) => return exit(isolation::detect::probe_chroot_main()),
-        _ => {}
+    #[cfg(target_os = "linux")]
+    if let Some(code) = internal_entry() {
+        return code;
     }
     let cli = cli::Cli::parse();
     cli::execute(cli)
 }
 
+#[cfg(target_os = "linux")]
+fn internal_entry() -> Option<ExitCode> {
+    // Internal entry points, reached only through /proc/self/exe: they must run before
+    // anything starts a thread (the helper forks).
+    let args: Vec<String> = std::env::args().collect();
+    let code = match (args.get(1).map(String::as_str), args.get(2)) {
+        (Some("__exec"), _) => isolation::helper::main(),
+        (Some("__zygote"), _) => isolation::zygote::main(),
+        (Some("__probe"), Some(dir)) => isolation::detect::probe_main(dir),
+        (Some("__probe-chroot"), _) => isolation::detect::probe_chroot_main(),
+        _ => return None,
+    };
+    Some(exit(code))
+}
+
+#[cfg(target_os = "linux")]
 fn exit(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

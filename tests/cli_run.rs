@@ -665,6 +665,20 @@ async fn remote_runs_match_local_ones() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(stdout(&o), "42\n");
 
+    // The server from the variable, and the client is this process whatever the engine
+    // (macOS's default, docker, here with no engine to reach): no container is asked.
+    let o = sandbox(
+        &["run", "-l", "python3", "-e", "print('via env')"],
+        &[
+            ("API_KEY", "k-remote"),
+            ("SANDBOX_SERVER", base.as_str()),
+            ("SANDBOX_ENGINE", "docker"),
+            ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "via env\n");
+
     // A user without root can use a server.
     let o = Command::new(bin())
         .args([

@@ -22,82 +22,15 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{ApiError, AppState, request};
 use crate::engine::{LimitHit, RunError, RunRequest, Sink, StdinFeed, Stream};
-use crate::isolation::snippet::{Invocation, check_variable};
 use crate::job::stage::{Stage, StageError, Stager};
+use crate::protocol::job::{InterruptRequest, JobEnd, JobEvent, JobFailed, JobRequest, JobStarted};
+use crate::protocol::{Invocation, check_variable};
 use crate::runtime::Language;
-
-/// The request: the code with its invocation, as `sandbox run` has them.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JobRequest {
-    pub language: String,
-    pub code: String,
-    /// The script's file name: the code is written to /job/<script> and runs under that
-    /// name (a run without /job, at the chroot level, runs it under the bare name).
-    #[serde(default)]
-    pub script: Option<String>,
-    /// The name inline code is compiled under (`<string>`, `[eval].mjs`), when there is
-    /// no script.
-    #[serde(default)]
-    pub filename: String,
-    /// The snippet's argv, its script's name first.
-    #[serde(default)]
-    pub argv: Vec<String>,
-    #[serde(default)]
-    pub env: Vec<(String, String)>,
-    /// The snippet's whole stdin, base64-encoded.
-    #[serde(default)]
-    pub stdin: String,
-    #[serde(default)]
-    pub enable_network: bool,
-}
-
-/// One line of the answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobEvent {
-    /// The run has its stage; `job` names it for `POST /v1/sandbox/job/interrupt`.
-    Started(JobStarted),
-    /// A chunk of stdout, base64-encoded.
-    Stdout(String),
-    /// A chunk of stderr, base64-encoded.
-    Stderr(String),
-    End(JobEnd),
-    Failed(JobFailed),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobStarted {
-    pub job: String,
-}
-
-/// The body of `POST /v1/sandbox/job/interrupt`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InterruptRequest {
-    pub job: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobEnd {
-    pub exit_code: i32,
-    /// As `/v1/sandbox/run` has it, plus a limit the snippet went on past.
-    pub error: String,
-    pub limit: Option<String>,
-    pub duration_ms: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobFailed {
-    pub code: i32,
-    pub message: String,
-}
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -360,7 +293,7 @@ pub async fn interrupt(headers: HeaderMap, body: Body) -> Result<Response, ApiEr
             "no such job is running (it may have ended)",
         ));
     }
-    Ok(super::success(super::envelope::Nothing {}))
+    Ok(super::success(crate::protocol::envelope::Nothing {}))
 }
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
 //! The Dify sandbox HTTP API (see PROTOCOL.md): routes, auth, envelopes.
 
 mod conn;
-pub mod envelope;
 pub mod job;
 mod request;
 pub mod server;
@@ -19,8 +18,9 @@ use tracing::Instrument;
 
 use crate::engine::{Engine, LimitHit, RunError, RunOutcome, RunRequest};
 use crate::metrics::{LanguageLabel, Metrics, PoolLabels};
+use crate::protocol::MAX_BODY_BYTES;
+use crate::protocol::envelope::{DependencyList, Envelope, Nothing, RunData};
 use crate::runtime::Language;
-use envelope::{DependencyList, Envelope, Nothing, RunData};
 
 pub struct AppState {
     pub engine: Arc<Engine>,
@@ -104,11 +104,6 @@ impl IntoResponse for ApiError {
 fn success<T: serde::Serialize>(data: T) -> Response {
     Json(Envelope::success(data)).into_response()
 }
-
-/// The largest request body accepted (the same limit `sandbox run` applies locally):
-/// Dify's snippets are small, but `sandbox run --server` sends files. `run` reads its
-/// body itself, after admission (see `request::read_body`).
-pub const MAX_BODY_BYTES: usize = 16 << 20;
 
 pub fn router(state: Arc<AppState>) -> Router {
     let sandbox = Router::new()

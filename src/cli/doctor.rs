@@ -1,11 +1,14 @@
 //! `sandbox doctor`: check this host, one line per check.
 
+#[cfg(target_os = "linux")]
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+#[cfg(target_os = "linux")]
 use std::process::ExitCode;
 
 use clap::Args;
 
+#[cfg(target_os = "linux")]
 use crate::doctor;
 
 #[derive(Debug, Args)]
@@ -25,6 +28,7 @@ pub struct DoctorArgs {
     pub json: bool,
 }
 
+#[cfg(target_os = "linux")]
 pub fn execute(args: DoctorArgs) -> ExitCode {
     let report = doctor::run_checks(args.config.as_deref());
     let text = if args.json {

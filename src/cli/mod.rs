@@ -4,15 +4,20 @@ pub mod doctor;
 pub mod run;
 pub mod serve;
 
+#[cfg(target_os = "linux")]
 use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+#[cfg(target_os = "linux")]
 use crate::config::ConfigError;
+#[cfg(target_os = "linux")]
 pub use crate::config::load_config;
 use crate::container::{self, EngineKind};
+#[cfg(target_os = "linux")]
 use crate::engine::BuildError;
+#[cfg(target_os = "linux")]
 use crate::runtime::DiscoveryError;
 
 /// Exit code for bad configuration or input (clap uses it too for bad arguments).
@@ -44,22 +49,48 @@ pub enum Command {
 }
 
 pub fn execute(cli: Cli) -> ExitCode {
-    if cli.engine == EngineKind::Docker {
+    match (cli.engine, cli.command) {
+        // A run on a server is this process's own, wherever it is.
+        (_, Command::Run(args)) if args.server.is_some() => run::execute(*args),
         // The same arguments, for the `sandbox` in the container.
-        return match cli.command {
-            Command::Serve(_) => container::serve(container::args_after("serve")),
-            Command::Run(_) => container::run(container::args_after("run")),
-            Command::Doctor(_) => container::doctor(container::args_after("doctor")),
-        };
+        (EngineKind::Docker, Command::Serve(_)) => container::serve(container::args_after("serve")),
+        (EngineKind::Docker, Command::Run(_)) => container::run(container::args_after("run")),
+        (EngineKind::Docker, Command::Doctor(_)) => {
+            container::doctor(container::args_after("doctor"))
+        }
+        (EngineKind::Local, command) => local(command),
     }
-    match cli.command {
+}
+
+#[cfg(target_os = "linux")]
+fn local(command: Command) -> ExitCode {
+    match command {
         Command::Serve(args) => report(serve::execute(args)),
         Command::Run(args) => run::execute(*args),
         Command::Doctor(args) => doctor::execute(args),
     }
 }
 
+/// Where the jail cannot exist, `--engine local` is refused with the way that works.
+#[cfg(not(target_os = "linux"))]
+fn local(command: Command) -> ExitCode {
+    let name = match command {
+        Command::Serve(_) => "serve",
+        Command::Run(_) => "run",
+        Command::Doctor(_) => "doctor",
+    };
+    eprintln!(
+        "sandbox: `{name} --engine local` needs Linux (namespaces, seccomp); here `sandbox {name}` runs in a container of the local Docker engine: use --engine docker (the default) or unset SANDBOX_ENGINE"
+    );
+    ExitCode::from(if name == "run" {
+        run::EXIT_SANDBOX_FAILED
+    } else {
+        1
+    })
+}
+
 /// Print an error chain and pick the exit code: 2 for configuration problems.
+#[cfg(target_os = "linux")]
 pub fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -71,19 +102,29 @@ pub fn report(result: anyhow::Result<()>) -> ExitCode {
 }
 
 pub fn exit_code_for(e: &anyhow::Error) -> u8 {
-    let usage = e.chain().any(|c| {
-        c.is::<ConfigError>()
-            || c.is::<DiscoveryError>()
-            || c.is::<run::UsageError>()
-            || c.downcast_ref::<BuildError>()
-                .is_some_and(BuildError::is_usage)
-    });
+    let usage = e
+        .chain()
+        .any(|c| c.is::<run::UsageError>() || is_configuration(c));
     if usage { EXIT_USAGE } else { 1 }
+}
+
+#[cfg(target_os = "linux")]
+fn is_configuration(c: &(dyn std::error::Error + 'static)) -> bool {
+    c.is::<ConfigError>()
+        || c.is::<DiscoveryError>()
+        || c.downcast_ref::<BuildError>()
+            .is_some_and(BuildError::is_usage)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn is_configuration(_: &(dyn std::error::Error + 'static)) -> bool {
+    false
 }
 
 /// Logs go to stderr and, when `log_path` is set and writable, to a daily file there;
 /// as text or JSON lines. The returned guard flushes the file on drop: keep it alive
 /// while serving.
+#[cfg(target_os = "linux")]
 pub fn init_tracing(
     debug: bool,
     json: bool,

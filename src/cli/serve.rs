@@ -1,14 +1,20 @@
 //! `sandbox serve`: the HTTP API.
 
 use std::path::PathBuf;
+#[cfg(target_os = "linux")]
 use std::sync::Arc;
 
+#[cfg(target_os = "linux")]
 use anyhow::Context;
 use clap::Args;
 
+#[cfg(target_os = "linux")]
 use crate::api;
+#[cfg(target_os = "linux")]
 use crate::engine::network::{NetworkPolicy, ServerNetwork};
+#[cfg(target_os = "linux")]
 use crate::engine::{Engine, ProbeError};
+#[cfg(target_os = "linux")]
 use crate::runtime::Language;
 
 #[derive(Debug, Args)]
@@ -19,8 +25,10 @@ pub struct ServeArgs {
 }
 
 /// glibc malloc arenas the server may use (see `sys::cap_malloc_arenas`).
+#[cfg(target_os = "linux")]
 const MALLOC_ARENAS: i32 = 2;
 
+#[cfg(target_os = "linux")]
 pub fn execute(args: ServeArgs) -> anyhow::Result<()> {
     let config = super::load_config(args.config.as_deref())?;
     let _log_guard = super::init_tracing(config.debug, config.log_json, &config.log_path);
@@ -48,6 +56,7 @@ pub fn execute(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
+#[cfg(target_os = "linux")]
 async fn serve(engine: Arc<Engine>, nofile: u64) -> anyhow::Result<()> {
     let config = engine.config.clone();
     tracing::info!(level = engine.host.level.describe(), "isolation");
@@ -126,6 +135,7 @@ async fn serve(engine: Arc<Engine>, nofile: u64) -> anyhow::Result<()> {
 /// One real jailed run per language the server has (`Engine::probe`), at once: a
 /// language is said ready only once it ran a snippet; one that cannot is logged as an
 /// error with its fix (its runs would fail); an error when none can.
+#[cfg(target_os = "linux")]
 async fn probe_languages(engine: &Engine) -> anyhow::Result<()> {
     let mut available = Vec::new();
     for lang in Language::ALL {
@@ -169,6 +179,7 @@ async fn probe_languages(engine: &Engine) -> anyhow::Result<()> {
 
 /// SIGTERM or SIGINT: stop accepting, let in-flight runs finish (each is bounded by
 /// worker_timeout), then exit.
+#[cfg(target_os = "linux")]
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
@@ -186,6 +197,7 @@ async fn shutdown_signal() {
 }
 
 /// The network level, loudly when runs share the host's network or get none.
+#[cfg(target_os = "linux")]
 fn log_network(network: &ServerNetwork) {
     let level = network.describe();
     match network.policy() {

@@ -26,13 +26,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::isolation::spec::{JOB_MOUNT, OUT_MOUNT};
+pub use crate::protocol::envelope::Dependency;
 use crate::runtime::Language;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Dependency {
-    pub name: String,
-    pub version: String,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DepsError {

@@ -16,8 +16,8 @@ use std::time::Duration;
 use super::warm::PoolKey;
 use super::{Engine, RunError, RunFiles, RunLimits, RunRequest};
 use crate::deps::{InstallJob, Installer, PackageSet};
-use crate::isolation::snippet::Invocation;
 use crate::isolation::spec::Profile;
+use crate::protocol::Invocation;
 use crate::runtime::root::RootBuilder;
 use crate::runtime::{Language, Runtime};
 

@@ -42,9 +42,10 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 pub use crate::config::RunLimits;
+pub use crate::protocol::LimitHit;
 pub use build::BuildError;
 pub use capture::{Sink, Stream};
-pub use outcome::{LimitHit, RunOutcome};
+pub use outcome::RunOutcome;
 pub use probe::ProbeError;
 pub use request::{RunError, RunFiles, RunRequest, SetupError, Unavailable};
 pub use stdin::StdinFeed;

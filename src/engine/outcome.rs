@@ -4,31 +4,9 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
-
 use crate::config::RunLimits;
+use crate::protocol::{EPERM_NOTE, LimitHit};
 use crate::runtime::Language;
-
-/// The limit that stopped a run, if any.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LimitHit {
-    Timeout,
-    Memory,
-    Output,
-    Processes,
-    Disk,
-}
-
-/// Each limit's note starts with its own phrase; the timeout's note opens `error`
-/// instead of closing it.
-const PHRASES: [(LimitHit, &str); 5] = [
-    (LimitHit::Timeout, "timeout"),
-    (LimitHit::Memory, "memory limit exceeded"),
-    (LimitHit::Output, "output limit exceeded"),
-    (LimitHit::Processes, "process limit reached"),
-    (LimitHit::Disk, "disk limit reached"),
-];
 
 /// SIGXFSZ: a file grew past RLIMIT_FSIZE (what Node dies of; Python ignores it and
 /// gets EFBIG instead).
@@ -36,65 +14,33 @@ const SIGXFSZ: i32 = 25;
 /// SIGSYS: the seccomp filter's kill action.
 const SIGSYS: i32 = 31;
 
-impl LimitHit {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Timeout => "timeout",
-            Self::Memory => "memory",
-            Self::Output => "output",
-            Self::Processes => "processes",
-            Self::Disk => "disk",
-        }
-    }
+/// The sandbox's sentence about this limit.
+pub fn note(limit: LimitHit, limits: &RunLimits) -> String {
+    format!("{}: {}", limit.phrase(), detail(limit, limits))
+}
 
-    fn phrase(self) -> &'static str {
-        PHRASES
-            .iter()
-            .find(|(l, _)| *l == self)
-            .map_or("", |(_, p)| p)
-    }
-
-    /// The sandbox's sentence about this limit.
-    pub fn note(self, limits: &RunLimits) -> String {
-        format!("{}: {}", self.phrase(), self.detail(limits))
-    }
-
-    fn detail(self, limits: &RunLimits) -> String {
-        match self {
-            Self::Timeout => format!(
-                "the run took longer than {}s and was killed",
-                limits.timeout.as_secs_f64()
-            ),
-            Self::Memory => format!(
-                "the run used more than {} MB and was stopped",
-                limits.memory_mb
-            ),
-            Self::Output => format!(
-                "a stream passed {} bytes and the run was stopped",
-                limits.max_output_bytes
-            ),
-            Self::Processes => format!(
-                "at most {} processes and threads per run",
-                limits.max_processes
-            ),
-            Self::Disk => format!(
-                "/tmp holds at most {} MB per run (tmp_size_mb); writing past it fails with \"No space left on device\" or \"File too large\"",
-                limits.tmp_mb
-            ),
-        }
-    }
-
-    /// The limit a run's answer names, read back from its `exit_code` and `error`
-    /// (what a client of the HTTP API has).
-    pub fn recognise(exit_code: i32, error: &str) -> Option<Self> {
-        if exit_code == -1 || error.starts_with(Self::Timeout.phrase()) {
-            return Some(Self::Timeout);
-        }
-        let last = error.lines().last().unwrap_or("");
-        PHRASES
-            .iter()
-            .find(|(l, p)| *l != Self::Timeout && last.starts_with(p))
-            .map(|(l, _)| *l)
+fn detail(limit: LimitHit, limits: &RunLimits) -> String {
+    match limit {
+        LimitHit::Timeout => format!(
+            "the run took longer than {}s and was killed",
+            limits.timeout.as_secs_f64()
+        ),
+        LimitHit::Memory => format!(
+            "the run used more than {} MB and was stopped",
+            limits.memory_mb
+        ),
+        LimitHit::Output => format!(
+            "a stream passed {} bytes and the run was stopped",
+            limits.max_output_bytes
+        ),
+        LimitHit::Processes => format!(
+            "at most {} processes and threads per run",
+            limits.max_processes
+        ),
+        LimitHit::Disk => format!(
+            "/tmp holds at most {} MB per run (tmp_size_mb); writing past it fails with \"No space left on device\" or \"File too large\"",
+            limits.tmp_mb
+        ),
     }
 }
 
@@ -124,7 +70,7 @@ pub fn caught(
     (exit_code == 0 && limit.is_none() && counters.pids_limit_hit).then(|| {
         format!(
             "{} (the snippet went on past it)",
-            LimitHit::Processes.note(limits)
+            note(LimitHit::Processes, limits)
         )
     })
 }
@@ -177,7 +123,7 @@ pub fn conclude(
     // traceback the user sees ("can't start new thread"): say so too.
     if counters.pids_limit_hit && limit.is_some() && limit != Some(LimitHit::Processes) {
         let p = LimitHit::Processes;
-        error.push_str(&format!("\n{} as well: {}", p.phrase(), p.detail(limits)));
+        error.push_str(&format!("\n{} as well: {}", p.phrase(), detail(p, limits)));
     }
     (exit_code, limit, error)
 }
@@ -236,7 +182,7 @@ fn describe_error(
         return String::new();
     }
     let mut msg = match limit {
-        Some(LimitHit::Timeout) => LimitHit::Timeout.note(limits),
+        Some(LimitHit::Timeout) => note(LimitHit::Timeout, limits),
         _ => format!("process exited with code {exit_code}"),
     };
     if !stderr.is_empty() {
@@ -245,7 +191,7 @@ fn describe_error(
     }
     let note = match limit {
         Some(LimitHit::Timeout) => None,
-        Some(other) => Some(other.note(limits)),
+        Some(other) => Some(note(other, limits)),
         None => eperm_note(stderr),
     };
     if let Some(note) = note {
@@ -259,10 +205,6 @@ fn describe_error(
 
 /// The sentence that explains a run the seccomp filter killed (exit code 159).
 pub const SECCOMP_KILL_NOTE: &str = "sandbox: killed by the seccomp filter (SIGSYS): the snippet made a system call the sandbox refuses outright (an execveat other than the one that started its interpreter, or a call through the x32 or 32-bit int 0x80 ABI)";
-
-/// The sentence that explains an EPERM in the snippet's own stderr.
-pub const EPERM_NOTE: &str = "sandbox: operation not permitted: the snippet tried something the sandbox forbids \
-     (running programs, creating processes, network without enable_network, or a blocked system call)";
 
 fn eperm_note(stderr: &str) -> Option<String> {
     (stderr.contains("Operation not permitted") || stderr.contains("EPERM"))
@@ -461,7 +403,7 @@ mod tests {
     #[test]
     fn every_limit_is_recognised_from_what_it_renders() {
         let l = limits();
-        for (limit, _) in PHRASES {
+        for limit in LimitHit::ALL {
             let (code, stopped) = match limit {
                 LimitHit::Timeout => (Ending::Killed, Some(limit)),
                 LimitHit::Output => (Ending::Exited(0), Some(limit)),

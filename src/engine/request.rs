@@ -8,8 +8,8 @@ use super::capture::Sink;
 use super::stdin::StdinFeed;
 use crate::isolation::cgroup::CgroupError;
 use crate::isolation::chroot_root::RootError;
-use crate::isolation::snippet::Invocation;
 use crate::isolation::uids::UidError;
+use crate::protocol::Invocation;
 use crate::runtime::Language;
 
 pub struct RunRequest {

@@ -7,12 +7,13 @@
 //! A plain thread, not the async runtime: the source may be a terminal or a pipe that
 //! never ends, and a blocked read must hold up nothing (the process may exit under it).
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::RunError;
+use crate::protocol::copy_bounded;
 
 /// Where a run's stdin comes from, and how much of it may pass.
 pub struct StdinFeed {
@@ -82,55 +83,9 @@ pub fn pipe() -> Result<(OwnedFd, OwnedFd), RunError> {
         .map_err(|e| RunError::Spawn(std::io::Error::from(e)))
 }
 
-/// Copy `source` into `sink` until it ends, `limit` bytes have passed, or `sink` refuses
-/// more (a run that exited: a broken pipe). Returns the bytes passed and whether the
-/// source had more than `limit`.
-pub fn copy_bounded(mut source: impl Read, sink: &mut impl Write, limit: u64) -> (u64, bool) {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut passed = 0u64;
-    loop {
-        let room = usize::try_from(limit - passed).unwrap_or(usize::MAX);
-        // At the limit, one byte more tells whether anything was cut.
-        let want = room.clamp(1, buf.len());
-        let n = match source.read(&mut buf[..want]) {
-            Ok(0) => return (passed, false),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return (passed, false),
-        };
-        if room == 0 {
-            return (passed, true);
-        }
-        if sink.write_all(&buf[..n]).is_err() {
-            return (passed, false);
-        }
-        passed += n as u64;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_source_passes_whole_under_the_limit_and_is_cut_past_it() {
-        let data = vec![7u8; 200_000];
-        let mut sink = Vec::new();
-        assert_eq!(
-            copy_bounded(&data[..], &mut sink, 1 << 20),
-            (200_000, false)
-        );
-        assert_eq!(sink, data);
-        let mut sink = Vec::new();
-        assert_eq!(copy_bounded(&data[..], &mut sink, 70_000), (70_000, true));
-        assert_eq!(sink.len(), 70_000);
-        // Exactly the limit is not a cut.
-        let mut sink = Vec::new();
-        assert_eq!(
-            copy_bounded(&data[..], &mut sink, 200_000),
-            (200_000, false)
-        );
-    }
 
     #[test]
     fn a_reader_that_went_away_stops_the_copy() {

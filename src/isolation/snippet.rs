@@ -25,6 +25,8 @@
 //! Python's decoder is `runtime/frame.py` (shared by the bootstrap and the fork server),
 //! Node's is in `runtime/nodejs.rs`; both only split bytes, so a run pays no parser.
 
+use crate::protocol::Invocation;
+
 /// The byte a bootstrap writes back on fd 3 after reading the whole frame.
 pub const ACK: u8 = b'.';
 
@@ -55,45 +57,6 @@ pub fn announced_end(text: &[u8]) -> Option<i32> {
     }
     let code: i32 = std::str::from_utf8(rest).ok()?.parse().ok()?;
     (0..=255).contains(&code).then_some(code)
-}
-
-/// How the snippet is invoked, beyond its code: what `sandbox run` gives it. Dify's runs
-/// leave it empty and get exactly what they always got.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Invocation {
-    /// The name the code is compiled under (tracebacks, `__file__`); an absolute path
-    /// also makes its directory the first place modules are imported from.
-    pub filename: String,
-    /// The snippet's argv, its script's name first (`sys.argv`, `process.argv[1..]`).
-    pub argv: Vec<String>,
-    /// Variables set in the snippet's environment (checked with [`check_variable`]).
-    pub env: Vec<(String, String)>,
-}
-
-/// Why a variable cannot be set in a run's environment.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BadVariable {
-    #[error("an environment variable needs a name: write NAME=VALUE")]
-    NoName,
-    #[error("{0:?} cannot be an environment variable's name: names hold neither '=' nor NUL")]
-    Name(String),
-    #[error("the value of {0} holds a NUL byte, which no environment can carry")]
-    NulInValue(String),
-}
-
-/// Whether `name=value` can be set in a run's environment: a name that is not empty and
-/// holds neither `=` nor NUL, a value without NUL (the C environment cannot hold them).
-pub fn check_variable(name: &str, value: &str) -> Result<(), BadVariable> {
-    if name.is_empty() {
-        return Err(BadVariable::NoName);
-    }
-    if name.contains('=') || name.contains('\0') {
-        return Err(BadVariable::Name(name.into()));
-    }
-    if value.contains('\0') {
-        return Err(BadVariable::NulInValue(name.into()));
-    }
-    Ok(())
 }
 
 fn push_item(frame: &mut Vec<u8>, item: &[u8]) {
@@ -241,32 +204,5 @@ mod tests {
         let frame = encode("", "12\n34", &Invocation::default());
         let d = decode(&frame).expect("decodes");
         assert_eq!((d.preload, d.code), (&b""[..], &b"12\n34"[..]));
-    }
-
-    #[test]
-    fn variables_the_environment_cannot_hold_are_refused() {
-        assert!(check_variable("MODE", "ci").is_ok());
-        assert!(check_variable("PYTHONPATH", "/x").is_ok());
-        assert!(check_variable("lower_1", "").is_ok());
-        for (name, value, kind, needle) in [
-            ("", "x", BadVariable::NoName, "needs a name"),
-            (
-                "A=B",
-                "x",
-                BadVariable::Name("A=B".into()),
-                "neither '=' nor NUL",
-            ),
-            (
-                "A\0B",
-                "x",
-                BadVariable::Name("A\0B".into()),
-                "neither '=' nor NUL",
-            ),
-            ("A", "x\0y", BadVariable::NulInValue("A".into()), "NUL byte"),
-        ] {
-            let e = check_variable(name, value).expect_err(name);
-            assert_eq!(e, kind);
-            assert!(e.to_string().contains(needle), "{e}");
-        }
     }
 }

@@ -8,11 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::jail::Jail;
-
-/// Where a run finds its job directory (`job_dir`), read-only; it is also its cwd.
-pub const JOB_MOUNT: &str = "/job";
-/// Where a run leaves what is copied back (`out_dir`), inside its private /tmp.
-pub const OUT_MOUNT: &str = "/tmp/out";
+pub use crate::protocol::{JOB_MOUNT, OUT_MOUNT};
 
 /// How strongly the host lets us isolate a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

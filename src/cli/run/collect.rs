@@ -16,8 +16,8 @@ use nix::errno::Errno;
 use nix::fcntl::AtFlags;
 use nix::sys::stat::{FileStat, SFlag, fstatat};
 use nix::unistd::{UnlinkatFlags, unlinkat};
-use serde::Serialize;
 
+use super::report::OutFile;
 use crate::job::beneath::{self, Perm, kind, list};
 
 use crate::isolation::spec::OUT_MOUNT;
@@ -26,13 +26,6 @@ use crate::isolation::spec::OUT_MOUNT;
 const MAX_ENTRIES: usize = 16_384;
 /// Directories nest at most this deep.
 const MAX_DEPTH: usize = 32;
-
-/// One file `--out` wrote: its path relative to DIR, and its size.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct OutFile {
-    pub path: String,
-    pub bytes: u64,
-}
 
 /// What the copy did: the files written, and a sentence for each entry refused.
 #[derive(Debug, Default)]

@@ -5,7 +5,7 @@ use std::io::Read;
 use anyhow::{Context, bail};
 
 use super::{MAX_CODE_BYTES, RunArgs};
-use crate::runtime::Language;
+use crate::protocol::Language;
 
 pub(super) fn read_code(args: &RunArgs) -> anyhow::Result<(Language, String)> {
     let from_ext = args.file.as_deref().and_then(Language::from_extension);

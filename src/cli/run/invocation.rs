@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use super::RunArgs;
-use crate::isolation::snippet::{BadVariable, Invocation, check_variable};
-use crate::runtime::Language;
+use crate::protocol::Language;
+use crate::protocol::{BadVariable, Invocation, check_variable};
 
 /// Where the code came from, which names it the way `python3` and `node` would.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +49,7 @@ impl Script {
     pub fn filename(&self, language: Language, job: bool, module: bool) -> String {
         let ext = if module { ".mjs" } else { "" };
         match (self, language) {
-            (Self::File(name), _) if job => format!("{}/{name}", crate::isolation::spec::JOB_MOUNT),
+            (Self::File(name), _) if job => format!("{}/{name}", crate::protocol::JOB_MOUNT),
             (Self::File(name), _) => name.clone(),
             (Self::Eval, Language::Python3) => "<string>".into(),
             (Self::Stdin, Language::Python3) => "<stdin>".into(),

@@ -1,10 +1,9 @@
 //! A local run: the configuration with the command's limits, the engine, the run's own
 //! directories (`stage`), its stdin fed while it runs, then `--out` copied back.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use nix::sys::signal::Signal;
@@ -13,54 +12,12 @@ use tokio_util::sync::CancellationToken;
 use super::collect::collect;
 use super::invocation::Script;
 use super::report::{Outcome, stdin_cut_note};
-use super::{RunArgs, usage};
+use super::{LocalRun, RunArgs, StopSignals, usage};
 use crate::engine::network::NetworkPolicy;
 use crate::engine::{Engine, RunError, RunFiles, RunRequest, Sink, StdinFeed, Stream};
-use crate::isolation::snippet::Invocation;
+
 use crate::job::stage::{Input, Stage, StageError, Stager};
-use crate::runtime::Language;
 use crate::state::StateDir;
-
-/// What `run` checked, for a local run.
-pub(super) struct LocalRun {
-    pub language: Language,
-    pub code: String,
-    pub how: Invocation,
-    pub timeout: Option<Duration>,
-    pub memory: Option<u64>,
-    pub processes: Option<u64>,
-    pub output: Option<u64>,
-    pub tmp: Option<u64>,
-    pub inputs: Vec<Input>,
-    pub stdin: Option<Box<dyn Read + Send>>,
-    pub max_input_mb: u64,
-}
-
-/// SIGINT, SIGTERM and SIGHUP as they come (handlers installed when made).
-pub(super) struct StopSignals {
-    int: tokio::signal::unix::Signal,
-    term: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
-}
-
-impl StopSignals {
-    pub(super) fn new() -> std::io::Result<Self> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Self {
-            int: signal(SignalKind::interrupt())?,
-            term: signal(SignalKind::terminate())?,
-            hup: signal(SignalKind::hangup())?,
-        })
-    }
-
-    pub(super) async fn recv(&mut self) -> Signal {
-        tokio::select! {
-            _ = self.int.recv() => Signal::SIGINT,
-            _ = self.term.recv() => Signal::SIGTERM,
-            _ = self.hup.recv() => Signal::SIGHUP,
-        }
-    }
-}
 
 /// Send SIGINT to the run's init, which forwards it to the snippet; false when there is
 /// no such process (yet).
@@ -70,6 +27,20 @@ fn interrupt_run() -> bool {
 }
 
 pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCode> {
+    let mut inputs = Vec::new();
+    for (raws, dir) in [(&args.input_dirs, true), (&args.input_files, false)] {
+        for raw in raws {
+            inputs.push(Input::parse(raw, dir).map_err(usage)?);
+        }
+    }
+    if let Some(out) = &args.out {
+        std::fs::create_dir_all(out).map_err(|e| {
+            usage(format!(
+                "--out {}: cannot create it: {e}; give a directory you can write",
+                out.display()
+            ))
+        })?;
+    }
     let mut config = crate::cli::load_config(args.config.as_deref())?;
     if let Some(t) = run.timeout {
         config.worker_timeout = t;
@@ -124,7 +95,7 @@ pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCod
 
     // /job and /tmp/out need a mount namespace; the chroot level runs without them.
     let private = engine.host.level.private_root();
-    if !private && (!run.inputs.is_empty() || args.out.is_some()) {
+    if !private && (!inputs.is_empty() || args.out.is_some()) {
         return Err(RunError::FilesNeedPrivateRoot.into());
     }
     let stage = match private {
@@ -144,7 +115,7 @@ pub(super) fn run_local(args: &RunArgs, run: LocalRun) -> anyhow::Result<ExitCod
             false => anyhow::Error::new(e),
         };
         let mut stager = Stager::new(&stage.job, run.max_input_mb).map_err(failed)?;
-        for input in &run.inputs {
+        for input in &inputs {
             stager.add(input).map_err(failed)?;
         }
         if let Script::File(name) = &script {

@@ -9,26 +9,29 @@
 //! - `local`: the run through the engine; `remote` and `prelude`: through a server.
 //! - `report`: streams, notes, `--json`, exit code.
 
+#[cfg(target_os = "linux")]
 mod collect;
 mod input;
 mod invocation;
+#[cfg(target_os = "linux")]
 mod local;
 mod prelude;
 mod remote;
 mod report;
 
-use std::io::{IsTerminal, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
+use nix::sys::signal::Signal;
 
-use crate::job::stage::Input;
-use crate::runtime::Language;
+use crate::protocol::{Invocation, Language};
 use input::read_code;
 use invocation::{Script, StdinSource};
-use local::{LocalRun, run_local};
+#[cfg(target_os = "linux")]
+use local::run_local;
 use remote::{RemoteRun, run_remote};
 
 /// Exit code when the sandbox itself cannot start (the reason goes to stderr).
@@ -142,7 +145,7 @@ pub struct RunArgs {
 }
 
 /// The largest snippet accepted, like a server's request limit.
-const MAX_CODE_BYTES: u64 = crate::api::MAX_BODY_BYTES as u64;
+const MAX_CODE_BYTES: u64 = crate::protocol::MAX_BODY_BYTES as u64;
 /// Bounds that keep later arithmetic (ms, bytes) far from overflowing.
 const MAX_TIMEOUT_SECS: f64 = 86_400.0;
 const MAX_MEMORY_MB: i64 = 1 << 20;
@@ -258,20 +261,6 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             "--cacert applies to runs on a server (--server https://...)",
         ));
     }
-    let mut inputs = Vec::new();
-    for (raws, dir) in [(&args.input_dirs, true), (&args.input_files, false)] {
-        for raw in raws {
-            inputs.push(Input::parse(raw, dir).map_err(usage)?);
-        }
-    }
-    if let Some(out) = &args.out {
-        std::fs::create_dir_all(out).map_err(|e| {
-            usage(format!(
-                "--out {}: cannot create it: {e}; give a directory you can write",
-                out.display()
-            ))
-        })?;
-    }
     run_local(
         args,
         LocalRun {
@@ -283,11 +272,66 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             processes,
             output,
             tmp,
-            inputs,
             stdin: source,
             max_input_mb: max_input,
         },
     )
+}
+
+/// What `run` checked, for a local run.
+#[cfg_attr(
+    not(target_os = "linux"),
+    expect(
+        dead_code,
+        reason = "off Linux a local run is refused before it is read"
+    )
+)]
+pub(super) struct LocalRun {
+    pub language: Language,
+    pub code: String,
+    pub how: Invocation,
+    pub timeout: Option<Duration>,
+    pub memory: Option<u64>,
+    pub processes: Option<u64>,
+    pub output: Option<u64>,
+    pub tmp: Option<u64>,
+    pub stdin: Option<Box<dyn Read + Send>>,
+    pub max_input_mb: u64,
+}
+
+/// Where the jail cannot exist, a local run is refused; the CLI's default engine there
+/// (`--engine docker`) never asks for one.
+#[cfg(not(target_os = "linux"))]
+fn run_local(_: &RunArgs, _: LocalRun) -> anyhow::Result<ExitCode> {
+    anyhow::bail!(
+        "a local run needs Linux (namespaces, seccomp): run it in a container of the local Docker engine (--engine docker) or on a server (--server URL)"
+    )
+}
+
+/// SIGINT, SIGTERM and SIGHUP as they come (handlers installed when made).
+pub(super) struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub(super) fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    pub(super) async fn recv(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.int.recv() => Signal::SIGINT,
+            _ = self.term.recv() => Signal::SIGTERM,
+            _ = self.hup.recv() => Signal::SIGHUP,
+        }
+    }
 }
 
 /// An error in what the user typed (exit code 2), as opposed to the sandbox failing.

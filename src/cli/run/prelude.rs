@@ -12,8 +12,8 @@
 use base64::Engine as _;
 use serde::Serialize;
 
-use crate::isolation::snippet::Invocation;
-use crate::runtime::Language;
+use crate::protocol::Invocation;
+use crate::protocol::Language;
 
 /// The small part of the launcher's data, as JSON.
 #[derive(Serialize)]

@@ -15,15 +15,14 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use serde::Serialize;
 
-use super::local::StopSignals;
 use super::report::{Outcome, stdin_cut_note};
-use super::{prelude, usage};
-use crate::api::envelope::{Envelope, RunData};
-use crate::api::job::{InterruptRequest, JobEvent, JobRequest};
-use crate::engine::LimitHit;
-use crate::engine::stdin::copy_bounded;
-use crate::isolation::snippet::Invocation;
-use crate::runtime::Language;
+use super::{StopSignals, prelude, usage};
+use crate::protocol::Invocation;
+use crate::protocol::Language;
+use crate::protocol::LimitHit;
+use crate::protocol::copy_bounded;
+use crate::protocol::envelope::{Envelope, RunData};
+use crate::protocol::job::{InterruptRequest, JobEvent, JobRequest};
 use nix::sys::signal::Signal;
 
 /// How long to wait for a remote server's answer (it may queue the run first).

@@ -8,9 +8,17 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::EXIT_TIMEOUT;
-use super::collect::OutFile;
-use crate::engine::outcome::EPERM_NOTE;
-use crate::engine::{LimitHit, RunOutcome};
+#[cfg(target_os = "linux")]
+use crate::engine::RunOutcome;
+use crate::protocol::EPERM_NOTE;
+use crate::protocol::LimitHit;
+
+/// One file `--out` wrote: its path relative to DIR, and its size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutFile {
+    pub path: String,
+    pub bytes: u64,
+}
 
 /// The `--json` line: the API's run fields plus the duration, the limit and the files
 /// `--out` wrote.
@@ -41,6 +49,7 @@ pub(super) struct Outcome {
     pub notes: Vec<String>,
 }
 
+#[cfg(target_os = "linux")]
 impl From<RunOutcome> for Outcome {
     fn from(o: RunOutcome) -> Self {
         Self {

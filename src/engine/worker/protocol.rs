@@ -12,11 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Owner, Worker};
 use crate::engine::capture::{DRAIN, EXIT_GRACE, Sink, Stream, join_reader, read_capped};
-use crate::engine::outcome::{Counters, Ending, LimitHit};
+use crate::engine::outcome::{Counters, Ending};
 use crate::engine::watch;
 use crate::engine::{RunError, SetupError};
 use crate::isolation::helper::HelperReport;
 use crate::isolation::snippet;
+use crate::protocol::LimitHit;
 
 /// The limits a worker enforces by watching (see `watch`), where the kernel does not.
 #[derive(Debug, Clone, Copy, Default)]

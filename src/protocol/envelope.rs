@@ -45,7 +45,14 @@ pub struct RunData {
 /// The `data` of the dependency endpoints that list packages.
 #[derive(Debug, Clone, Serialize)]
 pub struct DependencyList {
-    pub dependencies: Vec<crate::deps::Dependency>,
+    pub dependencies: Vec<Dependency>,
+}
+
+/// A package a language's runs can import: Python's distributions, Node's packages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Dependency {
+    pub name: String,
+    pub version: String,
 }
 
 /// An empty object, `{}`: the `data` of a successful dependency update.
