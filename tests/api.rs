@@ -1,5 +1,7 @@
 //! The Dify sandbox protocol, end to end against a real `sandbox serve`.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

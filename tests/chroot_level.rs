@@ -2,6 +2,8 @@
 //! with SANDBOX_ISOLATION=chroot: what an unprivileged container gets. The guarantees
 //! that do not need namespaces must still hold.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

@@ -10,6 +10,8 @@
 //! $ sandbox run --server URL job.py --file x   -> 2, "--file applies to local runs only"
 //! ```
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

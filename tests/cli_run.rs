@@ -16,6 +16,8 @@
 //! $ sandbox run job.py -- a b < data            -> stdin, argv, files: see tests/cli_ci.rs
 //! ```
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

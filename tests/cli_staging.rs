@@ -11,6 +11,8 @@
 //!     -> /job/alias.py and /job/sub are a copied file and directory, not links
 //! ```
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

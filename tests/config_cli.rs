@@ -1,5 +1,7 @@
 //! Configuration errors: each names the key and value and exits with code 2.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 use common::{sandbox, stderr, stdout};

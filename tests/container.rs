@@ -15,6 +15,8 @@
 //! none answers or with `SANDBOX_SKIP_DOCKER_TESTS=1`. `SANDBOX_TEST_RUNTIME_IMAGE=<image>` uses that image instead of one made
 //! from this host.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 use std::path::Path;

@@ -3,6 +3,8 @@
 //! server's own configuration), the Docker Compose example and the systemd unit
 //! (`systemd-analyze verify` where it exists).
 
+#![cfg(target_os = "linux")]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Read;

@@ -9,6 +9,8 @@
 //! address of its own: it answers every name at once except those under `void.test`,
 //! which it never answers. No query leaves this machine.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

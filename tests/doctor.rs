@@ -1,6 +1,8 @@
 //! `sandbox doctor` on this host, for real: it passes here, and a failing check makes the
 //! exit code non-zero.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

@@ -6,6 +6,8 @@
 //! Needs a Docker engine (CI: `install.sh --test` starts one); skipped, saying so, when
 //! none answers or with `SANDBOX_SKIP_DOCKER_TESTS=1`.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

@@ -5,6 +5,8 @@
 //! server or a sibling, a fork server that dies is replaced, and one that cannot be
 //! trusted (a module started a thread) never serves.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

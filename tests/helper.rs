@@ -3,6 +3,8 @@
 //! back. A setup step that fails late
 //! (after the descriptors are rearranged) must still name itself.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

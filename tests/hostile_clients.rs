@@ -2,6 +2,8 @@
 //! with large bodies: a real `sandbox serve`, real sockets, and a keyed run must still be
 //! answered.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

@@ -18,6 +18,8 @@
 //! cargo test --test jail_equivalence -- --nocapture   # prints every path's report
 //! ```
 
+#![cfg(target_os = "linux")]
+
 mod common;
 common::needs_root!();
 

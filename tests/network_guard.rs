@@ -5,6 +5,8 @@
 //! opens them (a proxy there stays reachable); the guard's table lives exactly as long
 //! as its server.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

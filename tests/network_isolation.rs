@@ -8,6 +8,8 @@
 //! made, networked runs are refused and nothing is left behind; a server's network goes
 //! with it, even when it is killed.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

@@ -1,5 +1,7 @@
 //! Node.js snippets through `POST /v1/sandbox/run`, as Dify's JavaScript code node sends them.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

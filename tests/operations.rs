@@ -1,5 +1,7 @@
 //! Production operation: real Python dependencies from PyPI, metrics, run logs.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

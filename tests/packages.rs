@@ -1,6 +1,8 @@
 //! Extra packages for both languages, for real: npm and pip against the real registries
 //! (and an offline directory), run in the installer's jail, live without a restart.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

@@ -2,6 +2,8 @@
 //! so an interpreter that starts on the host but not in the jail is reported at once, not
 //! by every run that fails later.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

@@ -3,6 +3,8 @@
 //! makes (rcgen). Trusted through `--cacert` it runs; without it, or under another name,
 //! the command exits 125 naming the certificate's problem.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

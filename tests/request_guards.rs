@@ -1,6 +1,8 @@
 //! What the API answers to bodies too large or in the wrong encoding, to keys that are
 //! nearly right, and how the server and doctor warn about the public default key.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

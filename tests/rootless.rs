@@ -9,6 +9,8 @@
 //! $ (as nobody) sandbox doctor                         -> 0, "serve would isolate runs with: rootless ..."
 //! ```
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

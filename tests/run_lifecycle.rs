@@ -4,6 +4,8 @@
 //! check that it never escapes `max_workers`, is killed, logged and counted, leaves its
 //! network namespace to no other run, and that `sandbox run` waits for it.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

@@ -1,5 +1,7 @@
 //! The security corpus for Node.js, run for real against `sandbox serve`.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

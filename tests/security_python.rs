@@ -1,6 +1,8 @@
 //! The security corpus for Python, run for real (as root) against `sandbox serve`.
 //! Every attack must be contained and the server must stay healthy.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

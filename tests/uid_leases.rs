@@ -3,6 +3,8 @@
 //! server sweeping the range) is respected, and a uid some live process already runs as
 //! is never handed out.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();

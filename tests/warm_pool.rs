@@ -1,5 +1,7 @@
 //! Warm workers: started and jailed before a request comes, used once, replaced.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 common::needs_root!();
