@@ -1,7 +1,10 @@
 //! Two builds of the server side by side in one run (`--compare A,B`): typically the
 //! portable (musl, static) binary against the glibc one, to see what the C library and
-//! its allocator cost. Both servers run at once, each idle while the other is measured,
-//! and the order alternates per payload so that a drift of the machine falls on both.
+//! its allocator cost. Both servers run at once, each idle while the other is measured.
+//! The whole comparison is made `rounds` times (`--rounds N`, default 3), the order of
+//! the two alternating by payload and by round, and each figure is the median of its
+//! rounds: a burst of other work on the machine falls on one round of one build, not on
+//! the result.
 
 use std::ffi::OsString;
 use std::time::Duration;
@@ -19,12 +22,14 @@ const CLIENTS: usize = 16;
 const TOLERANCE: f64 = 0.10;
 
 pub struct Settings {
+    pub rounds: usize,
     pub sequential_runs: usize,
     pub pace: Duration,
     pub load_secs: f64,
 }
 
 /// One figure of one payload for both builds; `higher_is_better` for throughput.
+#[derive(Clone, Copy)]
 struct Figure {
     payload: &'static str,
     name: &'static str,
@@ -86,15 +91,60 @@ pub async fn run(bins: [OsString; 2], payloads: &[Payload], settings: &Settings,
         .map(|s| procfs::status_kb(s.pid(), "VmRSS:"))
         .collect();
 
+    // Each figure of each round, in the same order every round.
+    let mut rounds: Vec<Vec<Figure>> = Vec::new();
+    for round in 0..settings.rounds {
+        eprintln!("round {} of {}", round + 1, settings.rounds);
+        rounds.push(measure_round(&client, &servers, &labels, payloads, settings, round).await);
+    }
+    let figures: Vec<Figure> = rounds[0]
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Figure {
+            a: median(rounds.iter().map(|r| r[i].a).collect()),
+            b: median(rounds.iter().map(|r| r[i].b).collect()),
+            ..*f
+        })
+        .collect();
+    let peak_kb: Vec<u64> = servers
+        .iter()
+        .map(|s| procfs::status_kb(s.pid(), "VmHWM:"))
+        .collect();
+    drop(servers);
+    report(&labels, &figures, &idle_kb, &peak_kb, settings.rounds);
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// One round: every payload on both builds, sequential then 16 clients.
+async fn measure_round(
+    client: &reqwest::Client,
+    servers: &[Server],
+    labels: &[String],
+    payloads: &[Payload],
+    settings: &Settings,
+    round: usize,
+) -> Vec<Figure> {
     let mut figures = Vec::new();
     for (i, p) in payloads.iter().enumerate() {
-        let order: [usize; 2] = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        let order: [usize; 2] = if (i + round).is_multiple_of(2) {
+            [0, 1]
+        } else {
+            [1, 0]
+        };
         let mut seq = [Value::Null, Value::Null];
         let mut load = [Value::Null, Value::Null];
         for &k in &order {
             eprintln!("{}: sequential, {}", p.title, labels[k]);
             seq[k] = measure::sequential(
-                &client,
+                client,
                 &servers[k].base,
                 p,
                 false,
@@ -107,7 +157,7 @@ pub async fn run(bins: [OsString; 2], payloads: &[Payload], settings: &Settings,
         for &k in &order {
             eprintln!("{}: {CLIENTS} clients, {}", p.title, labels[k]);
             load[k] = measure::load(
-                &client,
+                client,
                 &servers[k].base,
                 p,
                 false,
@@ -148,20 +198,19 @@ pub async fn run(bins: [OsString; 2], payloads: &[Payload], settings: &Settings,
             });
         }
     }
-    let peak_kb: Vec<u64> = servers
-        .iter()
-        .map(|s| procfs::status_kb(s.pid(), "VmHWM:"))
-        .collect();
-    drop(servers);
+    figures
+}
 
+fn report(labels: &[String], figures: &[Figure], idle_kb: &[u64], peak_kb: &[u64], rounds: usize) {
     println!();
     println!("A = {}", labels[0]);
     println!("B = {}", labels[1]);
+    println!("each figure: the median of {rounds} rounds");
     println!();
     println!("| payload | figure | A | B | A vs B |");
     println!("|---|---|---:|---:|---:|");
     let mut worse = Vec::new();
-    for f in &figures {
+    for f in figures {
         let by = f.a_worse_by();
         let mark = if by > TOLERANCE { " **worse**" } else { "" };
         println!(
@@ -205,7 +254,7 @@ pub async fn run(bins: [OsString; 2], payloads: &[Payload], settings: &Settings,
                         "a_worse_by": f.a_worse_by()})
         })
         .collect();
-    let report = json!({"a": labels[0], "b": labels[1], "figures": rows,
+    let report = json!({"a": labels[0], "b": labels[1], "rounds": rounds, "figures": rows,
                         "rss_kb": {"idle": idle_kb, "peak": peak_kb}});
     std::fs::write(
         &path,

@@ -8,7 +8,8 @@
 //!     cargo bench --bench http -- --compare dist/linux-amd64/sandbox,dist/linux-amd64-gnu/sandbox
 //!
 //! `--compare A,B` measures two builds side by side instead (network off, sequential and
-//! 16 clients; see compare.rs) and prints how much worse A is than B on each figure.
+//! 16 clients, `--rounds N` times, 3 by default; see compare.rs) and prints how much worse
+//! A is than B on each figure, each the median of its rounds.
 //!
 //! Payload keys: py-hello, py-code, jinja2, node-hello, js-code. Prints tables and the
 //! ratios to the targets, and writes the same numbers as JSON to target/bench-http.json.
@@ -101,6 +102,8 @@ struct Args {
     quick: bool,
     only: Option<Vec<String>>,
     compare: Option<[std::ffi::OsString; 2]>,
+    /// How many times `--compare` measures both builds (each figure: the median).
+    rounds: usize,
 }
 
 fn args() -> Args {
@@ -115,9 +118,25 @@ fn args() -> Args {
         let (a, b) = both
             .split_once(',')
             .expect("--compare needs two binaries separated by a comma");
-        [a.into(), b.into()]
+        // The servers start in a directory of their own: a relative path is this one's.
+        [a, b].map(|bin| {
+            std::path::absolute(bin)
+                .expect("--compare: resolve the binary's path")
+                .into_os_string()
+        })
     });
+    let rounds = argv
+        .iter()
+        .position(|a| a == "--rounds")
+        .map(|i| {
+            argv.get(i + 1)
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|n| *n > 0)
+                .expect("--rounds needs a positive whole number")
+        })
+        .unwrap_or(3);
     Args {
+        rounds,
         quick: argv.iter().any(|a| a == "--quick"),
         only,
         compare,
@@ -167,6 +186,7 @@ async fn main() {
     let python = server::resolve_python();
     if let Some(bins) = args.compare {
         let compare = compare::Settings {
+            rounds: args.rounds,
             sequential_runs: settings.sequential_runs,
             pace: settings.pace,
             load_secs: settings.load_secs,

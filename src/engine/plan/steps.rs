@@ -167,6 +167,10 @@ pub fn jail(spec: &SandboxSpec, seccomp: &Programs, start: Start, readonly_benea
     if let Some(bytes) = l.address_space_bytes {
         limits.push((libc::RLIMIT_AS, "RLIMIT_AS", bytes));
     }
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "the resource is a u32 in glibc's libc and already an i32 in musl's"
+    )]
     run.extend(
         limits
             .into_iter()
