@@ -112,7 +112,15 @@ struct Answer {
 pub fn discover(node: &str, system_files: &[PathBuf]) -> Result<Runtime, DiscoveryError> {
     let a: Answer = ask(node, &["-e", DISCOVER], "nodejs_path", "NODEJS_PATH")?;
     let executable = PathBuf::from(&a.exec);
-    let root = plan_root(&executable, &[], system_files);
+    // A distribution's Node (a shared libnode) reads some built-in modules from files of
+    // other packages: their directories join its root.
+    let canonical = std::fs::canonicalize(&executable).unwrap_or_else(|_| executable.clone());
+    let builtins: Vec<PathBuf> =
+        super::root::node_builtin_scripts(&super::root::shared_libraries(&canonical))
+            .iter()
+            .filter_map(|script| script.parent().map(Path::to_path_buf))
+            .collect();
+    let root = plan_root(&executable, &builtins, system_files);
     Ok(Runtime {
         language: Language::Nodejs,
         program: executable,

@@ -187,6 +187,56 @@ pub fn elf_libraries(binary: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// Scripts that a distribution's Node.js reads as it starts, from the paths compiled
+/// into its shared `libnode`: Debian and Ubuntu build it with some built-in modules kept
+/// as files of other packages (`/usr/share/nodejs/acorn/dist/acorn.js`, undici's fetch,
+/// cjs-module-lexer), and it aborts when one is missing. Found as the NUL-terminated
+/// absolute `.js` paths in the read-only data of each `libnode*` among `libraries` that
+/// exist on this host. Node's official builds (one binary, no `libnode`) need none.
+pub fn node_builtin_scripts(libraries: &[PathBuf]) -> Vec<PathBuf> {
+    let libnode = libraries.iter().filter(|l| {
+        l.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("libnode"))
+    });
+    let mut found = BTreeSet::new();
+    for lib in libnode {
+        for path in embedded_paths(lib, ".js") {
+            if path.is_file() {
+                found.insert(path);
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
+/// The NUL-terminated absolute paths ending in `suffix` in the `.rodata` of the ELF file
+/// `file`.
+fn embedded_paths(file: &Path, suffix: &str) -> Vec<PathBuf> {
+    use goblin::elf::Elf;
+    let Ok(bytes) = std::fs::read(file) else {
+        return Vec::new();
+    };
+    let Ok(elf) = Elf::parse(&bytes) else {
+        return Vec::new();
+    };
+    let rodata = elf
+        .section_headers
+        .iter()
+        .find(|sh| elf.shdr_strtab.get_at(sh.sh_name) == Some(".rodata"));
+    let Some(data) = rodata.and_then(|sh| {
+        let start = usize::try_from(sh.sh_offset).ok()?;
+        let end = start.checked_add(usize::try_from(sh.sh_size).ok()?)?;
+        bytes.get(start..end)
+    }) else {
+        return Vec::new();
+    };
+    data.split(|b| *b == 0)
+        .filter(|s| s.len() < 4096 && s.starts_with(b"/") && s.ends_with(suffix.as_bytes()))
+        .filter_map(|s| std::str::from_utf8(s).ok())
+        .map(PathBuf::from)
+        .collect()
+}
+
 /// The loader's search list after a binary's own paths: /etc/ld.so.conf (and the files
 /// it includes), then the multiarch and plain default directories.
 fn system_library_dirs() -> Vec<PathBuf> {
@@ -267,6 +317,30 @@ mod tests {
             return;
         }
         assert_eq!(from_elf, from_ldd);
+    }
+
+    /// Paths as a distribution's libnode holds them, in this test binary's `.rodata`.
+    static BUILTIN_PATHS: &[u8] =
+        b"\0/tmp/sandbox-root-test-builtins/acorn.js\0/nonexistent/sandbox/undici.js\0";
+
+    #[test]
+    fn a_shared_libnodes_builtin_scripts_are_found_where_they_exist() {
+        std::hint::black_box(BUILTIN_PATHS);
+        let present = Path::new("/tmp/sandbox-root-test-builtins/acorn.js");
+        std::fs::create_dir_all(present.parent().expect("a directory")).expect("mkdir");
+        std::fs::write(present, "module.exports = {}").expect("write");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let me = std::env::current_exe().expect("the test binary");
+        let libnode = dir.path().join("libnode.so.108");
+        let other = dir.path().join("libother.so.1");
+        std::fs::copy(&me, &libnode).expect("copy");
+        std::fs::copy(&me, &other).expect("copy");
+        // Only a libnode is read, and only paths that exist are kept.
+        assert_eq!(
+            node_builtin_scripts(&[other.clone(), libnode]),
+            vec![present.to_path_buf()]
+        );
+        assert!(node_builtin_scripts(&[other]).is_empty());
     }
 
     #[test]
