@@ -138,18 +138,24 @@ pub(crate) fn ask<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Build the root for an interpreter: its own paths, its shared libraries' directories,
-/// and the system files.
+/// The shared libraries the interpreter at `executable` loads (through its links).
+pub(crate) fn interpreter_libraries(executable: &Path) -> Vec<PathBuf> {
+    let canonical = std::fs::canonicalize(executable).unwrap_or_else(|_| executable.to_path_buf());
+    root::shared_libraries(&canonical)
+}
+
+/// Build the root for an interpreter: its own paths, its shared libraries (from
+/// `interpreter_libraries`) and their directories, and the system files.
 pub(crate) fn plan_root(
     executable: &Path,
+    libraries: &[PathBuf],
     own_paths: &[PathBuf],
     system_files: &[PathBuf],
 ) -> RootPlan {
     let mut b = root::RootBuilder::new();
     b.add(executable);
-    let canonical = std::fs::canonicalize(executable).unwrap_or_else(|_| executable.to_path_buf());
-    for lib in root::shared_libraries(&canonical) {
-        b.add(&lib);
+    for lib in libraries {
+        b.add(lib);
         // The whole library directory: extension modules load more libraries from it
         // (libssl, libffi, libz ...) than the interpreter binary itself lists.
         if let Some(dir) = lib.parent() {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{DiscoveryError, Language, Runtime, ask, plan_root};
+use super::{DiscoveryError, Language, Runtime, ask, interpreter_libraries, plan_root};
 use crate::isolation::spec::Profile;
 
 const DISCOVER: &str =
@@ -114,13 +114,12 @@ pub fn discover(node: &str, system_files: &[PathBuf]) -> Result<Runtime, Discove
     let executable = PathBuf::from(&a.exec);
     // A distribution's Node (a shared libnode) reads some built-in modules from files of
     // other packages: their directories join its root.
-    let canonical = std::fs::canonicalize(&executable).unwrap_or_else(|_| executable.clone());
-    let builtins: Vec<PathBuf> =
-        super::root::node_builtin_scripts(&super::root::shared_libraries(&canonical))
-            .iter()
-            .filter_map(|script| script.parent().map(Path::to_path_buf))
-            .collect();
-    let root = plan_root(&executable, &builtins, system_files);
+    let libraries = interpreter_libraries(&executable);
+    let builtins: Vec<PathBuf> = super::root::node_builtin_scripts(&libraries)
+        .iter()
+        .filter_map(|script| script.parent().map(Path::to_path_buf))
+        .collect();
+    let root = plan_root(&executable, &libraries, &builtins, system_files);
     Ok(Runtime {
         language: Language::Nodejs,
         program: executable,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{DiscoveryError, Language, Runtime, ask, plan_root};
+use super::{DiscoveryError, Language, Runtime, ask, interpreter_libraries, plan_root};
 use crate::isolation::spec::Profile;
 
 /// Modules Dify's nodes rely on (jinja2 for template nodes) or its images ship.
@@ -82,7 +82,8 @@ pub fn discover(python: &str, system_files: &[PathBuf]) -> Result<Runtime, Disco
             own.push(p);
         }
     }
-    let root = plan_root(&executable, &own, system_files);
+    let libraries = interpreter_libraries(&executable);
+    let root = plan_root(&executable, &libraries, &own, system_files);
     Ok(Runtime {
         language: Language::Python3,
         program: executable,

@@ -139,15 +139,11 @@ pub fn shared_libraries(binary: &Path) -> Vec<PathBuf> {
 /// class and machine count, so a 32-bit library of the same name is passed over.
 pub fn elf_libraries(binary: &Path) -> Vec<PathBuf> {
     use goblin::elf::Elf;
-    let Ok(bytes) = std::fs::read(binary) else {
+    let Some(kind) = elf_kind(binary) else {
         return Vec::new();
     };
-    let Ok(elf) = Elf::parse(&bytes) else {
-        return Vec::new();
-    };
-    let kind = (elf.is_64, elf.header.e_machine);
     let system = system_library_dirs();
-    let mut found: Vec<PathBuf> = elf.interpreter.map(PathBuf::from).into_iter().collect();
+    let mut found: Vec<PathBuf> = Vec::new();
     let mut queue = vec![binary.to_path_buf()];
     let mut seen: BTreeSet<PathBuf> = BTreeSet::new();
     while let Some(file) = queue.pop() {
@@ -157,6 +153,9 @@ pub fn elf_libraries(binary: &Path) -> Vec<PathBuf> {
         let Ok(elf) = Elf::parse(&bytes) else {
             continue;
         };
+        if file == binary {
+            found.extend(elf.interpreter.map(PathBuf::from));
+        }
         let origin = file.parent().unwrap_or(Path::new("/")).to_string_lossy();
         let own: Vec<PathBuf> = elf
             .rpaths
@@ -171,11 +170,7 @@ pub fn elf_libraries(binary: &Path) -> Vec<PathBuf> {
             } else {
                 own.iter().chain(&system).map(|d| d.join(name)).collect()
             };
-            let hit = candidates.into_iter().find(|c| {
-                std::fs::read(c).ok().is_some_and(|b| {
-                    Elf::parse(&b).is_ok_and(|e| (e.is_64, e.header.e_machine) == kind)
-                })
-            });
+            let hit = candidates.into_iter().find(|c| elf_kind(c) == Some(kind));
             if let Some(lib) = hit
                 && seen.insert(lib.clone())
             {
@@ -185,6 +180,21 @@ pub fn elf_libraries(binary: &Path) -> Vec<PathBuf> {
         }
     }
     found
+}
+
+/// An ELF file's class (64-bit or not) and machine, read from its header alone.
+fn elf_kind(path: &Path) -> Option<(bool, u16)> {
+    use std::io::Read;
+    let mut header = [0u8; goblin::elf::header::header64::SIZEOF_EHDR];
+    std::fs::File::open(path)
+        .ok()?
+        .read_exact(&mut header)
+        .ok()?;
+    let h = goblin::elf::Elf::parse_header(&header).ok()?;
+    Some((
+        h.e_ident[goblin::elf::header::EI_CLASS] == goblin::elf::header::ELFCLASS64,
+        h.e_machine,
+    ))
 }
 
 /// Scripts that a distribution's Node.js reads as it starts, from the paths compiled
@@ -200,7 +210,7 @@ pub fn node_builtin_scripts(libraries: &[PathBuf]) -> Vec<PathBuf> {
     });
     let mut found = BTreeSet::new();
     for lib in libnode {
-        for path in embedded_paths(lib, ".js") {
+        for path in embedded_scripts(lib) {
             if path.is_file() {
                 found.insert(path);
             }
@@ -209,9 +219,8 @@ pub fn node_builtin_scripts(libraries: &[PathBuf]) -> Vec<PathBuf> {
     found.into_iter().collect()
 }
 
-/// The NUL-terminated absolute paths ending in `suffix` in the `.rodata` of the ELF file
-/// `file`.
-fn embedded_paths(file: &Path, suffix: &str) -> Vec<PathBuf> {
+/// The NUL-terminated absolute `.js` paths in the `.rodata` of the ELF file `file`.
+fn embedded_scripts(file: &Path) -> Vec<PathBuf> {
     use goblin::elf::Elf;
     let Ok(bytes) = std::fs::read(file) else {
         return Vec::new();
@@ -231,7 +240,7 @@ fn embedded_paths(file: &Path, suffix: &str) -> Vec<PathBuf> {
         return Vec::new();
     };
     data.split(|b| *b == 0)
-        .filter(|s| s.len() < 4096 && s.starts_with(b"/") && s.ends_with(suffix.as_bytes()))
+        .filter(|s| s.len() < 4096 && s.starts_with(b"/") && s.ends_with(b".js"))
         .filter_map(|s| std::str::from_utf8(s).ok())
         .map(PathBuf::from)
         .collect()
