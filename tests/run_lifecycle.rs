@@ -237,7 +237,10 @@ async fn cookie(s: &Server, probe: &str) -> String {
 }
 
 /// Run cgroups left by servers or commands that are gone.
-fn orphaned_run_cgroups() -> Vec<std::path::PathBuf> {
+/// The run cgroups `owner` (a `sandbox` process, gone) left behind. Only its own: a
+/// test beside this one kills a server with SIGKILL on purpose, and that server's
+/// cgroups wait for the next start.
+fn orphaned_run_cgroups(owner: u32) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
     for root in [
         "/sys/fs/cgroup",
@@ -250,12 +253,11 @@ fn orphaned_run_cgroups() -> Vec<std::path::PathBuf> {
             let dir = std::path::Path::new(root).join(path.trim_start_matches('/'));
             for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let owner = name
+                let made_by = name
                     .strip_prefix("sandbox-run-")
                     .and_then(|rest| rest.split('-').next())
                     .and_then(|pid| pid.parse::<u32>().ok());
-                if owner.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
-                {
+                if made_by == Some(owner) {
                     found.push(e.path());
                 }
             }
@@ -290,17 +292,23 @@ fn sandbox_run_waits_for_a_forged_end_and_exits_with_the_real_status() {
     )
     .expect("script");
     let out_dir = work.path().join("out");
-    let o = common::sandbox(
-        &[
+    let child = std::process::Command::new(common::bin())
+        .args([
             "run",
             "--tmp-size",
             "200",
             "--out",
             out_dir.to_str().expect("utf-8 path"),
             script.to_str().expect("utf-8 path"),
-        ],
-        &env,
-    );
+        ])
+        .envs(env)
+        .current_dir(std::env::temp_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run sandbox");
+    let command = child.id();
+    let o = child.wait_with_output().expect("sandbox run's output");
     let uid: u32 = common::stdout(&o).trim().parse().expect("the run's uid");
     assert_ne!(o.status.code(), Some(0), "{}", common::stderr(&o));
     assert!(
@@ -321,7 +329,10 @@ fn sandbox_run_waits_for_a_forged_end_and_exits_with_the_real_status() {
         .map(|e| e.path())
         .collect();
     assert!(left.is_empty(), "stages left behind: {left:?}");
-    assert_eq!(orphaned_run_cgroups(), Vec::<std::path::PathBuf>::new());
+    assert_eq!(
+        orphaned_run_cgroups(command),
+        Vec::<std::path::PathBuf>::new()
+    );
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     assert!(
         rt.block_on(common::no_process_of(uid, Duration::ZERO)),
